@@ -1,0 +1,60 @@
+"""miniray: run Python functions on many machines from a notebook or a script.
+
+>>> import miniray
+>>> ex = miniray.Executor()                       # doctest: +SKIP
+>>> sum(ex.map(lambda x: x * x, range(10_000), chunksize=100))   # doctest: +SKIP
+333283335000
+
+Names are imported lazily, so a worker's task process and ``import miniray`` stay light.
+Whoever can write to the Redis server can run code on its workers: keep it private.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Executor": "executor",
+    "MinirayFuture": "executor",
+    "Limits": "limits",
+    "LocalCluster": "local",
+    "init": "local",
+    "shutdown": "local",
+    "Worker": "worker",
+    "LogLine": "observe",
+    "Event": "observe",
+    "MinirayError": "errors",
+    "ConfigurationError": "errors",
+    "SerializationError": "errors",
+    "ServerError": "errors",
+    "ServerLostError": "errors",
+    "TaskTimeoutError": "errors",
+    "MemoryLimitError": "errors",
+    "TaskCrashedError": "errors",
+    "WorkerLostError": "errors",
+    "JobCancelledError": "errors",
+    "RemoteTraceback": "errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__", "load_ipython_extension"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'miniray' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
+
+
+def load_ipython_extension(ipython):  # the notebook face lives in jupyter_ext
+    from jupyter_ext import load_ipython_extension as load
+
+    load(ipython)

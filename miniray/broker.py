@@ -1,0 +1,347 @@
+"""Atomic operations on the Redis key schema (``keys.py``): Lua scripts and their Python calls.
+
+Every state change that touches more than one key happens in one script, so a crash between
+two commands can never lose or duplicate a task: claiming moves a chunk from its job's queue
+into the worker's ``wip`` hash in one step; the reaper moves a dead worker's ``wip`` back.
+Scripts build key names with the same spelling as ``keys.py`` (see its table).
+"""
+
+from __future__ import annotations
+
+import json
+
+import redis
+
+from .errors import ConfigurationError, ServerError
+from .keys import Keys
+
+__all__ = ["Broker", "connect"]
+
+# Shared Lua helpers. `entry` is "<chunk>:<nframes>:<items>".
+_PRELUDE = r"""
+local ns = ARGV[1]
+local function K(...) return ns .. ':' .. table.concat({...}, ':') end
+local function parse(entry)
+  local c, f, n = string.match(entry, '^(%d+):(%d+):(%d+)$')
+  return c, tonumber(f), tonumber(n)
+end
+local function payload_fields(chunk, nframes)
+  local fields = {chunk}
+  for i = 1, nframes - 1 do fields[#fields + 1] = chunk .. '.' .. i end
+  return fields
+end
+local function event(job, maxlen, ...)
+  redis.call('XADD', K('events', job), 'MAXLEN', '~', maxlen, '*', ...)
+end
+local function wake(n)
+  local nw = math.max(redis.call('ZCARD', K('workers')), 1)
+  n = math.min(n, nw)
+  for i = 1, n do redis.call('RPUSH', K('wake'), '1') end
+  redis.call('LTRIM', K('wake'), -2 * nw, -1)
+end
+local function requeue(job, entry)
+  -- put a chunk back at the front of its job's queue, if the job still wants it
+  local jk = K('job', job)
+  local meta = redis.call('HMGET', jk, 'state', 'priority')
+  local chunk, nframes, items = parse(entry)
+  if meta[1] ~= 'open' then
+    redis.call('HDEL', K('tasks', job), unpack(payload_fields(chunk, nframes)))
+    redis.call('HINCRBY', jk, 'running', -items)
+    return 0
+  end
+  redis.call('LPUSH', K('q', job), entry)
+  redis.call('ZADD', K('jobs'), meta[2], job)
+  redis.call('HINCRBY', jk, 'running', -items)
+  redis.call('HINCRBY', jk, 'queued', items)
+  wake(1)
+  return 1
+end
+"""
+
+# ARGV: ns job priority n_chunks n_items maxlen
+_PUBLISH = _PRELUDE + r"""
+local job = ARGV[2]
+local jk = K('job', job)
+if redis.call('HGET', jk, 'state') ~= 'open' then return 0 end
+redis.call('ZADD', K('jobs'), ARGV[3], job)
+redis.call('HINCRBY', jk, 'queued', ARGV[5])
+wake(tonumber(ARGV[4]))
+event(job, ARGV[6], 'kind', 'queued', 'count', ARGV[5])
+return 1
+"""
+
+# ARGV: ns worker max_chunks name host free_gpus cpus
+# Returns {} or {job, spec_json, chunk, entry, frame0, frame1.., chunk, entry, ...}
+_CLAIM = _PRELUDE + r"""
+local wid, maxn = ARGV[2], tonumber(ARGV[3])
+local name, host = ARGV[4], ARGV[5]
+local gpus, cpus = tonumber(ARGV[6]), tonumber(ARGV[7])
+-- only a registered worker may hold work, so the reaper can always find what it holds
+if not redis.call('ZSCORE', K('workers'), wid) then return {} end
+local jobs = redis.call('ZREVRANGE', K('jobs'), 0, 255, 'WITHSCORES')
+local i = 1
+while i <= #jobs do
+  local prio = jobs[i + 1]
+  local tier = {}
+  while i <= #jobs and jobs[i + 1] == prio do
+    local job = jobs[i]
+    local jk = K('job', job)
+    local m = redis.call('HMGET', jk, 'client', 'state', 'req_gpus', 'req_cpus', 'req_nodes')
+    if m[2] ~= 'open' then
+      redis.call('ZREM', K('jobs'), job)
+    elseif redis.call('EXISTS', K('client', m[1])) == 0 then
+      -- the executor that owns the job is gone: nobody will read its results
+      redis.call('HSET', jk, 'state', 'orphaned')
+      redis.call('DEL', K('q', job), K('tasks', job))
+      redis.call('ZREM', K('jobs'), job)
+    else
+      local fits = tonumber(m[3]) <= gpus and (tonumber(m[4]) <= cpus or cpus == 0)
+      if fits and m[5] ~= '' then
+        fits = string.find(m[5], ',' .. name .. ',', 1, true) ~= nil
+            or string.find(m[5], ',' .. host .. ',', 1, true) ~= nil
+      end
+      if fits then tier[#tier + 1] = job end
+    end
+    i = i + 2
+  end
+  while #tier > 0 do
+    local rr = redis.call('INCR', K('rr'))
+    local pick = (rr % #tier) + 1
+    local job = tier[pick]
+    local entries = redis.call('LPOP', K('q', job), maxn)
+    if redis.call('LLEN', K('q', job)) == 0 then redis.call('ZREM', K('jobs'), job) end
+    if entries then
+      local jk = K('job', job)
+      local out = {job, redis.call('HGET', jk, 'spec')}
+      local items_total = 0
+      for _, entry in ipairs(entries) do
+        local chunk, nframes, items = parse(entry)
+        local frames = redis.call('HMGET', K('tasks', job), unpack(payload_fields(chunk, nframes)))
+        redis.call('HSET', K('wip', wid), job .. '/' .. chunk, entry)
+        out[#out + 1] = entry
+        for _, fr in ipairs(frames) do out[#out + 1] = fr end
+        items_total = items_total + items
+      end
+      redis.call('HINCRBY', jk, 'queued', -items_total)
+      redis.call('HINCRBY', jk, 'running', items_total)
+      return out
+    end
+    table.remove(tier, pick)
+  end
+end
+return {}
+"""
+
+# ARGV: ns worker job entry n_done n_failed final(0/1) ttl maxlen msg
+_COMPLETE = _PRELUDE + r"""
+local wid, job, entry = ARGV[2], ARGV[3], ARGV[4]
+local n_done, n_failed = tonumber(ARGV[5]), tonumber(ARGV[6])
+local jk = K('job', job)
+local chunk, nframes, items = parse(entry)
+if ARGV[7] == '1' then
+  if redis.call('HDEL', K('wip', wid), job .. '/' .. chunk) == 0 then
+    -- we were taken for dead and the chunk was requeued: withdraw the copy if unclaimed
+    redis.call('LREM', K('q', job), 1, entry)
+  end
+  redis.call('HDEL', K('tasks', job), unpack(payload_fields(chunk, nframes)))
+end
+redis.call('HINCRBY', jk, 'running', -(n_done + n_failed))
+if n_done > 0 then redis.call('HINCRBY', jk, 'done', n_done) end
+if n_failed > 0 then redis.call('HINCRBY', jk, 'failed', n_failed) end
+local client = redis.call('HGET', jk, 'client')
+if client then
+  redis.call('RPUSH', K('res', client), ARGV[10])
+  redis.call('EXPIRE', K('res', client), ARGV[8])
+end
+event(job, ARGV[9], 'kind', n_failed > 0 and 'failed' or 'finished', 'worker', wid,
+      'chunk', chunk, 'done', n_done, 'failed', n_failed)
+return 1
+"""
+
+# ARGV: ns job entry
+_CANCEL_CHUNK = _PRELUDE + r"""
+local job, entry = ARGV[2], ARGV[3]
+if redis.call('LREM', K('q', job), 1, entry) == 0 then return 0 end
+local chunk, nframes, items = parse(entry)
+redis.call('HDEL', K('tasks', job), unpack(payload_fields(chunk, nframes)))
+redis.call('HINCRBY', K('job', job), 'queued', -items)
+redis.call('HINCRBY', K('job', job), 'cancelled', items)
+return 1
+"""
+
+# ARGV: ns job new_state maxlen -> entries that were still queued
+_CANCEL_JOB = _PRELUDE + r"""
+local job = ARGV[2]
+local jk = K('job', job)
+local entries = redis.call('LRANGE', K('q', job), 0, -1)
+local items = 0
+for _, e in ipairs(entries) do local c, f, n = parse(e); items = items + n end
+redis.call('DEL', K('q', job), K('tasks', job))
+redis.call('ZREM', K('jobs'), job)
+if redis.call('EXISTS', jk) == 1 then
+  redis.call('HSET', jk, 'state', ARGV[3])
+  redis.call('HINCRBY', jk, 'queued', -items)
+  redis.call('HINCRBY', jk, 'cancelled', items)
+  event(job, ARGV[4], 'kind', ARGV[3], 'count', items)
+end
+return entries
+"""
+
+# ARGV: ns worker info_json ttl job1 job2 ... -> {server_time, cancelled jobs...}
+_HEARTBEAT = _PRELUDE + r"""
+local wid = ARGV[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('ZADD', K('workers'), now, wid)
+redis.call('HSET', K('worker', wid), 'info', ARGV[3], 'seen', tostring(now))
+redis.call('EXPIRE', K('worker', wid), ARGV[4])
+local out = {tostring(now)}
+for i = 5, #ARGV do
+  local st = redis.call('HGET', K('job', ARGV[i]), 'state')
+  if st ~= 'open' and st ~= 'closing' then out[#out + 1] = ARGV[i] end
+end
+return out
+"""
+
+# ARGV: ns dead_after max_retries maxlen ttl -> number of workers reaped
+_REAP = _PRELUDE + r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local dead = redis.call('ZRANGEBYSCORE', K('workers'), '-inf', now - tonumber(ARGV[2]))
+local max_retries = tonumber(ARGV[3])
+for _, wid in ipairs(dead) do
+  local wip = redis.call('HGETALL', K('wip', wid))
+  for i = 1, #wip, 2 do
+    local job, chunk = string.match(wip[i], '^(.*)/(%d+)$')
+    local entry = wip[i + 1]
+    local jk = K('job', job)
+    local tries = redis.call('HINCRBY', K('attempts', job), chunk, 1)
+    if tries > max_retries then
+      local c, nframes, items = parse(entry)
+      redis.call('HDEL', K('tasks', job), unpack(payload_fields(chunk, nframes)))
+      redis.call('HINCRBY', jk, 'running', -items)
+      redis.call('HINCRBY', jk, 'failed', items)
+      local client = redis.call('HGET', jk, 'client')
+      if client then
+        redis.call('RPUSH', K('res', client), 'L' .. job .. '|' .. chunk .. '|' .. wid)
+        redis.call('EXPIRE', K('res', client), ARGV[5])
+      end
+      event(job, ARGV[4], 'kind', 'lost', 'worker', wid, 'chunk', chunk)
+    else
+      if requeue(job, entry) == 1 then
+        event(job, ARGV[4], 'kind', 'retried', 'worker', wid, 'chunk', chunk)
+      end
+    end
+  end
+  redis.call('DEL', K('wip', wid), K('worker', wid))
+  redis.call('ZREM', K('workers'), wid)
+end
+return #dead
+"""
+
+# ARGV: ns worker -> chunks handed back (a worker leaving cleanly; no retry is counted)
+_RELEASE = _PRELUDE + r"""
+local wid = ARGV[2]
+local wip = redis.call('HGETALL', K('wip', wid))
+local n = 0
+for i = 1, #wip, 2 do
+  local job = string.match(wip[i], '^(.*)/%d+$')
+  n = n + requeue(job, wip[i + 1])
+end
+redis.call('DEL', K('wip', wid), K('worker', wid))
+redis.call('ZREM', K('workers'), wid)
+return n
+"""
+
+
+def connect(url: str, **kwargs) -> redis.Redis:
+    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``), checked with PING."""
+    try:
+        client = redis.Redis.from_url(url, **kwargs)
+    except ValueError as e:
+        raise ConfigurationError(
+            f"cannot use the Redis URL {_redact(url)!r}: {e}. Give redis://:PASSWORD@HOST:PORT "
+            "or unix:///path/to/socket?password=PASSWORD"
+        ) from None
+    try:
+        client.ping()
+    except redis.AuthenticationError as e:
+        raise ServerError(
+            f"the server at {_redact(url)} refused our password: {e}. Check the password in "
+            "the URL (MINIRAY_REDIS_URL or redis_url=...)"
+        ) from None
+    except redis.RedisError as e:
+        raise ServerError(
+            f"cannot reach the server at {_redact(url)}: {e}. Is it running? Leave the address "
+            "unset to start a private local cluster instead."
+        ) from None
+    return client
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    import re
+
+    url = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(password=)[^&]*", r"\1***", url)
+
+
+class Broker:
+    """The scripts bound to one Redis client and namespace."""
+
+    def __init__(self, client: redis.Redis, namespace: str = "miniray"):
+        self.r = client
+        self.keys = Keys(namespace)
+        self.ns = namespace
+        reg = client.register_script
+        self._publish = reg(_PUBLISH)
+        self._claim = reg(_CLAIM)
+        self._complete = reg(_COMPLETE)
+        self._cancel_chunk = reg(_CANCEL_CHUNK)
+        self._cancel_job = reg(_CANCEL_JOB)
+        self._heartbeat = reg(_HEARTBEAT)
+        self._reap = reg(_REAP)
+        self._release = reg(_RELEASE)
+
+    # -- executor side -------------------------------------------------------------------
+    def create_job(self, pipe, job: str, client: str, name: str, priority: int, spec: dict,
+                   requirements: dict, created: float) -> None:
+        k = self.keys
+        pipe.hset(k.job(job), mapping={
+            "client": client, "name": name, "priority": priority, "state": "open",
+            "created": created, "spec": json.dumps(spec), "queued": 0, "running": 0,
+            "done": 0, "failed": 0, "cancelled": 0, **requirements,
+        })
+        pipe.zadd(k.jobs_all, {job: created})
+
+    def publish(self, pipe, job: str, priority: int, n_chunks: int, n_items: int,
+                maxlen: int) -> None:
+        self._publish(args=[self.ns, job, priority, n_chunks, n_items, maxlen], client=pipe)
+
+    def cancel_chunk(self, job: str, entry: str) -> bool:
+        return bool(self._cancel_chunk(args=[self.ns, job, entry]))
+
+    def cancel_job(self, job: str, state: str = "cancelled", maxlen: int = 10000) -> list:
+        return [e.decode() for e in self._cancel_job(args=[self.ns, job, state, maxlen])]
+
+    # -- worker side ---------------------------------------------------------------------
+    def claim(self, worker: str, max_chunks: int, name: str, host: str, free_gpus: int,
+              cpus: int, pipe=None):
+        return self._claim(args=[self.ns, worker, max_chunks, name, host, free_gpus, cpus],
+                           client=pipe or self.r)
+
+    def complete(self, pipe, worker: str, job: str, entry: str, n_done: int, n_failed: int,
+                 final: bool, ttl: int, maxlen: int, msg: bytes) -> None:
+        self._complete(args=[self.ns, worker, job, entry, n_done, n_failed, int(final), ttl,
+                             maxlen, msg], client=pipe)
+
+    def heartbeat(self, worker: str, info: dict, ttl: int, jobs=(), pipe=None):
+        return self._heartbeat(args=[self.ns, worker, json.dumps(info), ttl, *jobs],
+                               client=pipe or self.r)
+
+    def reap(self, dead_after: float, max_retries: int, maxlen: int, ttl: int, pipe=None):
+        return self._reap(args=[self.ns, dead_after, max_retries, maxlen, ttl],
+                          client=pipe or self.r)
+
+    def release(self, worker: str) -> int:
+        return self._release(args=[self.ns, worker])

@@ -1,0 +1,7 @@
+"""``python -m miniray.channels``: same as ``miniray serve``."""
+
+import sys
+
+from .server import main
+
+sys.exit(main())

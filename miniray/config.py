@@ -1,0 +1,84 @@
+"""Every setting miniray reads from the environment, in one place.
+
+Precedence everywhere: an explicit argument, then the ``MINIRAY_*`` variable, then the default
+below. Nothing else in the package reads ``os.environ`` for configuration.
+
+=============================  ==========  ===============================================
+variable                       default     meaning
+=============================  ==========  ===============================================
+MINIRAY_REDIS_URL              (unset)     server to use; unset means the embedded local cluster
+MINIRAY_NAMESPACE              miniray     prefix of every Redis key (several clusters per server)
+MINIRAY_LOCAL_WORKERS          cores       worker processes the embedded local cluster starts
+MINIRAY_SERVER_BIN             (search)    redis-server/valkey-server binary for the local cluster
+MINIRAY_HEARTBEAT_SECONDS      1.0         how often a worker heartbeats
+MINIRAY_WORKER_DEAD_SECONDS    10.0        a worker silent this long is dead; its tasks requeue
+MINIRAY_MAX_RETRIES            1           requeues of a task whose worker died, then WorkerLostError
+MINIRAY_FUNCTION_TTL_SECONDS   86400       how long a pickled function stays in Redis unused
+MINIRAY_RESULT_TTL_SECONDS     86400       how long unread results stay in Redis
+MINIRAY_LOG_STREAM_MAXLEN      10000       log lines kept per job (approximate, oldest dropped)
+MINIRAY_EVENT_STREAM_MAXLEN    10000       task events kept per job (approximate)
+MINIRAY_KILL_GRACE_SECONDS     2.0         SIGINT -> SIGKILL grace for cancelled running tasks
+=============================  ==========  ===============================================
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+__all__ = ["Settings", "settings"]
+
+
+def _env(name: str, default, cast=str):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return cast(raw)
+    except ValueError:
+        from .errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"{name}={raw!r} is not a valid {cast.__name__}; unset it or give a number"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A snapshot of the environment's MINIRAY_* settings (see the module docstring)."""
+
+    redis_url: str | None = None
+    namespace: str = "miniray"
+    local_workers: int | None = None
+    server_bin: str | None = None
+    heartbeat_seconds: float = 1.0
+    worker_dead_seconds: float = 10.0
+    max_retries: int = 1
+    function_ttl_seconds: int = 86400
+    result_ttl_seconds: int = 86400
+    log_stream_maxlen: int = 10000
+    event_stream_maxlen: int = 10000
+    kill_grace_seconds: float = 2.0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(
+            redis_url=_env("MINIRAY_REDIS_URL", None),
+            namespace=_env("MINIRAY_NAMESPACE", "miniray"),
+            local_workers=_env("MINIRAY_LOCAL_WORKERS", None, int),
+            server_bin=_env("MINIRAY_SERVER_BIN", None),
+            heartbeat_seconds=_env("MINIRAY_HEARTBEAT_SECONDS", 1.0, float),
+            worker_dead_seconds=_env("MINIRAY_WORKER_DEAD_SECONDS", 10.0, float),
+            max_retries=_env("MINIRAY_MAX_RETRIES", 1, int),
+            function_ttl_seconds=_env("MINIRAY_FUNCTION_TTL_SECONDS", 86400, int),
+            result_ttl_seconds=_env("MINIRAY_RESULT_TTL_SECONDS", 86400, int),
+            log_stream_maxlen=_env("MINIRAY_LOG_STREAM_MAXLEN", 10000, int),
+            event_stream_maxlen=_env("MINIRAY_EVENT_STREAM_MAXLEN", 10000, int),
+            kill_grace_seconds=_env("MINIRAY_KILL_GRACE_SECONDS", 2.0, float),
+        )
+
+
+def settings() -> Settings:
+    """Read the environment now (cheap; call sites read it when they start, not per task)."""
+    return Settings.from_env()

@@ -1,0 +1,570 @@
+"""``miniray.Executor``: a ``concurrent.futures.Executor`` whose tasks run on miniray workers.
+
+::
+
+    submit()/map() --> outbox --[flusher thread: one pipeline per batch]--> tasks:{job}, q:{job}
+                                                                              | workers claim
+    futures <-- [results thread: BLMPOP res:{client}, many at a time] <-- res:{client}
+
+``submit`` pickles at once (so a bad argument fails in the caller) and queues; the flusher
+thread sends everything queued in one round trip. The results thread pops result messages in
+batches, completes futures, renews this client's liveness key and reaps dead workers (so work
+held by a dead worker is requeued even when no other worker is alive to notice).
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import sys
+import threading
+import time
+import uuid
+import weakref
+from concurrent.futures import Executor as _BaseExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeout
+
+import redis
+
+from . import observe
+from .broker import Broker, _redact, connect
+from .config import settings
+from .errors import (
+    ConfigurationError,
+    MinirayError,
+    RemoteTraceback,
+    SerializationError,
+    ServerLostError,
+    WorkerLostError,
+)
+from .keys import Keys
+from .limits import Limits
+from .protocol import OK, LostChunk, decode_message, encode_chunk_head
+from .serialization import dumps, dumps_function, loads
+
+__all__ = ["Executor", "MinirayFuture"]
+
+_live_executors: "weakref.WeakSet[Executor]" = weakref.WeakSet()
+
+
+class MinirayFuture(Future):
+    """A ``concurrent.futures.Future`` that knows its task: ``task_id``, ``job``, ``host``."""
+
+    def __init__(self, executor: "Executor | None" = None, task_id: int | None = None):
+        super().__init__()
+        self._executor = executor
+        self._ref = None
+        self.task_id = task_id
+        self.job = executor.job_id if executor is not None else None
+        self.worker = None
+        self.host = None
+
+    def cancel(self) -> bool:
+        """Cancel the task if no worker has taken it yet (as with ProcessPoolExecutor)."""
+        with self._condition:
+            if self._state != "PENDING":
+                return self._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED")
+        ex, ref = self._executor, self._ref
+        if ex is not None and ref is not None and not ex._withdraw(ref):
+            # a worker holds it: it is running now, as far as the contract goes
+            self.set_running_or_notify_cancel_safe()
+            return False
+        return super().cancel()
+
+    def set_running_or_notify_cancel_safe(self) -> None:
+        with self._condition:
+            if self._state == "PENDING":
+                self._state = "RUNNING"
+
+
+class _Ref:
+    """Client-side state of one chunk in flight."""
+
+    __slots__ = ("chunk", "entry", "start", "count", "future", "outcomes", "left", "is_map",
+                 "frames", "sent")
+
+    def __init__(self, chunk, start, count, future, is_map, frames):
+        self.chunk, self.start, self.count = chunk, start, count
+        self.future, self.is_map, self.frames = future, is_map, frames
+        self.entry = Keys.queue_entry(chunk, len(frames), count)
+        self.outcomes = [None] * count if is_map else None
+        self.left = count
+        self.sent = False
+
+
+class Executor(_BaseExecutor):
+    """Run Python functions on miniray workers, with the ``concurrent.futures`` API.
+
+    >>> import miniray
+    >>> with miniray.Executor(job_name="squares") as ex:         # doctest: +SKIP
+    ...     print(sum(ex.map(lambda x: x * x, range(10_000), chunksize=100)))
+
+    With no ``redis_url`` and no ``MINIRAY_REDIS_URL`` it starts (or reuses) this process's
+    embedded local cluster. All tasks of one executor form one job: its ``priority`` (higher
+    runs first), ``limits`` and ``env`` (extra environment variables) apply to every task.
+    """
+
+    def __init__(self, redis_url: str | None = None, job_name: str | None = None,
+                 priority: int = 1, limits: Limits | None = None, env: dict | None = None):
+        self._settings = s = settings()
+        if limits is None:
+            limits = Limits()
+        if not isinstance(limits, Limits):
+            raise ConfigurationError(f"limits must be a miniray.Limits, not {limits!r}")
+        if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > 10**6:
+            raise ConfigurationError(
+                f"priority must be a whole number between -1000000 and 1000000, not {priority!r}")
+        if env is not None and not all(isinstance(k, str) and isinstance(v, str)
+                                       for k, v in env.items()):
+            raise ConfigurationError("env must map str to str, e.g. env={'OMP_NUM_THREADS': '1'}")
+        url = redis_url or s.redis_url
+        self._local = None
+        if url is None:
+            from .local import get_local_cluster
+
+            self._local = get_local_cluster()
+            url = self._local.url
+        self.redis_url = url
+        self.limits, self.priority, self.env = limits, priority, dict(env or {})
+        self.client_id = uuid.uuid4().hex[:12]
+        self._jobs = itertools.count()
+        self.job_id = f"{self.client_id}.0"
+        self.job_name = job_name or self.job_id
+        self._r = connect(url)
+        self._rr = connect(url)  # results thread: its own connection
+        self._broker = Broker(self._r, s.namespace)
+        self.keys = self._broker.keys
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._outbox: list[_Ref] = []
+        self._refs: dict[int, _Ref] = {}
+        self._task_ids = itertools.count()
+        self._chunk_ids = itertools.count()
+        self._functions: dict[int, tuple] = {}  # id(fn) -> (fn, sha, data, uploaded)
+        self._shutdown = False
+        self._broken: BaseException | None = None
+        self._create_job()
+        self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
+                                         name=f"miniray-flush-{self.client_id}")
+        self._results = threading.Thread(target=self._results_loop, daemon=True,
+                                         name=f"miniray-results-{self.client_id}")
+        self._flusher.start()
+        self._results.start()
+        _live_executors.add(self)
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shutdown else "open"
+        return (f"<miniray.Executor job={self.job_name!r} priority={self.priority} "
+                f"{state} pending={len(self._refs)} server={_redact(self.redis_url)}>")
+
+    # -- job ---------------------------------------------------------------------------------
+    def _create_job(self) -> None:
+        lim = self.limits
+        spec = {"timeout": lim.timeout_seconds, "memory_bytes": lim.memory_bytes,
+                "cpus": lim.cpus, "gpus": lim.gpus, "env": self.env}
+        pipe = self._r.pipeline(transaction=False)
+        pipe.set(self.keys.client(self.client_id), os.getpid(), ex=30)
+        self._broker.create_job(pipe, self.job_id, self.client_id, self.job_name,
+                                self.priority, spec, lim.requirement_fields(), time.time())
+        pipe.execute()
+
+    # -- submission --------------------------------------------------------------------------
+    def submit(self, fn, /, *args, **kwargs) -> MinirayFuture:
+        """Schedule ``fn(*args, **kwargs)``; returns a Future for its result."""
+        self._check_open()
+        sha = self._function(fn)
+        frames = dumps([(args, kwargs)], what="arguments")
+        task = next(self._task_ids)
+        future = MinirayFuture(self, task)
+        self._enqueue(sha, task, 1, frames, future, is_map=False)
+        return future
+
+    def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = 1):
+        """Like ``Executor.map``: ordered, lazy results; ``chunksize`` items travel together."""
+        if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        sha = self._function(fn)
+        items = zip(*iterables)
+        futures = []
+        while True:
+            batch = [(args, None) for args in itertools.islice(items, chunksize)]
+            if not batch:
+                break
+            frames = dumps(batch, what="arguments")
+            start = next(self._task_ids)
+            # consume ids for the rest of the chunk so task ids are item positions
+            for _ in range(len(batch) - 1):
+                next(self._task_ids)
+            future = MinirayFuture(self, start)
+            self._enqueue(sha, start, len(batch), frames, future, is_map=True)
+            futures.append(future)
+        return _ordered_results(futures, deadline)
+
+    def _check_open(self) -> None:
+        if self._broken is not None:
+            raise ServerLostError(f"this executor is broken: {self._broken}")
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def _function(self, fn) -> str:
+        entry = self._functions.get(id(fn))
+        if entry is None or entry[0] is not fn:
+            sha, data = dumps_function(fn)
+            entry = self._functions[id(fn)] = [fn, sha, data, False]
+        return entry[1]
+
+    def _enqueue(self, sha, start, count, frames, future, is_map) -> None:
+        frames[0] = encode_chunk_head(sha, start, count) + frames[0]
+        ref = _Ref(next(self._chunk_ids), start, count, future, is_map, frames)
+        future._ref = ref
+        with self._lock:
+            if self._shutdown and not is_map:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._refs[ref.chunk] = ref
+            self._outbox.append(ref)
+            self._wakeup.notify()
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._outbox and not self._shutdown:
+                    self._wakeup.wait()
+                if not self._outbox:
+                    return  # shut down and nothing left to send
+                batch, self._outbox = self._outbox, []
+            try:
+                for i in range(0, len(batch), 4096):
+                    self._send(batch[i : i + 4096])
+            except redis.RedisError as e:
+                self._break(ServerLostError(
+                    f"lost the server at {_redact(self.redis_url)} while submitting: {e}"))
+                return
+
+    def _send(self, batch: list) -> None:
+        s, k, job = self._settings, self.keys, self.job_id
+        pipe = self._r.pipeline(transaction=False)
+        for entry in self._functions.values():
+            if not entry[3]:
+                pipe.set(k.fn(entry[1]), entry[2], ex=s.function_ttl_seconds, nx=True)
+                pipe.expire(k.fn(entry[1]), s.function_ttl_seconds)
+                entry[3] = True
+        fields, entries, n_items = {}, [], 0
+        for ref in batch:
+            if ref.future.cancelled():
+                continue
+            for i, frame in enumerate(ref.frames):
+                fields[Keys.payload_field(ref.chunk, i)] = frame
+            entries.append(ref.entry)
+            n_items += ref.count
+            ref.sent = True
+            ref.frames = None  # the payload lives in Redis now
+        if entries:
+            pipe.hset(k.tasks(job), mapping=fields)
+            pipe.rpush(k.queue(job), *entries)
+            self._broker.publish(pipe, job, self.priority, len(entries), n_items,
+                                 s.event_stream_maxlen)
+        pipe.execute()
+
+    def _withdraw(self, ref: _Ref) -> bool:
+        """Take a chunk back before any worker claims it; False if one already has."""
+        with self._lock:
+            if not ref.sent:
+                if ref in self._outbox:
+                    self._outbox.remove(ref)
+                self._refs.pop(ref.chunk, None)
+                return True
+        try:
+            removed = self._broker.cancel_chunk(self.job_id, ref.entry)
+        except redis.RedisError:
+            return False
+        if removed:
+            with self._lock:
+                self._refs.pop(ref.chunk, None)
+        return removed
+
+    # -- results -----------------------------------------------------------------------------
+    def _results_loop(self) -> None:
+        s, k = self._settings, self.keys
+        key = k.results(self.client_id)
+        next_upkeep = 0.0
+        lost_since = None
+        broker = Broker(self._rr, s.namespace)
+        while True:
+            with self._lock:
+                if self._shutdown and not self._refs and not self._outbox:
+                    break
+                if self._broken is not None:
+                    break
+            try:
+                now = time.monotonic()
+                if now >= next_upkeep:
+                    pipe = self._rr.pipeline(transaction=False)
+                    pipe.set(k.client(self.client_id), os.getpid(), ex=30)
+                    broker.reap(s.worker_dead_seconds, s.max_retries, s.event_stream_maxlen,
+                                s.result_ttl_seconds, pipe=pipe)
+                    pipe.execute()
+                    next_upkeep = now + s.heartbeat_seconds
+                got = self._rr.blmpop(s.heartbeat_seconds, 1, key, direction="LEFT", count=1024)
+                lost_since = None
+            except redis.RedisError as e:
+                if self._local is not None and not self._local.server_alive():
+                    lost_since = 0.0  # our own server died: no point in waiting
+                lost_since = time.monotonic() if lost_since is None else lost_since
+                if time.monotonic() - lost_since > 3.0:
+                    self._break(ServerLostError(
+                        f"lost the server at {_redact(self.redis_url)} with tasks pending: {e}"
+                        ". The pending futures fail; start a new Executor once it is back."))
+                    break
+                time.sleep(0.2)
+                continue
+            if got:
+                for msg in got[1]:
+                    self._deliver(msg)
+        self._close_job()
+
+    def _deliver(self, msg: bytes) -> None:
+        if msg == b"S":
+            return  # shutdown's wake-up call
+        decoded = decode_message(msg)
+        if isinstance(decoded, LostChunk):
+            ref = self._refs.get(decoded.chunk)
+            if ref is not None:
+                err = WorkerLostError(
+                    f"worker {decoded.worker} stopped heartbeating while it held this task, "
+                    f"and the task was already retried {self._settings.max_retries} time(s) "
+                    "(MINIRAY_MAX_RETRIES); the task may crash its worker")
+                self._settle(ref, [(-1, 1, err, "")], True, decoded.worker, "?")
+            return
+        header, blob = decoded
+        ref = self._refs.get(header.chunk)
+        if ref is None:
+            return  # a duplicate after a retry, or a cancelled task
+        try:
+            outcomes = loads([blob])
+        except Exception as e:
+            err = SerializationError(
+                f"cannot unpickle the result of task {ref.start} sent by {header.host}: "
+                f"{type(e).__name__}: {e}. Is its type importable here?")
+            outcomes = [(-1, 1, err, "")]
+        self._settle(ref, outcomes, header.final, header.worker, header.host)
+
+    def _settle(self, ref: _Ref, outcomes, final: bool, worker: str, host: str) -> None:
+        expanded = []
+        for o in outcomes:
+            if o[0] == -1:
+                done = set() if ref.outcomes is None else {
+                    i for i, x in enumerate(ref.outcomes) if x is not None}
+                expanded += [(i, *o[1:]) for i in range(ref.count) if i not in done]
+            else:
+                expanded.append(o)
+        for o in expanded:
+            idx, tag = o[0], o[1]
+            if tag == OK:
+                value = (OK, o[2])
+            else:
+                value = (1, _decorate(o[2], o[3] if len(o) > 3 else "", ref.start + idx,
+                                      self.job_id, worker, host, o[4] if len(o) > 4 else None))
+            if ref.is_map:
+                if ref.outcomes[idx] is None:
+                    ref.outcomes[idx] = value
+                    ref.left -= 1
+            else:
+                ref.left = 0
+                self._complete(ref, value, worker, host)
+        if ref.is_map and (ref.left <= 0 or final):
+            missing = [i for i, x in enumerate(ref.outcomes) if x is None]
+            if not missing:
+                self._complete(ref, (OK, ref.outcomes), worker, host)
+        if ref.left <= 0:
+            with self._lock:
+                self._refs.pop(ref.chunk, None)
+
+    def _complete(self, ref: _Ref, value, worker, host) -> None:
+        fut = ref.future
+        fut.worker, fut.host = worker, host
+        with fut._condition:
+            if fut._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED"):
+                return
+            if fut._state == "PENDING":
+                fut._state = "RUNNING"
+        try:
+            if value[0] == OK:
+                fut.set_result(value[1])
+            else:
+                fut.set_exception(value[1])
+        except Exception:  # InvalidStateError from a concurrent cancel: nothing to deliver
+            pass
+
+    def _break(self, err: BaseException) -> None:
+        with self._lock:
+            self._broken = err
+            refs, self._refs = list(self._refs.values()), {}
+            self._outbox.clear()
+            self._wakeup.notify_all()
+        for ref in refs:
+            fut = ref.future
+            with fut._condition:
+                if fut._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED"):
+                    continue
+            try:
+                fut.set_exception(err)
+            except Exception:
+                pass
+
+    # -- shutdown ----------------------------------------------------------------------------
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; with ``cancel_futures`` drop queued tasks; with ``wait`` wait
+        for the rest. Workers of the embedded local cluster stay up for the next executor."""
+        with self._lock:
+            first = not self._shutdown
+            self._shutdown = True
+            self._wakeup.notify_all()
+        if first and self._broken is None:
+            try:  # wake the results thread so it can notice
+                self._r.rpush(self.keys.results(self.client_id), b"S")
+            except redis.RedisError:
+                pass
+        if cancel_futures:
+            self._cancel_queued()
+        if wait:
+            self._flusher.join()
+            self._results.join()
+
+    def _cancel_queued(self) -> None:
+        with self._lock:
+            local = [r for r in self._outbox]
+            self._outbox.clear()
+            for r in local:
+                self._refs.pop(r.chunk, None)
+        entries = []
+        if self._broken is None:
+            try:
+                entries = set(self._broker.cancel_job(self.job_id, "closing",
+                                                      self._settings.event_stream_maxlen))
+            except redis.RedisError:
+                entries = set()
+        with self._lock:
+            dropped = [r for r in self._refs.values() if r.entry in entries]
+            for r in dropped:
+                self._refs.pop(r.chunk, None)
+            self._wakeup.notify_all()
+        for r in local + dropped:
+            Future.cancel(r.future)
+
+    def cancel(self) -> int:
+        """Cancel the whole job now: queued tasks are dropped and running ones interrupted
+        (SIGINT, then killed). Their futures are cancelled. Returns how many were pending."""
+        with self._lock:
+            refs = list(self._refs.values())
+            self._outbox.clear()
+            self._refs.clear()
+            self._wakeup.notify_all()
+        try:
+            self._broker.cancel_job(self.job_id, "cancelled", self._settings.event_stream_maxlen)
+        except redis.RedisError:
+            pass
+        for r in refs:
+            Future.cancel(r.future)
+        return len(refs)
+
+    def _close_job(self) -> None:
+        s, k, job = self._settings, self.keys, self.job_id
+        try:
+            pipe = self._rr.pipeline(transaction=False)
+            pipe.hset(k.job(job), "state", "done") if self._broken is None else None
+            for key in (k.job(job), k.logs(job), k.events(job), k.attempts(job)):
+                pipe.expire(key, s.result_ttl_seconds)
+            pipe.delete(k.queue(job), k.tasks(job), k.client(self.client_id),
+                        k.results(self.client_id))
+            pipe.zrem(k.jobs, job)
+            pipe.execute()
+        except redis.RedisError:
+            pass
+        for c in (self._r, self._rr):
+            try:
+                c.close()
+            except Exception:
+                pass
+
+    # -- observation (the notebook face uses these) ------------------------------------------
+    def progress(self) -> dict:
+        """Counters of this job: queued, running, done, failed, cancelled, state."""
+        return observe.job_progress(self._r, self.keys, self.job_id)
+
+    def logs(self, follow: bool = False, timeout: float | None = None, since: str = "0-0"):
+        """Iterate this job's captured log lines (:class:`miniray.observe.LogLine`)."""
+        return observe.iter_logs(self._fresh_client(), self.keys, self.job_id, follow=follow,
+                                 timeout=timeout, since=since, stop=self._finished_event())
+
+    def events(self, follow: bool = False, timeout: float | None = None, since: str = "0-0"):
+        """Iterate this job's task events (queued, started, finished, failed, retried, ...)."""
+        return observe.iter_events(self._fresh_client(), self.keys, self.job_id, follow=follow,
+                                   timeout=timeout, since=since, stop=self._finished_event())
+
+    def add_log_callback(self, fn, since: str = "$") -> threading.Thread:
+        """Call ``fn(line)`` from a background thread for each new log line of this job."""
+        return observe.follow_in_thread(self.logs(follow=True, since=since), fn)
+
+    def workers(self) -> list:
+        """The live workers' latest heartbeats (host, slots, CPU, RAM, GPUs)."""
+        return observe.list_workers(self._r, self.keys)
+
+    def _fresh_client(self):
+        return connect(self.redis_url)
+
+    def _finished_event(self):
+        return lambda: self._shutdown and not self._refs
+
+
+def _decorate(exc, tb: str, task: int, job: str, worker: str, host: str, pid) -> BaseException:
+    """The task's own exception, with the worker's traceback chained and where it ran."""
+    if not isinstance(exc, BaseException):
+        exc = MinirayError(f"task {task} failed with a non-exception {exc!r}")
+    where = f"task {task} of job {job} on {host} (worker {worker}" + (
+        f", pid {pid})" if pid else ")")
+    if tb:
+        cause = RemoteTraceback(f'\n"""\nTraceback from {where}:\n{tb.rstrip()}\n"""')
+        exc.__cause__ = cause
+    if hasattr(exc, "add_note"):
+        note = f"[miniray] raised by {where}"
+        if note not in (getattr(exc, "__notes__", None) or ()):
+            exc.add_note(note)
+    return exc
+
+
+def _ordered_results(futures: list, deadline: float | None):
+    """Yield map results in order; the first error raises when its element is reached."""
+    try:
+        futures.reverse()
+        while futures:
+            f = futures[-1]
+            if deadline is None:
+                outcomes = f.result()
+            else:
+                outcomes = f.result(max(0.0, deadline - time.monotonic()))
+            futures.pop()
+            for tag, value in outcomes:
+                if tag != OK:
+                    raise value
+                yield value
+    except FuturesTimeout:
+        raise FuturesTimeout() from None
+    finally:
+        for f in futures:
+            f.cancel()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for ex in list(_live_executors):
+        try:
+            ex.shutdown(wait=False, cancel_futures=True)
+        except Exception:
+            pass
+
+
+del sys

@@ -1,0 +1,226 @@
+"""Task isolation on Linux: memory cgroups (v1 or v2), RLIMIT_AS fallback, CPU pinning, kill-tree.
+
+The worker creates one cgroup per task process; the task process joins it itself before it
+runs anything (``join``), so no allocation escapes the limit. Where no memory cgroup can be
+written (no controller, no permission, not Linux) the task process limits its address space
+with RLIMIT_AS instead and the worker says so once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+__all__ = ["MemoryCgroup", "memory_cgroup_support", "pin_cpus", "kill_tree", "apply_rlimit_as"]
+
+log = logging.getLogger("miniray.isolation")
+_SUPPORT: tuple | None = None
+
+
+def _mounts():
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 4:
+                    yield parts[1], parts[2], parts[3].split(",")
+    except OSError:
+        return
+
+
+def _own_cgroup(controller: str | None) -> str | None:
+    """This process's cgroup path for a v1 controller, or the v2 path when None."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, ctrls, path = line.rstrip("\n").split(":", 2)
+                if controller is None and ctrls == "":
+                    return path
+                if controller is not None and controller in ctrls.split(","):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _writable_dir(path: str) -> bool:
+    probe = os.path.join(path, f"miniray-probe-{os.getpid()}")
+    try:
+        os.mkdir(probe)
+        os.rmdir(probe)
+        return True
+    except OSError:
+        return False
+
+
+def memory_cgroup_support() -> tuple:
+    """``("v1", parent_dir)``, ``("v2", parent_dir)`` or ``(None, reason)``; cached."""
+    global _SUPPORT
+    if _SUPPORT is not None:
+        return _SUPPORT
+    reasons = []
+    for mountpoint, fstype, opts in list(_mounts()):
+        if fstype == "cgroup" and "memory" in opts:
+            own = _own_cgroup("memory") or "/"
+            parent = os.path.join(mountpoint, own.lstrip("/"))
+            if _writable_dir(parent):
+                _SUPPORT = ("v1", parent)
+                return _SUPPORT
+            reasons.append(f"cgroup v1 memory at {parent} is not writable")
+    for mountpoint, fstype, _ in list(_mounts()):
+        if fstype == "cgroup2":
+            own = _own_cgroup(None) or "/"
+            parent = os.path.join(mountpoint, own.lstrip("/"))
+            try:
+                with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+                    enabled = f.read().split()
+            except OSError:
+                enabled = []
+            if "memory" in enabled and _writable_dir(parent):
+                _SUPPORT = ("v2", parent)
+                return _SUPPORT
+            reasons.append(f"cgroup v2 at {parent} has no writable memory controller")
+    _SUPPORT = (None, "; ".join(reasons) or "no cgroup filesystem is mounted")
+    return _SUPPORT
+
+
+class MemoryCgroup:
+    """A memory-limited cgroup for one task process and everything it starts."""
+
+    def __init__(self, version: str, path: str, limit_bytes: int):
+        self.version, self.path, self.limit_bytes = version, path, limit_bytes
+        self._oom_base = self.oom_kills()
+
+    @classmethod
+    def create(cls, name: str, limit_bytes: int) -> "MemoryCgroup | None":
+        version, parent = memory_cgroup_support()
+        if version is None:
+            return None
+        path = os.path.join(parent, f"miniray-{name}")
+        try:
+            os.makedirs(path, exist_ok=True)
+            if version == "v1":
+                _write(os.path.join(path, "memory.limit_in_bytes"), limit_bytes)
+                _try_write(os.path.join(path, "memory.memsw.limit_in_bytes"), limit_bytes)
+                _try_write(os.path.join(path, "memory.swappiness"), 0)
+            else:
+                _write(os.path.join(path, "memory.max"), limit_bytes)
+                _try_write(os.path.join(path, "memory.swap.max"), 0)
+        except OSError as e:
+            log.warning("cannot set up memory cgroup %s: %s", path, e)
+            _rmdir(path)
+            return None
+        return cls(version, path, limit_bytes)
+
+    @staticmethod
+    def join(path: str) -> None:
+        """Move the calling process into the cgroup at ``path`` (run in the task process)."""
+        _write(os.path.join(path, "cgroup.procs"), os.getpid())
+
+    def oom_kills(self) -> int:
+        name = "memory.oom_control" if self.version == "v1" else "memory.events"
+        try:
+            with open(os.path.join(self.path, name)) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            pass
+        if self.version == "v1":  # old kernels: no oom_kill counter; failcnt is the hint
+            try:
+                with open(os.path.join(self.path, "memory.failcnt")) as f:
+                    return int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pass
+        return 0
+
+    def oom_killed(self) -> bool:
+        """Whether the kernel OOM-killed something here since creation (or the last reset)."""
+        return self.oom_kills() > self._oom_base
+
+    def reset_oom(self) -> None:
+        self._oom_base = self.oom_kills()
+
+    def pids(self) -> list[int]:
+        try:
+            with open(os.path.join(self.path, "cgroup.procs")) as f:
+                return [int(p) for p in f.read().split()]
+        except OSError:
+            return []
+
+    def kill(self) -> None:
+        if self.version == "v2" and _try_write(os.path.join(self.path, "cgroup.kill"), 1):
+            return
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def remove(self) -> None:
+        self.kill()
+        _rmdir(self.path)
+
+
+def apply_rlimit_as(limit_bytes: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+
+def pin_cpus(cpus: list[int]) -> None:
+    """Pin the calling process to ``cpus`` and tell threaded libraries how many they have."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
+    n = str(len(cpus))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                "NUMEXPR_NUM_THREADS"):
+        os.environ[var] = n
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Signal a process, its process group (task processes lead their own) and descendants."""
+    victims = []
+    try:
+        import psutil
+
+        victims = psutil.Process(pid).children(recursive=True)
+    except Exception:
+        pass
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for p in [pid] + [v.pid for v in victims]:
+        try:
+            os.kill(p, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _write(path: str, value) -> None:
+    with open(path, "w") as f:
+        f.write(str(value))
+
+
+def _try_write(path: str, value) -> bool:
+    try:
+        _write(path, value)
+        return True
+    except OSError:
+        return False
+
+
+def _rmdir(path: str) -> None:
+    for _ in range(50):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            import time
+
+            time.sleep(0.01)

@@ -1,0 +1,107 @@
+"""The Redis key schema: the only module that spells key names.
+
+Every key starts with the namespace (``MINIRAY_NAMESPACE``, default ``miniray``) so several
+clusters can share one server. ``{job}`` is ``<client>.<n>``; ``{chunk}`` is an integer unique
+within its job; a queue entry is ``<chunk>:<nframes>:<items>`` (payload frame count, task
+count), so scripts can delete payloads and keep counters without unpickling anything.
+
+==========================  ======  ==================  ================  =====================
+key                         type    TTL                 written by        read by
+==========================  ======  ==================  ================  =====================
+fn:{sha}                    string  function TTL,       executor          worker (GET, once per
+                                    renewed on submit                     worker and function)
+jobs                        zset    none                executor, claim,  claim script: ready
+                                    (members removed)   reaper            jobs by priority
+jobs:all                    zset    none (trimmed)      executor          status: every job
+job:{job}                   hash    result TTL after    executor; claim,  workers, status, the
+                                    the job ends        complete, cancel  notebook (counters)
+q:{job}                     list    with job            executor, reaper  claim script (LPOP)
+tasks:{job}                 hash    with job            executor          claim script (HMGET)
+attempts:{job}              hash    with job            reaper            reaper
+wip:{worker}                hash    none                claim script      complete, reaper,
+                                                                          release (on SIGTERM)
+workers                     zset    none (reaped)       heartbeat         reaper, status
+worker:{worker}             hash    3x dead timeout     heartbeat         status, the notebook
+wake                        list    none (trimmed)      executor          workers (BLPOP)
+rr                          string  none                claim script      claim (fair share)
+client:{client}             string  30 s, renewed       executor          claim (orphan jobs)
+res:{client}                list    result TTL          complete, reaper  executor (BLMPOP)
+logs:{job}                  stream  result TTL          worker            Executor.logs, CLI
+events:{job}                stream  result TTL          all scripts       Executor.events
+==========================  ======  ==================  ================  =====================
+
+Lua scripts (``broker.py``) build these names from the namespace with the same spelling; the
+functions here are the Python side. Cluster-mode Redis is not supported (scripts touch keys
+they compute).
+"""
+
+from __future__ import annotations
+
+__all__ = ["Keys"]
+
+
+class Keys:
+    """Key names for one namespace."""
+
+    __slots__ = ("ns",)
+
+    def __init__(self, namespace: str = "miniray"):
+        self.ns = namespace
+
+    def fn(self, sha: str) -> str:
+        return f"{self.ns}:fn:{sha}"
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.ns}:jobs"
+
+    @property
+    def jobs_all(self) -> str:
+        return f"{self.ns}:jobs:all"
+
+    def job(self, job: str) -> str:
+        return f"{self.ns}:job:{job}"
+
+    def queue(self, job: str) -> str:
+        return f"{self.ns}:q:{job}"
+
+    def tasks(self, job: str) -> str:
+        return f"{self.ns}:tasks:{job}"
+
+    def attempts(self, job: str) -> str:
+        return f"{self.ns}:attempts:{job}"
+
+    def wip(self, worker: str) -> str:
+        return f"{self.ns}:wip:{worker}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.ns}:workers"
+
+    def worker(self, worker: str) -> str:
+        return f"{self.ns}:worker:{worker}"
+
+    @property
+    def wake(self) -> str:
+        return f"{self.ns}:wake"
+
+    def client(self, client: str) -> str:
+        return f"{self.ns}:client:{client}"
+
+    def results(self, client: str) -> str:
+        return f"{self.ns}:res:{client}"
+
+    def logs(self, job: str) -> str:
+        return f"{self.ns}:logs:{job}"
+
+    def events(self, job: str) -> str:
+        return f"{self.ns}:events:{job}"
+
+    @staticmethod
+    def queue_entry(chunk: int, nframes: int, items: int) -> str:
+        return f"{chunk}:{nframes}:{items}"
+
+    @staticmethod
+    def payload_field(chunk: int, frame: int) -> str:
+        """Field of frame ``frame`` of a chunk's payload in ``tasks:{job}``."""
+        return f"{chunk}" if frame == 0 else f"{chunk}.{frame}"

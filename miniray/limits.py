@@ -1,0 +1,74 @@
+"""Per-job resource limits: what a task may use and which workers may run it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import ConfigurationError
+
+__all__ = ["Limits"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits applied to every task of an executor's job.
+
+    - ``timeout_seconds``: wall time per task; past it the task's process tree is killed and
+      its future fails with :class:`~miniray.errors.TaskTimeoutError` (a ``TimeoutError``).
+    - ``memory_gb``: a hard cgroup memory limit on the task's process tree (RLIMIT_AS where
+      no cgroup can be written); going over fails the future with ``MemoryLimitError``.
+    - ``cpus``: cores the task is pinned to (``sched_setaffinity``), also exported as
+      ``OMP_NUM_THREADS`` and friends.
+    - ``gpus``: GPUs the task needs; they are set in ``CUDA_VISIBLE_DEVICES``. With 0 the task
+      sees no GPU at all.
+    - ``nodes``: host or worker names the task may run on (any, when empty).
+
+    >>> Limits(timeout_seconds=60, memory_gb=2, cpus=1)
+    Limits(timeout_seconds=60, memory_gb=2, cpus=1, gpus=0, nodes=())
+    """
+
+    timeout_seconds: float | None = None
+    memory_gb: float | None = None
+    cpus: int | None = None
+    gpus: int = 0
+    nodes: tuple = field(default=())
+
+    def __post_init__(self):
+        def positive(name, value, kind=(int, float)):
+            if value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+                raise ConfigurationError(
+                    f"Limits({name}={value!r}) must be a positive number or None; "
+                    f"pass e.g. Limits({name}=1)"
+                )
+
+        positive("timeout_seconds", self.timeout_seconds)
+        positive("memory_gb", self.memory_gb)
+        positive("cpus", self.cpus, int)
+        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 0:
+            raise ConfigurationError(
+                f"Limits(gpus={self.gpus!r}) must be a whole number >= 0; pass e.g. Limits(gpus=1)"
+            )
+        nodes = self.nodes
+        if isinstance(nodes, str):
+            nodes = (nodes,)
+        nodes = tuple(nodes or ())
+        for n in nodes:
+            if not isinstance(n, str) or not n or "," in n:
+                raise ConfigurationError(
+                    f"Limits(nodes=...) takes host or worker names; {n!r} is not one"
+                )
+        object.__setattr__(self, "nodes", nodes)
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return None if self.memory_gb is None else int(self.memory_gb * 1024**3)
+
+    def requirement_fields(self) -> dict:
+        """The job-hash fields the claim script matches against a worker's capabilities."""
+        return {
+            "req_gpus": self.gpus,
+            "req_cpus": self.cpus or 0,
+            "req_nodes": ("," + ",".join(self.nodes) + ",") if self.nodes else "",
+        }

@@ -1,0 +1,136 @@
+"""The embedded local cluster: a private server plus worker processes, owned by this process.
+
+``miniray.Executor()`` with no address starts it on first use; ``miniray.init()`` starts it
+explicitly; it is torn down by ``miniray.shutdown()`` or at interpreter exit. Workers die with
+this process even when it is killed (parent-death signal and a parent-pid check).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from .config import settings
+from .errors import ConfigurationError
+from .server import ServerProcess
+
+__all__ = ["LocalCluster", "init", "shutdown", "get_local_cluster"]
+
+_lock = threading.Lock()
+_cluster: "LocalCluster | None" = None
+
+
+class LocalCluster:
+    """A server on a unix socket with a random password, and ``workers`` worker processes."""
+
+    def __init__(self, workers: int | None = None, slots: int = 1, server_bin: str | None = None):
+        n = workers if workers is not None else (settings().local_workers or os.cpu_count() or 1)
+        if not isinstance(n, int) or n < 1:
+            raise ConfigurationError(
+                f"workers={n!r}: a local cluster needs at least one worker "
+                "(miniray.init(workers=N) or MINIRAY_LOCAL_WORKERS)")
+        self.nworkers, self.slots = n, slots
+        self.server = ServerProcess(server_bin)
+        self.url = self.server.url
+        self._closing = False
+        self._log = open(os.path.join(self.server.dir, "workers.log"), "ab")
+        self.procs: list[subprocess.Popen] = [self._spawn(i) for i in range(n)]
+        self._monitor = threading.Thread(target=self._watch, daemon=True,
+                                         name="miniray-local-cluster")
+        self._monitor.start()
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.server.dir, "workers.log")
+
+    def _spawn(self, i: int) -> subprocess.Popen:
+        env = dict(os.environ)
+        env["MINIRAY_REDIS_URL"] = self.url  # in the environment, not on a visible command line
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return subprocess.Popen(
+            [sys.executable, "-m", "miniray.worker", "--slots", str(self.slots),
+             "--name", f"local-{i}", "--cpu-offset", str(i), "--parent-pid", str(os.getpid())],
+            env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+            close_fds=True,
+        )
+
+    def _watch(self) -> None:
+        """Replace a worker that died (killed, crashed) while the cluster is up."""
+        while not self._closing:
+            time.sleep(0.5)
+            if self._closing or not self.server.alive():
+                continue
+            for i, p in enumerate(self.procs):
+                if p.poll() is not None and not self._closing:
+                    self.procs[i] = self._spawn(i)
+
+    def server_alive(self) -> bool:
+        return self.server.alive()
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.poll() is None]
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._closing = True
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.server.close()
+        self._log.close()
+
+    def __repr__(self) -> str:
+        return f"<miniray.LocalCluster workers={self.nworkers} alive={len(self.worker_pids())}>"
+
+
+def get_local_cluster() -> LocalCluster:
+    """This process's embedded cluster, started on first use."""
+    global _cluster
+    with _lock:
+        if _cluster is None or not _cluster.server_alive():
+            if _cluster is not None:
+                _cluster.close()
+            _cluster = LocalCluster()
+        return _cluster
+
+
+def init(workers: int | None = None, slots: int = 1) -> LocalCluster:
+    """Start the embedded local cluster now (with ``workers`` worker processes).
+
+    Later ``miniray.Executor()`` calls without an address use it. Calling ``init`` again with
+    another worker count restarts it.
+    """
+    global _cluster
+    with _lock:
+        if _cluster is not None and _cluster.server_alive() and (
+                workers is None or workers == _cluster.nworkers) and slots == _cluster.slots:
+            return _cluster
+        if _cluster is not None:
+            _cluster.close()
+        _cluster = LocalCluster(workers, slots)
+        return _cluster
+
+
+def shutdown() -> None:
+    """Stop the embedded local cluster (its server and workers), if one is running."""
+    global _cluster
+    with _lock:
+        cluster, _cluster = _cluster, None
+    if cluster is not None:
+        from .executor import _shutdown_all
+
+        _shutdown_all()
+        cluster.close()
+
+
+atexit.register(shutdown)

@@ -1,0 +1,135 @@
+"""Read-only views of a cluster: job progress, task events, log lines and worker heartbeats.
+
+These are the engine's public observation API; the notebook face and the CLI render them.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Callable, Iterator, NamedTuple
+
+import redis
+
+from .keys import Keys
+
+__all__ = ["LogLine", "Event", "job_progress", "iter_logs", "iter_events", "list_workers",
+           "list_jobs", "follow_in_thread"]
+
+_COUNTERS = ("queued", "running", "done", "failed", "cancelled")
+
+
+class LogLine(NamedTuple):
+    """One captured line: ``task`` is the item index (for ``map``) or the submit number."""
+
+    id: str
+    time: float
+    task: int | None
+    worker: str
+    host: str
+    stream: str  # stdout, stderr or logging
+    text: str
+
+
+class Event(NamedTuple):
+    id: str
+    time: float
+    kind: str  # queued, started, finished, failed, retried, lost, cancelled, closing
+    fields: dict
+
+
+def _d(v):
+    return v.decode(errors="replace") if isinstance(v, bytes) else v
+
+
+def job_progress(r: redis.Redis, keys: Keys, job: str) -> dict:
+    raw = {(_d(k)): _d(v) for k, v in r.hgetall(keys.job(job)).items()}
+    out = {c: max(0, int(raw.get(c, 0) or 0)) for c in _COUNTERS}
+    out.update(state=raw.get("state", "unknown"), name=raw.get("name", job), job=job,
+               priority=int(raw.get("priority", 0) or 0))
+    return out
+
+
+def list_jobs(r: redis.Redis, keys: Keys, limit: int = 50) -> list[dict]:
+    jobs = [_d(j) for j in r.zrevrange(keys.jobs_all, 0, limit - 1)]
+    out = []
+    for job in jobs:
+        p = job_progress(r, keys, job)
+        if p["state"] == "unknown":
+            continue
+        out.append(p)
+    return out
+
+
+def list_workers(r: redis.Redis, keys: Keys) -> list[dict]:
+    ids = [_d(w) for w in r.zrange(keys.workers, 0, -1)]
+    pipe = r.pipeline(transaction=False)
+    for w in ids:
+        pipe.hgetall(keys.worker(w))
+    out = []
+    for w, h in zip(ids, pipe.execute()):
+        if not h:
+            continue
+        info = json.loads(_d(h.get(b"info", b"{}")))
+        info["id"] = w
+        info["seen"] = float(_d(h.get(b"seen", b"0")))
+        out.append(info)
+    return out
+
+
+def _stream_time(entry_id: str) -> float:
+    return int(entry_id.split("-")[0]) / 1000.0
+
+
+def _iter_stream(r, key, follow, timeout, since, stop) -> Iterator[tuple]:
+    last = since
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        block = None
+        if follow:
+            block = 500 if deadline is None else max(1, int(min(0.5, deadline - time.monotonic())
+                                                            * 1000))
+        got = r.xread({key: last}, count=1000, block=block)
+        entries = got[0][1] if got else []
+        for entry_id, fields in entries:
+            last = _d(entry_id)
+            yield last, {_d(k): _d(v) for k, v in fields.items()}
+        if not follow:
+            if not entries:
+                return
+            continue
+        if not entries and ((deadline is not None and time.monotonic() >= deadline)
+                            or (stop is not None and stop())):
+            return
+
+
+def iter_logs(r, keys: Keys, job: str, follow=False, timeout=None, since="0-0",
+              stop: Callable[[], bool] | None = None) -> Iterator[LogLine]:
+    if since == "$":
+        last = r.xrevrange(keys.logs(job), count=1)
+        since = _d(last[0][0]) if last else "0-0"
+    for entry_id, f in _iter_stream(r, keys.logs(job), follow, timeout, since, stop):
+        task = f.get("task")
+        yield LogLine(entry_id, _stream_time(entry_id), int(task) if task not in (None, "") else None,
+                      f.get("worker", ""), f.get("host", ""), f.get("stream", ""),
+                      f.get("text", ""))
+
+
+def iter_events(r, keys: Keys, job: str, follow=False, timeout=None, since="0-0",
+                stop: Callable[[], bool] | None = None) -> Iterator[Event]:
+    for entry_id, f in _iter_stream(r, keys.events(job), follow, timeout, since, stop):
+        kind = f.pop("kind", "")
+        yield Event(entry_id, _stream_time(entry_id), kind, f)
+
+
+def follow_in_thread(iterator, fn) -> threading.Thread:
+    """Drain ``iterator`` in a daemon thread, calling ``fn`` per item; exceptions end it."""
+
+    def run():
+        for item in iterator:
+            fn(item)
+
+    t = threading.Thread(target=run, daemon=True, name="miniray-follow")
+    t.start()
+    return t

@@ -1,0 +1,167 @@
+"""How functions, arguments and results are pickled: cloudpickle, protocol 5, out-of-band buffers.
+
+Functions are pickled once and stored by content hash. Functions from ``__main__``, notebook
+cells, lambdas and closures travel by value (cloudpickle does that). Modules imported from next
+to the caller's script or notebook, rather than installed, are registered to travel by value
+too, so a worker that lacks the file still runs the task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import sys
+import sysconfig
+import types
+
+import cloudpickle
+
+from .errors import SerializationError
+
+__all__ = ["dumps", "loads", "dumps_function", "OOB_THRESHOLD"]
+
+#: Buffers at least this large travel out of band (no copy into the pickle stream).
+OOB_THRESHOLD = 64 * 1024
+
+_INSTALLED_PREFIXES = None
+_BY_VALUE_DONE: set[str] = set()
+
+
+def dumps(obj, what: str = "value") -> list:
+    """Pickle ``obj`` into frames: the pickle stream, then its large buffers as memoryviews."""
+    buffers: list = []
+
+    def keep(buf: pickle.PickleBuffer):
+        raw = buf.raw() if _contiguous(buf) else None
+        if raw is None or raw.nbytes < OOB_THRESHOLD:
+            return True  # small or strided: in band
+        buffers.append(raw)
+        return False
+
+    try:
+        head = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
+    except Exception as e:
+        raise SerializationError(
+            f"cannot pickle the {what} {_short(obj)}: {type(e).__name__}: {e}. "
+            "Everything a task takes or returns travels between processes with cloudpickle; "
+            "pass plain data, or create the object inside the task."
+        ) from e
+    return [head, *buffers]
+
+
+def loads(frames):
+    head, *buffers = frames
+    return pickle.loads(head, buffers=buffers)
+
+
+def _contiguous(buf: pickle.PickleBuffer) -> bool:
+    try:
+        buf.raw()
+        return True
+    except BufferError:
+        return False
+
+
+def _short(obj) -> str:
+    try:
+        text = repr(obj)
+    except Exception:
+        text = f"<{type(obj).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def dumps_function(fn) -> tuple[str, bytes]:
+    """Pickle a task function by value where needed; return (sha256 hex, bytes)."""
+    if not callable(fn):
+        raise SerializationError(
+            f"{_short(fn)} is not callable; submit() and map() take a function first"
+        )
+    _register_local_modules(fn)
+    try:
+        data = cloudpickle.dumps(fn, protocol=5)
+    except Exception as e:
+        raise SerializationError(
+            f"cannot pickle the function {_short(fn)}: {type(e).__name__}: {e}. "
+            "It probably closes over something that cannot travel (a lock, an open file, a "
+            "connection); create that inside the function instead."
+        ) from e
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def _installed_prefixes() -> tuple:
+    global _INSTALLED_PREFIXES
+    if _INSTALLED_PREFIXES is None:
+        paths = set()
+        for scheme_key in ("stdlib", "platstdlib", "purelib", "platlib"):
+            p = sysconfig.get_paths().get(scheme_key)
+            if p:
+                paths.add(os.path.realpath(p))
+        for p in sys.path:
+            if "site-packages" in p or "dist-packages" in p:
+                paths.add(os.path.realpath(p))
+        paths.add(os.path.realpath(sys.base_prefix))
+        paths.add(os.path.realpath(sys.prefix))
+        _INSTALLED_PREFIXES = tuple(sorted(paths))
+    return _INSTALLED_PREFIXES
+
+
+def _is_local_module(mod: types.ModuleType) -> bool:
+    name = getattr(mod, "__name__", "")
+    if not name or name == "__main__" or name.split(".")[0] in ("miniray", "jupyter_ext"):
+        return False
+    path = getattr(mod, "__file__", None)
+    if not path:
+        return False
+    real = os.path.realpath(path)
+    return not any(real.startswith(p + os.sep) for p in _installed_prefixes())
+
+
+def _register_local_modules(fn, depth: int = 3) -> None:
+    """Register modules next to the caller (not installed) to be pickled by value."""
+    seen: set[int] = set()
+
+    def visit(obj, d):
+        if id(obj) in seen or d < 0:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, types.ModuleType):
+            mods = [obj]
+        else:
+            modname = getattr(obj, "__module__", None)
+            mod = sys.modules.get(modname) if isinstance(modname, str) else None
+            mods = [mod] if mod is not None else []
+        for mod in mods:
+            if mod.__name__ in _BY_VALUE_DONE or not _is_local_module(mod):
+                continue
+            top = mod.__name__.split(".")[0]
+            target = sys.modules.get(top, mod)
+            try:
+                cloudpickle.register_pickle_by_value(target)
+            except ValueError:
+                cloudpickle.register_pickle_by_value(mod)
+            _BY_VALUE_DONE.add(mod.__name__)
+        code = getattr(obj, "__code__", None)
+        glb = getattr(obj, "__globals__", None)
+        if code is not None and glb is not None:
+            for name in _code_names(code):
+                if name in glb:
+                    visit(glb[name], d - 1)
+        for cell in getattr(obj, "__closure__", None) or ():
+            try:
+                visit(cell.cell_contents, d - 1)
+            except ValueError:
+                pass
+        inner = getattr(obj, "func", None)  # functools.partial
+        if inner is not None:
+            visit(inner, d - 1)
+
+    visit(fn, depth)
+
+
+def _code_names(code) -> set:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names

@@ -1,0 +1,280 @@
+"""The task process: a worker's child that runs chunks of tasks, one item at a time.
+
+Started as ``python -m miniray.taskproc FD PROGRESS_FD [CGROUP]`` with a socket to its worker.
+It joins its memory cgroup, pins its CPUs and applies its environment before it unpickles
+anything, then loops: receive a chunk, run each item, send the outcomes back. Outcomes of fast
+items are batched (one pickle per batch, flushed every ``FLUSH_SECONDS``); a slow item's
+outcome goes at once. Before each item it writes (chunk seq, item index, start time) to a
+shared page, so the worker can enforce timeouts and knows which item was running if this
+process dies. stdout, stderr and ``logging`` are captured line by line and sent as log lines.
+
+Worker -> task process::  ("fn", sha, data) | ("run", seq, sha, skip, env, nframes) + frames
+Task process -> worker::  ("res", seq, final, indices, n_ok, n_err, blob) | ("log", [(seq, idx, stream, text)])
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import logging
+import mmap
+import os
+import pickle
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+
+PROGRESS = struct.Struct("qqd")  # chunk seq, item index, monotonic start time
+FLUSH_SECONDS = 0.02
+OK, ERR = 0, 1  # same tags as miniray.protocol; this module avoids importing the package
+
+
+def _send(conn, lock, obj) -> None:
+    data = pickle.dumps(obj, protocol=5)
+    with lock:
+        conn.send_bytes(data)
+
+
+class _LineWriter(io.TextIOBase):
+    """A text stream that ships each complete line to the worker."""
+
+    def __init__(self, runner, name: str):
+        self.runner, self.name, self._buf = runner, name, ""
+
+    def writable(self):
+        return True
+
+    def write(self, s):
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        self._buf += s
+        if "\n" in self._buf:
+            *lines, self._buf = self._buf.split("\n")
+            self.runner.log(self.name, lines)
+        return len(s)
+
+    def flush(self):
+        if self._buf:
+            line, self._buf = self._buf, ""
+            self.runner.log(self.name, [line])
+
+    @property
+    def encoding(self):
+        return "utf-8"
+
+    def isatty(self):
+        return False
+
+
+class _LogHandler(logging.Handler):
+    def __init__(self, runner):
+        super().__init__()
+        self.runner = runner
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record):
+        try:
+            self.runner.log("logging", [self.format(record)])
+        except Exception:
+            self.handleError(record)
+
+
+class Runner:
+    def __init__(self, conn, progress: mmap.mmap):
+        self.conn, self.progress = conn, progress
+        self.lock = threading.Lock()
+        self.functions: dict = {}
+        self.seq, self.idx = -1, -1
+
+    def log(self, stream: str, lines) -> None:
+        _send(self.conn, self.lock, ("log", [(self.seq, self.idx, stream, t) for t in lines]))
+
+    def function(self, sha: str):
+        fn = self.functions[sha]
+        if isinstance(fn, bytes):
+            fn = self.functions[sha] = pickle.loads(fn)
+        return fn
+
+    def serve(self) -> None:
+        while True:
+            try:
+                msg = pickle.loads(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                return
+            kind = msg[0]
+            if kind == "fn":
+                self.functions[msg[1]] = msg[2]
+            elif kind == "run":
+                _, seq, sha, skip, env, nframes = msg
+                frames = [self.conn.recv_bytes() for _ in range(nframes)]
+                self.run_chunk(seq, sha, skip, env, frames)
+            elif kind == "stop":
+                return
+
+    def run_chunk(self, seq, sha, skip, env, frames) -> None:
+        self.seq = seq
+        saved = _apply_env(env)
+        outcomes, n_ok, n_err = [], 0, 0
+        last_flush = time.monotonic()
+        try:
+            try:
+                fn = self.function(sha)
+                items = pickle.loads(frames[0], buffers=frames[1:])
+            except BaseException as e:  # the whole chunk fails the same way
+                # index -1: every item of the chunk not yet reported failed this way
+                tb = traceback.format_exc()
+                self._flush(seq, True, 0, -1, [(-1, ERR, *_portable_exc(e, tb))])
+                return
+            for i, (args, kwargs) in enumerate(items):
+                if i in skip:
+                    continue
+                self.idx = i
+                PROGRESS.pack_into(self.progress, 0, seq, i, time.monotonic())
+                try:
+                    value = fn(*args, **(kwargs or {}))
+                    outcomes.append((i, OK, value))
+                    n_ok += 1
+                except BaseException as e:  # SystemExit and KeyboardInterrupt fail the item too
+                    outcomes.append((i, ERR, *_portable_exc(e, traceback.format_exc())))
+                    n_err += 1
+                finally:
+                    _flush_streams()
+                now = time.monotonic()
+                if now - last_flush >= FLUSH_SECONDS and i < len(items) - 1:
+                    self._flush(seq, False, n_ok, n_err, outcomes)
+                    outcomes, n_ok, n_err = [], 0, 0
+                    last_flush = now
+            self._flush(seq, True, n_ok, n_err, outcomes)
+        finally:
+            PROGRESS.pack_into(self.progress, 0, -1, -1, 0.0)
+            _restore_env(saved)
+            self.idx = -1
+
+    def _flush(self, seq, final, n_ok, n_err, outcomes) -> None:
+        blob = _dumps_outcomes(outcomes)
+        indices = [o[0] for o in outcomes]  # the worker never unpickles user data
+        _send(self.conn, self.lock, ("res", seq, final, indices, n_ok, n_err, blob))
+
+
+def _dumps_outcomes(outcomes) -> bytes:
+    import cloudpickle
+
+    try:
+        return cloudpickle.dumps(outcomes, protocol=5)
+    except Exception:
+        pass
+    fixed = []
+    for o in outcomes:  # find the culprits; each becomes a SerializationError
+        try:
+            cloudpickle.dumps(o, protocol=5)
+            fixed.append(o)
+        except Exception as e:
+            from miniray.errors import SerializationError
+
+            what = "result" if o[1] == OK else "exception"
+            err = SerializationError(
+                f"the task's {what} {_short(o[2])} cannot be pickled to travel back: "
+                f"{type(e).__name__}: {e}. Return plain data (or make the type picklable)."
+            )
+            fixed.append((o[0], ERR, err, o[3] if o[1] == ERR else ""))
+    return cloudpickle.dumps(fixed, protocol=5)
+
+
+def _portable_exc(e: BaseException, tb: str):
+    """(exception, traceback text), with an exception that survives a pickle round trip."""
+    import cloudpickle
+
+    try:
+        pickle.loads(cloudpickle.dumps(e, protocol=5))
+        return e, tb
+    except Exception as why:
+        from miniray.errors import SerializationError
+
+        err = SerializationError(
+            f"the task raised {type(e).__name__}: {_short(e)}, which cannot be pickled to "
+            f"travel back ({type(why).__name__}: {why}); its traceback follows"
+        )
+        return err, tb
+
+
+def _short(obj) -> str:
+    try:
+        text = repr(obj)
+    except Exception:
+        text = f"<{type(obj).__name__}>"
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _flush_streams():
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.flush()
+        except Exception:
+            pass
+
+
+def _apply_env(env):
+    if not env:
+        return None
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    return saved
+
+
+def _restore_env(saved):
+    if not saved:
+        return
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _set_pdeathsig() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    fd, progress_fd = int(argv[0]), int(argv[1])
+    _set_pdeathsig()
+    if os.getppid() != int(os.environ.get("MINIRAY_WORKER_PID", os.getppid())):
+        sys.exit(0)  # the worker died before we set the death signal
+    cgroup = os.environ.pop("MINIRAY_TASK_CGROUP", "")
+    rlimit = os.environ.pop("MINIRAY_TASK_RLIMIT_AS", "")
+    cpus = os.environ.pop("MINIRAY_TASK_CPUS", "")
+    if cgroup:
+        from miniray.isolation import MemoryCgroup
+
+        MemoryCgroup.join(cgroup)
+    if rlimit:
+        from miniray.isolation import apply_rlimit_as
+
+        apply_rlimit_as(int(rlimit))
+    if cpus:
+        from miniray.isolation import pin_cpus
+
+        pin_cpus([int(c) for c in cpus.split(",")])
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    progress = mmap.mmap(progress_fd, PROGRESS.size)
+    runner = Runner(conn, progress)
+    sys.stdout = _LineWriter(runner, "stdout")
+    sys.stderr = _LineWriter(runner, "stderr")
+    root = logging.getLogger()
+    root.addHandler(_LogHandler(runner))
+    if root.level == logging.WARNING:
+        root.setLevel(logging.INFO)
+    runner.serve()
+
+
+if __name__ == "__main__":
+    main()

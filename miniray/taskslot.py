@@ -1,0 +1,147 @@
+"""The worker's handle on one task process: spawn, feed chunks, read outcomes, kill, explain death."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from multiprocessing.connection import Connection
+
+from .isolation import MemoryCgroup, kill_tree
+from .taskproc import PROGRESS
+
+__all__ = ["TaskProcess", "ProcKey"]
+
+ProcKey = tuple  # (memory_bytes | None, cpus tuple, gpus tuple | None)
+
+
+class TaskProcess:
+    """A ``python -m miniray.taskproc`` child with its socket, progress page and cgroup."""
+
+    def __init__(self, key: ProcKey, name: str, env: dict | None = None):
+        self.key = key
+        memory_bytes, cpus, gpus = key
+        parent_sock, child_sock = socket.socketpair()
+        self._progress_fd = _shared_page(PROGRESS.size)
+        self.progress_map = mmap.mmap(self._progress_fd, PROGRESS.size)
+        PROGRESS.pack_into(self.progress_map, 0, -1, -1, 0.0)
+        self.cgroup = None
+        self.rlimit = False
+        child_env = dict(os.environ if env is None else env)
+        child_env["MINIRAY_WORKER_PID"] = str(os.getpid())
+        if memory_bytes:
+            self.cgroup = MemoryCgroup.create(f"{name}-{os.getpid()}-{id(self):x}", memory_bytes)
+            if self.cgroup is not None:
+                child_env["MINIRAY_TASK_CGROUP"] = self.cgroup.path
+            else:
+                self.rlimit = True
+                child_env["MINIRAY_TASK_RLIMIT_AS"] = str(memory_bytes)
+        if cpus:
+            child_env["MINIRAY_TASK_CPUS"] = ",".join(map(str, cpus))
+        # A task that asked for no GPU must not see one; one that did sees exactly its own.
+        child_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus or ()))
+        fd = child_sock.fileno()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "miniray.taskproc", str(fd), str(self._progress_fd)],
+            pass_fds=(fd, self._progress_fd), start_new_session=True, env=child_env,
+            stdin=subprocess.DEVNULL, close_fds=True,
+        )
+        child_sock.close()
+        self.conn = Connection(parent_sock.detach())
+        self.known_fns: set[str] = set()
+        self.started = time.monotonic()
+        self.killed_for: str | None = None  # "timeout", "cancel" when we killed it on purpose
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send_chunk(self, seq: int, sha: str, fn_bytes: bytes | None, skip, env, frames) -> None:
+        if sha not in self.known_fns:
+            self.conn.send_bytes(pickle.dumps(("fn", sha, fn_bytes), protocol=5))
+            self.known_fns.add(sha)
+        self.conn.send_bytes(pickle.dumps(("run", seq, sha, skip, env, len(frames)), protocol=5))
+        for frame in frames:
+            self.conn.send_bytes(frame)
+
+    def poll(self, timeout: float) -> bool:
+        return self.conn.poll(timeout)
+
+    def recv(self):
+        """The next message; raises EOFError when the process has died."""
+        return pickle.loads(self.conn.recv_bytes())
+
+    def progress(self) -> tuple:
+        """(chunk seq, item index, monotonic start) of the item running now, or seq -1."""
+        return PROGRESS.unpack_from(self.progress_map, 0)
+
+    def interrupt(self) -> None:
+        try:
+            os.kill(self.proc.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+    def kill(self, reason: str | None = None) -> None:
+        if reason and self.killed_for is None:
+            self.killed_for = reason
+        kill_tree(self.proc.pid)
+        if self.cgroup is not None:
+            self.cgroup.kill()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def death(self) -> str:
+        """Why the process ended, in words: 'killed by SIGSEGV', 'exited with status 3'."""
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            code = self.proc.wait()
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return f"killed by {name}"
+        return f"exited with status {code}"
+
+    def oom_killed(self) -> bool:
+        return self.cgroup is not None and self.cgroup.oom_killed()
+
+    def close(self, graceful: bool = True) -> None:
+        if graceful and self.alive():
+            try:
+                self.conn.send_bytes(pickle.dumps(("stop",)))
+                self.proc.wait(timeout=1)
+            except Exception:
+                pass
+        if self.alive():
+            self.kill()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.conn.close()
+        self.progress_map.close()
+        os.close(self._progress_fd)
+        if self.cgroup is not None:
+            self.cgroup.remove()
+
+
+def _shared_page(size: int) -> int:
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("miniray-progress", 0)
+    else:  # pragma: no cover - non-Linux
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="miniray-progress-")
+        os.unlink(path)
+    os.ftruncate(fd, size)
+    os.set_inheritable(fd, False)
+    return fd

@@ -1,0 +1,631 @@
+"""``miniray worker``: pull chunks from Redis, run them in task processes, push outcomes back.
+
+::
+
+    Redis                      worker process                          task processes
+    ------                     --------------                          --------------
+    wake  --BLPOP-+            slot thread (one per slot):
+    q:{job} -claim+----------> chunks --send--> socket --------------> taskproc.Runner
+    res:{client} <--complete-- outcomes, logs <-- socket <------------ (outcomes, log lines)
+    workers, worker:{id} <---- heartbeat thread: telemetry, reaping dead workers, cancel checks
+
+A slot thread owns one task process (replaced when it crashes, times out, or the next job
+needs other limits) and one Redis connection. Each Redis hop is one round trip: the idle wait
+and the claim go in one pipeline; outcomes, log lines and the next claim go in another. A slot
+keeps up to ``target`` chunks queued at its process, sized so about 50 ms of work waits there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+
+import redis
+
+from . import gpu as gpu_mod
+from .broker import Broker, _redact, connect
+from .config import settings
+from .errors import (
+    ConfigurationError,
+    JobCancelledError,
+    MemoryLimitError,
+    MinirayError,
+    TaskCrashedError,
+    TaskTimeoutError,
+)
+from .isolation import memory_cgroup_support
+from .protocol import ERR, ResultHeader, decode_chunk_head, encode_result
+from .taskslot import TaskProcess
+
+__all__ = ["Worker", "main"]
+
+log = logging.getLogger("miniray.worker")
+_MAX_TARGET = 64
+_FN_CACHE = 256
+
+
+@dataclass
+class _Chunk:
+    job: str
+    entry: str
+    chunk: int
+    seq: int
+    sha: str
+    start: int
+    count: int
+    frames: list
+    spec: dict
+    delivered: set = field(default_factory=set)
+    sent_at: float = 0.0
+
+
+class _Slot(threading.Thread):
+    def __init__(self, worker: "Worker", index: int):
+        super().__init__(name=f"miniray-slot-{index}", daemon=True)
+        self.w, self.index = worker, index
+        self.r = worker.new_client()
+        self.broker = Broker(self.r, worker.namespace)
+        self.proc: TaskProcess | None = None
+        self.pending: collections.deque[_Chunk] = collections.deque()
+        self.inflight: dict[int, _Chunk] = {}
+        self.seq = 0
+        self.target = 2
+        self.avg_item = 0.0
+        self.gpus: tuple = ()
+        self.cancelled_jobs: dict[str, float] = {}  # job -> kill deadline
+        self.lock = threading.Lock()
+        self.out: list = []  # commands for the next pipeline: (fn, args)
+
+    # -- state seen by the heartbeat thread ------------------------------------------------
+    def jobs(self) -> set:
+        with self.lock:
+            return {c.job for c in self.inflight.values()} | {c.job for c in self.pending}
+
+    def cancel_job(self, job: str) -> None:
+        with self.lock:
+            if job in self.cancelled_jobs:
+                return
+            self.cancelled_jobs[job] = time.monotonic() + self.w.settings.kill_grace_seconds
+            running = any(c.job == job for c in self.inflight.values())
+        if running and self.proc is not None:
+            self.proc.interrupt()
+
+    # -- main loop ---------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            while not self.w.stopping.is_set():
+                try:
+                    self.step()
+                except redis.ConnectionError as e:
+                    if not self.w.server_gone(e):
+                        time.sleep(0.2)
+        except Exception:  # a bug must not leave the worker half-alive
+            log.exception("slot %d failed; stopping the worker", self.index)
+            self.w.stop()
+        finally:
+            if self.proc is not None:
+                self.proc.close(graceful=False)
+
+    def step(self) -> None:
+        if not self.pending and not self.inflight:
+            self.fetch(block=True)
+            if not self.pending:
+                return
+        self.dispatch()
+        self.collect()
+
+    def fetch(self, block: bool) -> None:
+        w = self.w
+        want = max(1, self.target - len(self.pending) - len(self.inflight))
+        pipe = self.r.pipeline(transaction=False)
+        self._drain_out(pipe)
+        if block:
+            pipe.blpop([w.keys.wake], timeout=1)
+        if w.gpu_ids:
+            # GPU jobs need free GPUs at claim time: claim one at a time, under the GPU lock
+            free = self.gpu_free_for_claim()
+            self.broker.claim(w.worker_id, 1 if free else want, w.name, w.host, free,
+                              w.ncpus, pipe=pipe)
+        else:
+            self.broker.claim(w.worker_id, want, w.name, w.host, 0, w.ncpus, pipe=pipe)
+        res = pipe.execute()
+        claimed = res[-1]
+        if claimed:
+            self.accept(claimed)
+
+    def gpu_free_for_claim(self) -> int:
+        if self.inflight or self.pending:
+            return len(self.gpus)  # GPUs already held stay with this slot until it drains
+        return self.w.gpu_pool_free()
+
+    def accept(self, claimed: list) -> None:
+        job = claimed[0].decode()
+        spec = json.loads(claimed[1]) if claimed[1] else {}
+        i = 2
+        chunks = []
+        while i < len(claimed):
+            entry = claimed[i].decode()
+            chunk_id, nframes, _ = (int(x) for x in entry.split(":"))
+            frames = claimed[i + 1 : i + 1 + nframes]
+            i += 1 + nframes
+            head, _ = decode_chunk_head(frames[0])
+            self.seq += 1
+            chunks.append(_Chunk(job, entry, chunk_id, self.seq, head.fn_sha, head.start,
+                                 head.count, frames, spec))
+        missing = self.w.functions_missing({c.sha for c in chunks}, self.r)
+        with self.lock:
+            for c in chunks:
+                if c.sha in missing:
+                    self.fail_chunk(c, MinirayError(
+                        f"the function of job {c.job} is no longer in Redis (it expired after "
+                        f"MINIRAY_FUNCTION_TTL_SECONDS or the server restarted); submit again"))
+                else:
+                    self.pending.append(c)
+
+    def key_for(self, spec: dict) -> tuple:
+        mem = spec.get("memory_bytes")
+        cpus = ()
+        if spec.get("cpus"):
+            cpus = self.w.cpus_for_slot(self.index, spec["cpus"])
+        gpus = ()
+        if spec.get("gpus"):
+            if len(self.gpus) != spec["gpus"]:
+                self.w.gpu_release(self.gpus)
+                self.gpus = self.w.gpu_acquire(spec["gpus"])
+            gpus = self.gpus
+        elif self.gpus and not self.inflight:
+            self.w.gpu_release(self.gpus)
+            self.gpus = ()
+        return (mem, cpus, gpus)
+
+    def dispatch(self) -> None:
+        while self.pending:
+            c = self.pending[0]
+            if c.job in self.cancelled_jobs:
+                self.pending.popleft()
+                self.fail_chunk(c, _cancelled(c.job))
+                continue
+            key = self.key_for(c.spec)
+            if self.proc is not None and self.proc.key != key:
+                if self.inflight:
+                    return  # let the current process drain before changing limits
+                self.proc.close()
+                self.proc = None
+            if self.proc is None:
+                self.proc = TaskProcess(key, f"{self.w.name}-{self.index}", self.w.task_env)
+            self.pending.popleft()
+            self.send(c)
+
+    def send(self, c: _Chunk) -> None:
+        c.sent_at = time.monotonic()
+        self.inflight[c.seq] = c
+        env = c.spec.get("env") or None
+        fn_bytes = self.w.fn_cache.get(c.sha) if c.sha not in self.proc.known_fns else None
+        _, body = decode_chunk_head(c.frames[0])
+        try:
+            self.proc.send_chunk(c.seq, c.sha, fn_bytes, frozenset(c.delivered), env,
+                                 [body, *c.frames[1:]])
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass  # the process died; collect() sees EOF and deals with it
+        self.out.append((self._event, (c.job, "started", c.chunk, c.count - len(c.delivered))))
+
+    def collect(self) -> None:
+        """Wait for the task process, then ship everything it said in one pipeline."""
+        proc = self.proc
+        timeout = self.wait_budget()
+        died = False
+        got = []
+        try:
+            if proc.poll(timeout):
+                got.append(proc.recv())
+                while proc.poll(0):
+                    got.append(proc.recv())
+        except (EOFError, OSError):
+            died = True
+        for msg in got:
+            self.handle(msg)
+        if not died:
+            self.enforce_deadlines()
+        if died or (proc.killed_for and not proc.alive()):
+            self.handle_death(proc)
+        want_more = len(self.pending) + len(self.inflight) < self.target
+        if self.out or (want_more and not self.w.stopping.is_set()):
+            pipe = self.r.pipeline(transaction=False)
+            self._drain_out(pipe)
+            n_cmds = len(pipe.command_stack)
+            if want_more and not self.w.stopping.is_set() and not self.w.gpu_ids:
+                self.broker.claim(self.w.worker_id, self.target - len(self.pending)
+                                  - len(self.inflight), self.w.name, self.w.host, 0,
+                                  self.w.ncpus, pipe=pipe)
+            res = pipe.execute()
+            if len(res) > n_cmds and res[-1]:
+                self.accept(res[-1])
+
+    def wait_budget(self) -> float:
+        budget = 0.25
+        seq, idx, started = self.proc.progress()
+        c = self.inflight.get(seq)
+        if c is not None and c.spec.get("timeout"):
+            budget = min(budget, max(0.0, started + c.spec["timeout"] - time.monotonic()))
+        if self.cancelled_jobs:
+            budget = min(budget, 0.05)
+        return budget
+
+    def enforce_deadlines(self) -> None:
+        proc = self.proc
+        if proc.killed_for:
+            return
+        seq, idx, started = proc.progress()
+        c = self.inflight.get(seq)
+        now = time.monotonic()
+        if c is not None and c.spec.get("timeout") and now > started + c.spec["timeout"]:
+            proc.kill("timeout")
+            return
+        for job, deadline in list(self.cancelled_jobs.items()):
+            if now > deadline and any(x.job == job for x in self.inflight.values()):
+                proc.kill("cancel")
+                return
+
+    def handle(self, msg) -> None:
+        kind = msg[0]
+        if kind == "res":
+            _, seq, final, indices, n_ok, n_err, blob = msg
+            c = self.inflight.get(seq)
+            if c is None:
+                return
+            if n_err < 0:  # the whole chunk failed before its first item (index -1)
+                n_err = c.count - len(c.delivered)
+            c.delivered.update(range(c.count) if final else indices)
+            if final:
+                del self.inflight[seq]
+                self._learn(c)
+            self.report(c, blob, final, n_ok, n_err)
+        elif kind == "log":
+            for seq, idx, stream, text in msg[1]:
+                c = self.inflight.get(seq)
+                if c is None:
+                    continue
+                task = c.start + idx if idx >= 0 else ""
+                self.out.append((self._log, (c.job, task, stream, text)))
+
+    def _learn(self, c: _Chunk) -> None:
+        """Size the local queue so that about 50 ms of work waits at the task process."""
+        per_item = (time.monotonic() - c.sent_at) / max(1, c.count)
+        self.avg_item = per_item if not self.avg_item else 0.7 * self.avg_item + 0.3 * per_item
+        chunk_time = self.avg_item * max(1, c.count)
+        self.target = int(min(_MAX_TARGET, max(1, 0.05 / max(chunk_time, 1e-6))))
+        if self.w.gpu_ids or c.spec.get("gpus"):
+            self.target = 1
+
+    def report(self, c: _Chunk, blob: bytes, final: bool, n_ok: int, n_err: int) -> None:
+        w = self.w
+        header = ResultHeader(c.job, c.chunk, 0, final, w.worker_id, w.host, os.getpid())
+        msg = encode_result(header, blob)
+        self.out.append((self._complete, (c.job, c.entry, n_ok, n_err, final, msg)))
+        w.tasks_done += n_ok + n_err
+
+    def fail_chunk(self, c: _Chunk, exc: BaseException, tb: str = "") -> None:
+        left = [i for i in range(c.count) if i not in c.delivered]
+        blob = pickle.dumps([(i, ERR, exc, tb) for i in left], protocol=5)
+        c.delivered.update(left)
+        self.report(c, blob, True, 0, len(left))
+
+    def handle_death(self, proc: TaskProcess) -> None:
+        """The task process is gone: fail the item it was running, resend the rest."""
+        seq, idx, started = proc.progress()
+        reason = proc.killed_for
+        oom = proc.oom_killed()
+        how = proc.death()
+        proc.close(graceful=False)
+        self.proc = None
+        c = self.inflight.get(seq)
+        if c is not None and idx >= 0 and idx not in c.delivered:
+            exc = self._death_error(c, reason, oom, how)
+            blob = pickle.dumps([(idx, ERR, exc, "")], protocol=5)
+            c.delivered.add(idx)
+            done = len(c.delivered) == c.count
+            if done:
+                del self.inflight[seq]
+            self.report(c, blob, done, 0, 1)
+        # everything else that was sent goes again, in order, to a fresh process
+        again = sorted(self.inflight.values(), key=lambda x: x.seq)
+        self.inflight.clear()
+        for x in reversed(again):
+            if x.job in self.cancelled_jobs:
+                self.fail_chunk(x, _cancelled(x.job))
+            else:
+                self.pending.appendleft(x)
+        for job in list(self.cancelled_jobs):
+            if not any(x.job == job for x in self.pending):
+                del self.cancelled_jobs[job]
+
+    def _death_error(self, c: _Chunk, reason, oom: bool, how: str) -> BaseException:
+        where = f"on worker {self.w.name} ({self.w.host})"
+        spec = c.spec
+        if reason == "timeout":
+            return TaskTimeoutError(
+                f"task ran longer than its limit of {spec['timeout']:g} s "
+                f"(Limits(timeout_seconds={spec['timeout']:g})) and was killed {where}")
+        if reason == "cancel":
+            return _cancelled(c.job)
+        if oom or (spec.get("memory_bytes") and how == "killed by SIGKILL"):
+            gb = spec["memory_bytes"] / 1024**3
+            return MemoryLimitError(
+                f"task used more than its memory limit of {gb:g} GB "
+                f"(Limits(memory_gb={gb:g})) and was killed {where}; raise the limit or "
+                "process less data per task")
+        return TaskCrashedError(
+            f"the process running the task {how} {where}; the worker replaced it. "
+            "A segfault in a C extension or os._exit() in the task does this")
+
+    # -- Redis commands queued for the next pipeline ------------------------------------------
+    def _drain_out(self, pipe) -> None:
+        out, self.out = self.out, []
+        for fn, args in out:
+            fn(pipe, *args)
+
+    def _complete(self, pipe, job, entry, n_ok, n_err, final, msg) -> None:
+        s = self.w.settings
+        self.broker.complete(pipe, self.w.worker_id, job, entry, n_ok, n_err, final,
+                             s.result_ttl_seconds, s.event_stream_maxlen, msg)
+
+    def _event(self, pipe, job, kind, chunk, count) -> None:
+        pipe.xadd(self.w.keys.events(job), {"kind": kind, "worker": self.w.worker_id,
+                                             "chunk": chunk, "count": count},
+                  maxlen=self.w.settings.event_stream_maxlen, approximate=True)
+
+    def _log(self, pipe, job, task, stream, text) -> None:
+        pipe.xadd(self.w.keys.logs(job), {"task": task, "worker": self.w.name, "host": self.w.host,
+                                           "stream": stream, "text": text},
+                  maxlen=self.w.settings.log_stream_maxlen, approximate=True)
+
+
+def _cancelled(job: str) -> JobCancelledError:
+    return JobCancelledError(f"job {job} was cancelled while this task was running")
+
+
+class Worker:
+    """A worker process: ``slots`` task processes fed from the server at ``redis_url``."""
+
+    def __init__(self, redis_url: str, slots: int = 1, gpus=None, name: str | None = None,
+                 namespace: str | None = None, cpu_offset: int = 0, parent_pid: int | None = None):
+        self.settings = settings()
+        self.url = redis_url
+        _check_url_security(redis_url)
+        self.namespace = namespace or self.settings.namespace
+        self.host = socket.gethostname()
+        self.name = name or f"{self.host}-{os.getpid()}"
+        self.worker_id = f"{self.name}-{uuid.uuid4().hex[:8]}"
+        if slots < 1:
+            raise ConfigurationError(f"--slots must be at least 1, not {slots}")
+        self.nslots = slots
+        self.parent_pid = parent_pid
+        self.cpu_offset = cpu_offset
+        self.allowed_cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else list(range(os.cpu_count() or 1))
+        self.ncpus = len(self.allowed_cpus)
+        self.gpu_ids, self.gpu_note = gpu_mod.discover(gpus)
+        self._gpu_free = list(self.gpu_ids)
+        self._gpu_lock = threading.Lock()
+        self.task_env = dict(os.environ)
+        self.stopping = threading.Event()
+        self.fn_cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._fn_lock = threading.Lock()
+        self.tasks_done = 0
+        self.started = time.time()
+        self.r = self.new_client()
+        self.broker = Broker(self.r, self.namespace)
+        self.keys = self.broker.keys
+        self.slots: list[_Slot] = []
+        self._server_lost_since: float | None = None
+        self.isolation = memory_cgroup_support()[0] or "rlimit"
+
+    def new_client(self) -> redis.Redis:
+        return connect(self.url)
+
+    # -- resources ---------------------------------------------------------------------------
+    def cpus_for_slot(self, slot: int, n: int) -> tuple:
+        cpus = self.allowed_cpus
+        base = (self.cpu_offset + slot) * n
+        return tuple(cpus[(base + i) % len(cpus)] for i in range(min(n, len(cpus))))
+
+    def gpu_pool_free(self) -> int:
+        with self._gpu_lock:
+            return len(self._gpu_free)
+
+    def gpu_acquire(self, n: int) -> tuple:
+        with self._gpu_lock:
+            take, self._gpu_free = self._gpu_free[:n], self._gpu_free[n:]
+            return tuple(take)
+
+    def gpu_release(self, ids) -> None:
+        if ids:
+            with self._gpu_lock:
+                self._gpu_free = sorted(set(self._gpu_free) | set(ids))
+
+    def functions_missing(self, shas: set, r) -> set:
+        with self._fn_lock:
+            need = [s for s in shas if s not in self.fn_cache]
+        if not need:
+            return set()
+        values = r.mget([self.keys.fn(s) for s in need])
+        missing = set()
+        with self._fn_lock:
+            for sha, data in zip(need, values):
+                if data is None:
+                    missing.add(sha)
+                else:
+                    self.fn_cache[sha] = data
+            while len(self.fn_cache) > _FN_CACHE:
+                self.fn_cache.popitem(last=False)
+        return missing
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def info(self) -> dict:
+        import psutil
+
+        busy = sum(1 for s in self.slots if s.inflight)
+        return {
+            "name": self.name, "host": self.host, "pid": os.getpid(), "slots": self.nslots,
+            "busy": busy, "tasks_done": self.tasks_done, "started": self.started,
+            "cpu_percent": psutil.cpu_percent(None), "cpus": self.ncpus,
+            "ram_used": psutil.virtual_memory().used, "ram_total": psutil.virtual_memory().total,
+            "isolation": self.isolation, "gpus": gpu_mod.telemetry(self.gpu_ids),
+        }
+
+    def server_gone(self, error: Exception) -> bool:
+        """Note a lost connection; True (and stop) once it has been gone too long."""
+        now = time.monotonic()
+        if self._server_lost_since is None:
+            self._server_lost_since = now
+            log.warning("lost the server at %s: %s; retrying", _redact(self.url), error)
+        if now - self._server_lost_since > max(5.0, 3 * self.settings.heartbeat_seconds):
+            log.error("the server at %s is gone; worker %s exits", _redact(self.url), self.name)
+            self.stop()
+            return True
+        return False
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def run(self) -> int:
+        s = self.settings
+        if self.gpu_note:
+            log.info("%s", self.gpu_note)
+        if self.isolation == "rlimit":
+            log.warning("memory limits use RLIMIT_AS on this host: %s", memory_cgroup_support()[1])
+        self.heartbeat()
+        self.slots = [_Slot(self, i) for i in range(self.nslots)]
+        for slot in self.slots:
+            slot.start()
+        log.info("worker %s: %d slot(s), GPUs %s, server %s", self.name, self.nslots,
+                 self.gpu_ids or "none", _redact(self.url))
+        next_beat = time.monotonic()
+        while not self.stopping.is_set():
+            if self.parent_pid and os.getppid() != self.parent_pid:
+                log.warning("the process that started this worker is gone; exiting")
+                break
+            try:
+                self.heartbeat()
+                self.broker.reap(s.worker_dead_seconds, s.max_retries, s.event_stream_maxlen,
+                                 s.result_ttl_seconds)
+                self._server_lost_since = None
+            except redis.ConnectionError as e:
+                if self.server_gone(e):
+                    break
+            next_beat += s.heartbeat_seconds
+            self.stopping.wait(max(0.0, next_beat - time.monotonic()))
+        return self.shutdown()
+
+    def heartbeat(self) -> None:
+        s = self.settings
+        jobs = set()
+        for slot in self.slots:
+            jobs |= slot.jobs()
+        reply = self.broker.heartbeat(self.worker_id, self.info(),
+                                      int(3 * s.worker_dead_seconds) + 1, sorted(jobs))
+        for job in reply[1:]:
+            job = job.decode()
+            for slot in self.slots:
+                slot.cancel_job(job)
+
+    def shutdown(self) -> int:
+        """Stop the slots, kill task processes, hand held chunks back to the queue."""
+        self.stopping.set()
+        for slot in self.slots:
+            if slot.proc is not None:
+                slot.proc.kill("shutdown")
+        for slot in self.slots:
+            slot.join(timeout=3)
+        try:
+            n = self.broker.release(self.worker_id)
+            if n:
+                log.info("handed %d unfinished chunk(s) back to the queue", n)
+        except redis.RedisError as e:
+            log.warning("could not hand chunks back (the server is gone?): %s", e)
+        try:
+            self.r.close()
+        except Exception:
+            pass
+        return 0
+
+
+def _check_url_security(url: str) -> None:
+    """Refuse a password-less server unless it is on this machine."""
+    from urllib.parse import parse_qs, urlparse
+
+    u = urlparse(url)
+    password = u.password or parse_qs(u.query).get("password", [None])[0]
+    local = u.scheme == "unix" or (u.hostname or "") in ("127.0.0.1", "localhost", "::1")
+    if not password and not local:
+        raise ConfigurationError(
+            f"refusing the server {_redact(url)}: it has no password and is not on this "
+            "machine, so anyone who can reach it could run code here. Use a password "
+            "(redis://:PASSWORD@host:port) or an SSH tunnel to a loopback address."
+        )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="miniray worker", description=__doc__.split("\n")[0])
+    p.add_argument("--redis", default=None, help="server URL (default: MINIRAY_REDIS_URL)")
+    p.add_argument("--slots", type=int, default=1, help="tasks run at once (default 1)")
+    p.add_argument("--gpus", default=None, help="GPU indices this worker owns, e.g. 0,1 "
+                   "(default: discovered with NVML; 'none' for none)")
+    p.add_argument("--name", default=None, help="worker name (default HOST-PID)")
+    p.add_argument("--namespace", default=None, help="key prefix (default MINIRAY_NAMESPACE)")
+    p.add_argument("--cpu-offset", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    url = args.redis or settings().redis_url
+    if not url:
+        p.error("give --redis URL or set MINIRAY_REDIS_URL")
+    if args.parent_pid:
+        _die_with_parent()
+        if os.getppid() != args.parent_pid:
+            return 0
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        worker = Worker(url, slots=args.slots, gpus=args.gpus, name=args.name,
+                        namespace=args.namespace, cpu_offset=args.cpu_offset,
+                        parent_pid=args.parent_pid)
+    except MinirayError as e:
+        print(f"miniray worker: {e}", file=sys.stderr)
+        return 2
+
+    def on_term(signum, frame):
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    try:
+        return worker.run()
+    except Exception:
+        traceback.print_exc()
+        worker.shutdown()
+        return 1
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except Exception:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
