@@ -63,7 +63,9 @@ class RemoteWorker(Channel):
         except BlockingIOError:
             return True
         except OSError:
-            return False
+            data = b""
+        if not data:
+            self.close()  # EOF is final: release the socket now
         return bool(data)
 
     def wait(self, timeout=None):

@@ -10,11 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from chanhelpers import PYTHONPATH
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-# Remote and server-side workers import miniray and the test work functions from here.
-PYTHONPATH = os.pathsep.join([str(REPO), str(HERE)])
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
 
@@ -67,21 +64,6 @@ def start_server():
         s.stop()
 
 
-def wait_gone(pid, timeout=10.0):
-    """True once ``pid`` no longer exists (or is a zombie) within ``timeout``."""
-    import psutil
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.02)
-    return False
-
-
 class Sshd:
     def __init__(self, root, port, client_key, other_key, host_pub):
         self.root, self.port = root, port
@@ -120,8 +102,10 @@ PubkeyAuthentication yes
 PermitRootLogin yes
 """)
     os.makedirs("/run/sshd", exist_ok=True)
+    log = open(root / "sshd.log", "w")
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=open(root / "sshd.log", "w"))
+                            stderr=log)
+    log.close()  # the child has its own copy
     deadline = time.monotonic() + 15
     while True:
         try:

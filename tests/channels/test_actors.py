@@ -5,7 +5,7 @@ import signal
 from concurrent.futures import Future
 
 import pytest
-from conftest import wait_gone
+from chanhelpers import wait_gone
 from workfns import BrokenInit, Counter
 
 from miniray.actors import ActorPool, actor

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PYTHONPATH
+from chanhelpers import PYTHONPATH
 
 import miniray.channels
 

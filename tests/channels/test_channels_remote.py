@@ -4,7 +4,7 @@ import socket
 import struct
 
 import pytest
-from conftest import wait_gone
+from chanhelpers import wait_gone
 
 from miniray.channels import (AuthenticationError, RemoteWorker, WorkerDiedError, WorkerServer)
 
@@ -115,10 +115,11 @@ def test_kill_ends_a_busy_remote_worker(start_server):
 
 
 def test_wait_returns_when_remote_exits_keeping_messages(start_server):
-    server = start_server("workfns.print_and_exit")
-    w = RemoteWorker(server.host, server.port)
-    w.wait(timeout=10)
-    assert w.exitcode == -1
+    server = start_server("workfns.send_then_exit")
+    with RemoteWorker(server.host, server.port) as w:
+        w.wait(timeout=10)
+        assert w.exitcode == -1 and not w.is_alive()
+        assert w.recv(timeout=1) == "last words"
 
 
 def test_server_stops_and_takes_workers_with_it(start_server):

@@ -3,7 +3,7 @@
 import sys
 
 import pytest
-from conftest import PYTHONPATH, wait_gone
+from chanhelpers import PYTHONPATH, wait_gone
 
 from miniray import ssh
 from miniray.channels import Cluster, NodeConfig

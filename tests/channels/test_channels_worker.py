@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import workfns
-from conftest import PYTHONPATH, wait_gone
+from chanhelpers import PYTHONPATH, wait_gone
 
 from miniray.channels import (ChannelClosedError, FrameTooLargeError, Worker, WorkerDiedError,
                               wait_any)
@@ -104,8 +104,8 @@ def test_child_killed_is_seen_by_parent():
 
 
 def test_child_exception_exits_1(capfd):
-    w = Worker(workfns.raise_error)
-    assert w.wait(10) == 1
+    with Worker(workfns.raise_error) as w:
+        assert w.wait(10) == 1
     assert "ValueError: boom from the worker" in capfd.readouterr().err
 
 

@@ -87,3 +87,7 @@ class Counter:
 class BrokenInit:
     def __init__(self):
         raise RuntimeError("cannot construct")
+
+
+def send_then_exit(h):
+    h.send("last words")

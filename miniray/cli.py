@@ -1,0 +1,150 @@
+"""The ``miniray`` command: worker, up, status, logs, cancel."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+__all__ = ["main"]
+
+
+def _client(url):
+    from .broker import Broker, connect
+    from .config import settings
+
+    s = settings()
+    url = url or s.redis_url
+    if not url:
+        raise SystemExit("miniray: give --redis URL or set MINIRAY_REDIS_URL "
+                         "(`miniray up` prints one)")
+    r = connect(url)
+    return r, Broker(r, s.namespace)
+
+
+def _fmt_bytes(n) -> str:
+    n = float(n or 0)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def cmd_up(args) -> int:
+    from .local import LocalCluster
+
+    cluster = LocalCluster(workers=args.workers, slots=args.slots)
+    print(f"miniray: server and {cluster.nworkers} worker(s) running", flush=True)
+    print(f"MINIRAY_REDIS_URL={cluster.url}", flush=True)
+    print("(this URL holds the password; Ctrl-C stops everything)", flush=True)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    try:
+        while not stop and cluster.server_alive():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    cluster.close()
+    return 0
+
+
+def cmd_status(args) -> int:
+    from . import observe
+
+    r, b = _client(args.redis)
+    workers = observe.list_workers(r, b.keys)
+    jobs = observe.list_jobs(r, b.keys)
+    print(f"workers: {len(workers)}")
+    for w in workers:
+        gpus = w.get("gpus") or []
+        print(f"  {w.get('name')}  host={w.get('host')}  slots={w.get('busy', 0)}/{w.get('slots')}"
+              f"  cpu={w.get('cpu_percent', 0):.0f}%  ram={_fmt_bytes(w.get('ram_used'))}"
+              f"/{_fmt_bytes(w.get('ram_total'))}  done={w.get('tasks_done', 0)}"
+              f"  gpus={len(gpus) or 'none'}")
+        for g in gpus:
+            extra = ""
+            if "util" in g:
+                extra = (f" {g.get('name', '')} util={g['util']}% mem={_fmt_bytes(g['mem_used'])}"
+                         f"/{_fmt_bytes(g['mem_total'])} temp={g.get('temp')}C")
+            print(f"      gpu {g['index']}{extra}")
+    print(f"jobs: {len(jobs)}")
+    for j in jobs:
+        print(f"  {j['job']}  {j['name']!r}  state={j['state']}  priority={j['priority']}  "
+              f"queued={j['queued']} running={j['running']} done={j['done']} "
+              f"failed={j['failed']} cancelled={j['cancelled']}")
+    return 0
+
+
+def _resolve_job(r, b, job):
+    from . import observe
+
+    if job is None:
+        jobs = observe.list_jobs(r, b.keys, limit=1)
+        if not jobs:
+            raise SystemExit("miniray: no jobs on this server")
+        return jobs[0]["job"]
+    for j in observe.list_jobs(r, b.keys, limit=1000):
+        if job in (j["job"], j["name"]):
+            return j["job"]
+    raise SystemExit(f"miniray: no job named {job!r}; `miniray status` lists them")
+
+
+def cmd_logs(args) -> int:
+    from . import observe
+
+    r, b = _client(args.redis)
+    job = _resolve_job(r, b, args.job)
+    try:
+        for line in observe.iter_logs(r, b.keys, job, follow=args.follow):
+            task = "" if line.task is None else f"[{line.task}]"
+            print(f"{line.worker}{task} {line.stream}: {line.text}", flush=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    r, b = _client(args.redis)
+    job = _resolve_job(r, b, args.job)
+    dropped = b.cancel_job(job)
+    print(f"cancelled job {job}: {len(dropped)} queued chunk(s) dropped; running tasks "
+          "are interrupted by their workers")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        from .worker import main as worker_main
+
+        return worker_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        try:
+            from .channels.server import main as serve_main
+        except ImportError:
+            raise SystemExit("miniray serve: the channels layer is not installed") from None
+        return serve_main(argv[1:])
+    p = argparse.ArgumentParser(prog="miniray", description="miniray cluster tools")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("worker", help="run a worker (see `miniray worker --help`)")
+    sub.add_parser("serve", help="run a channels WorkerServer (see `miniray serve --help`)")
+    up = sub.add_parser("up", help="start a local server and workers in the foreground")
+    up.add_argument("-n", "--workers", type=int, default=None)
+    up.add_argument("--slots", type=int, default=1)
+    for name, fn in (("status", cmd_status), ("logs", cmd_logs), ("cancel", cmd_cancel)):
+        sp = sub.add_parser(name)
+        sp.add_argument("--redis", default=None, help="server URL (default MINIRAY_REDIS_URL)")
+        if name != "status":
+            sp.add_argument("job", nargs="?", default=None, help="job id or name (default: newest)")
+        if name == "logs":
+            sp.add_argument("-f", "--follow", action="store_true")
+        sp.set_defaults(fn=fn)
+    up.set_defaults(fn=cmd_up)
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Task functions for the tests, importable by workers (fault injection lives here)."""
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+
+def noop(*args, **kwargs):
+    return None
+
+
+def identity(x):
+    return x
+
+
+def add(a, b=0, *, c=0):
+    return a + b + c
+
+
+def square(x):
+    return x * x
+
+
+def sleep_then(seconds, value=None):
+    time.sleep(seconds)
+    return value
+
+
+def where():
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "affinity": sorted(os.sched_getaffinity(0)), "env_x": os.environ.get("MINIRAY_TEST_X")}
+
+
+class CustomError(Exception):
+    """An exception with extra state that must survive the trip back."""
+
+    def __init__(self, message, code=0):
+        super().__init__(message, code)
+        self.code = code
+
+
+def raise_custom(message="boom", code=7):
+    raise CustomError(message, code)
+
+
+def raise_value_error(x):
+    if x == 3:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+class UnpicklableError(Exception):
+    def __init__(self, a, b):  # unpickling calls cls(*args) with one arg: fails
+        super().__init__(f"{a}-{b}")
+
+
+def raise_unpicklable():
+    raise UnpicklableError(1, 2)
+
+
+def return_unpicklable():
+    import threading
+
+    return threading.Lock()
+
+
+def segfault():
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def hard_exit(code=3):
+    os._exit(code)
+
+
+def allocate(megabytes):
+    block = bytearray(megabytes * 1024 * 1024)
+    for i in range(0, len(block), 4096):  # touch every page so it is really resident
+        block[i] = 1
+    return len(block)
+
+
+def chatty(n, tag="line"):
+    for i in range(n):
+        print(f"{tag} {i}")
+    print("to stderr", file=sys.stderr)
+    logging.getLogger("tests.chatty").warning("a logging record")
+    return n
+
+
+def spawn_sleeper(seconds):
+    import subprocess
+
+    p = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+    time.sleep(seconds)
+    return p.pid
+
+
+def array_sum(a):
+    return float(a.sum())
+
+
+def echo_bytes(b):
+    return b
