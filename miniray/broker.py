@@ -287,21 +287,40 @@ def _redact(url: str) -> str:
 
 
 class Broker:
-    """The scripts bound to one Redis client and namespace."""
+    """The scripts bound to one Redis client and namespace.
+
+    Scripts are loaded once (SCRIPT LOAD) and then called by hash: redis-py's own Script
+    objects would send a SCRIPT EXISTS before every pipeline, a round trip per hop.
+    """
+
+    _SOURCES = {"publish": _PUBLISH, "claim": _CLAIM, "complete": _COMPLETE,
+                "cancel_chunk": _CANCEL_CHUNK, "cancel_job": _CANCEL_JOB,
+                "heartbeat": _HEARTBEAT, "reap": _REAP, "release": _RELEASE}
+    _SHAS: dict = {}
 
     def __init__(self, client: redis.Redis, namespace: str = "miniray"):
         self.r = client
         self.keys = Keys(namespace)
         self.ns = namespace
-        reg = client.register_script
-        self._publish = reg(_PUBLISH)
-        self._claim = reg(_CLAIM)
-        self._complete = reg(_COMPLETE)
-        self._cancel_chunk = reg(_CANCEL_CHUNK)
-        self._cancel_job = reg(_CANCEL_JOB)
-        self._heartbeat = reg(_HEARTBEAT)
-        self._reap = reg(_REAP)
-        self._release = reg(_RELEASE)
+        self.load_scripts()
+
+    def load_scripts(self) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        for src in self._SOURCES.values():
+            pipe.script_load(src)
+        for name, sha in zip(self._SOURCES, pipe.execute()):
+            Broker._SHAS[name] = sha.decode() if isinstance(sha, bytes) else sha
+
+    def _run(self, name: str, args: list, pipe=None):
+        """Run script ``name``; queued on ``pipe`` when given, else at once (reloading the
+        scripts once if the server lost them, e.g. after a restart)."""
+        if pipe is not None:
+            return pipe.evalsha(self._SHAS[name], 0, *args)
+        try:
+            return self.r.evalsha(self._SHAS[name], 0, *args)
+        except redis.exceptions.NoScriptError:
+            self.load_scripts()
+            return self.r.evalsha(self._SHAS[name], 0, *args)
 
     # -- executor side -------------------------------------------------------------------
     def create_job(self, pipe, job: str, client: str, name: str, priority: int, spec: dict,
@@ -316,32 +335,30 @@ class Broker:
 
     def publish(self, pipe, job: str, priority: int, n_chunks: int, n_items: int,
                 maxlen: int) -> None:
-        self._publish(args=[self.ns, job, priority, n_chunks, n_items, maxlen], client=pipe)
+        self._run("publish", [self.ns, job, priority, n_chunks, n_items, maxlen], pipe)
 
     def cancel_chunk(self, job: str, entry: str) -> bool:
-        return bool(self._cancel_chunk(args=[self.ns, job, entry]))
+        return bool(self._run("cancel_chunk", [self.ns, job, entry]))
 
     def cancel_job(self, job: str, state: str = "cancelled", maxlen: int = 10000) -> list:
-        return [e.decode() for e in self._cancel_job(args=[self.ns, job, state, maxlen])]
+        return [e.decode() for e in self._run("cancel_job", [self.ns, job, state, maxlen])]
 
     # -- worker side ---------------------------------------------------------------------
     def claim(self, worker: str, max_chunks: int, name: str, host: str, free_gpus: int,
               cpus: int, pipe=None):
-        return self._claim(args=[self.ns, worker, max_chunks, name, host, free_gpus, cpus],
-                           client=pipe or self.r)
+        return self._run("claim", [self.ns, worker, max_chunks, name, host, free_gpus, cpus],
+                         pipe)
 
     def complete(self, pipe, worker: str, job: str, entry: str, n_done: int, n_failed: int,
                  final: bool, ttl: int, maxlen: int, msg: bytes) -> None:
-        self._complete(args=[self.ns, worker, job, entry, n_done, n_failed, int(final), ttl,
-                             maxlen, msg], client=pipe)
+        self._run("complete", [self.ns, worker, job, entry, n_done, n_failed, int(final), ttl,
+                               maxlen, msg], pipe)
 
     def heartbeat(self, worker: str, info: dict, ttl: int, jobs=(), pipe=None):
-        return self._heartbeat(args=[self.ns, worker, json.dumps(info), ttl, *jobs],
-                               client=pipe or self.r)
+        return self._run("heartbeat", [self.ns, worker, json.dumps(info), ttl, *jobs], pipe)
 
     def reap(self, dead_after: float, max_retries: int, maxlen: int, ttl: int, pipe=None):
-        return self._reap(args=[self.ns, dead_after, max_retries, maxlen, ttl],
-                          client=pipe or self.r)
+        return self._run("reap", [self.ns, dead_after, max_retries, maxlen, ttl], pipe)
 
     def release(self, worker: str) -> int:
-        return self._release(args=[self.ns, worker])
+        return self._run("release", [self.ns, worker])

@@ -138,7 +138,9 @@ class Runner:
                     outcomes.append((i, OK, value))
                     n_ok += 1
                 except BaseException as e:  # SystemExit and KeyboardInterrupt fail the item too
-                    outcomes.append((i, ERR, *_portable_exc(e, traceback.format_exc())))
+                    # the pid names the task process in the error's note
+                    outcomes.append((i, ERR, *_portable_exc(e, traceback.format_exc()),
+                                     os.getpid()))
                     n_err += 1
                 finally:
                     _flush_streams()

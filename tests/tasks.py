@@ -105,3 +105,34 @@ def array_sum(a):
 
 def echo_bytes(b):
     return b
+
+
+def spawn_sleeper_pidfile(pidfile, seconds):
+    """Start a grandchild, write its pid to ``pidfile``, then sleep (to be timed out)."""
+    import subprocess
+
+    p = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+    with open(pidfile, "w") as f:
+        f.write(str(p.pid))
+    time.sleep(seconds)
+    return p.pid
+
+
+def record_run(path, value=None, seconds=0.0):
+    """Append this run's worker pid to ``path`` (one line per run), sleep, return ``value``."""
+    with open(path, "a") as f:
+        f.write(f"{os.environ.get('MINIRAY_WORKER_PID', '?')}\n")
+    time.sleep(seconds)
+    return value
+
+
+def kill_my_worker():
+    """SIGKILL the worker running this task (its task process dies with it)."""
+    os.kill(int(os.environ["MINIRAY_WORKER_PID"]), signal.SIGKILL)
+    time.sleep(30)
+
+
+def stamp(seconds=0.0, tag=None):
+    """Sleep, then return (tag, wall-clock finish time)."""
+    time.sleep(seconds)
+    return tag, time.time()

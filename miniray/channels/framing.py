@@ -150,10 +150,10 @@ class Channel:
         # stream half-consumed.
         kind, size = _HEADER.unpack(self._recv_exact(_HEADER.size))
         if kind not in (DATA, PING, PONG):
-            self.close()
+            self._close_socket()
             raise ProtocolError(f"unknown frame kind {kind}; is the peer a miniray channel?")
         if size > self.max_size:
-            self.close()  # the payload is still in the stream: we cannot resynchronise
+            self._close_socket()  # the payload is still in the stream: we cannot resynchronise
             raise FrameTooLargeError(
                 f"received a frame of {size} bytes, over max_size={self.max_size} bytes; the "
                 "channel was closed. Pass a larger max_size= to both ends if this is expected"
@@ -174,7 +174,7 @@ class Channel:
             if k == 0:
                 # The peer is gone for good: release the socket now rather than in a finaliser.
                 error = self._closed_error("the peer closed the connection")
-                self.close()
+                self._close_socket()
                 raise error
             got += k
         return bytes(buf) if n < _CONCAT_LIMIT else buf
@@ -192,6 +192,11 @@ class Channel:
 
     def close(self):
         """Close the socket; the peer sees end-of-file."""
+        self._close_socket()
+
+    def _close_socket(self):
+        # Internal closes (EOF, a corrupt stream) only release the socket; subclasses' close()
+        # may do more (Worker.close kills a child that does not exit).
         if not self._closed:
             self._closed = True
             try:

@@ -29,7 +29,7 @@ class RemoteWorker(Channel):
             raise ConnectionError(f"cannot connect to WorkerServer at {address}: {e}; is "
                                   "`miniray serve` running there and the port open?") from e
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        _keepalive(sock)
         try:
             self.pid = client_handshake(sock, address, secret, codec, max_size, env)
         except BaseException:
@@ -65,7 +65,7 @@ class RemoteWorker(Channel):
         except OSError:
             data = b""
         if not data:
-            self.close()  # EOF is final: release the socket now
+            self._close_socket()  # EOF is final: release the socket now
         return bool(data)
 
     def wait(self, timeout=None):
@@ -94,3 +94,12 @@ class RemoteWorker(Channel):
         return WorkerDiedError(
             f"remote worker pid {self.pid} at {self.host}:{self.port} is gone ({detail})",
             exitcode=None)
+
+
+def _keepalive(sock, idle=30, interval=10, probes=3):
+    """Notice a vanished host in about a minute instead of the kernel's default two hours."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval),
+                        ("TCP_KEEPCNT", probes)):
+        if hasattr(socket, name):  # Linux names; macOS has only some of them
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from chanhelpers import PYTHONPATH
@@ -130,8 +129,8 @@ def ssh_home(sshd, tmp_path, monkeypatch):
     """
     dot = tmp_path / ".ssh"
     dot.mkdir()
-    (dot / "config").write_text(
-        f"Host testnode\n  HostName 127.0.0.1\n  Port {sshd.port}\n"
+    (dot / "config").write_text(  # two aliases: two "hosts" for multi-node clusters
+        f"Host testnode testnode2\n  HostName 127.0.0.1\n  Port {sshd.port}\n"
         f"  User {getpass.getuser()}\n  IdentityFile {sshd.client_key}\n")
     (dot / "known_hosts").write_text(f"[127.0.0.1]:{sshd.port} {sshd.host_pub[0]} "
                                      f"{sshd.host_pub[1]}\n")

@@ -52,26 +52,42 @@ def test_pty_command_dies_when_connection_drops(ssh_home):
     assert wait_gone(pid, timeout=10), "remote command outlived its SSH connection"
 
 
-def _nodes(**kw):
-    return [NodeConfig("testnode", python=sys.executable, env={"PYTHONPATH": PYTHONPATH}, **kw)]
+def _nodes(host="testnode", **kw):
+    return [NodeConfig(host, python=sys.executable, env={"PYTHONPATH": PYTHONPATH}, **kw)]
 
 
 def test_cluster_starts_workers_and_stop_leaves_nothing(ssh_home):
-    cluster = Cluster(_nodes(num_workers=2, gpus=[0, 1]))
+    cluster = Cluster(_nodes(num_workers=2, gpus=[0, 1]) + _nodes("testnode2"))
     workers = cluster.start("workfns.report")
     try:
+        assert len(workers) == 3
         reports = [w.recv(timeout=30) for w in workers]
-        assert sorted(r["cvd"] for r in reports) == ["0", "1"]
-        assert sorted(r["rank"] for r in reports) == ["0", "1"]
+        assert [r["cvd"] for r in reports] == ["0", "1", None]
+        assert [r["rank"] for r in reports] == ["0", "1", "0"]
         for w in workers:
             w.send({"hello": "cluster"})
             assert w.recv(timeout=10) == {"hello": "cluster"}
-        server_pid = cluster.server_pids()["testnode"]
+        server_pids = cluster.server_pids()
+        assert sorted(server_pids) == ["testnode", "testnode2"]
     finally:
         cluster.stop()
-    for pid in [server_pid] + [r["pid"] for r in reports]:
+    for pid in list(server_pids.values()) + [r["pid"] for r in reports]:
         assert wait_gone(pid, timeout=10), f"pid {pid} still running after Cluster.stop()"
     assert cluster.workers == []
+
+
+def test_actors_on_cluster_workers(ssh_home):
+    from workfns import Counter
+
+    from miniray.actors import ActorPool, actor
+
+    with Cluster(_nodes(num_workers=2)) as cluster:
+        handles = [actor(Counter, where=w) for w in cluster.start("miniray.actors.actor_main")]
+        pool = ActorPool(handles)
+        assert sum(pool.map(lambda a, x: a.add(x), range(10))) > 0
+        assert len({h.pid().result(timeout=10) for h in handles}) == 2
+        for h in handles:
+            h.close()
 
 
 def test_cluster_reports_a_server_that_cannot_start(ssh_home):

@@ -1,0 +1,244 @@
+"""Fault injection against real workers: task errors, crashes, limits, lost workers and servers."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+import miniray
+import tasks
+from conftest import ROOT, TESTS, worker_env
+from miniray.errors import (
+    MemoryLimitError,
+    RemoteTraceback,
+    SerializationError,
+    ServerLostError,
+    TaskCrashedError,
+    TaskTimeoutError,
+    WorkerLostError,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _wait_for(cond, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _gone(pid):
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+def one_worker(cluster):
+    cluster.start_worker(name="solo")
+    return cluster
+
+
+# -- a task's own exception --------------------------------------------------------------------
+def test_task_exception_comes_back_as_itself(one_worker):
+    with one_worker.executor() as ex:
+        f = ex.submit(tasks.raise_custom, "boom", 42)
+        exc = f.exception(timeout=30)
+    assert type(exc) is tasks.CustomError
+    assert exc.args == ("boom", 42) and exc.code == 42
+    assert isinstance(exc.__cause__, RemoteTraceback)
+    assert "raise_custom" in str(exc.__cause__)
+    note = "\n".join(getattr(exc, "__notes__", [])) + str(exc.__cause__)
+    info = f.host, f.task_id
+    assert f.host and f.host in note
+    assert f"task {f.task_id}" in note
+    assert "pid " in note, info
+    with pytest.raises(tasks.CustomError):
+        f.result()
+
+
+# -- crashes -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("fn", [tasks.segfault, tasks.hard_exit], ids=["segfault", "os._exit"])
+def test_crashing_task_fails_and_worker_lives_on(one_worker, fn):
+    with one_worker.executor() as ex:
+        exc = ex.submit(fn).exception(timeout=30)
+        assert isinstance(exc, TaskCrashedError), exc
+        assert "solo" in str(exc)
+        after = ex.submit(tasks.where).result(timeout=30)
+    assert after["pid"] > 0
+    assert one_worker.procs[0].poll() is None
+    assert len(one_worker.workers()) == 1
+
+
+# -- limits ------------------------------------------------------------------------------------
+def test_memory_limit(one_worker):
+    with one_worker.executor(limits=miniray.Limits(memory_gb=0.2)) as ex:
+        exc = ex.submit(tasks.allocate, 600).exception(timeout=30)
+        assert isinstance(exc, MemoryLimitError) and isinstance(exc, MemoryError), exc
+        assert "memory_gb=0.2" in str(exc)
+        # the worker replaced the task process; small tasks still run under the limit
+        assert ex.submit(tasks.allocate, 10).result(timeout=30) == 10 * 1024 * 1024
+
+
+def test_timeout_kills_the_process_tree(one_worker, tmp_path):
+    pidfile = tmp_path / "child.pid"
+    with one_worker.executor(limits=miniray.Limits(timeout_seconds=0.5)) as ex:
+        exc = ex.submit(tasks.spawn_sleeper_pidfile, str(pidfile), 30).exception(timeout=30)
+        assert isinstance(exc, TaskTimeoutError) and isinstance(exc, TimeoutError), exc
+        assert "timeout_seconds=0.5" in str(exc)
+        child = int(pidfile.read_text())
+        _wait_for(lambda: _gone(child), what=f"grandchild {child} to die")
+        assert ex.submit(tasks.square, 3).result(timeout=30) == 9
+
+
+# -- lost workers ------------------------------------------------------------------------------
+@pytest.fixture
+def fast_reaping(cluster, monkeypatch):
+    for k, v in {"MINIRAY_WORKER_DEAD_SECONDS": "2.5", "MINIRAY_MAX_RETRIES": "1"}.items():
+        monkeypatch.setenv(k, v)
+        cluster.env_extra[k] = v
+    cluster.start_worker(name="w0", wait=False)
+    cluster.start_worker(name="w1", wait=False)
+    cluster.wait_workers(2)
+    return cluster
+
+
+def test_worker_killed_mid_task_is_retried_once(fast_reaping, tmp_path):
+    runs = tmp_path / "runs.txt"
+    completions = []
+    with fast_reaping.executor() as ex:
+        f = ex.submit(tasks.record_run, str(runs), "survived", 2.0)
+        f.add_done_callback(completions.append)
+        _wait_for(lambda: runs.exists() and runs.read_text().strip(), what="the first run")
+        victim = int(runs.read_text().split()[0])
+        os.kill(victim, signal.SIGKILL)
+        assert f.result(timeout=30) == "survived"
+        events = [e.kind for e in ex.events()]
+    pids = runs.read_text().split()
+    assert len(pids) == 2 and pids[0] != pids[1], pids
+    assert completions == [f]
+    assert "retried" in events
+
+
+def test_task_that_keeps_killing_workers_fails_with_worker_lost(fast_reaping):
+    with fast_reaping.executor() as ex:
+        f = ex.submit(tasks.kill_my_worker)
+        exc = f.exception(timeout=40)
+    assert isinstance(exc, WorkerLostError), exc
+    assert "MINIRAY_MAX_RETRIES" in str(exc)
+    assert all(p.poll() is not None for p in fast_reaping.procs)
+
+
+# -- lost server -------------------------------------------------------------------------------
+def test_server_killed_fails_pending_futures(tmp_path):
+    from miniray.server import ServerProcess
+
+    srv = ServerProcess(tcp=True)
+    env = worker_env(srv.url, "lostsrv")
+    log = open(tmp_path / "worker.log", "ab")
+    worker = subprocess.Popen([sys.executable, "-m", "miniray.worker", "--name", "lw"],
+                              env=env, stdout=log, stderr=log)
+    try:
+        old = os.environ.get("MINIRAY_NAMESPACE")
+        os.environ["MINIRAY_NAMESPACE"] = "lostsrv"
+        try:
+            ex = miniray.Executor(redis_url=srv.url)
+        finally:
+            if old is None:
+                os.environ.pop("MINIRAY_NAMESPACE")
+            else:
+                os.environ["MINIRAY_NAMESPACE"] = old
+        futures = [ex.submit(tasks.sleep_then, 30, i) for i in range(4)]
+        time.sleep(0.5)
+        srv.proc.kill()
+        srv.proc.wait()
+        for f in futures:
+            assert isinstance(f.exception(timeout=30), ServerLostError)
+        with pytest.raises(miniray.ServerLostError):
+            ex.submit(tasks.noop)
+        ex.shutdown(wait=True)
+    finally:
+        srv.close()
+        worker.terminate()
+        try:
+            worker.wait(15)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        log.close()
+
+
+# -- volume and size ---------------------------------------------------------------------------
+def test_two_thousand_small_tasks(two_workers):
+    with two_workers.executor() as ex:
+        futures = [ex.submit(tasks.square, i) for i in range(2000)]
+        assert [f.result(timeout=60) for f in futures] == [i * i for i in range(2000)]
+
+
+def test_twenty_megabyte_argument_and_result(two_workers):
+    blob = os.urandom(20 * 1024 * 1024)
+    with two_workers.executor() as ex:
+        assert ex.submit(tasks.echo_bytes, blob).result(timeout=30) == blob
+
+
+# -- misuse and serialization ------------------------------------------------------------------
+def test_submit_after_shutdown_raises(one_worker):
+    ex = one_worker.executor()
+    ex.shutdown()
+    with pytest.raises(RuntimeError):
+        ex.submit(tasks.noop)
+
+
+def test_unpicklable_argument_and_function_fail_at_submit(one_worker):
+    lock = threading.Lock()
+    with one_worker.executor() as ex:
+        with pytest.raises(SerializationError) as info:
+            ex.submit(tasks.identity, lock)
+        assert isinstance(info.value, TypeError)
+        with pytest.raises(SerializationError):
+            ex.submit(lambda: lock)
+        assert ex.submit(tasks.square, 4).result(timeout=30) == 16
+
+
+def test_unpicklable_result_and_exception_fail_their_futures(one_worker):
+    with one_worker.executor() as ex:
+        bad_result = ex.submit(tasks.return_unpicklable)
+        bad_exc = ex.submit(tasks.raise_unpicklable)
+        e1 = bad_result.exception(timeout=30)
+        e2 = bad_exc.exception(timeout=30)
+    assert isinstance(e1, SerializationError) and isinstance(e1, TypeError), e1
+    assert isinstance(e2, SerializationError), e2
+    assert "UnpicklableError" in str(e2)
+
+
+# -- clean exit --------------------------------------------------------------------------------
+def test_local_cluster_leaves_no_process_behind():
+    script = textwrap.dedent("""
+        import miniray, miniray.local, tasks
+        miniray.init(workers=2)
+        with miniray.Executor() as ex:
+            assert ex.submit(tasks.square, 7).result(timeout=60) == 49
+        c = miniray.local._cluster
+        print("PIDS", c.server.proc.pid, *c.worker_pids(), flush=True)
+    """)
+    env = dict(os.environ)
+    for k in ("MINIRAY_REDIS_URL", "MINIRAY_NAMESPACE"):
+        env.pop(k, None)
+    env["PYTHONPATH"] = os.pathsep.join([TESTS, ROOT, env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    line = [x for x in out.stdout.splitlines() if x.startswith("PIDS")][0]
+    pids = [int(p) for p in line.split()[1:]]
+    assert len(pids) == 3
+    _wait_for(lambda: all(_gone(p) for p in pids), timeout=10, what=f"{pids} to exit")
