@@ -132,29 +132,34 @@ end
 return {}
 """
 
-# ARGV: ns worker job entry n_done n_failed final(0/1) ttl maxlen msg
+# ARGV: ns worker job ttl maxlen msg, then (entry n_done n_failed final) per chunk
 _COMPLETE = _PRELUDE + r"""
-local wid, job, entry = ARGV[2], ARGV[3], ARGV[4]
-local n_done, n_failed = tonumber(ARGV[5]), tonumber(ARGV[6])
+local wid, job = ARGV[2], ARGV[3]
 local jk = K('job', job)
-local chunk, nframes, items = parse(entry)
-if ARGV[7] == '1' then
-  if redis.call('HDEL', K('wip', wid), job .. '/' .. chunk) == 0 then
-    -- we were taken for dead and the chunk was requeued: withdraw the copy if unclaimed
-    redis.call('LREM', K('q', job), 1, entry)
+local done, failed = 0, 0
+for i = 7, #ARGV, 4 do
+  local entry = ARGV[i]
+  local chunk, nframes, items = parse(entry)
+  if ARGV[i + 3] == '1' then
+    if redis.call('HDEL', K('wip', wid), job .. '/' .. chunk) == 0 then
+      -- we were taken for dead and the chunk was requeued: withdraw the copy if unclaimed
+      redis.call('LREM', K('q', job), 1, entry)
+    end
+    redis.call('HDEL', K('tasks', job), unpack(payload_fields(chunk, nframes)))
   end
-  redis.call('HDEL', K('tasks', job), unpack(payload_fields(chunk, nframes)))
+  done = done + tonumber(ARGV[i + 1])
+  failed = failed + tonumber(ARGV[i + 2])
 end
-redis.call('HINCRBY', jk, 'running', -(n_done + n_failed))
-if n_done > 0 then redis.call('HINCRBY', jk, 'done', n_done) end
-if n_failed > 0 then redis.call('HINCRBY', jk, 'failed', n_failed) end
+redis.call('HINCRBY', jk, 'running', -(done + failed))
+if done > 0 then redis.call('HINCRBY', jk, 'done', done) end
+if failed > 0 then redis.call('HINCRBY', jk, 'failed', failed) end
 local client = redis.call('HGET', jk, 'client')
 if client then
-  redis.call('RPUSH', K('res', client), ARGV[10])
-  redis.call('EXPIRE', K('res', client), ARGV[8])
+  redis.call('RPUSH', K('res', client), ARGV[6])
+  redis.call('EXPIRE', K('res', client), ARGV[4])
 end
-event(job, ARGV[9], 'kind', n_failed > 0 and 'failed' or 'finished', 'worker', wid,
-      'chunk', chunk, 'done', n_done, 'failed', n_failed)
+event(job, ARGV[5], 'kind', failed > 0 and 'failed' or 'finished', 'worker', wid,
+      'done', done, 'failed', failed)
 return 1
 """
 
@@ -349,10 +354,13 @@ class Broker:
         return self._run("claim", [self.ns, worker, max_chunks, name, host, free_gpus, cpus],
                          pipe)
 
-    def complete(self, pipe, worker: str, job: str, entry: str, n_done: int, n_failed: int,
-                 final: bool, ttl: int, maxlen: int, msg: bytes) -> None:
-        self._run("complete", [self.ns, worker, job, entry, n_done, n_failed, int(final), ttl,
-                               maxlen, msg], pipe)
+    def complete(self, pipe, worker: str, job: str, chunks: list, ttl: int, maxlen: int,
+                 msg: bytes) -> None:
+        """Report finished items: ``chunks`` is [(entry, n_done, n_failed, final)]."""
+        args = [self.ns, worker, job, ttl, maxlen, msg]
+        for entry, n_done, n_failed, final in chunks:
+            args += [entry, n_done, n_failed, int(final)]
+        self._run("complete", args, pipe)
 
     def heartbeat(self, worker: str, info: dict, ttl: int, jobs=(), pipe=None):
         return self._run("heartbeat", [self.ns, worker, json.dumps(info), ttl, *jobs], pipe)

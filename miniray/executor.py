@@ -41,10 +41,12 @@ from .errors import (
 )
 from .keys import Keys
 from .limits import Limits
-from .protocol import OK, LostChunk, decode_message, encode_chunk_head
+from .protocol import LostChunk, decode_message, encode_chunk_head
 from .serialization import dumps, dumps_function, loads
 
 __all__ = ["Executor", "MinirayFuture"]
+
+OK = 0
 
 _live_executors: "weakref.WeakSet[Executor]" = weakref.WeakSet()
 
@@ -79,17 +81,22 @@ class MinirayFuture(Future):
                 self._state = "RUNNING"
 
 
-class _Ref:
-    """Client-side state of one chunk in flight."""
+_MISSING = object()
 
-    __slots__ = ("chunk", "entry", "start", "count", "future", "outcomes", "left", "is_map",
-                 "frames", "sent")
+
+class _Ref:
+    """Client-side state of one chunk in flight. A map chunk's future gets
+    ``(values, errors)``; a submit's future gets the value or the exception."""
+
+    __slots__ = ("chunk", "entry", "start", "count", "future", "values", "errors", "left",
+                 "is_map", "frames", "sent")
 
     def __init__(self, chunk, start, count, future, is_map, frames):
         self.chunk, self.start, self.count = chunk, start, count
         self.future, self.is_map, self.frames = future, is_map, frames
         self.entry = Keys.queue_entry(chunk, len(frames), count)
-        self.outcomes = [None] * count if is_map else None
+        self.values = [_MISSING] * count if is_map else None
+        self.errors: dict = {}
         self.left = count
         self.sent = False
 
@@ -175,7 +182,7 @@ class Executor(_BaseExecutor):
         """Schedule ``fn(*args, **kwargs)``; returns a Future for its result."""
         self._check_open()
         sha = self._function(fn)
-        frames = dumps([(args, kwargs)], what="arguments")
+        frames = dumps(("s", args, kwargs), what="arguments")
         task = next(self._task_ids)
         future = MinirayFuture(self, task)
         self._enqueue(sha, task, 1, frames, future, is_map=False)
@@ -191,10 +198,10 @@ class Executor(_BaseExecutor):
         items = zip(*iterables)
         futures = []
         while True:
-            batch = [(args, None) for args in itertools.islice(items, chunksize)]
+            batch = list(itertools.islice(items, chunksize))
             if not batch:
                 break
-            frames = dumps(batch, what="arguments")
+            frames = dumps(("m", batch), what="arguments")
             start = next(self._task_ids)
             # consume ids for the rest of the chunk so task ids are item positions
             for _ in range(len(batch) - 1):
@@ -337,48 +344,54 @@ class Executor(_BaseExecutor):
                     f"worker {decoded.worker} stopped heartbeating while it held this task, "
                     f"and the task was already retried {self._settings.max_retries} time(s) "
                     "(MINIRAY_MAX_RETRIES); the task may crash its worker")
-                self._settle(ref, [(-1, 1, err, "")], True, decoded.worker, "?")
+                self._settle(ref, None, [], {-1: (err, "", None)}, True, decoded.worker, "?", 0)
             return
         header, blob = decoded
-        ref = self._refs.get(header.chunk)
-        if ref is None:
-            return  # a duplicate after a retry, or a cancelled task
+        refs = [self._refs.get(chunk) for chunk, _ in header.chunks]
+        if not any(refs):
+            return  # duplicates after a retry, or cancelled tasks
         try:
-            outcomes = loads([blob])
+            batches = loads([blob])
         except Exception as e:
             err = SerializationError(
-                f"cannot unpickle the result of task {ref.start} sent by {header.host}: "
-                f"{type(e).__name__}: {e}. Is its type importable here?")
-            outcomes = [(-1, 1, err, "")]
-        self._settle(ref, outcomes, header.final, header.worker, header.host)
+                f"cannot unpickle a result sent by {header.host}: {type(e).__name__}: {e}. "
+                "Is its type importable here?")
+            batches = [(None, [], {-1: (err, "", header.pid)})] * len(refs)
+        for ref, (_, final), (indices, values, errors) in zip(refs, header.chunks, batches):
+            if ref is not None:
+                self._settle(ref, indices, values, errors, final, header.worker, header.host,
+                             header.pid)
 
-    def _settle(self, ref: _Ref, outcomes, final: bool, worker: str, host: str) -> None:
-        expanded = []
-        for o in outcomes:
-            if o[0] == -1:
-                done = set() if ref.outcomes is None else {
-                    i for i, x in enumerate(ref.outcomes) if x is not None}
-                expanded += [(i, *o[1:]) for i in range(ref.count) if i not in done]
-            else:
-                expanded.append(o)
-        for o in expanded:
-            idx, tag = o[0], o[1]
-            if tag == OK:
-                value = (OK, o[2])
-            else:
-                value = (1, _decorate(o[2], o[3] if len(o) > 3 else "", ref.start + idx,
-                                      self.job_id, worker, host, o[4] if len(o) > 4 else None))
+    def _settle(self, ref: _Ref, indices, values, errors, final, worker, host, pid) -> None:
+        if -1 in errors:  # one error for every item not delivered yet
+            err = errors.pop(-1)
             if ref.is_map:
-                if ref.outcomes[idx] is None:
-                    ref.outcomes[idx] = value
-                    ref.left -= 1
+                indices = [i for i, v in enumerate(ref.values) if v is _MISSING]
             else:
+                indices = [0] if ref.left else []
+            values = [None] * len(indices)
+            errors = {i: err for i in indices}
+        for i, (exc, tb, epid) in errors.items():
+            errors[i] = _decorate(exc, tb, ref.start + i, self.job_id, worker, host, epid or pid)
+        if not ref.is_map:
+            if ref.left and (values or errors):
                 ref.left = 0
-                self._complete(ref, value, worker, host)
-        if ref.is_map and (ref.left <= 0 or final):
-            missing = [i for i, x in enumerate(ref.outcomes) if x is None]
-            if not missing:
-                self._complete(ref, (OK, ref.outcomes), worker, host)
+                self._complete(ref, (1, errors[0]) if errors else (OK, values[0]), worker, host)
+        else:
+            vals = ref.values
+            if isinstance(indices, range) and ref.left == ref.count and indices.step == 1:
+                vals[indices.start:indices.stop] = values  # the common case: one slice
+                ref.left -= len(indices)
+                ref.errors.update(errors)
+            else:
+                for k, i in enumerate(indices):
+                    if vals[i] is _MISSING:
+                        vals[i] = values[k]
+                        ref.left -= 1
+                        if i in errors:
+                            ref.errors[i] = errors[i]
+            if ref.left <= 0:
+                self._complete(ref, (OK, (vals, ref.errors)), worker, host)
         if ref.left <= 0:
             with self._lock:
                 self._refs.pop(ref.chunk, None)
@@ -543,13 +556,16 @@ def _ordered_results(futures: list, deadline: float | None):
         while futures:
             f = futures[-1]
             if deadline is None:
-                outcomes = f.result()
+                values, errors = f.result()
             else:
-                outcomes = f.result(max(0.0, deadline - time.monotonic()))
+                values, errors = f.result(max(0.0, deadline - time.monotonic()))
             futures.pop()
-            for tag, value in outcomes:
-                if tag != OK:
-                    raise value
+            if not errors:
+                yield from values
+                continue
+            for i, value in enumerate(values):
+                if i in errors:
+                    raise errors[i]
                 yield value
     except FuturesTimeout:
         raise FuturesTimeout() from None

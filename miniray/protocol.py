@@ -7,9 +7,10 @@ payload is a list of frames (stored as fields of ``tasks:{job}``)::
     frame 1.. = out-of-band pickle buffers (large arrays), never copied into frame 0
 
 The fixed-size head lets a worker learn the function and the task range without unpickling
-user data. A *result message* (list ``res:{client}``) is ``b"R"`` + u32 header length +
-pickled header + the pickled outcome list of one or more finished items; the reaper's Lua
-writes ``b"L" job "|" chunk "|" worker`` for a chunk lost with its worker.
+user data. A *result message* (list ``res:{client}``) is ``b"R"`` + u32 header length + pickled
+:class:`ResultHeader` + a blob written by the task process: the pickled list of
+``(indices, values, errors)`` batches, one per chunk in the header (see ``taskproc``). The
+reaper's Lua writes ``b"L" job "|" chunk "|" worker`` for a chunk lost with its worker.
 """
 
 from __future__ import annotations
@@ -27,16 +28,11 @@ __all__ = [
     "encode_result",
     "decode_message",
     "LostChunk",
-    "OK",
-    "ERR",
 ]
 
 PROTOCOL_VERSION = 1
 _HEAD = struct.Struct("!B32sQI")  # version, sha256 digest, first task index, item count
 _U32 = struct.Struct("!I")
-
-#: outcome tags in a result blob: (OK, value) or (ERR, exception, traceback text)
-OK, ERR = 0, 1
 
 
 @dataclass(frozen=True)
@@ -67,13 +63,10 @@ def decode_chunk_head(frame0) -> tuple[ChunkHead, memoryview]:
 
 @dataclass(frozen=True)
 class ResultHeader:
-    job: str
-    chunk: int
-    offset: int  # index within the chunk of the first outcome in this message
-    final: bool  # the chunk is complete with this message
     worker: str
     host: str
     pid: int
+    chunks: list  # [(chunk id, final)], one per batch in the blob
 
 
 @dataclass(frozen=True)
@@ -84,11 +77,7 @@ class LostChunk:
 
 
 def encode_result(header: ResultHeader, blob: bytes) -> bytes:
-    head = pickle.dumps(
-        (header.job, header.chunk, header.offset, header.final, header.worker, header.host,
-         header.pid),
-        protocol=5,
-    )
+    head = pickle.dumps((header.worker, header.host, header.pid, header.chunks), protocol=5)
     return b"".join((b"R", _U32.pack(len(head)), head, blob))
 
 

@@ -8,8 +8,16 @@ outcome goes at once. Before each item it writes (chunk seq, item index, start t
 shared page, so the worker can enforce timeouts and knows which item was running if this
 process dies. stdout, stderr and ``logging`` are captured line by line and sent as log lines.
 
-Worker -> task process::  ("fn", sha, data) | ("run", seq, sha, skip, env, nframes) + frames
-Task process -> worker::  ("res", seq, final, indices, n_ok, n_err, blob) | ("log", [(seq, idx, stream, text)])
+Worker -> task process::
+    ("run", [(seq, group, sha, skip, env, nframes), ...], [(sha, fn bytes), ...]) + frames
+Task process -> worker::
+    ("res", group, [(seq, final, indices, n_ok, n_err), ...], blob)
+    ("log", [(seq, idx, stream, text), ...])
+
+``group`` is the job: outcomes are batched per job, and ``blob`` (the pickled list of
+``(indices, values, errors)`` batches, one per header entry) goes unopened to that job's
+client. ``indices`` is a range, a list, or None for "every item not reported yet";
+``errors`` maps an item index to ``(exception, traceback text, pid)``.
 """
 
 from __future__ import annotations
@@ -88,6 +96,8 @@ class Runner:
         self.lock = threading.Lock()
         self.functions: dict = {}
         self.seq, self.idx = -1, -1
+        self.pending: dict = {}  # group -> ([header], [batch]) not yet sent
+        self.last_flush = time.monotonic()
 
     def log(self, stream: str, lines) -> None:
         _send(self.conn, self.lock, ("log", [(self.seq, self.idx, stream, t) for t in lines]))
@@ -99,90 +109,105 @@ class Runner:
         return fn
 
     def serve(self) -> None:
+        conn = self.conn
         while True:
             try:
-                msg = pickle.loads(self.conn.recv_bytes())
+                msg = pickle.loads(conn.recv_bytes())
             except (EOFError, OSError):
                 return
-            kind = msg[0]
-            if kind == "fn":
-                self.functions[msg[1]] = msg[2]
-            elif kind == "run":
-                _, seq, sha, skip, env, nframes = msg
-                frames = [self.conn.recv_bytes() for _ in range(nframes)]
-                self.run_chunk(seq, sha, skip, env, frames)
-            elif kind == "stop":
+            if msg[0] == "stop":
                 return
+            _, chunks, fns = msg
+            for sha, data in fns:
+                self.functions[sha] = data
+            batch = [(spec, [conn.recv_bytes() for _ in range(spec[5])]) for spec in chunks]
+            for (seq, group, sha, skip, env, _), frames in batch:
+                self.run_chunk(seq, group, sha, skip, env, frames)
+            if not conn.poll(0) or time.monotonic() - self.last_flush >= FLUSH_SECONDS:
+                self.flush()
 
-    def run_chunk(self, seq, sha, skip, env, frames) -> None:
+    def run_chunk(self, seq, group, sha, skip, env, frames) -> None:
         self.seq = seq
         saved = _apply_env(env)
-        outcomes, n_ok, n_err = [], 0, 0
-        last_flush = time.monotonic()
+        progress, monotonic = self.progress, time.monotonic
         try:
             try:
                 fn = self.function(sha)
-                items = pickle.loads(frames[0], buffers=frames[1:])
+                kind, *payload = pickle.loads(frames[0], buffers=frames[1:])
             except BaseException as e:  # the whole chunk fails the same way
-                # index -1: every item of the chunk not yet reported failed this way
-                tb = traceback.format_exc()
-                self._flush(seq, True, 0, -1, [(-1, ERR, *_portable_exc(e, tb))])
+                err = _portable_exc(e, traceback.format_exc())
+                self.add(group, seq, True, None, [], {-1: err}, 0, -1)
                 return
-            for i, (args, kwargs) in enumerate(items):
-                if i in skip:
+            if kind == "s":
+                items, kwargs = [payload[0]], payload[1]
+            else:
+                items, kwargs = payload[0], None
+            values, errors, done = [], {}, []
+            first = 0
+            for i, args in enumerate(items):
+                if skip and i in skip:
                     continue
+                now = monotonic()
+                if now - self.last_flush >= FLUSH_SECONDS and values:
+                    idx = done if skip else range(first, i)
+                    self.add(group, seq, False, idx, values, errors,
+                             len(values) - len(errors), len(errors))
+                    self.flush()
+                    values, errors, done, first = [], {}, [], i
                 self.idx = i
-                PROGRESS.pack_into(self.progress, 0, seq, i, time.monotonic())
+                PROGRESS.pack_into(progress, 0, seq, i, now)
                 try:
-                    value = fn(*args, **(kwargs or {}))
-                    outcomes.append((i, OK, value))
-                    n_ok += 1
+                    values.append(fn(*args, **kwargs) if kwargs else fn(*args))
                 except BaseException as e:  # SystemExit and KeyboardInterrupt fail the item too
-                    # the pid names the task process in the error's note
-                    outcomes.append((i, ERR, *_portable_exc(e, traceback.format_exc()),
-                                     os.getpid()))
-                    n_err += 1
-                finally:
-                    _flush_streams()
-                now = time.monotonic()
-                if now - last_flush >= FLUSH_SECONDS and i < len(items) - 1:
-                    self._flush(seq, False, n_ok, n_err, outcomes)
-                    outcomes, n_ok, n_err = [], 0, 0
-                    last_flush = now
-            self._flush(seq, True, n_ok, n_err, outcomes)
+                    values.append(None)
+                    errors[i] = _portable_exc(e, traceback.format_exc())
+                if skip:
+                    done.append(i)
+            _flush_streams()
+            idx = done if skip else range(first, len(items))
+            self.add(group, seq, True, idx, values, errors, len(values) - len(errors),
+                     len(errors))
         finally:
-            PROGRESS.pack_into(self.progress, 0, -1, -1, 0.0)
+            PROGRESS.pack_into(progress, 0, -1, -1, 0.0)
             _restore_env(saved)
             self.idx = -1
 
-    def _flush(self, seq, final, n_ok, n_err, outcomes) -> None:
-        blob = _dumps_outcomes(outcomes)
-        indices = [o[0] for o in outcomes]  # the worker never unpickles user data
-        _send(self.conn, self.lock, ("res", seq, final, indices, n_ok, n_err, blob))
+    def add(self, group, seq, final, indices, values, errors, n_ok, n_err) -> None:
+        heads, batches = self.pending.setdefault(group, ([], []))
+        heads.append((seq, final, indices, n_ok, n_err))
+        batches.append((indices, values, errors))
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        for group, (heads, batches) in pending.items():
+            _send(self.conn, self.lock, ("res", group, heads, _dumps_batches(batches)))
+        self.last_flush = time.monotonic()
 
 
-def _dumps_outcomes(outcomes) -> bytes:
+def _dumps_batches(batches) -> bytes:
     import cloudpickle
 
     try:
-        return cloudpickle.dumps(outcomes, protocol=5)
+        return cloudpickle.dumps(batches, protocol=5)
     except Exception:
         pass
-    fixed = []
-    for o in outcomes:  # find the culprits; each becomes a SerializationError
-        try:
-            cloudpickle.dumps(o, protocol=5)
-            fixed.append(o)
-        except Exception as e:
-            from miniray.errors import SerializationError
+    for indices, values, errors in batches:  # find the culprits; each becomes an error
+        positions = list(indices) if indices is not None else []
+        for k, value in enumerate(values):
+            i = positions[k] if k < len(positions) else k
+            if i in errors:
+                continue
+            try:
+                cloudpickle.dumps(value, protocol=5)
+            except Exception as e:
+                from miniray.errors import SerializationError
 
-            what = "result" if o[1] == OK else "exception"
-            err = SerializationError(
-                f"the task's {what} {_short(o[2])} cannot be pickled to travel back: "
-                f"{type(e).__name__}: {e}. Return plain data (or make the type picklable)."
-            )
-            fixed.append((o[0], ERR, err, o[3] if o[1] == ERR else ""))
-    return cloudpickle.dumps(fixed, protocol=5)
+                values[k] = None
+                errors[i] = (SerializationError(
+                    f"the task's result {_short(value)} cannot be pickled to travel back: "
+                    f"{type(e).__name__}: {e}. Return plain data (or make the type "
+                    "picklable)."), "", os.getpid())
+    return cloudpickle.dumps(batches, protocol=5)
 
 
 def _portable_exc(e: BaseException, tb: str):
@@ -191,7 +216,7 @@ def _portable_exc(e: BaseException, tb: str):
 
     try:
         pickle.loads(cloudpickle.dumps(e, protocol=5))
-        return e, tb
+        return e, tb, os.getpid()
     except Exception as why:
         from miniray.errors import SerializationError
 
@@ -199,7 +224,7 @@ def _portable_exc(e: BaseException, tb: str):
             f"the task raised {type(e).__name__}: {_short(e)}, which cannot be pickled to "
             f"travel back ({type(why).__name__}: {why}); its traceback follows"
         )
-        return err, tb
+        return err, tb, os.getpid()
 
 
 def _short(obj) -> str:

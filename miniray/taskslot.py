@@ -61,13 +61,12 @@ class TaskProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def send_chunk(self, seq: int, sha: str, fn_bytes: bytes | None, skip, env, frames) -> None:
-        if sha not in self.known_fns:
-            self.conn.send_bytes(pickle.dumps(("fn", sha, fn_bytes), protocol=5))
-            self.known_fns.add(sha)
-        self.conn.send_bytes(pickle.dumps(("run", seq, sha, skip, env, len(frames)), protocol=5))
+    def send_run(self, specs: list, fns: list, frames: list) -> None:
+        """Send chunks (see ``taskproc``): one control message, then every frame."""
+        send = self.conn.send_bytes
+        send(pickle.dumps(("run", specs, fns), protocol=5))
         for frame in frames:
-            self.conn.send_bytes(frame)
+            send(frame)
 
     def poll(self, timeout: float) -> bool:
         return self.conn.poll(timeout)

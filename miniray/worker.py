@@ -46,7 +46,7 @@ from .errors import (
     TaskTimeoutError,
 )
 from .isolation import memory_cgroup_support
-from .protocol import ERR, ResultHeader, decode_chunk_head, encode_result
+from .protocol import ResultHeader, decode_chunk_head, encode_result
 from .taskslot import TaskProcess
 
 __all__ = ["Worker", "main"]
@@ -191,6 +191,8 @@ class _Slot(threading.Thread):
         return (mem, cpus, gpus)
 
     def dispatch(self) -> None:
+        """Send every pending chunk the current task process can take, in one message."""
+        batch = []
         while self.pending:
             c = self.pending[0]
             if c.job in self.cancelled_jobs:
@@ -199,27 +201,37 @@ class _Slot(threading.Thread):
                 continue
             key = self.key_for(c.spec)
             if self.proc is not None and self.proc.key != key:
-                if self.inflight:
-                    return  # let the current process drain before changing limits
+                if self.inflight or batch:
+                    break  # let the current process drain before changing limits
                 self.proc.close()
                 self.proc = None
             if self.proc is None:
                 self.proc = TaskProcess(key, f"{self.w.name}-{self.index}", self.w.task_env)
             self.pending.popleft()
-            self.send(c)
+            batch.append(c)
+        if batch:
+            self.send(batch)
 
-    def send(self, c: _Chunk) -> None:
-        c.sent_at = time.monotonic()
-        self.inflight[c.seq] = c
-        env = c.spec.get("env") or None
-        fn_bytes = self.w.fn_cache.get(c.sha) if c.sha not in self.proc.known_fns else None
-        _, body = decode_chunk_head(c.frames[0])
+    def send(self, batch: list) -> None:
+        proc, now = self.proc, time.monotonic()
+        specs, frames, fns, started = [], [], [], {}
+        for c in batch:
+            c.sent_at = now
+            self.inflight[c.seq] = c
+            if c.sha not in proc.known_fns:
+                fns.append((c.sha, self.w.fn_cache.get(c.sha)))
+                proc.known_fns.add(c.sha)
+            _, body = decode_chunk_head(c.frames[0])
+            specs.append((c.seq, c.job, c.sha, frozenset(c.delivered), c.spec.get("env") or None,
+                          len(c.frames)))
+            frames += [body, *c.frames[1:]]
+            started[c.job] = started.get(c.job, 0) + c.count - len(c.delivered)
         try:
-            self.proc.send_chunk(c.seq, c.sha, fn_bytes, frozenset(c.delivered), env,
-                                 [body, *c.frames[1:]])
+            proc.send_run(specs, fns, frames)
         except (BrokenPipeError, ConnectionResetError, OSError):
             pass  # the process died; collect() sees EOF and deals with it
-        self.out.append((self._event, (c.job, "started", c.chunk, c.count - len(c.delivered))))
+        for job, n in started.items():
+            self.out.append((self._event, (job, "started", n)))
 
     def collect(self) -> None:
         """Wait for the task process, then ship everything it said in one pipeline."""
@@ -281,17 +293,21 @@ class _Slot(threading.Thread):
     def handle(self, msg) -> None:
         kind = msg[0]
         if kind == "res":
-            _, seq, final, indices, n_ok, n_err, blob = msg
-            c = self.inflight.get(seq)
-            if c is None:
-                return
-            if n_err < 0:  # the whole chunk failed before its first item (index -1)
-                n_err = c.count - len(c.delivered)
-            c.delivered.update(range(c.count) if final else indices)
-            if final:
-                del self.inflight[seq]
-                self._learn(c)
-            self.report(c, blob, final, n_ok, n_err)
+            _, job, heads, blob = msg
+            done = []
+            for seq, final, indices, n_ok, n_err in heads:
+                c = self.inflight.get(seq)
+                if c is None:
+                    done.append(None)
+                    continue
+                if n_err < 0:  # the whole chunk failed before its first item
+                    n_err = c.count - len(c.delivered)
+                c.delivered.update(range(c.count) if final or indices is None else indices)
+                if final:
+                    del self.inflight[seq]
+                    self._learn(c)
+                done.append((c, final, n_ok, n_err))
+            self.report(job, done, blob)
         elif kind == "log":
             for seq, idx, stream, text in msg[1]:
                 c = self.inflight.get(seq)
@@ -309,18 +325,23 @@ class _Slot(threading.Thread):
         if self.w.gpu_ids or c.spec.get("gpus"):
             self.target = 1
 
-    def report(self, c: _Chunk, blob: bytes, final: bool, n_ok: int, n_err: int) -> None:
+    def report(self, job: str, done: list, blob: bytes) -> None:
+        """Queue one result message for ``job``: ``done`` lines up with the blob's batches
+        (None where a chunk is no longer ours; the client ignores what it does not know)."""
         w = self.w
-        header = ResultHeader(c.job, c.chunk, 0, final, w.worker_id, w.host, os.getpid())
-        msg = encode_result(header, blob)
-        self.out.append((self._complete, (c.job, c.entry, n_ok, n_err, final, msg)))
-        w.tasks_done += n_ok + n_err
+        header = ResultHeader(w.worker_id, w.host, os.getpid(),
+                              [(d[0].chunk, d[1]) if d else (-1, False) for d in done])
+        chunks = [(c.entry, n_ok, n_err, final) for c, final, n_ok, n_err in filter(None, done)]
+        self.out.append((self._complete, (job, chunks, encode_result(header, blob))))
+        w.tasks_done += sum(x[1] + x[2] for x in chunks)
 
     def fail_chunk(self, c: _Chunk, exc: BaseException, tb: str = "") -> None:
         left = [i for i in range(c.count) if i not in c.delivered]
-        blob = pickle.dumps([(i, ERR, exc, tb) for i in left], protocol=5)
+        errors = {i: (exc, tb, os.getpid()) for i in left}
+        blob = pickle.dumps([(left, [None] * len(left), errors)], protocol=5)
         c.delivered.update(left)
-        self.report(c, blob, True, 0, len(left))
+        self.inflight.pop(c.seq, None)
+        self.report(c.job, [(c, True, 0, len(left))], blob)
 
     def handle_death(self, proc: TaskProcess) -> None:
         """The task process is gone: fail the item it was running, resend the rest."""
@@ -333,12 +354,12 @@ class _Slot(threading.Thread):
         c = self.inflight.get(seq)
         if c is not None and idx >= 0 and idx not in c.delivered:
             exc = self._death_error(c, reason, oom, how)
-            blob = pickle.dumps([(idx, ERR, exc, "")], protocol=5)
+            blob = pickle.dumps([([idx], [None], {idx: (exc, "", proc.pid)})], protocol=5)
             c.delivered.add(idx)
             done = len(c.delivered) == c.count
             if done:
                 del self.inflight[seq]
-            self.report(c, blob, done, 0, 1)
+            self.report(c.job, [(c, done, 0, 1)], blob)
         # everything else that was sent goes again, in order, to a fresh process
         again = sorted(self.inflight.values(), key=lambda x: x.seq)
         self.inflight.clear()
@@ -376,14 +397,14 @@ class _Slot(threading.Thread):
         for fn, args in out:
             fn(pipe, *args)
 
-    def _complete(self, pipe, job, entry, n_ok, n_err, final, msg) -> None:
+    def _complete(self, pipe, job, chunks, msg) -> None:
         s = self.w.settings
-        self.broker.complete(pipe, self.w.worker_id, job, entry, n_ok, n_err, final,
-                             s.result_ttl_seconds, s.event_stream_maxlen, msg)
+        self.broker.complete(pipe, self.w.worker_id, job, chunks, s.result_ttl_seconds,
+                             s.event_stream_maxlen, msg)
 
-    def _event(self, pipe, job, kind, chunk, count) -> None:
+    def _event(self, pipe, job, kind, count) -> None:
         pipe.xadd(self.w.keys.events(job), {"kind": kind, "worker": self.w.worker_id,
-                                             "chunk": chunk, "count": count},
+                                             "count": count},
                   maxlen=self.w.settings.event_stream_maxlen, approximate=True)
 
     def _log(self, pipe, job, task, stream, text) -> None:
