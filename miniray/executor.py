@@ -147,7 +147,7 @@ class Executor(_BaseExecutor):
         self._wakeup = threading.Condition(self._lock)
         self._outbox: list[_Ref] = []
         self._refs: dict[int, _Ref] = {}
-        self._task_ids = itertools.count()
+        self._next_task = 0  # task ids: submit order, and a map item's position
         self._chunk_ids = itertools.count()
         self._functions: dict[int, tuple] = {}  # id(fn) -> (fn, sha, data, uploaded)
         self._shutdown = False
@@ -183,7 +183,7 @@ class Executor(_BaseExecutor):
         self._check_open()
         sha = self._function(fn)
         frames = dumps(("s", args, kwargs), what="arguments")
-        task = next(self._task_ids)
+        task = self._take_task_ids(1)
         future = MinirayFuture(self, task)
         self._enqueue(sha, task, 1, frames, future, is_map=False)
         return future
@@ -195,21 +195,25 @@ class Executor(_BaseExecutor):
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
         sha = self._function(fn)
-        items = zip(*iterables)
+        # one iterable: items travel bare ("m1"); several: as argument tuples ("m")
+        kind, items = ("m1", iter(iterables[0])) if len(iterables) == 1 else ("m", zip(*iterables))
         futures = []
         while True:
             batch = list(itertools.islice(items, chunksize))
             if not batch:
                 break
-            frames = dumps(("m", batch), what="arguments")
-            start = next(self._task_ids)
-            # consume ids for the rest of the chunk so task ids are item positions
-            for _ in range(len(batch) - 1):
-                next(self._task_ids)
+            frames = dumps((kind, batch), what="arguments")
+            start = self._take_task_ids(len(batch))
             future = MinirayFuture(self, start)
             self._enqueue(sha, start, len(batch), frames, future, is_map=True)
             futures.append(future)
         return _ordered_results(futures, deadline)
+
+    def _take_task_ids(self, n: int) -> int:
+        with self._lock:
+            first = self._next_task
+            self._next_task += n
+            return first
 
     def _check_open(self) -> None:
         if self._broken is not None:

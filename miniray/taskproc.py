@@ -93,6 +93,9 @@ class _LogHandler(logging.Handler):
 class Runner:
     def __init__(self, conn, progress: mmap.mmap):
         self.conn, self.progress = conn, progress
+        # the shared page as (seq, index, start) views: cheaper than struct per item
+        self.prog_i = memoryview(progress).cast("q")
+        self.prog_t = memoryview(progress).cast("d")
         self.lock = threading.Lock()
         self.functions: dict = {}
         self.seq, self.idx = -1, -1
@@ -139,11 +142,13 @@ class Runner:
                 self.add(group, seq, True, None, [], {-1: err}, 0, -1)
                 return
             if kind == "s":
-                items, kwargs = [payload[0]], payload[1]
-            else:
-                items, kwargs = payload[0], None
+                items, kwargs, star = [payload[0]], payload[1], True
+            else:  # "m": tuples of arguments; "m1": one argument each (map over one iterable)
+                items, kwargs, star = payload[0], None, kind == "m"
             values, errors, done = [], {}, []
+            append, prog_i, prog_t = values.append, self.prog_i, self.prog_t
             first = 0
+            prog_i[0] = seq
             for i, args in enumerate(items):
                 if skip and i in skip:
                     continue
@@ -154,12 +159,18 @@ class Runner:
                              len(values) - len(errors), len(errors))
                     self.flush()
                     values, errors, done, first = [], {}, [], i
-                self.idx = i
-                PROGRESS.pack_into(progress, 0, seq, i, now)
+                    append = values.append
+                self.idx = prog_i[1] = i
+                prog_t[2] = now
                 try:
-                    values.append(fn(*args, **kwargs) if kwargs else fn(*args))
+                    if not star:
+                        append(fn(args))
+                    elif kwargs:
+                        append(fn(*args, **kwargs))
+                    else:
+                        append(fn(*args))
                 except BaseException as e:  # SystemExit and KeyboardInterrupt fail the item too
-                    values.append(None)
+                    append(None)
                     errors[i] = _portable_exc(e, traceback.format_exc())
                 if skip:
                     done.append(i)
