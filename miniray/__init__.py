@@ -36,6 +36,11 @@ _EXPORTS = {
     "WorkerLostError": "errors",
     "JobCancelledError": "errors",
     "RemoteTraceback": "errors",
+    "SSHError": "errors",
+    "ChannelError": "errors",
+    "ActorDiedError": "errors",
+    "actor": "actors",
+    "ActorPool": "actors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__", "load_ipython_extension"]

@@ -19,7 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 import cloudpickle
 
-from .channels.errors import ActorDiedError, ChannelError, RemoteTraceback
+from .errors import ActorDiedError, ChannelError, RemoteTraceback
 from .channels.remote import RemoteWorker
 from .channels.worker import Worker
 

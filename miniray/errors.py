@@ -14,7 +14,19 @@ itself has to report::
      ├── MemoryLimitError        (MemoryError)      over Limits.memory_gb; tree was killed
      ├── TaskCrashedError                           the task's process died (signal, os._exit)
      ├── WorkerLostError                            its worker died, retries were used up
-     └── JobCancelledError       (CancelledError)   the job was cancelled while the task ran
+     ├── JobCancelledError       (CancelledError)   the job was cancelled while the task ran
+     ├── SSHError                                   an SSH host could not be used; .host
+     │    ├── SSHAuthError                          every credential was refused
+     │    ├── SSHHostKeyError                       host key unknown or changed
+     │    └── SSHUnreachableError                   no SSH server answered
+     └── ChannelError                               the direct-channel layer (miniray.channels)
+          ├── FrameTooLargeError                    a frame over max_size (sent or received)
+          ├── ChannelClosedError  (EOFError)        the peer went away
+          │    └── WorkerDiedError                  the worker process exited; .exitcode
+          ├── AuthenticationError                   the shared-secret handshake failed
+          ├── ProtocolError                         the peer speaks another protocol/version
+          ├── ActorDiedError                        an actor's process is gone
+          └── ClusterError                          a Cluster node could not start its server
 
 Builtin ``concurrent.futures.CancelledError`` and ``TimeoutError`` are what ``Future``
 raises for a cancelled future or an elapsed ``result(timeout=...)``, as with any executor.
@@ -36,6 +48,18 @@ __all__ = [
     "WorkerLostError",
     "JobCancelledError",
     "RemoteTraceback",
+    "SSHError",
+    "SSHAuthError",
+    "SSHHostKeyError",
+    "SSHUnreachableError",
+    "ChannelError",
+    "FrameTooLargeError",
+    "ChannelClosedError",
+    "WorkerDiedError",
+    "AuthenticationError",
+    "ProtocolError",
+    "ActorDiedError",
+    "ClusterError",
 ]
 
 
@@ -77,6 +101,62 @@ class WorkerLostError(MinirayError):
 
 class JobCancelledError(MinirayError, CancelledError):
     """The task's job was cancelled while the task was running."""
+
+
+class SSHError(MinirayError):
+    """Base class of SSH failures; ``host`` is the host as the user named it."""
+
+    def __init__(self, message, host=None):
+        super().__init__(message)
+        self.host = host
+
+
+class SSHAuthError(SSHError):
+    """The host refused every credential we offered (keys, agent, key files)."""
+
+
+class SSHHostKeyError(SSHError):
+    """The host key is not in known_hosts, or does not match the one recorded there."""
+
+
+class SSHUnreachableError(SSHError):
+    """No SSH server answered: DNS failure, refused or timed-out connection."""
+
+
+class ChannelError(MinirayError):
+    """Base class of every error raised by ``miniray.channels``."""
+
+
+class FrameTooLargeError(ChannelError):
+    """A message exceeded the channel's ``max_size``."""
+
+
+class ChannelClosedError(ChannelError, EOFError):
+    """The other end of the channel closed the connection."""
+
+
+class WorkerDiedError(ChannelClosedError):
+    """The worker process exited; ``exitcode`` is its status (negative: killed by that signal)."""
+
+    def __init__(self, message, exitcode=None):
+        super().__init__(message)
+        self.exitcode = exitcode
+
+
+class AuthenticationError(ChannelError):
+    """The shared-secret handshake with a WorkerServer failed."""
+
+
+class ProtocolError(ChannelError):
+    """The peer sent something this version of miniray cannot understand."""
+
+
+class ActorDiedError(ChannelError):
+    """The actor's process died or was closed; calls pending on it can never complete."""
+
+
+class ClusterError(ChannelError):
+    """A node of a ``Cluster`` failed to start its WorkerServer; the message has its output."""
 
 
 class RemoteTraceback(Exception):

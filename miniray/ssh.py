@@ -12,25 +12,7 @@ import socket
 import threading
 from collections import deque
 
-
-class SSHError(Exception):
-    """Base class of SSH failures; ``host`` is the host as the user named it."""
-
-    def __init__(self, message, host=None):
-        super().__init__(message)
-        self.host = host
-
-
-class SSHAuthError(SSHError):
-    """The host refused every credential we offered (keys, agent, key files)."""
-
-
-class SSHHostKeyError(SSHError):
-    """The host key is not in known_hosts, or does not match the one recorded there."""
-
-
-class SSHUnreachableError(SSHError):
-    """No SSH server answered: DNS failure, refused or timed-out connection."""
+from .errors import SSHAuthError, SSHError, SSHHostKeyError, SSHUnreachableError
 
 
 def _paramiko():

@@ -568,8 +568,12 @@ class Worker:
         for slot in self.slots:
             if slot.proc is not None:
                 slot.proc.kill("shutdown")
+        # Slots idle in BLPOP hold nothing; a brief join lets a finishing report land. Work a
+        # slot claims after this is refused or handed back: claim needs a registration
+        # that release removes in the same step as it requeues.
+        deadline = time.monotonic() + 0.1
         for slot in self.slots:
-            slot.join(timeout=3)
+            slot.join(timeout=max(0.0, deadline - time.monotonic()))
         try:
             n = self.broker.release(self.worker_id)
             if n:

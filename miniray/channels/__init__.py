@@ -5,7 +5,7 @@ without the Redis broker. ``miniray.actors`` builds Ray-style actors on it.
 """
 
 from .cluster import Cluster, NodeConfig
-from .errors import (ActorDiedError, AuthenticationError, ChannelClosedError, ChannelError,
+from ..errors import (ActorDiedError, AuthenticationError, ChannelClosedError, ChannelError,
                      ClusterError, FrameTooLargeError, ProtocolError, RemoteTraceback,
                      WorkerDiedError)
 from .framing import DEFAULT_MAX_SIZE, PROTOCOL_VERSION, Channel

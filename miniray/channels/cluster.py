@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .. import ssh
-from .errors import ClusterError
+from ..errors import ClusterError
 from .framing import DEFAULT_MAX_SIZE
 from .remote import RemoteWorker
 from .handshake import LISTENING, SECRET_PROMPT
