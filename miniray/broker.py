@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 
-import redis
-
 from .errors import ConfigurationError, ServerError
 from .keys import Keys
+from .resp import Connection, NoScriptError, RedisError, ReplyError, redact
 
 __all__ = ["Broker", "connect"]
 
@@ -259,36 +258,31 @@ return n
 """
 
 
-def connect(url: str, **kwargs) -> redis.Redis:
-    """A client for ``url`` (``redis://``, ``rediss://`` or ``unix://``), checked with PING."""
+def connect(url: str) -> Connection:
+    """A connection to ``url`` (``redis://`` or ``unix://``), checked with PING."""
     try:
-        client = redis.Redis.from_url(url, **kwargs)
+        client = Connection(url)
     except ValueError as e:
         raise ConfigurationError(
-            f"cannot use the Redis URL {_redact(url)!r}: {e}. Give redis://:PASSWORD@HOST:PORT "
+            f"cannot use the Redis URL {redact(url)!r}: {e}. Give redis://:PASSWORD@HOST:PORT "
             "or unix:///path/to/socket?password=PASSWORD"
         ) from None
     try:
         client.ping()
-    except redis.AuthenticationError as e:
+    except ReplyError as e:
         raise ServerError(
-            f"the server at {_redact(url)} refused our password: {e}. Check the password in "
-            "the URL (MINIRAY_REDIS_URL or redis_url=...)"
+            f"the server at {redact(url)} refused us: {e}. Check the password in the URL "
+            "(MINIRAY_REDIS_URL or redis_url=...)"
         ) from None
-    except redis.RedisError as e:
+    except RedisError as e:
         raise ServerError(
-            f"cannot reach the server at {_redact(url)}: {e}. Is it running? Leave the address "
+            f"cannot reach the server at {redact(url)}: {e}. Is it running? Leave the address "
             "unset to start a private local cluster instead."
         ) from None
     return client
 
 
-def _redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    import re
-
-    url = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", url)
-    return re.sub(r"(password=)[^&]*", r"\1***", url)
+_redact = redact
 
 
 class Broker:
@@ -303,16 +297,16 @@ class Broker:
                 "heartbeat": _HEARTBEAT, "reap": _REAP, "release": _RELEASE}
     _SHAS: dict = {}
 
-    def __init__(self, client: redis.Redis, namespace: str = "miniray"):
+    def __init__(self, client: Connection, namespace: str = "miniray"):
         self.r = client
         self.keys = Keys(namespace)
         self.ns = namespace
         self.load_scripts()
 
     def load_scripts(self) -> None:
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.r.pipeline()
         for src in self._SOURCES.values():
-            pipe.script_load(src)
+            pipe.command("SCRIPT", "LOAD", src)
         for name, sha in zip(self._SOURCES, pipe.execute()):
             Broker._SHAS[name] = sha.decode() if isinstance(sha, bytes) else sha
 
@@ -320,23 +314,24 @@ class Broker:
         """Run script ``name``; queued on ``pipe`` when given, else at once (reloading the
         scripts once if the server lost them, e.g. after a restart)."""
         if pipe is not None:
-            return pipe.evalsha(self._SHAS[name], 0, *args)
+            return pipe.command("EVALSHA", self._SHAS[name], 0, *args)
         try:
-            return self.r.evalsha(self._SHAS[name], 0, *args)
-        except redis.exceptions.NoScriptError:
+            return self.r.execute("EVALSHA", self._SHAS[name], 0, *args)
+        except NoScriptError:
             self.load_scripts()
-            return self.r.evalsha(self._SHAS[name], 0, *args)
+            return self.r.execute("EVALSHA", self._SHAS[name], 0, *args)
 
     # -- executor side -------------------------------------------------------------------
     def create_job(self, pipe, job: str, client: str, name: str, priority: int, spec: dict,
                    requirements: dict, created: float) -> None:
         k = self.keys
-        pipe.hset(k.job(job), mapping={
+        fields = {
             "client": client, "name": name, "priority": priority, "state": "open",
             "created": created, "spec": json.dumps(spec), "queued": 0, "running": 0,
             "done": 0, "failed": 0, "cancelled": 0, **requirements,
-        })
-        pipe.zadd(k.jobs_all, {job: created})
+        }
+        pipe.command("HSET", k.job(job), *[x for kv in fields.items() for x in kv])
+        pipe.command("ZADD", k.jobs_all, created, job)
 
     def publish(self, pipe, job: str, priority: int, n_chunks: int, n_items: int,
                 maxlen: int) -> None:
@@ -346,7 +341,7 @@ class Broker:
         return bool(self._run("cancel_chunk", [self.ns, job, entry]))
 
     def cancel_job(self, job: str, state: str = "cancelled", maxlen: int = 10000) -> list:
-        return [e.decode() for e in self._run("cancel_job", [self.ns, job, state, maxlen])]
+        return [e.decode() for e in self._run("cancel_job", [self.ns, job, state, maxlen]) or []]
 
     # -- worker side ---------------------------------------------------------------------
     def claim(self, worker: str, max_chunks: int, name: str, host: str, free_gpus: int,

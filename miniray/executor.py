@@ -26,13 +26,12 @@ from concurrent.futures import Executor as _BaseExecutor
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 
-import redis
-
 from . import observe
 from .broker import Broker, _redact, connect
 from .config import settings
 from .errors import (
     ConfigurationError,
+    JobCancelledError,
     MinirayError,
     RemoteTraceback,
     SerializationError,
@@ -41,6 +40,7 @@ from .errors import (
 )
 from .keys import Keys
 from .limits import Limits
+from .resp import RedisError
 from .protocol import LostChunk, decode_message, encode_chunk_head
 from .serialization import dumps, dumps_function, loads
 
@@ -73,7 +73,7 @@ class MinirayFuture(Future):
             # a worker holds it: it is running now, as far as the contract goes
             self.set_running_or_notify_cancel_safe()
             return False
-        return super().cancel()
+        return _cancel(self)
 
     def set_running_or_notify_cancel_safe(self) -> None:
         with self._condition:
@@ -82,6 +82,18 @@ class MinirayFuture(Future):
 
 
 _MISSING = object()
+
+
+def _cancel(fut: Future) -> bool:
+    """Cancel ``fut`` and tell its waiters: ``wait()`` and ``as_completed()`` only hear of a
+    cancellation through ``set_running_or_notify_cancel``, as executors do it."""
+    if not Future.cancel(fut):
+        return False
+    with fut._condition:
+        notified = fut._state == "CANCELLED_AND_NOTIFIED"
+    if not notified:
+        fut.set_running_or_notify_cancel()
+    return True
 
 
 class _Ref:
@@ -171,8 +183,8 @@ class Executor(_BaseExecutor):
         lim = self.limits
         spec = {"timeout": lim.timeout_seconds, "memory_bytes": lim.memory_bytes,
                 "cpus": lim.cpus, "gpus": lim.gpus, "env": self.env}
-        pipe = self._r.pipeline(transaction=False)
-        pipe.set(self.keys.client(self.client_id), os.getpid(), ex=30)
+        pipe = self._r.pipeline()
+        pipe.command("SET", self.keys.client(self.client_id), os.getpid(), "EX", 30)
         self._broker.create_job(pipe, self.job_id, self.client_id, self.job_name,
                                 self.priority, spec, lim.requirement_fields(), time.time())
         pipe.execute()
@@ -250,32 +262,32 @@ class Executor(_BaseExecutor):
             try:
                 for i in range(0, len(batch), 4096):
                     self._send(batch[i : i + 4096])
-            except redis.RedisError as e:
+            except RedisError as e:
                 self._break(ServerLostError(
                     f"lost the server at {_redact(self.redis_url)} while submitting: {e}"))
                 return
 
     def _send(self, batch: list) -> None:
         s, k, job = self._settings, self.keys, self.job_id
-        pipe = self._r.pipeline(transaction=False)
+        pipe = self._r.pipeline()
         for entry in self._functions.values():
             if not entry[3]:
-                pipe.set(k.fn(entry[1]), entry[2], ex=s.function_ttl_seconds, nx=True)
-                pipe.expire(k.fn(entry[1]), s.function_ttl_seconds)
+                pipe.command("SET", k.fn(entry[1]), entry[2], "EX", s.function_ttl_seconds, "NX")
+                pipe.command("EXPIRE", k.fn(entry[1]), s.function_ttl_seconds)
                 entry[3] = True
-        fields, entries, n_items = {}, [], 0
+        fields, entries, n_items = [], [], 0
         for ref in batch:
             if ref.future.cancelled():
                 continue
             for i, frame in enumerate(ref.frames):
-                fields[Keys.payload_field(ref.chunk, i)] = frame
+                fields += (Keys.payload_field(ref.chunk, i), frame)
             entries.append(ref.entry)
             n_items += ref.count
             ref.sent = True
             ref.frames = None  # the payload lives in Redis now
         if entries:
-            pipe.hset(k.tasks(job), mapping=fields)
-            pipe.rpush(k.queue(job), *entries)
+            pipe.command("HSET", k.tasks(job), *fields)
+            pipe.command("RPUSH", k.queue(job), *entries)
             self._broker.publish(pipe, job, self.priority, len(entries), n_items,
                                  s.event_stream_maxlen)
         pipe.execute()
@@ -290,7 +302,7 @@ class Executor(_BaseExecutor):
                 return True
         try:
             removed = self._broker.cancel_chunk(self.job_id, ref.entry)
-        except redis.RedisError:
+        except RedisError:
             return False
         if removed:
             with self._lock:
@@ -313,15 +325,18 @@ class Executor(_BaseExecutor):
             try:
                 now = time.monotonic()
                 if now >= next_upkeep:
-                    pipe = self._rr.pipeline(transaction=False)
-                    pipe.set(k.client(self.client_id), os.getpid(), ex=30)
+                    pipe = self._rr.pipeline()
+                    pipe.command("SET", k.client(self.client_id), os.getpid(), "EX", 30)
                     broker.reap(s.worker_dead_seconds, s.max_retries, s.event_stream_maxlen,
                                 s.result_ttl_seconds, pipe=pipe)
-                    pipe.execute()
+                    pipe.command("HGET", k.job(self.job_id), "state")
+                    if pipe.execute()[-1] == b"cancelled" and self._refs:
+                        self._cancelled_elsewhere()  # `miniray cancel`: no result will come
                     next_upkeep = now + s.heartbeat_seconds
-                got = self._rr.blmpop(s.heartbeat_seconds, 1, key, direction="LEFT", count=1024)
+                got = self._rr.execute("BLMPOP", s.heartbeat_seconds, 1, key, "LEFT", "COUNT",
+                                       1024)
                 lost_since = None
-            except redis.RedisError as e:
+            except RedisError as e:
                 if self._local is not None and not self._local.server_alive():
                     lost_since = 0.0  # our own server died: no point in waiting
                 lost_since = time.monotonic() if lost_since is None else lost_since
@@ -408,6 +423,11 @@ class Executor(_BaseExecutor):
                 return
             if fut._state == "PENDING":
                 fut._state = "RUNNING"
+        if value[0] != OK and isinstance(value[1], JobCancelledError):
+            with fut._condition:  # the job was cancelled: the future is cancelled, not failed
+                fut._state = "PENDING"
+            _cancel(fut)
+            return
         try:
             if value[0] == OK:
                 fut.set_result(value[1])
@@ -442,8 +462,8 @@ class Executor(_BaseExecutor):
             self._wakeup.notify_all()
         if first and self._broken is None:
             try:  # wake the results thread so it can notice
-                self._r.rpush(self.keys.results(self.client_id), b"S")
-            except redis.RedisError:
+                self._r.execute("RPUSH", self.keys.results(self.client_id), b"S")
+            except RedisError:
                 pass
         if cancel_futures:
             self._cancel_queued()
@@ -462,7 +482,7 @@ class Executor(_BaseExecutor):
             try:
                 entries = set(self._broker.cancel_job(self.job_id, "closing",
                                                       self._settings.event_stream_maxlen))
-            except redis.RedisError:
+            except RedisError:
                 entries = set()
         with self._lock:
             dropped = [r for r in self._refs.values() if r.entry in entries]
@@ -470,7 +490,7 @@ class Executor(_BaseExecutor):
                 self._refs.pop(r.chunk, None)
             self._wakeup.notify_all()
         for r in local + dropped:
-            Future.cancel(r.future)
+            _cancel(r.future)
 
     def cancel(self) -> int:
         """Cancel the whole job now: queued tasks are dropped and running ones interrupted
@@ -482,24 +502,35 @@ class Executor(_BaseExecutor):
             self._wakeup.notify_all()
         try:
             self._broker.cancel_job(self.job_id, "cancelled", self._settings.event_stream_maxlen)
-        except redis.RedisError:
+        except RedisError:
             pass
         for r in refs:
-            Future.cancel(r.future)
+            _cancel(r.future)
         return len(refs)
+
+    def _cancelled_elsewhere(self) -> None:
+        """The job was cancelled by someone else (``miniray cancel``): cancel its futures."""
+        with self._lock:
+            refs = list(self._refs.values())
+            self._outbox.clear()
+            self._refs.clear()
+            self._wakeup.notify_all()
+        for r in refs:
+            _cancel(r.future)
 
     def _close_job(self) -> None:
         s, k, job = self._settings, self.keys, self.job_id
         try:
-            pipe = self._rr.pipeline(transaction=False)
-            pipe.hset(k.job(job), "state", "done") if self._broken is None else None
+            pipe = self._rr.pipeline()
+            if self._broken is None:
+                pipe.command("HSET", k.job(job), "state", "done")
             for key in (k.job(job), k.logs(job), k.events(job), k.attempts(job)):
-                pipe.expire(key, s.result_ttl_seconds)
-            pipe.delete(k.queue(job), k.tasks(job), k.client(self.client_id),
-                        k.results(self.client_id))
-            pipe.zrem(k.jobs, job)
+                pipe.command("EXPIRE", key, s.result_ttl_seconds)
+            pipe.command("DEL", k.queue(job), k.tasks(job), k.client(self.client_id),
+                         k.results(self.client_id))
+            pipe.command("ZREM", k.jobs, job)
             pipe.execute()
-        except redis.RedisError:
+        except RedisError:
             pass
         for c in (self._r, self._rr):
             try:

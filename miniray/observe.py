@@ -10,8 +10,6 @@ import threading
 import time
 from typing import Callable, Iterator, NamedTuple
 
-import redis
-
 from .keys import Keys
 
 __all__ = ["LogLine", "Event", "job_progress", "iter_logs", "iter_events", "list_workers",
@@ -43,16 +41,21 @@ def _d(v):
     return v.decode(errors="replace") if isinstance(v, bytes) else v
 
 
-def job_progress(r: redis.Redis, keys: Keys, job: str) -> dict:
-    raw = {(_d(k)): _d(v) for k, v in r.hgetall(keys.job(job)).items()}
+def _pairs(flat) -> dict:
+    flat = flat or []
+    return {_d(flat[i]): _d(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def job_progress(r, keys: Keys, job: str) -> dict:
+    raw = _pairs(r.execute("HGETALL", keys.job(job)))
     out = {c: max(0, int(raw.get(c, 0) or 0)) for c in _COUNTERS}
     out.update(state=raw.get("state", "unknown"), name=raw.get("name", job), job=job,
                priority=int(raw.get("priority", 0) or 0))
     return out
 
 
-def list_jobs(r: redis.Redis, keys: Keys, limit: int = 50) -> list[dict]:
-    jobs = [_d(j) for j in r.zrevrange(keys.jobs_all, 0, limit - 1)]
+def list_jobs(r, keys: Keys, limit: int = 50) -> list[dict]:
+    jobs = [_d(j) for j in r.execute("ZREVRANGE", keys.jobs_all, 0, limit - 1)]
     out = []
     for job in jobs:
         p = job_progress(r, keys, job)
@@ -62,18 +65,19 @@ def list_jobs(r: redis.Redis, keys: Keys, limit: int = 50) -> list[dict]:
     return out
 
 
-def list_workers(r: redis.Redis, keys: Keys) -> list[dict]:
-    ids = [_d(w) for w in r.zrange(keys.workers, 0, -1)]
-    pipe = r.pipeline(transaction=False)
+def list_workers(r, keys: Keys) -> list[dict]:
+    ids = [_d(w) for w in r.execute("ZRANGE", keys.workers, 0, -1)]
+    pipe = r.pipeline()
     for w in ids:
-        pipe.hgetall(keys.worker(w))
+        pipe.command("HGETALL", keys.worker(w))
     out = []
-    for w, h in zip(ids, pipe.execute()):
+    for w, flat in zip(ids, pipe.execute()):
+        h = _pairs(flat)
         if not h:
             continue
-        info = json.loads(_d(h.get(b"info", b"{}")))
+        info = json.loads(h.get("info", "{}"))
         info["id"] = w
-        info["seen"] = float(_d(h.get(b"seen", b"0")))
+        info["seen"] = float(h.get("seen", 0))
         out.append(info)
     return out
 
@@ -90,11 +94,14 @@ def _iter_stream(r, key, follow, timeout, since, stop) -> Iterator[tuple]:
         if follow:
             block = 500 if deadline is None else max(1, int(min(0.5, deadline - time.monotonic())
                                                             * 1000))
-        got = r.xread({key: last}, count=1000, block=block)
+        args = ["XREAD", "COUNT", 1000]
+        if block is not None:
+            args += ["BLOCK", block]
+        got = r.execute(*args, "STREAMS", key, last)
         entries = got[0][1] if got else []
         for entry_id, fields in entries:
             last = _d(entry_id)
-            yield last, {_d(k): _d(v) for k, v in fields.items()}
+            yield last, _pairs(fields)
         if not follow:
             if not entries:
                 return
@@ -107,7 +114,7 @@ def _iter_stream(r, key, follow, timeout, since, stop) -> Iterator[tuple]:
 def iter_logs(r, keys: Keys, job: str, follow=False, timeout=None, since="0-0",
               stop: Callable[[], bool] | None = None) -> Iterator[LogLine]:
     if since == "$":
-        last = r.xrevrange(keys.logs(job), count=1)
+        last = r.execute("XREVRANGE", keys.logs(job), "+", "-", "COUNT", 1)
         since = _d(last[0][0]) if last else "0-0"
     for entry_id, f in _iter_stream(r, keys.logs(job), follow, timeout, since, stop):
         task = f.get("task")

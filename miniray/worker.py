@@ -32,8 +32,6 @@ import traceback
 import uuid
 from dataclasses import dataclass, field
 
-import redis
-
 from . import gpu as gpu_mod
 from .broker import Broker, _redact, connect
 from .config import settings
@@ -46,6 +44,7 @@ from .errors import (
     TaskTimeoutError,
 )
 from .isolation import memory_cgroup_support
+from .resp import ConnectionLost, Connection, RedisError
 from .protocol import ResultHeader, decode_chunk_head, encode_result
 from .taskslot import TaskProcess
 
@@ -108,7 +107,7 @@ class _Slot(threading.Thread):
             while not self.w.stopping.is_set():
                 try:
                     self.step()
-                except redis.ConnectionError as e:
+                except ConnectionLost as e:
                     if not self.w.server_gone(e):
                         time.sleep(0.2)
         except Exception:  # a bug must not leave the worker half-alive
@@ -129,10 +128,10 @@ class _Slot(threading.Thread):
     def fetch(self, block: bool) -> None:
         w = self.w
         want = max(1, self.target - len(self.pending) - len(self.inflight))
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.r.pipeline()
         self._drain_out(pipe)
         if block:
-            pipe.blpop([w.keys.wake], timeout=1)
+            pipe.command("BLPOP", w.keys.wake, 1)
         if w.gpu_ids:
             # GPU jobs need free GPUs at claim time: claim one at a time, under the GPU lock
             free = self.gpu_free_for_claim()
@@ -148,7 +147,8 @@ class _Slot(threading.Thread):
     def gpu_free_for_claim(self) -> int:
         if self.inflight or self.pending:
             return len(self.gpus)  # GPUs already held stay with this slot until it drains
-        return self.w.gpu_pool_free()
+        # an idle slot keeps its GPUs until the next job's limits differ: they are free to it
+        return self.w.gpu_pool_free() + len(self.gpus)
 
     def accept(self, claimed: list) -> None:
         job = claimed[0].decode()
@@ -254,9 +254,9 @@ class _Slot(threading.Thread):
             self.handle_death(proc)
         want_more = len(self.pending) + len(self.inflight) < self.target
         if self.out or (want_more and not self.w.stopping.is_set()):
-            pipe = self.r.pipeline(transaction=False)
+            pipe = self.r.pipeline()
             self._drain_out(pipe)
-            n_cmds = len(pipe.command_stack)
+            n_cmds = len(pipe)
             if want_more and not self.w.stopping.is_set() and not self.w.gpu_ids:
                 self.broker.claim(self.w.worker_id, self.target - len(self.pending)
                                   - len(self.inflight), self.w.name, self.w.host, 0,
@@ -351,6 +351,8 @@ class _Slot(threading.Thread):
         how = proc.death()
         proc.close(graceful=False)
         self.proc = None
+        if reason == "shutdown":
+            return  # the worker is leaving: shutdown() hands its chunks back, nothing failed
         c = self.inflight.get(seq)
         if c is not None and idx >= 0 and idx not in c.delivered:
             exc = self._death_error(c, reason, oom, how)
@@ -403,14 +405,14 @@ class _Slot(threading.Thread):
                              s.event_stream_maxlen, msg)
 
     def _event(self, pipe, job, kind, count) -> None:
-        pipe.xadd(self.w.keys.events(job), {"kind": kind, "worker": self.w.worker_id,
-                                             "count": count},
-                  maxlen=self.w.settings.event_stream_maxlen, approximate=True)
+        pipe.command("XADD", self.w.keys.events(job), "MAXLEN", "~",
+                     self.w.settings.event_stream_maxlen, "*", "kind", kind,
+                     "worker", self.w.worker_id, "count", count)
 
     def _log(self, pipe, job, task, stream, text) -> None:
-        pipe.xadd(self.w.keys.logs(job), {"task": task, "worker": self.w.name, "host": self.w.host,
-                                           "stream": stream, "text": text},
-                  maxlen=self.w.settings.log_stream_maxlen, approximate=True)
+        pipe.command("XADD", self.w.keys.logs(job), "MAXLEN", "~",
+                     self.w.settings.log_stream_maxlen, "*", "task", task,
+                     "worker", self.w.name, "host", self.w.host, "stream", stream, "text", text)
 
 
 def _cancelled(job: str) -> JobCancelledError:
@@ -453,7 +455,7 @@ class Worker:
         self._server_lost_since: float | None = None
         self.isolation = memory_cgroup_support()[0] or "rlimit"
 
-    def new_client(self) -> redis.Redis:
+    def new_client(self) -> Connection:
         return connect(self.url)
 
     # -- resources ---------------------------------------------------------------------------
@@ -481,7 +483,7 @@ class Worker:
             need = [s for s in shas if s not in self.fn_cache]
         if not need:
             return set()
-        values = r.mget([self.keys.fn(s) for s in need])
+        values = r.execute("MGET", *[self.keys.fn(s) for s in need])
         missing = set()
         with self._fn_lock:
             for sha, data in zip(need, values):
@@ -543,7 +545,7 @@ class Worker:
                 self.broker.reap(s.worker_dead_seconds, s.max_retries, s.event_stream_maxlen,
                                  s.result_ttl_seconds)
                 self._server_lost_since = None
-            except redis.ConnectionError as e:
+            except ConnectionLost as e:
                 if self.server_gone(e):
                     break
             next_beat += s.heartbeat_seconds
@@ -578,7 +580,7 @@ class Worker:
             n = self.broker.release(self.worker_id)
             if n:
                 log.info("handed %d unfinished chunk(s) back to the queue", n)
-        except redis.RedisError as e:
+        except RedisError as e:
             log.warning("could not hand chunks back (the server is gone?): %s", e)
         try:
             self.r.close()

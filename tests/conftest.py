@@ -1,17 +1,8 @@
 """Fixtures: a real server (valkey/redis), real worker processes, no fakes."""
 
-import os
-import subprocess
-import sys
-import time
-import uuid
-
-import psutil
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, TESTS)
+from support import Cluster
 
 
 @pytest.fixture(scope="session")
@@ -22,77 +13,6 @@ def server():
     srv = ServerProcess(tcp=True)
     yield srv
     srv.close()
-
-
-def worker_env(url, namespace, extra=None):
-    env = dict(os.environ)
-    env["MINIRAY_REDIS_URL"] = url
-    env["MINIRAY_NAMESPACE"] = namespace
-    # the tests' task module is importable by workers, as an installed module would be
-    env["PYTHONPATH"] = os.pathsep.join([TESTS, ROOT, env.get("PYTHONPATH", "")])
-    env.update(extra or {})
-    return env
-
-
-class Cluster:
-    """Worker processes against the session server, in a namespace of their own."""
-
-    def __init__(self, server, monkeypatch, tmp_path):
-        self.server, self.url = server, server.url
-        self.namespace = f"t{uuid.uuid4().hex[:10]}"
-        self.procs = []
-        self.tmp = tmp_path
-        monkeypatch.setenv("MINIRAY_NAMESPACE", self.namespace)
-        monkeypatch.setenv("MINIRAY_REDIS_URL", self.url)
-        self.env_extra = {}
-
-    def start_worker(self, *args, name=None, extra_env=None, wait=True):
-        name = name or f"w{len(self.procs)}"
-        env = worker_env(self.url, self.namespace, {**self.env_extra, **(extra_env or {})})
-        log = open(self.tmp / f"{name}.log", "ab")
-        p = subprocess.Popen([sys.executable, "-m", "miniray.worker", "--name", name, *args],
-                             env=env, stdout=log, stderr=log)
-        p.log_path = self.tmp / f"{name}.log"
-        self.procs.append(p)
-        if wait:
-            self.wait_workers(sum(1 for q in self.procs if q.poll() is None))
-        return p
-
-    def workers(self):
-        from miniray import observe
-        from miniray.broker import connect
-        from miniray.keys import Keys
-
-        r = connect(self.url)
-        try:
-            return observe.list_workers(r, Keys(self.namespace))
-        finally:
-            r.close()
-
-    def wait_workers(self, n, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if len(self.workers()) >= n:
-                return
-            time.sleep(0.05)
-        logs = "\n".join(open(p.log_path).read()[-2000:] for p in self.procs)
-        raise AssertionError(f"{n} workers did not register within {timeout}s:\n{logs}")
-
-    def executor(self, **kwargs):
-        import miniray
-
-        return miniray.Executor(redis_url=self.url, **kwargs)
-
-    def stop(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
 
 @pytest.fixture
@@ -108,9 +28,3 @@ def two_workers(cluster):
     cluster.start_worker(name="w1", wait=False)
     cluster.wait_workers(2)
     return cluster
-
-
-def miniray_descendants():
-    me = psutil.Process()
-    return [p for p in me.children(recursive=True) if p.is_running()
-            and p.status() != psutil.STATUS_ZOMBIE]

@@ -13,7 +13,7 @@ import pytest
 
 import miniray
 import tasks
-from conftest import ROOT, TESTS, worker_env
+from support import ROOT, TESTS, worker_env
 from miniray.errors import (
     MemoryLimitError,
     RemoteTraceback,
