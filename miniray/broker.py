@@ -275,10 +275,12 @@ def connect(url: str) -> Connection:
             "(MINIRAY_REDIS_URL or redis_url=...)"
         ) from None
     except RedisError as e:
-        raise ServerError(
+        err = ServerError(
             f"cannot reach the server at {redact(url)}: {e}. Is it running? Leave the address "
             "unset to start a private local cluster instead."
-        ) from None
+        )
+        err.unreachable = True
+        raise err from None
     return client
 
 

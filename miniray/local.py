@@ -34,11 +34,17 @@ class LocalCluster:
                 f"workers={n!r}: a local cluster needs at least one worker "
                 "(miniray.init(workers=N) or MINIRAY_LOCAL_WORKERS)")
         self.nworkers, self.slots = n, slots
-        self.server = ServerProcess(server_bin)
+        # Workers start while the server does; they wait for it to accept connections.
+        self.server = ServerProcess(server_bin, wait=False)
         self.url = self.server.url
         self._closing = False
         self._log = open(os.path.join(self.server.dir, "workers.log"), "ab")
         self.procs: list[subprocess.Popen] = [self._spawn(i) for i in range(n)]
+        try:
+            self.server.wait_ready()
+        except Exception:
+            self.close()
+            raise
         self._monitor = threading.Thread(target=self._watch, daemon=True,
                                          name="miniray-local-cluster")
         self._monitor.start()

@@ -80,7 +80,7 @@ class ServerProcess:
     """A running private server. ``url`` carries the password; ``close()`` stops it."""
 
     def __init__(self, binary: str | None = None, port: int | None = None,
-                 tcp: bool = False, log_path: str | None = None):
+                 tcp: bool = False, log_path: str | None = None, wait: bool = True):
         self.binary = find_server_binary(binary)
         self.dir = tempfile.mkdtemp(prefix="miniray-")
         os.chmod(self.dir, 0o700)
@@ -117,7 +117,8 @@ class ServerProcess:
             )
         except OSError as e:
             raise ServerError(f"cannot start {self.binary}: {e}") from None
-        self._wait_ready()
+        if wait:
+            self.wait_ready()
 
     @property
     def url(self) -> str:
@@ -125,7 +126,7 @@ class ServerProcess:
             return f"unix://{self.socket_path}?password={quote(self.password)}"
         return f"redis://:{quote(self.password)}@127.0.0.1:{self.port}"
 
-    def _wait_ready(self, timeout: float = 10.0) -> None:
+    def wait_ready(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         delay = 0.001
         while time.monotonic() < deadline:

@@ -111,41 +111,22 @@ class Runner:
             fn = self.functions[sha] = pickle.loads(fn)
         return fn
 
-    def _read(self, inbox: "queue.SimpleQueue") -> None:
-        """Reader thread: take every message off the socket as it comes.
-
-        The worker may send more chunks while this process is sending results; if nobody
-        read here, both sides could block on a full socket buffer at once.
-        """
-        conn = self.conn
-        try:
-            while True:
-                msg = pickle.loads(conn.recv_bytes())
-                if msg[0] == "stop":
-                    break
-                _, chunks, fns = msg
-                batch = [(spec, [conn.recv_bytes() for _ in range(spec[5])]) for spec in chunks]
-                inbox.put((fns, batch))
-        except (EOFError, OSError):
-            pass
-        inbox.put(None)
-
     def serve(self) -> None:
-        import queue
-
-        inbox: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._read, args=(inbox,), daemon=True,
-                         name="miniray-task-reader").start()
+        conn = self.conn
         while True:
-            item = inbox.get()
-            if item is None:
+            try:
+                msg = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
                 return
-            fns, batch = item
+            if msg[0] == "stop":
+                return
+            _, chunks, fns = msg
             for sha, data in fns:
                 self.functions[sha] = data
+            batch = [(spec, [conn.recv_bytes() for _ in range(spec[5])]) for spec in chunks]
             for (seq, group, sha, skip, env, _), frames in batch:
                 self.run_chunk(seq, group, sha, skip, env, frames)
-            if inbox.empty() or time.monotonic() - self.last_flush >= FLUSH_SECONDS:
+            if not conn.poll(0) or time.monotonic() - self.last_flush >= FLUSH_SECONDS:
                 self.flush()
 
     def run_chunk(self, seq, group, sha, skip, env, frames) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import mmap
 import os
 import pickle
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -52,7 +55,9 @@ class TaskProcess:
             stdin=subprocess.DEVNULL, close_fds=True,
         )
         child_sock.close()
-        self.conn = Connection(parent_sock.detach())
+        self._sock = parent_sock  # writes go here, non-blocking (see send_run)
+        self.conn = Connection(os.dup(parent_sock.fileno()))
+        self._inbox: collections.deque = collections.deque()  # read while we were sending
         self.known_fns: set[str] = set()
         self.started = time.monotonic()
         self.killed_for: str | None = None  # "timeout", "cancel" when we killed it on purpose
@@ -62,17 +67,35 @@ class TaskProcess:
         return self.proc.pid
 
     def send_run(self, specs: list, fns: list, frames: list) -> None:
-        """Send chunks (see ``taskproc``): one control message, then every frame."""
-        send = self.conn.send_bytes
-        send(pickle.dumps(("run", specs, fns), protocol=5))
-        for frame in frames:
-            send(frame)
+        """Send chunks (see ``taskproc``): one control message, then every frame.
+
+        Writes never block while the task process has something to say: when the socket is
+        full, what it sent is read into an inbox first. (It may be blocked writing its
+        results to us; if we only wrote, both sides would wait for each other.)
+        """
+        pieces = []
+        for payload in (pickle.dumps(("run", specs, fns), protocol=5), *frames):
+            n = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+            pieces.append(_HEADER.pack(n) if n < 0x7FFFFFFF else _BIG_HEADER.pack(-1, n))
+            pieces.append(payload)
+        fd = self.conn.fileno()
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            while view.nbytes:
+                try:
+                    view = view[self._sock.send(view, socket.MSG_DONTWAIT):]
+                except BlockingIOError:
+                    readable, _, _ = select.select([fd], [fd], [])
+                    if readable:
+                        self._inbox.append(self.conn.recv_bytes())  # EOFError: it died
 
     def poll(self, timeout: float) -> bool:
-        return self.conn.poll(timeout)
+        return bool(self._inbox) or self.conn.poll(timeout)
 
     def recv(self):
         """The next message; raises EOFError when the process has died."""
+        if self._inbox:
+            return pickle.loads(self._inbox.popleft())
         return pickle.loads(self.conn.recv_bytes())
 
     def progress(self) -> tuple:
@@ -127,10 +150,15 @@ class TaskProcess:
         except subprocess.TimeoutExpired:
             pass
         self.conn.close()
+        self._sock.close()
         self.progress_map.close()
         os.close(self._progress_fd)
         if self.cgroup is not None:
             self.cgroup.remove()
+
+
+_HEADER = struct.Struct("!i")  # multiprocessing.connection's framing, as the task process reads it
+_BIG_HEADER = struct.Struct("!iQ")
 
 
 def _shared_page(size: int) -> int:

@@ -37,6 +37,7 @@ from .broker import Broker, _redact, connect
 from .config import settings
 from .errors import (
     ConfigurationError,
+    ServerError,
     JobCancelledError,
     MemoryLimitError,
     MinirayError,
@@ -76,7 +77,7 @@ class _Slot(threading.Thread):
         self.w, self.index = worker, index
         self.r = worker.new_client()
         self.broker = Broker(self.r, worker.namespace)
-        self.proc: TaskProcess | None = None
+        self.proc: TaskProcess | None = worker.warm_procs[index]
         self.pending: collections.deque[_Chunk] = collections.deque()
         self.inflight: dict[int, _Chunk] = {}
         self.seq = 0
@@ -448,15 +449,27 @@ class Worker:
         self._fn_lock = threading.Lock()
         self.tasks_done = 0
         self.started = time.time()
-        self.r = self.new_client()
+        # Task processes start now, while this process connects: a cold start pays for
+        # both at once rather than one after the other.
+        self.warm_procs = [TaskProcess((None, (), ()), f"{self.name}-{i}", self.task_env)
+                           for i in range(slots)]
+        self.r = self.new_client(wait=10.0)
         self.broker = Broker(self.r, self.namespace)
         self.keys = self.broker.keys
         self.slots: list[_Slot] = []
         self._server_lost_since: float | None = None
         self.isolation = memory_cgroup_support()[0] or "rlimit"
 
-    def new_client(self) -> Connection:
-        return connect(self.url)
+    def new_client(self, wait: float = 0.0) -> Connection:
+        """A connection; with ``wait``, keep trying that long for a server still starting."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return connect(self.url)
+            except ServerError as e:
+                if not getattr(e, "unreachable", False) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     # -- resources ---------------------------------------------------------------------------
     def cpus_for_slot(self, slot: int, n: int) -> tuple:
