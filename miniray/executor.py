@@ -158,6 +158,8 @@ class Executor(_BaseExecutor):
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._outbox: list[_Ref] = []
+        self._flushing = False  # one sender at a time: the flusher thread or an inline submit
+        self._last_submit = 0.0
         self._refs: dict[int, _Ref] = {}
         self._next_task = 0  # task ids: submit order, and a map item's position
         self._chunk_ids = itertools.count()
@@ -244,27 +246,49 @@ class Executor(_BaseExecutor):
         frames[0] = encode_chunk_head(sha, start, count) + frames[0]
         ref = _Ref(next(self._chunk_ids), start, count, future, is_map, frames)
         future._ref = ref
+        now = time.monotonic()
         with self._lock:
             if self._shutdown and not is_map:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._refs[ref.chunk] = ref
-            self._outbox.append(ref)
-            self._wakeup.notify()
+            # A lone submit is sent from here (no thread hand-off on the latency path); a
+            # burst queues for the flusher thread, which sends it in a few pipelines.
+            inline = not self._outbox and not self._flushing and now - self._last_submit > 2e-4
+            self._last_submit = now
+            if inline:
+                self._flushing = True
+            else:
+                self._outbox.append(ref)
+                self._wakeup.notify()
+        if inline:
+            self._send_safely([ref])
+
+    def _send_safely(self, batch: list) -> bool:
+        try:
+            for i in range(0, len(batch), 4096):
+                self._send(batch[i : i + 4096])
+            return True
+        except RedisError as e:
+            self._break(ServerLostError(
+                f"lost the server at {_redact(self.redis_url)} while submitting: {e}"))
+            return False
+        finally:
+            with self._lock:
+                self._flushing = False
+                self._wakeup.notify_all()
 
     def _flush_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._outbox and not self._shutdown:
+                while (not self._outbox or self._flushing) and not self._shutdown:
+                    self._wakeup.wait()
+                while self._flushing:  # shutting down: let an inline send finish first
                     self._wakeup.wait()
                 if not self._outbox:
                     return  # shut down and nothing left to send
                 batch, self._outbox = self._outbox, []
-            try:
-                for i in range(0, len(batch), 4096):
-                    self._send(batch[i : i + 4096])
-            except RedisError as e:
-                self._break(ServerLostError(
-                    f"lost the server at {_redact(self.redis_url)} while submitting: {e}"))
+                self._flushing = True
+            if not self._send_safely(batch):
                 return
 
     def _send(self, batch: list) -> None:
