@@ -9,8 +9,6 @@ Names are imported lazily, so a worker's task process and ``import miniray`` sta
 Whoever can write to the Redis server can run code on its workers: keep it private.
 """
 
-from __future__ import annotations
-
 import importlib
 
 __version__ = "0.1.0"

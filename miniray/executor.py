@@ -15,6 +15,7 @@ held by a dead worker is requeued even when no other worker is alive to notice).
 from __future__ import annotations
 
 import atexit
+import collections
 import itertools
 import os
 import sys
@@ -101,10 +102,10 @@ class _Ref:
     ``(values, errors)``; a submit's future gets the value or the exception."""
 
     __slots__ = ("chunk", "entry", "start", "count", "future", "values", "errors", "left",
-                 "is_map", "frames", "sent")
+                 "is_map", "frames", "sent", "sha")
 
-    def __init__(self, chunk, start, count, future, is_map, frames):
-        self.chunk, self.start, self.count = chunk, start, count
+    def __init__(self, chunk, start, count, future, is_map, frames, sha):
+        self.chunk, self.start, self.count, self.sha = chunk, start, count, sha
         self.future, self.is_map, self.frames = future, is_map, frames
         self.entry = Keys.queue_entry(chunk, len(frames), count)
         self.values = [_MISSING] * count if is_map else None
@@ -148,7 +149,6 @@ class Executor(_BaseExecutor):
         self.redis_url = url
         self.limits, self.priority, self.env = limits, priority, dict(env or {})
         self.client_id = uuid.uuid4().hex[:12]
-        self._jobs = itertools.count()
         self.job_id = f"{self.client_id}.0"
         self.job_name = job_name or self.job_id
         self._r = connect(url)
@@ -163,7 +163,9 @@ class Executor(_BaseExecutor):
         self._refs: dict[int, _Ref] = {}
         self._next_task = 0  # task ids: submit order, and a map item's position
         self._chunk_ids = itertools.count()
-        self._functions: dict[int, tuple] = {}  # id(fn) -> (fn, sha, data, uploaded)
+        self._functions: collections.OrderedDict = collections.OrderedDict()  # id -> (fn, sha)
+        self._fn_upload: dict[str, bytes] = {}  # pickled functions not yet in Redis
+        self._fn_fresh: dict[str, float] = {}  # sha -> when its TTL was last renewed
         self._shutdown = False
         self._broken: BaseException | None = None
         self._create_job()
@@ -223,6 +225,35 @@ class Executor(_BaseExecutor):
             futures.append(future)
         return _ordered_results(futures, deadline)
 
+    def map_futures(self, fn, iterable, chunksize: int = 1) -> list:
+        """Submit ``fn(item)`` for every item at once; return one future per item, in order.
+
+        Unlike ``map`` nothing stops at the first error: each item's exception stays in its
+        own future, so a caller can gather every outcome (the notebook face does). Items
+        travel ``chunksize`` at a time; cancelling the job (``cancel()``) cancels the futures
+        of unfinished items. A future's ``task_id`` is its item's position in this executor.
+
+        >>> futures = ex.map_futures(square, range(100), chunksize=10)   # doctest: +SKIP
+        """
+        if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        self._check_open()
+        sha = self._function(fn)
+        items, out = iter(iterable), []
+        while True:
+            batch = list(itertools.islice(items, chunksize))
+            if not batch:
+                return out
+            frames = dumps(("m1", batch), what="arguments")
+            start = self._take_task_ids(len(batch))
+            chunk = MinirayFuture(self, start)
+            mine = [MinirayFuture(None, start + i) for i in range(len(batch))]
+            for f in mine:
+                f.job = self.job_id
+            chunk.add_done_callback(lambda c, mine=mine: _split_chunk(c, mine))
+            self._enqueue(sha, start, len(batch), frames, chunk, is_map=True)
+            out += mine
+
     def _take_task_ids(self, n: int) -> int:
         with self._lock:
             first = self._next_task
@@ -236,15 +267,24 @@ class Executor(_BaseExecutor):
             raise RuntimeError("cannot schedule new futures after shutdown")
 
     def _function(self, fn) -> str:
-        entry = self._functions.get(id(fn))
-        if entry is None or entry[0] is not fn:
-            sha, data = dumps_function(fn)
-            entry = self._functions[id(fn)] = [fn, sha, data, False]
-        return entry[1]
+        """The function's content hash; it is pickled once per executor (LRU of 128)."""
+        with self._lock:
+            entry = self._functions.get(id(fn))
+            if entry is not None and entry[0] is fn:
+                self._functions.move_to_end(id(fn))
+                return entry[1]
+        sha, data = dumps_function(fn)
+        with self._lock:
+            self._functions[id(fn)] = (fn, sha)
+            while len(self._functions) > 128:
+                self._functions.popitem(last=False)
+            if sha not in self._fn_fresh:
+                self._fn_upload[sha] = data
+        return sha
 
     def _enqueue(self, sha, start, count, frames, future, is_map) -> None:
         frames[0] = encode_chunk_head(sha, start, count) + frames[0]
-        ref = _Ref(next(self._chunk_ids), start, count, future, is_map, frames)
+        ref = _Ref(next(self._chunk_ids), start, count, future, is_map, frames, sha)
         future._ref = ref
         now = time.monotonic()
         with self._lock:
@@ -294,11 +334,16 @@ class Executor(_BaseExecutor):
     def _send(self, batch: list) -> None:
         s, k, job = self._settings, self.keys, self.job_id
         pipe = self._r.pipeline()
-        for entry in self._functions.values():
-            if not entry[3]:
-                pipe.command("SET", k.fn(entry[1]), entry[2], "EX", s.function_ttl_seconds, "NX")
-                pipe.command("EXPIRE", k.fn(entry[1]), s.function_ttl_seconds)
-                entry[3] = True
+        now = time.monotonic()
+        with self._lock:
+            upload, self._fn_upload = self._fn_upload, {}
+        for sha, data in upload.items():
+            pipe.command("SET", k.fn(sha), data, "EX", s.function_ttl_seconds)
+            self._fn_fresh[sha] = now
+        for sha in {ref.sha for ref in batch}:  # renew what is in use, at most hourly
+            if now - self._fn_fresh.get(sha, now) > 3600:
+                pipe.command("EXPIRE", k.fn(sha), s.function_ttl_seconds)
+                self._fn_fresh[sha] = now
         fields, entries, n_items = [], [], 0
         for ref in batch:
             if ref.future.cancelled():
@@ -606,6 +651,25 @@ def _decorate(exc, tb: str, task: int, job: str, worker: str, host: str, pid) ->
         if note not in (getattr(exc, "__notes__", None) or ()):
             exc.add_note(note)
     return exc
+
+
+def _split_chunk(chunk: Future, items: list) -> None:
+    """Hand a finished map chunk's outcome to its items' futures (``map_futures``)."""
+    if chunk.cancelled():
+        for f in items:
+            _cancel(f)
+        return
+    exc = chunk.exception()
+    values, errors = (None, None) if exc is not None else chunk.result()
+    for i, f in enumerate(items):
+        f.worker, f.host = chunk.worker, chunk.host
+        try:
+            if exc is not None or i in errors:
+                f.set_exception(exc if exc is not None else errors[i])
+            else:
+                f.set_result(values[i])
+        except Exception:  # the item's future was cancelled meanwhile
+            pass
 
 
 def _ordered_results(futures: list, deadline: float | None):

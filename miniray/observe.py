@@ -13,7 +13,7 @@ from typing import Callable, Iterator, NamedTuple
 from .keys import Keys
 
 __all__ = ["LogLine", "Event", "job_progress", "iter_logs", "iter_events", "list_workers",
-           "list_jobs", "follow_in_thread"]
+           "list_jobs", "follow_in_thread", "ClusterView"]
 
 _COUNTERS = ("queued", "running", "done", "failed", "cancelled")
 
@@ -140,3 +140,56 @@ def follow_in_thread(iterator, fn) -> threading.Thread:
     t = threading.Thread(target=run, daemon=True, name="miniray-follow")
     t.start()
     return t
+
+
+class ClusterView:
+    """One cluster seen whole, as ``miniray status/logs/cancel`` see it: for consoles and
+    notebooks that hold no executor of the job they look at.
+
+    ``url=None`` means ``MINIRAY_REDIS_URL``, else this process's embedded local cluster.
+
+    >>> view = ClusterView()                      # doctest: +SKIP
+    >>> [w["name"] for w in view.workers()], view.jobs()[:1]   # doctest: +SKIP
+    """
+
+    def __init__(self, url: str | None = None):
+        from .broker import Broker, connect
+        from .config import settings
+
+        s = settings()
+        url = url or s.redis_url
+        if url is None:
+            from .local import get_local_cluster
+
+            url = get_local_cluster().url
+        self.url = url
+        self._connect = connect
+        self._r = connect(url)
+        self._broker = Broker(self._r, s.namespace)
+        self.keys = self._broker.keys
+
+    def workers(self) -> list[dict]:
+        return list_workers(self._r, self.keys)
+
+    def jobs(self, limit: int = 50) -> list[dict]:
+        """The latest jobs, newest first (``job_progress`` dicts)."""
+        return list_jobs(self._r, self.keys, limit)
+
+    def find_job(self, job: str | None = None) -> str | None:
+        """The id of the job with this id or name (the newest job when None), or None."""
+        for j in self.jobs(limit=1 if job is None else 1000):
+            if job is None or job in (j["job"], j["name"]):
+                return j["job"]
+        return None
+
+    def logs(self, job: str, follow: bool = False, timeout: float | None = None):
+        return iter_logs(self._connect(self.url), self.keys, job, follow=follow,
+                         timeout=timeout)
+
+    def cancel_job(self, job: str) -> int:
+        """Cancel a job as ``miniray cancel`` does; returns how many queued chunks were dropped
+        (its workers interrupt the running tasks)."""
+        return len(self._broker.cancel_job(job))
+
+    def close(self) -> None:
+        self._r.close()

@@ -166,3 +166,104 @@ def run(client, command, timeout=30.0):
     _, stdout, stderr = client.exec_command(command, timeout=timeout)
     out = stdout.read().decode(errors="replace") + stderr.read().decode(errors="replace")
     return stdout.channel.recv_exit_status(), out
+
+
+class ReverseTunnel:
+    """``ssh -R``: a port on the remote host's loopback whose connections reach ``target`` here.
+
+    ``target`` is a unix socket path or a ``(host, port)`` pair on this machine; the remote end
+    listens on ``127.0.0.1:<port>`` only (sshd's GatewayPorts does not apply to a loopback
+    bind). Each forwarded connection gets a pump thread; everything closes with ``close()`` or
+    with the SSH connection.
+    """
+
+    def __init__(self, client, target, remote_port=0):
+        self.target = target
+        self._transport = client.get_transport()
+        self._closed = False
+        self._open = set()
+        self._lock = threading.Lock()
+        self.port = self._transport.request_port_forward("127.0.0.1", remote_port,
+                                                         handler=self._on_channel)
+
+    def _on_channel(self, chan, origin, server):
+        # called from paramiko's transport thread: never block it
+        threading.Thread(target=self._pump, args=(chan,), daemon=True,
+                         name="ssh-reverse-tunnel").start()
+
+    def _pump(self, chan):
+        import select
+
+        try:
+            if isinstance(self.target, str):
+                sock = socket.socket(socket.AF_UNIX)
+                sock.connect(self.target)
+            else:
+                sock = socket.create_connection(tuple(self.target), timeout=10)
+                sock.settimeout(None)
+        except OSError:
+            chan.close()
+            return
+        with self._lock:
+            if self._closed:
+                sock.close()
+                chan.close()
+                return
+            self._open.add((chan, sock))
+        try:
+            while True:
+                ready, _, _ = select.select([chan, sock], [], [], 1.0)
+                if self._closed:
+                    break
+                if chan in ready:
+                    data = chan.recv(65536)
+                    if not data:
+                        break
+                    sock.sendall(data)
+                if sock in ready:
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    chan.sendall(data)
+        except (OSError, EOFError):
+            pass
+        finally:
+            with self._lock:
+                self._open.discard((chan, sock))
+            sock.close()
+            chan.close()
+
+    @property
+    def connections(self):
+        """How many forwarded connections are open now."""
+        with self._lock:
+            return len(self._open)
+
+    def close(self):
+        """Stop listening on the remote port and close every forwarded connection."""
+        with self._lock:
+            self._closed = True
+            pairs = list(self._open)
+        try:
+            if self._transport.is_active():
+                self._transport.cancel_port_forward("127.0.0.1", self.port)
+        except Exception:  # noqa: BLE001 - the connection is going away anyway
+            pass
+        for chan, sock in pairs:
+            for end in (chan, sock):
+                try:
+                    end.close()
+                except OSError:
+                    pass
+
+
+def put_file(client, local_path, remote_path):
+    """Copy ``local_path`` to ``remote_path`` on the host with SFTP (``~`` is the login dir)."""
+    sftp = client.open_sftp()
+    try:
+        if remote_path.startswith("~/"):
+            remote_path = remote_path[2:]
+        sftp.put(local_path, remote_path)
+    finally:
+        sftp.close()
+    return remote_path
