@@ -65,8 +65,8 @@ class _Chunk:
     sha: str
     start: int
     count: int
-    frames: list
-    spec: dict
+    frames: list  # the pickle stream (head stripped) and its out-of-band buffers
+    spec: dict  # the job's limits and env
     delivered: set = field(default_factory=set)
     sent_at: float = 0.0
 
@@ -161,10 +161,10 @@ class _Slot(threading.Thread):
             chunk_id, nframes, _ = (int(x) for x in entry.split(":"))
             frames = claimed[i + 1 : i + 1 + nframes]
             i += 1 + nframes
-            head, _ = decode_chunk_head(frames[0])
+            head, body = decode_chunk_head(frames[0])
             self.seq += 1
             chunks.append(_Chunk(job, entry, chunk_id, self.seq, head.fn_sha, head.start,
-                                 head.count, frames, spec))
+                                 head.count, [body, *frames[1:]], spec))
         missing = self.w.functions_missing({c.sha for c in chunks}, self.r)
         with self.lock:
             for c in chunks:
@@ -222,10 +222,9 @@ class _Slot(threading.Thread):
             if c.sha not in proc.known_fns:
                 fns.append((c.sha, self.w.fn_cache.get(c.sha)))
                 proc.known_fns.add(c.sha)
-            _, body = decode_chunk_head(c.frames[0])
             specs.append((c.seq, c.job, c.sha, frozenset(c.delivered), c.spec.get("env") or None,
                           len(c.frames)))
-            frames += [body, *c.frames[1:]]
+            frames += c.frames
             started[c.job] = started.get(c.job, 0) + c.count - len(c.delivered)
         try:
             proc.send_run(specs, fns, frames)
