@@ -333,7 +333,9 @@ class Broker:
             "done": 0, "failed": 0, "cancelled": 0, **requirements,
         }
         pipe.command("HSET", k.job(job), *[x for kv in fields.items() for x in kv])
+        pipe.command("EXPIRE", k.job(job), 300)  # renewed by the executor while it lives
         pipe.command("ZADD", k.jobs_all, created, job)
+        pipe.command("ZREMRANGEBYRANK", k.jobs_all, 0, -1001)  # the newest 1000 jobs
 
     def publish(self, pipe, job: str, priority: int, n_chunks: int, n_items: int,
                 maxlen: int) -> None:

@@ -48,6 +48,7 @@ from .serialization import dumps, dumps_function, loads
 __all__ = ["Executor", "MinirayFuture"]
 
 OK = 0
+_LIVE_TTL = 300  # seconds an open job's keys outlive its executor (renewed every heartbeat)
 
 _live_executors: "weakref.WeakSet[Executor]" = weakref.WeakSet()
 
@@ -396,6 +397,10 @@ class Executor(_BaseExecutor):
                 if now >= next_upkeep:
                     pipe = self._rr.pipeline()
                     pipe.command("SET", k.client(self.client_id), os.getpid(), "EX", 30)
+                    # while this executor lives its job's keys do; if it dies they expire
+                    for key in (k.job(self.job_id), k.logs(self.job_id),
+                                k.events(self.job_id), k.attempts(self.job_id)):
+                        pipe.command("EXPIRE", key, _LIVE_TTL)
                     broker.reap(s.worker_dead_seconds, s.max_retries, s.event_stream_maxlen,
                                 s.result_ttl_seconds, pipe=pipe)
                     pipe.command("HGET", k.job(self.job_id), "state")

@@ -8,16 +8,17 @@ count), so scripts can delete payloads and keep counters without unpickling anyt
 ==========================  ======  ==================  ================  =====================
 key                         type    TTL                 written by        read by
 ==========================  ======  ==================  ================  =====================
-fn:{sha}                    string  function TTL,       executor          worker (GET, once per
-                                    renewed on submit                     worker and function)
+fn:{sha}                    string  function TTL,       executor          worker (MGET, once per
+                                    renewed while used                    worker and function)
 jobs                        zset    none                executor, claim,  claim script: ready
                                     (members removed)   reaper            jobs by priority
-jobs:all                    zset    none (trimmed)      executor          status: every job
-job:{job}                   hash    result TTL after    executor; claim,  workers, status, the
-                                    the job ends        complete, cancel  notebook (counters)
+jobs:all                    zset    newest 1000 kept    executor          status: every job
+job:{job}                   hash    300 s renewed while executor; claim,  workers, status, the
+                                    open, then result   complete, cancel  notebook (counters)
+                                    TTL
 q:{job}                     list    with job            executor, reaper  claim script (LPOP)
 tasks:{job}                 hash    with job            executor          claim script (HMGET)
-attempts:{job}              hash    with job            reaper            reaper
+attempts:{job}              hash    as job:{job}        reaper            reaper
 wip:{worker}                hash    none                claim script      complete, reaper,
                                                                           release (on SIGTERM)
 workers                     zset    none (reaped)       heartbeat         reaper, status
@@ -26,8 +27,8 @@ wake                        list    none (trimmed)      executor          worker
 rr                          string  none                claim script      claim (fair share)
 client:{client}             string  30 s, renewed       executor          claim (orphan jobs)
 res:{client}                list    result TTL          complete, reaper  executor (BLMPOP)
-logs:{job}                  stream  result TTL          worker            Executor.logs, CLI
-events:{job}                stream  result TTL          all scripts       Executor.events
+logs:{job}                  stream  as job:{job}        worker            Executor.logs, CLI
+events:{job}                stream  as job:{job}        all scripts       Executor.events
 ==========================  ======  ==================  ================  =====================
 
 Lua scripts (``broker.py``) build these names from the namespace with the same spelling; the
