@@ -398,9 +398,9 @@ class Executor(_BaseExecutor):
                     pipe = self._rr.pipeline()
                     pipe.command("SET", k.client(self.client_id), os.getpid(), "EX", 30)
                     # while this executor lives its job's keys do; if it dies they expire
-                    for key in (k.job(self.job_id), k.logs(self.job_id),
-                                k.events(self.job_id), k.attempts(self.job_id)):
-                        pipe.command("EXPIRE", key, _LIVE_TTL)
+                    for live in (k.job(self.job_id), k.logs(self.job_id),
+                                 k.events(self.job_id), k.attempts(self.job_id)):
+                        pipe.command("EXPIRE", live, _LIVE_TTL)
                     broker.reap(s.worker_dead_seconds, s.max_retries, s.event_stream_maxlen,
                                 s.result_ttl_seconds, pipe=pipe)
                     pipe.command("HGET", k.job(self.job_id), "state")
