@@ -63,12 +63,16 @@ def _contiguous(buf: pickle.PickleBuffer) -> bool:
         return False
 
 
-def _short(obj) -> str:
+def short_repr(obj, limit: int = 80) -> str:
+    """``repr(obj)`` cut to ``limit`` characters, for error messages (never raises)."""
     try:
         text = repr(obj)
     except Exception:
         text = f"<{type(obj).__name__}>"
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_short = short_repr
 
 
 def dumps_function(fn) -> tuple[str, bytes]:

@@ -247,11 +247,9 @@ def _portable_exc(e: BaseException, tb: str):
 
 
 def _short(obj) -> str:
-    try:
-        text = repr(obj)
-    except Exception:
-        text = f"<{type(obj).__name__}>"
-    return text if len(text) <= 100 else text[:97] + "..."
+    from miniray.serialization import short_repr
+
+    return short_repr(obj, 100)
 
 
 def _flush_streams():

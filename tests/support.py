@@ -13,6 +13,16 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)
 
 
+def wait_for(cond, timeout=20.0, what="condition"):
+    """Poll ``cond`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def worker_env(url, namespace, extra=None):
     env = dict(os.environ)
     env["MINIRAY_REDIS_URL"] = url

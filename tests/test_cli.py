@@ -9,7 +9,7 @@ import time
 import pytest
 
 import tasks
-from support import ROOT, TESTS
+from support import ROOT, TESTS, wait_for as _wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,15 +22,6 @@ def _cli(cluster, *args):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     return out.stdout
-
-
-def _wait_for(cond, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_up_prints_a_url_that_works():

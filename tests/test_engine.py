@@ -11,17 +11,9 @@ import pytest
 import miniray
 import tasks
 from miniray.observe import LogLine
+from support import wait_for as _wait_for
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _wait_for(cond, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- scheduling --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 
 import miniray
 import tasks
-from support import ROOT, TESTS, worker_env
+from support import ROOT, TESTS, wait_for as _wait_for, worker_env
 from miniray.errors import (
     MemoryLimitError,
     RemoteTraceback,
@@ -25,15 +25,6 @@ from miniray.errors import (
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _wait_for(cond, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _gone(pid):
