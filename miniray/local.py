@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from .server import ServerProcess
 __all__ = ["LocalCluster", "init", "shutdown", "get_local_cluster"]
 
 _lock = threading.Lock()
+_lock_spawner = threading.Lock()
 _cluster: "LocalCluster | None" = None
 
 
@@ -35,7 +37,7 @@ class LocalCluster:
                 "(miniray.init(workers=N) or MINIRAY_LOCAL_WORKERS)")
         self.nworkers, self.slots = n, slots
         # Workers start while the server does; they wait for it to accept connections.
-        self.server = ServerProcess(server_bin, wait=False)
+        self.server = _from_lasting_thread(ServerProcess, server_bin, wait=False)
         self.url = self.server.url
         self._closing = False
         self._log = open(os.path.join(self.server.dir, "workers.log"), "ab")
@@ -57,7 +59,8 @@ class LocalCluster:
         env = dict(os.environ)
         env["MINIRAY_REDIS_URL"] = self.url  # in the environment, not on a visible command line
         env.setdefault("PYTHONUNBUFFERED", "1")
-        return subprocess.Popen(
+        return _from_lasting_thread(
+            subprocess.Popen,
             [sys.executable, "-m", "miniray.worker", "--slots", str(self.slots),
              "--name", f"local-{i}", "--cpu-offset", str(i), "--parent-pid", str(os.getpid())],
             env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
@@ -97,6 +100,44 @@ class LocalCluster:
 
     def __repr__(self) -> str:
         return f"<miniray.LocalCluster workers={self.nworkers} alive={len(self.worker_pids())}>"
+
+
+_spawner: "queue.SimpleQueue | None" = None
+
+
+def _from_lasting_thread(fn, *args, **kwargs):
+    """Call ``fn`` (which starts a process) from a thread that lives as long as this process.
+
+    The server and the workers use the parent-death signal, which Linux sends when the
+    *thread* that forked them exits. Started from a short-lived thread (a widget callback, a
+    thread pool), they would die with it; the main thread and this daemon thread last.
+    """
+    global _spawner
+    if threading.current_thread() is threading.main_thread():
+        return fn(*args, **kwargs)
+    with _lock_spawner:
+        if _spawner is None:
+            _spawner = queue.SimpleQueue()
+
+            def serve(q):
+                while True:
+                    job, box, done = q.get()
+                    try:
+                        box.append((True, job()))
+                    except BaseException as e:  # handed back to the caller
+                        box.append((False, e))
+                    done.set()
+
+            threading.Thread(target=serve, args=(_spawner,), daemon=True,
+                             name="miniray-spawner").start()
+    box: list = []
+    done = threading.Event()
+    _spawner.put((lambda: fn(*args, **kwargs), box, done))
+    done.wait()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def get_local_cluster() -> LocalCluster:

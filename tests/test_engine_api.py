@@ -197,3 +197,17 @@ time.sleep(60)
             return
         time.sleep(0.1)
     raise AssertionError(f"still running after the owner was killed: {alive}")
+
+
+def test_local_cluster_started_from_a_short_lived_thread_outlives_it():
+    code = """
+import threading, time, miniray
+box = []
+t = threading.Thread(target=lambda: box.append(miniray.Executor()))
+t.start(); t.join()
+time.sleep(1.0)  # a parent-death signal tied to that thread would have fired by now
+print(box[0].submit(abs, -5).result(timeout=20))
+"""
+    out = _run_script(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "5"
