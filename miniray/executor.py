@@ -86,6 +86,10 @@ class MinirayFuture(Future):
 _MISSING = object()
 
 
+def _deref(held):
+    return held() if isinstance(held, weakref.ref) else held
+
+
 def _cancel(fut: Future) -> bool:
     """Cancel ``fut`` and tell its waiters: ``wait()`` and ``as_completed()`` only hear of a
     cancellation through ``set_running_or_notify_cancel``, as executors do it."""
@@ -123,13 +127,18 @@ class Executor(_BaseExecutor):
     ...     print(sum(ex.map(lambda x: x * x, range(10_000), chunksize=100)))
 
     With no ``redis_url`` and no ``MINIRAY_REDIS_URL`` it starts (or reuses) this process's
-    embedded local cluster. All tasks of one executor form one job: its ``priority`` (higher
+    embedded local cluster; ``max_workers`` sizes that cluster when this executor is the one
+    that starts it (as with ``ProcessPoolExecutor``; an already running cluster is reused). All tasks of one executor form one job: its ``priority`` (higher
     runs first), ``limits`` and ``env`` (extra environment variables) apply to every task.
     """
 
     def __init__(self, redis_url: str | None = None, job_name: str | None = None,
-                 priority: int = 1, limits: Limits | None = None, env: dict | None = None):
+                 priority: int = 1, limits: Limits | None = None, env: dict | None = None,
+                 max_workers: int | None = None):
         self._settings = s = settings()
+        if max_workers is not None and (isinstance(max_workers, bool)
+                                        or not isinstance(max_workers, int) or max_workers <= 0):
+            raise ValueError("max_workers must be greater than 0")
         if limits is None:
             limits = Limits()
         if not isinstance(limits, Limits):
@@ -145,7 +154,7 @@ class Executor(_BaseExecutor):
         if url is None:
             from .local import get_local_cluster
 
-            self._local = get_local_cluster()
+            self._local = get_local_cluster(max_workers)
             url = self._local.url
         self.redis_url = url
         self.limits, self.priority, self.env = limits, priority, dict(env or {})
@@ -268,15 +277,23 @@ class Executor(_BaseExecutor):
             raise RuntimeError("cannot schedule new futures after shutdown")
 
     def _function(self, fn) -> str:
-        """The function's content hash; it is pickled once per executor (LRU of 128)."""
+        """The function's content hash; it is pickled once per executor (LRU of 128).
+
+        The cache holds functions weakly where it can: an executor must not keep a bound
+        method's object (or a closure's cells) alive after its tasks are done.
+        """
         with self._lock:
             entry = self._functions.get(id(fn))
-            if entry is not None and entry[0] is fn:
+            if entry is not None and _deref(entry[0]) is fn:
                 self._functions.move_to_end(id(fn))
                 return entry[1]
         sha, data = dumps_function(fn)
+        try:
+            held = weakref.ref(fn)
+        except TypeError:  # builtins and a few others: they live forever anyway
+            held = fn
         with self._lock:
-            self._functions[id(fn)] = (fn, sha)
+            self._functions[id(fn)] = (held, sha)
             while len(self._functions) > 128:
                 self._functions.popitem(last=False)
             if sha not in self._fn_fresh:
@@ -488,6 +505,8 @@ class Executor(_BaseExecutor):
         if ref.left <= 0:
             with self._lock:
                 self._refs.pop(ref.chunk, None)
+            ref.future._ref = None  # nothing may keep a result alive but its future
+            ref.values = ref.errors = None
 
     def _complete(self, ref: _Ref, value, worker, host) -> None:
         fut = ref.future
@@ -678,23 +697,32 @@ def _split_chunk(chunk: Future, items: list) -> None:
 
 
 def _ordered_results(futures: list, deadline: float | None):
-    """Yield map results in order; the first error raises when its element is reached."""
+    """Yield map results in order; the first error raises when its element is reached.
+
+    Like ``concurrent.futures``, it keeps no reference to a result it has yielded: each
+    chunk's future is dropped once read, and its values are popped as they go out.
+    """
     try:
         futures.reverse()
         while futures:
-            f = futures[-1]
-            if deadline is None:
-                values, errors = f.result()
-            else:
-                values, errors = f.result(max(0.0, deadline - time.monotonic()))
-            futures.pop()
-            if not errors:
-                yield from values
-                continue
-            for i, value in enumerate(values):
-                if i in errors:
+            f = futures.pop()
+            try:
+                if deadline is None:
+                    values, errors = f.result()
+                else:
+                    values, errors = f.result(max(0.0, deadline - time.monotonic()))
+            except BaseException:
+                futures.append(f)  # still pending (timeout): cancelled below
+                raise
+            f._result = f._ref = None
+            del f
+            values.reverse()
+            i = 0
+            while values:
+                if errors and i in errors:
                     raise errors[i]
-                yield value
+                i += 1
+                yield values.pop()
     except FuturesTimeout:
         raise FuturesTimeout() from None
     finally:

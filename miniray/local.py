@@ -140,14 +140,14 @@ def _from_lasting_thread(fn, *args, **kwargs):
     return value
 
 
-def get_local_cluster() -> LocalCluster:
-    """This process's embedded cluster, started on first use."""
+def get_local_cluster(workers: int | None = None) -> LocalCluster:
+    """This process's embedded cluster, started on first use (with ``workers`` workers)."""
     global _cluster
     with _lock:
         if _cluster is None or not _cluster.server_alive():
             if _cluster is not None:
                 _cluster.close()
-            _cluster = LocalCluster()
+            _cluster = LocalCluster(workers)
         return _cluster
 
 

@@ -201,3 +201,53 @@ def test_many_threads_submitting(make_executor):
     for t in threads:
         t.join()
     assert sorted(results) == sorted(k * 100 + i for k in range(4) for i in range(25))
+
+
+class _Dummy:
+    def method(self):
+        return 1
+
+
+def _make_dummy(_):
+    return _Dummy()
+
+
+def test_map_iterator_keeps_no_reference_to_yielded_results(make_executor):
+    # CPython issue #14406
+    import gc
+    import weakref
+
+    ex = make_executor()
+    for obj in ex.map(_make_dummy, range(10)):
+        wr = weakref.ref(obj)
+        del obj
+        gc.collect()
+        assert wr() is None
+
+
+def test_executor_keeps_no_stale_reference_to_submitted_callables(make_executor):
+    # CPython issue #16284: a discarded future must not keep its callable's object alive
+    import gc
+    import weakref
+
+    ex = make_executor()
+    obj = _Dummy()
+    collected = threading.Event()
+    _ref = weakref.ref(obj, lambda _: collected.set())
+    ex.submit(obj.method).result(timeout=30)
+    del obj
+    deadline = time.monotonic() + 10
+    while not collected.is_set() and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert collected.is_set(), "the executor kept a reference to the submitted callable"
+
+
+def test_max_workers_must_be_positive(make_executor):
+    import miniray
+
+    kinds = {"thread": cf.ThreadPoolExecutor, "process": cf.ProcessPoolExecutor,
+             "miniray": miniray.Executor}
+    for n in (0, -1):
+        with pytest.raises(ValueError, match="max_workers must be greater than 0"):
+            kinds[make_executor.kind](max_workers=n)
