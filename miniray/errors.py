@@ -15,10 +15,13 @@ itself has to report::
      ├── TaskCrashedError                           the task's process died (signal, os._exit)
      ├── WorkerLostError                            its worker died, retries were used up
      ├── JobCancelledError       (CancelledError)   the job was cancelled while the task ran
+     ├── InitializerError        (BrokenExecutor)   the executor's initializer raised
      ├── SSHError                                   an SSH host could not be used; .host
      │    ├── SSHAuthError                          every credential was refused
      │    ├── SSHHostKeyError                       host key unknown or changed
-     │    └── SSHUnreachableError                   no SSH server answered
+     │    ├── SSHUnreachableError                   no SSH server answered
+     │    ├── SSHPreflightError                     host's Python/packages differ; all hosts
+     │    └── SSHClusterError                       SSHCluster hosts failed to start; .errors
      └── ChannelError                               the direct-channel layer (miniray.channels)
           ├── FrameTooLargeError                    a frame over max_size (sent or received)
           ├── ChannelClosedError  (EOFError)        the peer went away
@@ -34,7 +37,7 @@ raises for a cancelled future or an elapsed ``result(timeout=...)``, as with any
 
 from __future__ import annotations
 
-from concurrent.futures import CancelledError
+from concurrent.futures import BrokenExecutor, CancelledError
 
 __all__ = [
     "MinirayError",
@@ -47,11 +50,14 @@ __all__ = [
     "TaskCrashedError",
     "WorkerLostError",
     "JobCancelledError",
+    "InitializerError",
     "RemoteTraceback",
     "SSHError",
     "SSHAuthError",
     "SSHHostKeyError",
     "SSHUnreachableError",
+    "SSHPreflightError",
+    "SSHClusterError",
     "ChannelError",
     "FrameTooLargeError",
     "ChannelClosedError",
@@ -103,6 +109,10 @@ class JobCancelledError(MinirayError, CancelledError):
     """The task's job was cancelled while the task was running."""
 
 
+class InitializerError(MinirayError, BrokenExecutor):
+    """The executor's ``initializer`` raised in a task process; its tasks there cannot run."""
+
+
 class SSHError(MinirayError):
     """Base class of SSH failures; ``host`` is the host as the user named it."""
 
@@ -121,6 +131,18 @@ class SSHHostKeyError(SSHError):
 
 class SSHUnreachableError(SSHError):
     """No SSH server answered: DNS failure, refused or timed-out connection."""
+
+
+class SSHPreflightError(SSHError):
+    """Hosts' Python, cloudpickle or miniray differ from the notebook's (every host listed)."""
+
+
+class SSHClusterError(SSHError):
+    """Several hosts of an ``SSHCluster`` failed; ``errors`` maps each host to its error."""
+
+    def __init__(self, message, host=None, errors=None):
+        super().__init__(message, host)
+        self.errors = dict(errors or {})
 
 
 class ChannelError(MinirayError):

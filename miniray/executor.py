@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import itertools
 import os
 import sys
@@ -128,13 +129,15 @@ class Executor(_BaseExecutor):
 
     With no ``redis_url`` and no ``MINIRAY_REDIS_URL`` it starts (or reuses) this process's
     embedded local cluster; ``max_workers`` sizes that cluster when this executor is the one
-    that starts it (as with ``ProcessPoolExecutor``; an already running cluster is reused). All tasks of one executor form one job: its ``priority`` (higher
+    that starts it (as with ``ProcessPoolExecutor``; an already running cluster is reused).
+    ``initializer(*initargs)`` runs once in each task process before the first task of this
+    job there; if it raises, those tasks fail with ``InitializerError`` (a ``BrokenExecutor``). All tasks of one executor form one job: its ``priority`` (higher
     runs first), ``limits`` and ``env`` (extra environment variables) apply to every task.
     """
 
     def __init__(self, redis_url: str | None = None, job_name: str | None = None,
                  priority: int = 1, limits: Limits | None = None, env: dict | None = None,
-                 max_workers: int | None = None):
+                 max_workers: int | None = None, initializer=None, initargs: tuple = ()):
         self._settings = s = settings()
         if max_workers is not None and (isinstance(max_workers, bool)
                                         or not isinstance(max_workers, int) or max_workers <= 0):
@@ -178,6 +181,10 @@ class Executor(_BaseExecutor):
         self._fn_fresh: dict[str, float] = {}  # sha -> when its TTL was last renewed
         self._shutdown = False
         self._broken: BaseException | None = None
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        self._init_sha = (self._function(functools.partial(initializer, *initargs))
+                          if initializer is not None else None)
         self._create_job()
         self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
                                          name=f"miniray-flush-{self.client_id}")
@@ -196,7 +203,7 @@ class Executor(_BaseExecutor):
     def _create_job(self) -> None:
         lim = self.limits
         spec = {"timeout": lim.timeout_seconds, "memory_bytes": lim.memory_bytes,
-                "cpus": lim.cpus, "gpus": lim.gpus, "env": self.env}
+                "cpus": lim.cpus, "gpus": lim.gpus, "env": self.env, "init": self._init_sha}
         pipe = self._r.pipeline()
         pipe.command("SET", self.keys.client(self.client_id), os.getpid(), "EX", 30)
         self._broker.create_job(pipe, self.job_id, self.client_id, self.job_name,

@@ -9,7 +9,8 @@ shared page, so the worker can enforce timeouts and knows which item was running
 process dies. stdout, stderr and ``logging`` are captured line by line and sent as log lines.
 
 Worker -> task process::
-    ("run", [(seq, group, sha, skip, env, nframes), ...], [(sha, fn bytes), ...]) + frames
+    ("run", [(seq, group, sha, skip, env, nframes, init sha), ...], [(sha, fn bytes), ...])
+    + frames
 Task process -> worker::
     ("res", group, [(seq, final, indices, n_ok, n_err), ...], blob)
     ("log", [(seq, idx, stream, text), ...])
@@ -100,6 +101,7 @@ class Runner:
         self.functions: dict = {}
         self.seq, self.idx = -1, -1
         self.pending: dict = {}  # group -> ([header], [batch]) not yet sent
+        self.initialized: dict = {}  # group -> None, or the initializer's failure
         self.last_flush = time.monotonic()
 
     def log(self, stream: str, lines) -> None:
@@ -124,17 +126,39 @@ class Runner:
             for sha, data in fns:
                 self.functions[sha] = data
             batch = [(spec, [conn.recv_bytes() for _ in range(spec[5])]) for spec in chunks]
-            for (seq, group, sha, skip, env, _), frames in batch:
-                self.run_chunk(seq, group, sha, skip, env, frames)
+            for (seq, group, sha, skip, env, _, init), frames in batch:
+                self.run_chunk(seq, group, sha, skip, env, frames, init)
             if not conn.poll(0) or time.monotonic() - self.last_flush >= FLUSH_SECONDS:
                 self.flush()
 
-    def run_chunk(self, seq, group, sha, skip, env, frames) -> None:
+    def initialize(self, group, init) -> None:
+        """Run the job's initializer once in this process; remember how it went."""
+        if group in self.initialized:
+            return
+        try:
+            self.function(init)()
+            self.initialized[group] = None
+        except BaseException as e:
+            from miniray.errors import InitializerError
+
+            err = InitializerError(
+                f"the executor's initializer raised {type(e).__name__}: {_short(e)}, so no "
+                "task of this job can run in this process; fix the initializer and submit "
+                "again (its traceback is chained below)")
+            self.initialized[group] = _portable_exc(err, traceback.format_exc())
+
+    def run_chunk(self, seq, group, sha, skip, env, frames, init=None) -> None:
         self.seq = seq
         saved = _apply_env(env)
         progress, monotonic = self.progress, time.monotonic
         try:
             try:
+                if init:
+                    self.initialize(group, init)
+                    failed = self.initialized[group]
+                    if failed is not None:
+                        self.add(group, seq, True, None, [], {-1: failed}, 0, -1)
+                        return
                 fn = self.function(sha)
                 kind, *payload = pickle.loads(frames[0], buffers=frames[1:])
             except BaseException as e:  # the whole chunk fails the same way

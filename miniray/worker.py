@@ -165,10 +165,12 @@ class _Slot(threading.Thread):
             self.seq += 1
             chunks.append(_Chunk(job, entry, chunk_id, self.seq, head.fn_sha, head.start,
                                  head.count, [body, *frames[1:]], spec))
-        missing = self.w.functions_missing({c.sha for c in chunks}, self.r)
+        init = spec.get("init")
+        missing = self.w.functions_missing({c.sha for c in chunks} | ({init} if init else set()),
+                                           self.r)
         with self.lock:
             for c in chunks:
-                if c.sha in missing:
+                if c.sha in missing or init in missing:
                     self.fail_chunk(c, MinirayError(
                         f"the function of job {c.job} is no longer in Redis (it expired after "
                         f"MINIRAY_FUNCTION_TTL_SECONDS or the server restarted); submit again"))
@@ -219,11 +221,13 @@ class _Slot(threading.Thread):
         for c in batch:
             c.sent_at = now
             self.inflight[c.seq] = c
-            if c.sha not in proc.known_fns:
-                fns.append((c.sha, self.w.fn_cache.get(c.sha)))
-                proc.known_fns.add(c.sha)
+            init = c.spec.get("init")
+            for sha in (c.sha, init) if init else (c.sha,):
+                if sha not in proc.known_fns:
+                    fns.append((sha, self.w.fn_cache.get(sha)))
+                    proc.known_fns.add(sha)
             specs.append((c.seq, c.job, c.sha, frozenset(c.delivered), c.spec.get("env") or None,
-                          len(c.frames)))
+                          len(c.frames), init))
             frames += c.frames
             started[c.job] = started.get(c.job, 0) + c.count - len(c.delivered)
         try:

@@ -136,3 +136,19 @@ def stamp(seconds=0.0, tag=None):
     """Sleep, then return (tag, wall-clock finish time)."""
     time.sleep(seconds)
     return tag, time.time()
+
+
+INIT_STATUS = "uninitialized"
+
+
+def set_init_status(value):
+    global INIT_STATUS
+    INIT_STATUS = value
+
+
+def get_init_status():
+    return INIT_STATUS
+
+
+def failing_initializer():
+    raise ValueError("error in initializer")

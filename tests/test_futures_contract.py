@@ -251,3 +251,31 @@ def test_max_workers_must_be_positive(make_executor):
     for n in (0, -1):
         with pytest.raises(ValueError, match="max_workers must be greater than 0"):
             kinds[make_executor.kind](max_workers=n)
+
+
+def _make(kind, request, **kwargs):
+    if kind == "thread":
+        return cf.ThreadPoolExecutor(2, **kwargs)
+    if kind == "process":
+        return cf.ProcessPoolExecutor(2, **kwargs)
+    return request.getfixturevalue("two_workers").executor(**kwargs)
+
+
+def test_initializer_runs_before_tasks(make_executor, request):
+    ex = _make(make_executor.kind, request, initializer=tasks.set_init_status,
+               initargs=("initialized",))
+    try:
+        fs = [ex.submit(tasks.get_init_status) for _ in range(4)]
+        assert [f.result(timeout=30) for f in fs] == ["initialized"] * 4
+    finally:
+        ex.shutdown(cancel_futures=True)
+
+
+def test_failing_initializer_breaks_the_tasks(make_executor, request):
+    ex = _make(make_executor.kind, request, initializer=tasks.failing_initializer)
+    try:
+        f = ex.submit(tasks.identity, 1)
+        with pytest.raises(cf.BrokenExecutor):
+            f.result(timeout=30)
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
