@@ -42,7 +42,7 @@ from .errors import (
 )
 from .keys import Keys
 from .limits import Limits
-from .resp import RedisError
+from .resp import NoScriptError, RedisError
 from .protocol import LostChunk, decode_message, encode_chunk_head
 from .serialization import dumps, dumps_function, loads
 
@@ -428,12 +428,22 @@ class Executor(_BaseExecutor):
                     broker.reap(s.worker_dead_seconds, s.max_retries, s.event_stream_maxlen,
                                 s.result_ttl_seconds, pipe=pipe)
                     pipe.command("HGET", k.job(self.job_id), "state")
-                    if pipe.execute()[-1] == b"cancelled" and self._refs:
+                    state = pipe.execute()[-1]
+                    if state == b"cancelled" and self._refs:
                         self._cancelled_elsewhere()  # `miniray cancel`: no result will come
+                    elif state is None:
+                        self._break(ServerLostError(
+                            f"the server at {_redact(self.redis_url)} no longer knows job "
+                            f"{self.job_id} (it restarted and lost its data, or someone deleted "
+                            "its keys); pending futures fail. Start a new Executor."))
+                        break
                     next_upkeep = now + s.heartbeat_seconds
                 got = self._rr.execute("BLMPOP", s.heartbeat_seconds, 1, key, "LEFT", "COUNT",
                                        1024)
                 lost_since = None
+            except NoScriptError:  # the server restarted and lost our scripts
+                broker.load_scripts()
+                continue
             except RedisError as e:
                 if self._local is not None and not self._local.server_alive():
                     lost_since = 0.0  # our own server died: no point in waiting

@@ -80,11 +80,12 @@ class ServerProcess:
     """A running private server. ``url`` carries the password; ``close()`` stops it."""
 
     def __init__(self, binary: str | None = None, port: int | None = None,
-                 tcp: bool = False, log_path: str | None = None, wait: bool = True):
+                 tcp: bool = False, log_path: str | None = None, wait: bool = True,
+                 password: str | None = None):
         self.binary = find_server_binary(binary)
         self.dir = tempfile.mkdtemp(prefix="miniray-")
         os.chmod(self.dir, 0o700)
-        self.password = secrets.token_urlsafe(24)
+        self.password = password or secrets.token_urlsafe(24)
         self.socket_path = None if tcp or port else os.path.join(self.dir, "redis.sock")
         self.port = (port or _free_port()) if (tcp or port) else 0
         conf = [

@@ -45,7 +45,7 @@ from .errors import (
     TaskTimeoutError,
 )
 from .isolation import memory_cgroup_support
-from .resp import ConnectionLost, Connection, RedisError
+from .resp import Connection, ConnectionLost, NoScriptError, RedisError
 from .protocol import ResultHeader, decode_chunk_head, encode_result
 from .taskslot import TaskProcess
 
@@ -111,6 +111,8 @@ class _Slot(threading.Thread):
                 except ConnectionLost as e:
                     if not self.w.server_gone(e):
                         time.sleep(0.2)
+                except NoScriptError:  # the server restarted and lost our scripts
+                    self.broker.load_scripts()
         except Exception:  # a bug must not leave the worker half-alive
             log.exception("slot %d failed; stopping the worker", self.index)
             self.w.stop()

@@ -233,3 +233,33 @@ def test_local_cluster_leaves_no_process_behind():
     pids = [int(p) for p in line.split()[1:]]
     assert len(pids) == 3
     _wait_for(lambda: all(_gone(p) for p in pids), timeout=10, what=f"{pids} to exit")
+
+
+def test_server_restart_fails_old_jobs_and_workers_carry_on(tmp_path, monkeypatch):
+    """A restarted (empty) server: the old executor fails cleanly, the worker reconnects,
+    reloads its scripts and serves a new executor."""
+    from miniray.server import ServerProcess
+
+    srv = ServerProcess(tcp=True)
+    ns = "restart"
+    monkeypatch.setenv("MINIRAY_NAMESPACE", ns)
+    log = open(tmp_path / "w.log", "ab")
+    w = subprocess.Popen([sys.executable, "-m", "miniray.worker", "--name", "survivor"],
+                         env=worker_env(srv.url, ns), stdout=log, stderr=log)
+    srv2 = None
+    try:
+        old = miniray.Executor(redis_url=srv.url)
+        assert old.submit(tasks.square, 3).result(timeout=30) == 9
+        port, password = srv.port, srv.password
+        srv.close()
+        srv2 = ServerProcess(port=port, password=password)
+        with pytest.raises(ServerLostError):  # at submit, or on the future: never a hang
+            old.submit(tasks.square, 4).result(timeout=30)
+        new = miniray.Executor(redis_url=srv2.url)
+        assert new.submit(tasks.square, 5).result(timeout=30) == 25
+        new.shutdown()
+        assert w.poll() is None, "the worker survived the restart"
+    finally:
+        w.terminate()
+        w.wait(10)
+        (srv2 or srv).close()
