@@ -654,14 +654,24 @@ class Executor(_BaseExecutor):
         return observe.job_progress(self._r, self.keys, self.job_id)
 
     def logs(self, follow: bool = False, timeout: float | None = None, since: str = "0-0"):
-        """Iterate this job's captured log lines (:class:`miniray.observe.LogLine`)."""
-        return observe.iter_logs(self._fresh_client(), self.keys, self.job_id, follow=follow,
-                                 timeout=timeout, since=since, stop=self._finished_event())
+        """Iterate this job's captured log lines (:class:`miniray.observe.LogLine`).
+
+        With ``follow`` it waits for new lines until ``timeout`` or until the executor is shut
+        down with nothing pending. Each iterator has its own connection, closed at its end.
+        """
+        return self._stream(observe.iter_logs, follow, timeout, since)
 
     def events(self, follow: bool = False, timeout: float | None = None, since: str = "0-0"):
         """Iterate this job's task events (queued, started, finished, failed, retried, ...)."""
-        return observe.iter_events(self._fresh_client(), self.keys, self.job_id, follow=follow,
-                                   timeout=timeout, since=since, stop=self._finished_event())
+        return self._stream(observe.iter_events, follow, timeout, since)
+
+    def _stream(self, reader, follow, timeout, since):
+        conn = connect(self.redis_url)
+        try:
+            yield from reader(conn, self.keys, self.job_id, follow=follow, timeout=timeout,
+                              since=since, stop=self._finished_event())
+        finally:
+            conn.close()
 
     def add_log_callback(self, fn, since: str = "$") -> threading.Thread:
         """Call ``fn(line)`` from a background thread for each new log line of this job."""
@@ -670,9 +680,6 @@ class Executor(_BaseExecutor):
     def workers(self) -> list:
         """The live workers' latest heartbeats (host, slots, CPU, RAM, GPUs)."""
         return observe.list_workers(self._r, self.keys)
-
-    def _fresh_client(self):
-        return connect(self.redis_url)
 
     def _finished_event(self):
         return lambda: self._shutdown and not self._refs

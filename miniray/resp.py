@@ -108,6 +108,18 @@ class Connection:
                     self.close()
                     raise r
 
+    def __del__(self):  # like redis-py: a dropped client closes its socket quietly
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:

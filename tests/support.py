@@ -48,9 +48,9 @@ class Cluster:
     def start_worker(self, *args, name=None, extra_env=None, wait=True):
         name = name or f"w{len(self.procs)}"
         env = worker_env(self.url, self.namespace, {**self.env_extra, **(extra_env or {})})
-        log = open(self.tmp / f"{name}.log", "ab")
-        p = subprocess.Popen([sys.executable, "-m", "miniray.worker", "--name", name, *args],
-                             env=env, stdout=log, stderr=log)
+        with open(self.tmp / f"{name}.log", "ab") as log:  # the child keeps its own copy
+            p = subprocess.Popen([sys.executable, "-m", "miniray.worker", "--name", name, *args],
+                                 env=env, stdout=log, stderr=log)
         p.log_path = self.tmp / f"{name}.log"
         self.procs.append(p)
         if wait:
@@ -74,7 +74,7 @@ class Cluster:
             if len(self.workers()) >= n:
                 return
             time.sleep(0.05)
-        logs = "\n".join(open(p.log_path).read()[-2000:] for p in self.procs)
+        logs = "\n".join(p.log_path.read_text()[-2000:] for p in self.procs)
         raise AssertionError(f"{n} workers did not register within {timeout}s:\n{logs}")
 
     def executor(self, **kwargs):

@@ -20,8 +20,20 @@ from support import ROOT, TESTS
 pytestmark = pytest.mark.timeout(60)
 
 
-def _redis(cluster):
-    return Connection(cluster.url)
+def _redis(cluster, request=None):
+    conn = Connection(cluster.url)
+    _OPEN.append(conn)
+    return conn
+
+
+_OPEN: list = []
+
+
+@pytest.fixture(autouse=True)
+def _close_connections():
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
 
 
 def test_function_is_stored_once_by_hash_with_a_ttl(cluster):
@@ -189,6 +201,7 @@ time.sleep(60)
     assert len(pids) >= 2
     p.kill()
     p.wait()
+    p.stdout.close()
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         alive = [pid for pid in pids if psutil.pid_exists(pid)
