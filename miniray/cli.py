@@ -1,4 +1,4 @@
-"""The ``miniray`` command: worker, up, status, logs, cancel."""
+"""The ``miniray`` command: worker, up, ssh-up, status, logs, cancel."""
 
 from __future__ import annotations
 
@@ -120,6 +120,10 @@ def main(argv=None) -> int:
         from .worker import main as worker_main
 
         return worker_main(argv[1:])
+    if argv[:1] == ["ssh-up"]:
+        from .sshcluster import main as ssh_up_main
+
+        return ssh_up_main(argv[1:])
     if argv[:1] == ["serve"]:
         try:
             from .channels.server import main as serve_main
@@ -130,6 +134,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("worker", help="run a worker (see `miniray worker --help`)")
     sub.add_parser("serve", help="run a channels WorkerServer (see `miniray serve --help`)")
+    sub.add_parser("ssh-up", help="start workers on SSH hosts (see `miniray ssh-up --help`)")
     up = sub.add_parser("up", help="start a local server and workers in the foreground")
     up.add_argument("-n", "--workers", type=int, default=None)
     up.add_argument("--slots", type=int, default=1)

@@ -183,8 +183,13 @@ class ReverseTunnel:
         self._closed = False
         self._open = set()
         self._lock = threading.Lock()
-        self.port = self._transport.request_port_forward("127.0.0.1", remote_port,
-                                                         handler=self._on_channel)
+        paramiko = _paramiko()
+        try:
+            self.port = self._transport.request_port_forward("127.0.0.1", remote_port,
+                                                             handler=self._on_channel)
+        except paramiko.SSHException as e:
+            raise SSHError(f"the host refused a reverse port forward ({e}): its sshd needs "
+                           "`AllowTcpForwarding yes` (or `remote`) in sshd_config") from e
 
     def _on_channel(self, chan, origin, server):
         # called from paramiko's transport thread: never block it
@@ -258,12 +263,37 @@ class ReverseTunnel:
 
 
 def put_file(client, local_path, remote_path):
-    """Copy ``local_path`` to ``remote_path`` on the host with SFTP (``~`` is the login dir)."""
-    sftp = client.open_sftp()
+    """Copy ``local_path`` to ``remote_path`` on the host with SFTP (``~/`` is the login dir).
+
+    Hosts whose sshd has no sftp subsystem get the bytes through ``cat`` instead.
+    """
+    paramiko = _paramiko()
+    if remote_path.startswith("~/"):
+        remote_path = remote_path[2:]
     try:
-        if remote_path.startswith("~/"):
-            remote_path = remote_path[2:]
-        sftp.put(local_path, remote_path)
-    finally:
-        sftp.close()
+        sftp = client.open_sftp()
+    except paramiko.SSHException:
+        sftp = None
+    if sftp is not None:
+        try:
+            sftp.put(local_path, remote_path)
+        finally:
+            sftp.close()
+        return remote_path
+    import shlex
+
+    chan = client.get_transport().open_session()
+    chan.exec_command(f"cat > {shlex.quote(remote_path)}")
+    with open(local_path, "rb") as f:
+        while True:
+            block = f.read(1 << 16)
+            if not block:
+                break
+            chan.sendall(block)
+    chan.shutdown_write()
+    status = chan.recv_exit_status()
+    chan.close()
+    if status != 0:
+        raise SSHError(f"cannot write {remote_path} on the host (no sftp, and cat exited "
+                       f"with status {status})")
     return remote_path

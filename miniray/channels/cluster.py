@@ -21,8 +21,11 @@ from .handshake import LISTENING, SECRET_PROMPT
 
 @dataclass
 class NodeConfig:
-    """One machine of a Cluster. ``python`` defaults to ``python3`` on the node's PATH; ``gpus``
-    are dealt round-robin to its workers; ``env`` is set for the server and its workers."""
+    """One machine of a Cluster or an SSHCluster. ``python`` defaults to ``python3`` on the
+    node's PATH; ``env`` is set for the processes started there. For a ``Cluster``,
+    ``num_workers`` RemoteWorkers are started and ``gpus`` dealt round-robin to them; for an
+    ``SSHCluster``, one ``miniray worker`` runs ``slots`` tasks at once (default: the host's
+    cores) and owns ``gpus`` (default: what NVML finds there)."""
 
     host: str
     user: str = None
@@ -31,6 +34,7 @@ class NodeConfig:
     python: str = None
     gpus: list = None
     env: dict = None
+    slots: int = None
 
 
 class _Node:
