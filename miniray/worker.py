@@ -90,15 +90,20 @@ class _Slot(threading.Thread):
 
     # -- state seen by the heartbeat thread ------------------------------------------------
     def jobs(self) -> set:
-        with self.lock:
-            return {c.job for c in self.inflight.values()} | {c.job for c in self.pending}
+        # list() of a dict view copies it in one step under the GIL: the slot thread may be
+        # changing these while the heartbeat thread reads them
+        return {c.job for c in list(self.inflight.values()) + list(self.pending)}
+
+    def running_job(self) -> str | None:
+        running = list(self.inflight.values())
+        return running[0].job if running else None
 
     def cancel_job(self, job: str) -> None:
         with self.lock:
             if job in self.cancelled_jobs:
                 return
             self.cancelled_jobs[job] = time.monotonic() + self.w.settings.kill_grace_seconds
-            running = any(c.job == job for c in self.inflight.values())
+            running = any(c.job == job for c in list(self.inflight.values()))
         if running and self.proc is not None:
             self.proc.interrupt()
 
@@ -517,13 +522,20 @@ class Worker:
     def info(self) -> dict:
         import psutil
 
-        busy = sum(1 for s in self.slots if s.inflight)
+        busy = sum(1 for s in self.slots if s.running_job())
+        gpus = gpu_mod.telemetry(self.gpu_ids)
+        for slot in self.slots:  # which job holds each GPU (only while a task runs on it)
+            job = slot.running_job()
+            for g in gpus:
+                if job and g["index"] in slot.gpus:
+                    g["job"] = job
+        mem = psutil.virtual_memory()
         return {
             "name": self.name, "host": self.host, "pid": os.getpid(), "slots": self.nslots,
             "busy": busy, "tasks_done": self.tasks_done, "started": self.started,
             "cpu_percent": psutil.cpu_percent(None), "cpus": self.ncpus,
-            "ram_used": psutil.virtual_memory().used, "ram_total": psutil.virtual_memory().total,
-            "isolation": self.isolation, "gpus": gpu_mod.telemetry(self.gpu_ids),
+            "ram_used": mem.used, "ram_total": mem.total,
+            "isolation": self.isolation, "gpus": gpus,
         }
 
     def server_gone(self, error: Exception) -> bool:

@@ -85,6 +85,23 @@ def test_gpu_task_never_goes_to_a_worker_without_gpus(cluster):
             assert f.worker.startswith("gpuw-")
 
 
+def test_heartbeat_tells_which_job_holds_a_gpu(cluster):
+    cluster.start_worker("--gpus", "0,1", name="gpus2")
+    with cluster.executor(limits=miniray.Limits(gpus=1)) as ex:
+        f = ex.submit(tasks.sleep_then, 3.0, "done")
+
+        def holder():
+            for w in ex.workers():
+                held = [g for g in w.get("gpus", []) if g.get("job") == ex.job_id]
+                if held:
+                    return held
+            return None
+
+        _wait_for(holder, timeout=10, what="a heartbeat naming the job on its GPU")
+        assert len(holder()) == 1 and holder()[0]["index"] in (0, 1)
+        assert f.result(timeout=30) == "done"
+
+
 def test_nodes_whitelist(two_workers):
     with two_workers.executor(limits=miniray.Limits(nodes=["w1"])) as ex:
         futures = [ex.submit(tasks.where) for _ in range(6)]
