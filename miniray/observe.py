@@ -183,8 +183,12 @@ class ClusterView:
         return None
 
     def logs(self, job: str, follow: bool = False, timeout: float | None = None):
-        return iter_logs(self._connect(self.url), self.keys, job, follow=follow,
-                         timeout=timeout)
+        """Iterate a job's log lines on a connection of its own, closed at the end."""
+        r = self._connect(self.url)
+        try:
+            yield from iter_logs(r, self.keys, job, follow=follow, timeout=timeout)
+        finally:
+            r.close()
 
     def cancel_job(self, job: str) -> int:
         """Cancel a job as ``miniray cancel`` does; returns how many queued chunks were dropped

@@ -1,0 +1,344 @@
+"""``%miniray`` and ``%%miniray map``: thin magics over miniray's public API.
+
+A user's mistake (bad option, syntax error in the body, an EXPR that fails) raises
+``UsageError`` before anything is submitted; IPython shows it without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.display import display
+
+import miniray
+from miniray.observe import ClusterView
+
+from .cell import compile_cell
+from .logs import format_line
+from .run import MapRun
+
+__all__ = ["MinirayMagics", "split_map_line"]
+
+_MAP_USAGE = ("%%miniray map NAME in EXPR [-o VAR] [--chunksize N] [--priority P] "
+              "[--job-name S] [--timeout S] [--memory GB] [--cpus N] [--gpus N] [--bg]")
+_LINE_USAGE = ("%miniray local [-n WORKERS] | connect URL | status | logs [JOB] [--tail N] | "
+               "cancel [JOB] | up HOST[:SLOTS] ... | down")
+_KEEP_RUNS = 50
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a user's mistake as UsageError instead of exiting."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}\nusage: {self.usage}")
+
+    def exit(self, status=0, message=None):
+        raise UsageError(message or self.format_help())
+
+
+def _map_parser() -> _Parser:
+    p = _Parser(prog="%%miniray map", usage=_MAP_USAGE, add_help=False)
+    p.add_argument("-o", "--output", metavar="VAR")
+    p.add_argument("--chunksize", type=int, default=1)
+    p.add_argument("--priority", type=int, default=1)
+    p.add_argument("--job-name")
+    p.add_argument("--timeout", type=float)
+    p.add_argument("--memory", type=float, metavar="GB")
+    p.add_argument("--cpus", type=int)
+    p.add_argument("--gpus", type=int, default=0)
+    p.add_argument("--bg", action="store_true")
+    return p
+
+
+def split_map_line(line: str) -> tuple[str, str, str]:
+    """``"map x in range(3) -o out"`` -> ``("x", "range(3)", "-o out")``.
+
+    EXPR ends at the first option (`` -x`` / `` --xx``) outside brackets and strings, so
+    ``range(-5, 5)`` and ``a - b`` stay whole.
+    """
+    m = re.match(r"\s*map\s+([^\s]+)\s+in\s+(.*)$", line, re.S)
+    if not m:
+        raise UsageError(f"expected {_MAP_USAGE}\n got: %%miniray {line.strip()}")
+    name, rest = m.group(1), m.group(2)
+    depth, quote, i = 0, None, 0
+    while i < len(rest):
+        c = rest[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "'\"":
+            quote = c
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif (depth == 0 and c.isspace() and rest[i + 1:i + 2] == "-"
+              and re.match(r"-[A-Za-z]|--[A-Za-z]", rest[i + 1:i + 4])):
+            return name, rest[:i].strip(), rest[i + 1:].strip()
+        i += 1
+    return name, rest.strip(), ""
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+@magics_class
+class MinirayMagics(Magics):
+    """The ``%miniray`` line magic and the ``%%miniray map`` cell magic."""
+
+    def __init__(self, shell):
+        super().__init__(shell)
+        self.redis_url: str | None = None  # None: MINIRAY_REDIS_URL, else the local cluster
+        self.runs: list[MapRun] = []
+        self._view: ClusterView | None = None
+        self._ssh = None  # the SSHCluster of %miniray up, until %miniray down
+
+    @line_cell_magic
+    def miniray(self, line, cell=None):
+        """Run a cell over many items on miniray workers, or manage the cluster.
+
+        %%miniray map NAME in EXPR [-o VAR] [--chunksize N] [--priority P] [--job-name S]
+                                    [--timeout S] [--memory GB] [--cpus N] [--gpus N] [--bg]
+        %miniray local [-n WORKERS] | connect URL | status | logs [JOB] [--tail N]
+                 | cancel [JOB] | down
+        %miniray up HOST[:SLOTS] ... [--python PATH] [--install] [--slots N] [--timeout S]
+        """
+        __tracebackhide__ = True
+        if cell is None:
+            return self._line(line)
+        return self._map(line, cell)
+
+    # -- %%miniray map -------------------------------------------------------------------------
+    def _map(self, line: str, cell: str):
+        __tracebackhide__ = True
+        name, expr, opts = split_map_line(line)
+        try:
+            args = _map_parser().parse_args(shlex.split(opts))
+        except ValueError as e:
+            raise UsageError(f"%%miniray map: cannot parse the options {opts!r}: {e}") from None
+        if args.output is not None and not args.output.isidentifier():
+            raise UsageError(f"%%miniray map: -o needs a variable name, not {args.output!r}")
+        if args.chunksize < 1:
+            raise UsageError(f"%%miniray map: --chunksize must be >= 1, not {args.chunksize}")
+        if not expr:
+            raise UsageError(f"%%miniray map: EXPR is missing\nusage: {_MAP_USAGE}")
+        try:
+            limits = miniray.Limits(timeout_seconds=args.timeout, memory_gb=args.memory,
+                                    cpus=args.cpus, gpus=args.gpus)
+        except miniray.ConfigurationError as e:
+            raise UsageError(f"%%miniray map: {e}") from None
+        fn = compile_cell(cell, name, self.shell.user_ns)
+        try:
+            value = eval(expr, self.shell.user_ns)
+        except Exception as e:
+            raise UsageError(f"%%miniray map: cannot evaluate EXPR {expr!r}: "
+                             f"{type(e).__name__}: {e}") from None
+        try:
+            items = list(value)
+        except TypeError:
+            raise UsageError(f"%%miniray map: EXPR {expr!r} gives a {type(value).__name__}, "
+                             "which is not iterable") from None
+        job_name = args.job_name or f"map {name} in {expr}"[:60]
+        try:
+            run = MapRun(fn, items, redis_url=self.redis_url, job_name=job_name,
+                         priority=args.priority, limits=limits, chunksize=args.chunksize,
+                         cancel_button=args.bg, start=False)
+        except miniray.SerializationError as e:
+            raise UsageError(f"%%miniray map: the cell cannot be sent to workers: {e}") from None
+        self.runs = self.runs[-(_KEEP_RUNS - 1):] + [run]
+        if args.bg:
+            if not args.output:
+                return run.start()  # the cell's value: the handle, shown as its live view
+            self.shell.user_ns[args.output] = run
+            display(run)
+            run.start()
+            return None
+        display(run)  # before anything runs, so its text fallback is the same every time
+        run.start()
+        return self._block(run, args.output)
+
+    def _block(self, run: MapRun, output: str | None):
+        __tracebackhide__ = True  # IPython: show the user's error, not these frames
+        interrupted = False
+        try:
+            run.wait()
+        except KeyboardInterrupt:  # the kernel interrupt is the cancel path of a blocking map
+            interrupted = True
+            run.cancel()
+        run.settle()
+        results = run.results()
+        if output:
+            self.shell.user_ns[output] = results
+        print(run.summary())
+        if interrupted:
+            where = f"in {output}" if output else "as the cell's value"
+            print(f"miniray: interrupted, job cancelled; the results so far are {where} "
+                  "(None for items that did not finish)", file=sys.stderr)
+            return None if output else results
+        err = run.first_error()
+        if err is not None:
+            raise err
+        return None if output else results
+
+    # -- %miniray ... ----------------------------------------------------------------------------
+    def _cluster(self) -> ClusterView:
+        if self._view is None:
+            self._view = ClusterView(self.redis_url)
+        return self._view
+
+    def _drop_view(self) -> None:
+        if self._view is not None:
+            try:
+                self._view.close()
+            except Exception:
+                pass
+            self._view = None
+
+    def _line(self, line: str):
+        words = shlex.split(line)
+        if not words:
+            raise UsageError(f"usage: {_LINE_USAGE}")
+        cmd, rest = words[0], words[1:]
+        handler = getattr(self, f"_cmd_{cmd}", None)
+        if handler is None:
+            hint = "; use %%miniray map as a cell magic" if cmd == "map" else ""
+            raise UsageError(f"%miniray: unknown command {cmd!r}{hint}\nusage: {_LINE_USAGE}")
+        return handler(rest)
+
+    def _cmd_local(self, rest):
+        p = _Parser(prog="%miniray local", usage="%miniray local [-n WORKERS]", add_help=False)
+        p.add_argument("-n", "--workers", type=int)
+        args = p.parse_args(rest)
+        if args.workers is not None and args.workers < 1:
+            raise UsageError("%miniray local: -n needs at least 1 worker")
+        self._drop_view()
+        self.redis_url = None
+        cluster = miniray.init(workers=args.workers)
+        print(f"miniray: local cluster up with {cluster.nworkers} worker(s)")
+
+    def _cmd_connect(self, rest):
+        if len(rest) != 1:
+            raise UsageError("usage: %miniray connect URL  (e.g. redis://:PASSWORD@host:6379)")
+        url = rest[0]
+        try:
+            view = ClusterView(url)
+        except Exception as e:
+            raise UsageError(f"%miniray connect: cannot reach {_redact(url)}: {e}") from None
+        self._drop_view()
+        self.redis_url, self._view = url, view
+        print(f"miniray: connected to {_redact(url)}; {len(view.workers())} worker(s) alive")
+
+    def _cmd_up(self, rest):
+        __tracebackhide__ = True
+        from .ssh import UP_USAGE, start_ssh_cluster
+
+        p = _Parser(prog="%miniray up", usage=UP_USAGE, add_help=False)
+        p.add_argument("hosts", nargs="+")
+        p.add_argument("--python")
+        p.add_argument("--install", action="store_true")
+        p.add_argument("--slots", type=int)
+        p.add_argument("--timeout", type=float, default=60.0)
+        args = p.parse_args(rest)
+        if args.slots is not None and args.slots < 1:
+            raise UsageError("%miniray up: --slots must be >= 1")
+        if self._ssh is not None:
+            raise UsageError("%miniray up: SSH workers are already up; %miniray down first")
+        cluster, _ = start_ssh_cluster(args.hosts, slots=args.slots, python=args.python,
+                                       install=args.install, timeout=args.timeout)
+        self._drop_view()  # like %miniray connect: later maps and %miniray status go there
+        self._ssh, self.redis_url = cluster, cluster.url
+        hosts = ", ".join(cluster.status.hosts)
+        print(f"miniray: {len(cluster.status.hosts)} SSH worker(s) up on {hosts}; "
+              "%%miniray map runs there until %miniray down")
+
+    def _cmd_status(self, rest):
+        if rest:
+            raise UsageError("usage: %miniray status")
+        view = self._cluster()
+        workers, jobs = view.workers(), view.jobs()
+        print(f"workers: {len(workers)}")
+        for w in sorted(workers, key=lambda w: w.get("name", "")):
+            gpus = w.get("gpus") or []
+            print(f"  {w.get('name')}  host={w.get('host')}  busy={w.get('busy', 0)}/"
+                  f"{w.get('slots')}  tasks_done={w.get('tasks_done', 0)}"
+                  f"  gpus={len(gpus) or 'none'}")
+        print(f"jobs: {len(jobs)}")
+        for j in jobs:
+            print(f"  {j['name']!r}  state={j['state']}  done={j['done']} failed={j['failed']} "
+                  f"running={j['running']} queued={j['queued']} cancelled={j['cancelled']}")
+
+    def _find_run(self, job):
+        for run in reversed(self.runs):
+            if job is None or job in (run.job, run.name):
+                return run
+        return None
+
+    def _resolve(self, job, command) -> str:
+        run = self._find_run(job)
+        if run is not None:
+            return run.job
+        found = self._cluster().find_job(job)
+        if found is None:
+            what = "no jobs yet" if job is None else f"no job named {job!r}"
+            raise UsageError(f"%miniray {command}: {what}; %miniray status lists the jobs")
+        return found
+
+    def _cmd_logs(self, rest):
+        p = _Parser(prog="%miniray logs", usage="%miniray logs [JOB] [--tail N]", add_help=False)
+        p.add_argument("job", nargs="?")
+        p.add_argument("--tail", type=int, default=50)
+        args = p.parse_args(rest)
+        job = self._resolve(args.job, "logs")
+        lines = list(self._cluster().logs(job))
+        for line in lines[-args.tail:] if args.tail > 0 else lines:
+            print(format_line(line))
+
+    def _cmd_cancel(self, rest):
+        if len(rest) > 1:
+            raise UsageError("usage: %miniray cancel [JOB]")
+        job = rest[0] if rest else None
+        if job is None:
+            running = [r for r in self.runs if not r.done()]
+            for r in running:
+                r.cancel()
+            print(f"miniray: cancelled {len(running)} running map(s)")
+            return
+        run = self._find_run(job)
+        if run is not None:
+            run.cancel()
+            print(f"miniray: cancelled {run.name!r}")
+            return
+        jid = self._resolve(job, "cancel")
+        dropped = self._cluster().cancel_job(jid)
+        print(f"miniray: cancelled job {job!r}: {dropped} queued chunk(s) dropped, running "
+              "tasks are interrupted")
+
+    def _cmd_down(self, rest):
+        for r in self.runs:
+            if not r.done():
+                r.cancel()
+        for r in self.runs:
+            r.settle()  # its threads stop reading before the server goes away
+        self._drop_view()
+        ssh, self._ssh = self._ssh, None
+        if ssh is not None:
+            ssh.close()  # its workers (SIGTERM), tunnels, connections and private server
+            print(f"miniray: SSH workers on {', '.join(ssh.status.hosts)} stopped")
+            if self.redis_url == ssh.url:
+                self.redis_url = None
+                miniray.shutdown()  # and the local cluster, if one was started before
+                return
+        if self.redis_url is None:
+            miniray.shutdown()
+            print("miniray: local cluster stopped")
+        else:
+            print(f"miniray: disconnected from {_redact(self.redis_url)}")
+            self.redis_url = None

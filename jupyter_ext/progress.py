@@ -1,0 +1,162 @@
+"""The counting half of the progress display (the views in ``display.py`` only render it).
+
+``MapProgress`` is fed from three sides: item futures finishing (results thread), the job's
+server-side counters and the workers' heartbeats (the updater thread). ``snapshot()`` gives a
+view a consistent copy.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+
+__all__ = ["MapProgress", "ErrorGroup", "format_exception"]
+
+
+def format_exception(exc: BaseException) -> str:
+    """The exception line plus the worker's traceback chained to it (when there is one)."""
+    cause = exc.__cause__
+    if cause is not None and type(cause).__name__ == "RemoteTraceback":
+        return str(cause).strip().strip('"').strip()  # it ends with the exception line
+    return "".join(traceback.format_exception_only(type(exc), exc)).rstrip()
+
+
+class ErrorGroup:
+    """Failures of one exception type: how many, on which hosts, which items, one traceback."""
+
+    __slots__ = ("type", "count", "hosts", "items", "first", "traceback")
+
+    def __init__(self, type_name: str):
+        self.type, self.count, self.hosts, self.items = type_name, 0, [], []
+        self.first, self.traceback = None, ""
+
+    def add(self, index: int, exc: BaseException, host: str | None) -> None:
+        self.count += 1
+        if host and host not in self.hosts:
+            self.hosts.append(host)
+        if len(self.items) < 20:
+            self.items.append(index)
+        if self.first is None or index < self.first:
+            self.first, self.traceback = index, format_exception(exc)
+
+
+class MapProgress:
+    """Counters of one map: done / failed / cancelled from the items themselves (exact),
+    running / queued from the server (live), rate and ETA from the done items."""
+
+    def __init__(self, total: int, name: str):
+        self.total, self.name = total, name
+        self.done = self.failed = self.cancelled = 0
+        self.running, self.queued = 0, total
+        self.started = time.monotonic()
+        self.finished: float | None = None
+        self.state = "running"  # running, done, failed, cancelled
+        self.errors: dict[str, ErrorGroup] = {}
+        self.workers: list[dict] = []
+        self.by_worker: dict[str, int] = {}  # worker id -> items of this map it finished
+        self.version = 0
+        self._lock = threading.Lock()
+
+    # -- feeding -------------------------------------------------------------------------
+    def item_finished(self, index: int, exc: BaseException | None = None,
+                      cancelled: bool = False, host: str | None = None,
+                      worker: str | None = None) -> bool:
+        """Count one item; True when it was the last one."""
+        with self._lock:
+            if worker and not cancelled:
+                self.by_worker[worker] = self.by_worker.get(worker, 0) + 1
+            if cancelled:
+                self.cancelled += 1
+            elif exc is not None:
+                self.failed += 1
+                name = type(exc).__name__
+                self.errors.setdefault(name, ErrorGroup(name)).add(index, exc, host)
+            else:
+                self.done += 1
+            self.version += 1
+            return self.done + self.failed + self.cancelled >= self.total
+
+    def server_counts(self, counts: dict) -> None:
+        with self._lock:
+            if self.finished is None:
+                self.running = counts.get("running", 0)
+                self.queued = counts.get("queued", 0)
+                self.version += 1
+
+    def set_workers(self, workers: list[dict]) -> None:
+        with self._lock:
+            self.workers = sorted(workers, key=lambda w: (w.get("host", ""), w.get("name", "")))
+            self.version += 1
+
+    def finish(self, cancelled: bool = False) -> None:
+        with self._lock:
+            if self.finished is not None:
+                return
+            self.finished = time.monotonic()
+            self.running = self.queued = 0
+            if cancelled or self.cancelled:
+                self.state = "cancelled"
+            else:
+                self.state = "failed" if self.failed else "done"
+            self.version += 1
+
+    # -- reading -------------------------------------------------------------------------
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+    @property
+    def rate(self) -> float:
+        """Finished items per second so far."""
+        t = self.elapsed
+        return (self.done + self.failed) / t if t > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        left = self.total - self.done - self.failed - self.cancelled
+        if self.finished is not None or left <= 0:
+            return 0.0
+        return left / self.rate if self.rate > 0 else None
+
+    @property
+    def fraction(self) -> float:
+        if not self.total:
+            return 1.0
+        return (self.done + self.failed + self.cancelled) / self.total
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "name": self.name, "total": self.total, "done": self.done,
+                "failed": self.failed, "cancelled": self.cancelled, "running": self.running,
+                "queued": self.queued, "state": self.state, "elapsed": self.elapsed,
+                "rate": self.rate, "eta": self.eta, "fraction": self.fraction,
+                "errors": list(self.errors.values()), "workers": list(self.workers),
+                "by_worker": dict(self.by_worker),
+            }
+
+    def summary(self) -> str:
+        """One line: what a terminal, nbval or a frontend without widgets shows."""
+        s = self.snapshot()
+        head = {"running": "running", "done": "done", "failed": "finished with errors",
+                "cancelled": "cancelled"}[s["state"]]
+        parts = [f"{s['done']}/{s['total']} done"]
+        if s["failed"]:
+            parts.append(f"{s['failed']} failed")
+        if s["cancelled"]:
+            parts.append(f"{s['cancelled']} cancelled")
+        if s["state"] == "running":
+            parts.append(f"{s['running']} running, {s['queued']} queued")
+            if s["eta"] is not None and s["done"]:
+                parts.append(f"ETA {format_seconds(s['eta'])}")
+        else:
+            parts.append(f"in {format_seconds(s['elapsed'])} ({s['rate']:.1f} items/s)")
+        return f"miniray map {s['name']!r} {head}: " + ", ".join(parts)
+
+
+def format_seconds(t: float) -> str:
+    if t < 60:
+        return f"{t:.1f}s"
+    m, s = divmod(int(t), 60)
+    return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
