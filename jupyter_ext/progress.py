@@ -7,6 +7,7 @@ view a consistent copy.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 import traceback
@@ -35,8 +36,8 @@ class ErrorGroup:
         self.count += 1
         if host and host not in self.hosts:
             self.hosts.append(host)
-        if len(self.items) < 20:
-            self.items.append(index)
+        bisect.insort(self.items, index)  # shown in item order, the first 20
+        del self.items[20:]
         if self.first is None or index < self.first:
             self.first, self.traceback = index, format_exception(exc)
 
