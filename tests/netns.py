@@ -39,13 +39,14 @@ def unavailable():
 
 
 def reap_stale():
-    """Remove namespaces and bridges left by an earlier run that was killed (tag = its pid)."""
+    """Remove namespaces, bridges and veths left by an earlier run that was killed (tag = its
+    pid). A tag equal to our own pid is stale too: a dead run had this pid before us."""
     import re
 
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    for tag in set(re.findall(r"\bmr(\d+)(?:h\d+|br)\b", names + links)):
-        if psutil.pid_exists(int(tag)):
+    for tag in set(re.findall(r"\bmr(\d+)(?:h\d+|br|v\d+)\b", names + links)):
+        if int(tag) != os.getpid() and psutil.pid_exists(int(tag)):
             continue
         for ns in re.findall(rf"\b(mr{tag}h\d+)\b", names):
             for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
@@ -55,7 +56,8 @@ def reap_stale():
                 except OSError:
                     pass
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        subprocess.run(["ip", "link", "del", f"mr{tag}br"], capture_output=True)
+        for link in set(re.findall(rf"\b(mr{tag}(?:br|v\d+))\b", links)):
+            subprocess.run(["ip", "link", "del", link], capture_output=True)
 
 
 def _sh(*cmd):
