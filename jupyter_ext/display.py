@@ -12,6 +12,8 @@ import html
 import sys
 import time
 
+from miniray.observe import format_bytes
+
 from .progress import format_seconds
 
 __all__ = ["make_view", "WidgetView", "TextView", "widgets_available"]
@@ -43,12 +45,7 @@ def make_view(progress, logs, on_cancel=None, kind: str | None = None):
 
 
 def _bytes(n) -> str:
-    n = float(n or 0)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
+    return format_bytes(n)
 
 
 def _meter(frac: float, color: str = "#1976d2", width: int = 70) -> str:

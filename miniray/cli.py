@@ -24,12 +24,9 @@ def _client(url):
 
 
 def _fmt_bytes(n) -> str:
-    n = float(n or 0)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
+    from .observe import format_bytes
+
+    return format_bytes(n)
 
 
 def cmd_up(args) -> int:

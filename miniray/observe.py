@@ -12,7 +12,7 @@ from typing import Callable, Iterator, NamedTuple
 
 from .keys import Keys
 
-__all__ = ["LogLine", "Event", "job_progress", "iter_logs", "iter_events", "list_workers",
+__all__ = ["LogLine", "Event", "format_bytes", "job_progress", "iter_logs", "iter_events", "list_workers",
            "list_jobs", "follow_in_thread", "ClusterView"]
 
 _COUNTERS = ("queued", "running", "done", "failed", "cancelled")
@@ -35,6 +35,16 @@ class Event(NamedTuple):
     time: float
     kind: str  # queued, started, finished, failed, retried, lost, cancelled, closing
     fields: dict
+
+
+def format_bytes(n) -> str:
+    """``1536`` -> ``'1.5 KB'``: sizes in heartbeats, for people."""
+    n = float(n or 0)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
 
 
 def _d(v):

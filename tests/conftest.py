@@ -28,3 +28,26 @@ def two_workers(cluster):
     cluster.start_worker(name="w1", wait=False)
     cluster.wait_workers(2)
     return cluster
+
+
+# SSH hosts: an sshd on 127.0.0.1 and two in network namespaces (tests/netns.py), one lab per
+# test module; `home` points ssh at the lab's keys and config.
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    pytest.importorskip("paramiko", reason="SSH support needs paramiko (pip install paramiko)")
+    from netns import SSHLab, unavailable
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(f"SSH hosts in network namespaces unavailable: {reason}")
+    lab = SSHLab(tmp_path_factory.mktemp("sshlab"))
+    yield lab
+    lab.close()
+
+
+@pytest.fixture
+def home(lab, monkeypatch):
+    monkeypatch.setenv("HOME", str(lab.home))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)  # only the configured keys log in
+    monkeypatch.delenv("MINIRAY_REDIS_URL", raising=False)
+    return lab.home

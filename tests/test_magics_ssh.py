@@ -16,27 +16,6 @@ pytestmark = pytest.mark.timeout(60)
 WHERE = "import os\n(os.readlink('/proc/self/ns/net'), x)"
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    pytest.importorskip("paramiko", reason="SSH support needs paramiko (pip install paramiko)")
-    from netns import SSHLab, unavailable
-
-    reason = unavailable()
-    if reason:
-        pytest.skip(f"SSH hosts in network namespaces unavailable: {reason}")
-    lab = SSHLab(tmp_path_factory.mktemp("sshlab"))
-    yield lab
-    lab.close()
-
-
-@pytest.fixture
-def home(lab, monkeypatch):
-    monkeypatch.setenv("HOME", str(lab.home))
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)  # only the configured keys log in
-    monkeypatch.delenv("MINIRAY_REDIS_URL", raising=False)
-    return lab.home
-
-
 @pytest.fixture
 def shell(home):
     hooks = sys.displayhook, sys.excepthook

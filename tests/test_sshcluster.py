@@ -39,27 +39,6 @@ def versions(_):
     return m.__version__, m.__file__, sys.executable
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    pytest.importorskip("paramiko", reason="SSH support needs paramiko (pip install paramiko)")
-    from netns import SSHLab, unavailable
-
-    reason = unavailable()
-    if reason:
-        pytest.skip(f"SSH hosts in network namespaces unavailable: {reason}")
-    lab = SSHLab(tmp_path_factory.mktemp("sshlab"))
-    yield lab
-    lab.close()
-
-
-@pytest.fixture
-def home(lab, monkeypatch):
-    monkeypatch.setenv("HOME", str(lab.home))
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)  # only the configured keys log in
-    monkeypatch.delenv("MINIRAY_REDIS_URL", raising=False)
-    return lab.home
-
-
 def nodes(*aliases, python=sys.executable, **kw):
     """NodeConfigs that mark each host's worker environment with its alias."""
     return [miniray.NodeConfig(a, python=python, env={"MINIRAY_TEST_HOST": a,
