@@ -139,15 +139,24 @@ local done, failed = 0, 0
 for i = 7, #ARGV, 4 do
   local entry = ARGV[i]
   local chunk, nframes, items = parse(entry)
+  local counts = true
   if ARGV[i + 3] == '1' then
     if redis.call('HDEL', K('wip', wid), job .. '/' .. chunk) == 0 then
-      -- we were taken for dead and the chunk was requeued: withdraw the copy if unclaimed
-      redis.call('LREM', K('q', job), 1, entry)
+      -- we were taken for dead and the chunk was requeued
+      if redis.call('LREM', K('q', job), 1, entry) == 1 then
+        -- its copy never ran: undo the requeue's bookkeeping and count this run
+        redis.call('HINCRBY', jk, 'queued', -items)
+        redis.call('HINCRBY', jk, 'running', items)
+      else
+        counts = false  -- another worker took the copy; its run is the one counted
+      end
     end
     redis.call('HDEL', K('tasks', job), unpack(payload_fields(chunk, nframes)))
   end
-  done = done + tonumber(ARGV[i + 1])
-  failed = failed + tonumber(ARGV[i + 2])
+  if counts then
+    done = done + tonumber(ARGV[i + 1])
+    failed = failed + tonumber(ARGV[i + 2])
+  end
 end
 redis.call('HINCRBY', jk, 'running', -(done + failed))
 if done > 0 then redis.call('HINCRBY', jk, 'done', done) end

@@ -263,3 +263,26 @@ def test_server_restart_fails_old_jobs_and_workers_carry_on(tmp_path, monkeypatc
         w.terminate()
         w.wait(10)
         (srv2 or srv).close()
+
+
+def test_frozen_worker_is_taken_for_dead_and_nothing_is_counted_twice(cluster, monkeypatch):
+    """SIGSTOP past the dead timeout: its tasks run elsewhere; when it wakes and finishes
+    them too, every future still completes once and the job's counters stay exact."""
+    monkeypatch.setenv("MINIRAY_WORKER_DEAD_SECONDS", "2")
+    cluster.env_extra["MINIRAY_WORKER_DEAD_SECONDS"] = "2"
+    frozen = cluster.start_worker(name="frozen", wait=False)
+    cluster.start_worker(name="awake", wait=False)
+    cluster.wait_workers(2)
+    with cluster.executor() as ex:
+        futures = [ex.submit(tasks.sleep_then, 1.0, i) for i in range(6)]
+        _wait_for(lambda: ex.progress()["running"] >= 2, what="both workers busy")
+        os.kill(frozen.pid, signal.SIGSTOP)
+        try:
+            _wait_for(lambda: any(e.kind == "retried" for e in ex.events()), timeout=30,
+                      what="the frozen worker's tasks to be retried")
+        finally:
+            os.kill(frozen.pid, signal.SIGCONT)
+        assert sorted(f.result(timeout=60) for f in futures) == list(range(6))
+        _wait_for(lambda: ex.progress()["running"] == 0, what="nothing left running")
+        p = ex.progress()
+        assert (p["done"], p["failed"], p["queued"]) == (6, 0, 0), p
