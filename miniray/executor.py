@@ -19,7 +19,6 @@ import collections
 import functools
 import itertools
 import os
-import sys
 import threading
 import time
 import uuid
@@ -762,5 +761,3 @@ def _shutdown_all() -> None:
         except Exception:
             pass
 
-
-del sys

@@ -38,7 +38,6 @@ import traceback
 
 PROGRESS = struct.Struct("qqd")  # chunk seq, item index, monotonic start time
 FLUSH_SECONDS = 0.02
-OK, ERR = 0, 1  # same tags as miniray.protocol; this module avoids importing the package
 
 
 def _send(conn, lock, obj) -> None:

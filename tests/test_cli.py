@@ -4,7 +4,6 @@ import concurrent.futures as cf
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
