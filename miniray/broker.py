@@ -69,12 +69,24 @@ event(job, ARGV[6], 'kind', 'queued', 'count', ARGV[5])
 return 1
 """
 
-# ARGV: ns worker max_chunks name host free_gpus cpus
+# ARGV: ns worker max_chunks name host free_gpus cpus gpu_free_mb triton
+#   free_gpus: GPUs nobody holds; gpu_free_mb: "mb,mb,.." unreserved MiB per GPU that packed
+#   tasks may share ("" when none); triton: "1" when the worker's Triton server is healthy
 # Returns {} or {job, spec_json, chunk, entry, frame0, frame1.., chunk, entry, ...}
 _CLAIM = _PRELUDE + r"""
 local wid, maxn = ARGV[2], tonumber(ARGV[3])
 local name, host = ARGV[4], ARGV[5]
 local gpus, cpus = tonumber(ARGV[6]), tonumber(ARGV[7])
+local gpu_free_mb = {}
+for x in string.gmatch(ARGV[8] or '', '[^,]+') do gpu_free_mb[#gpu_free_mb + 1] = tonumber(x) end
+local triton = ARGV[9] == '1'
+local function gpus_fit(want, mb)
+  if want == 0 then return true end
+  if mb == 0 then return want <= gpus end
+  local n = 0
+  for _, f in ipairs(gpu_free_mb) do if f >= mb then n = n + 1 end end
+  return n >= want
+end
 -- only a registered worker may hold work, so the reaper can always find what it holds
 if not redis.call('ZSCORE', K('workers'), wid) then return {} end
 local jobs = redis.call('ZREVRANGE', K('jobs'), 0, 255, 'WITHSCORES')
@@ -85,7 +97,8 @@ while i <= #jobs do
   while i <= #jobs and jobs[i + 1] == prio do
     local job = jobs[i]
     local jk = K('job', job)
-    local m = redis.call('HMGET', jk, 'client', 'state', 'req_gpus', 'req_cpus', 'req_nodes')
+    local m = redis.call('HMGET', jk, 'client', 'state', 'req_gpus', 'req_cpus', 'req_nodes',
+                         'req_gpu_mem', 'req_triton')
     if m[2] ~= 'open' then
       redis.call('ZREM', K('jobs'), job)
     elseif redis.call('EXISTS', K('client', m[1])) == 0 then
@@ -94,8 +107,10 @@ while i <= #jobs do
       redis.call('DEL', K('q', job), K('tasks', job))
       redis.call('ZREM', K('jobs'), job)
     else
-      local fits = tonumber(m[3]) <= gpus and (tonumber(m[4]) <= cpus or cpus == 0)
-      if fits and m[5] ~= '' then
+      local fits = gpus_fit(tonumber(m[3]) or 0, tonumber(m[6]) or 0)
+          and ((tonumber(m[4]) or 0) <= cpus or cpus == 0)
+          and (m[7] ~= '1' or triton)
+      if fits and m[5] and m[5] ~= '' then
         fits = string.find(m[5], ',' .. name .. ',', 1, true) ~= nil
             or string.find(m[5], ',' .. host .. ',', 1, true) ~= nil
       end
@@ -358,8 +373,10 @@ class Broker:
 
     # -- worker side ---------------------------------------------------------------------
     def claim(self, worker: str, max_chunks: int, name: str, host: str, free_gpus: int,
-              cpus: int, pipe=None):
-        return self._run("claim", [self.ns, worker, max_chunks, name, host, free_gpus, cpus],
+              cpus: int, pipe=None, gpu_free_mb=(), triton: bool = False):
+        """Take up to ``max_chunks`` chunks of the best job this worker can run now."""
+        return self._run("claim", [self.ns, worker, max_chunks, name, host, free_gpus, cpus,
+                                   ",".join(map(str, gpu_free_mb)), "1" if triton else "0"],
                          pipe)
 
     def complete(self, pipe, worker: str, job: str, chunks: list, ttl: int, maxlen: int,

@@ -202,7 +202,8 @@ class Executor(_BaseExecutor):
     def _create_job(self) -> None:
         lim = self.limits
         spec = {"timeout": lim.timeout_seconds, "memory_bytes": lim.memory_bytes,
-                "cpus": lim.cpus, "gpus": lim.gpus, "env": self.env, "init": self._init_sha}
+                "cpus": lim.cpus, "gpus": lim.gpus, "gpu_mem": lim.gpu_memory_mb,
+                "triton": lim.triton, "env": self.env, "init": self._init_sha}
         pipe = self._r.pipeline()
         pipe.command("SET", self.keys.client(self.client_id), os.getpid(), "EX", 30)
         self._broker.create_job(pipe, self.job_id, self.client_id, self.job_name,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-__all__ = ["discover", "telemetry"]
+__all__ = ["GpuPool", "discover", "memory_totals", "telemetry"]
 
 _nvml_lock = threading.Lock()
 _nvml_state: dict = {}
@@ -77,3 +77,79 @@ def telemetry(ids) -> list[dict]:
                 pass
         out.append(entry)
     return out
+
+
+def memory_totals(ids) -> dict:
+    """GPU index -> total memory in MiB, from NVML; GPUs it cannot tell are left out."""
+    out = {}
+    for g in telemetry(ids):
+        if g.get("mem_total"):
+            out[g["index"]] = g["mem_total"] // 2**20
+    return out
+
+
+_UNKNOWN_FREE_MB = 1 << 40  # a GPU of unknown size, unreserved: any one packed task fits
+
+
+class GpuPool:
+    """A worker's GPUs and who holds them: whole GPUs, or MiB reservations of packed tasks.
+
+    A task with ``Limits(gpus=N)`` takes N GPUs nobody else uses. One with
+    ``gpu_memory_gb`` reserves that much on each of its N GPUs and shares them with other
+    packed tasks while the reservations fit the GPU's memory (``capacity_mb``; a GPU of unknown
+    size takes one packed task at a time). Thread-safe.
+    """
+
+    def __init__(self, ids, capacity_mb: dict | None = None):
+        self.ids = sorted(ids)
+        self.capacity = dict(capacity_mb or {})
+        self.used = {i: 0 for i in self.ids}  # MiB reserved by packed tasks
+        self.whole: set = set()  # held by whole-GPU tasks
+        self.lock = threading.Lock()
+
+    def _free_mb(self, i: int) -> int:
+        if i in self.whole:
+            return 0
+        cap = self.capacity.get(i)
+        if cap is None:
+            return _UNKNOWN_FREE_MB if self.used[i] == 0 else 0
+        return cap - self.used[i]
+
+    def offer(self) -> tuple[int, list]:
+        """(GPUs free for a whole-GPU task, unreserved MiB per GPU packed tasks may share)."""
+        with self.lock:
+            free = sum(1 for i in self.ids if i not in self.whole and self.used[i] == 0)
+            return free, [self._free_mb(i) for i in self.ids if i not in self.whole]
+
+    def acquire(self, n: int, mb: int = 0, prefer=()) -> tuple | None:
+        """Take ``n`` GPUs (whole, or ``mb`` MiB on each); None when they are not there.
+
+        GPUs in ``prefer`` (the ones a task process already uses) come first; packed tasks
+        then go where the least room is left, so whole GPUs stay free for whole-GPU tasks.
+        """
+        if n <= 0:
+            return ()
+        with self.lock:
+            if mb <= 0:
+                cands = [i for i in self.ids if i not in self.whole and self.used[i] == 0]
+                cands.sort(key=lambda i: (i not in prefer, i))
+            else:
+                cands = [i for i in self.ids if self._free_mb(i) >= mb]
+                cands.sort(key=lambda i: (i not in prefer, self._free_mb(i), i))
+            if len(cands) < n:
+                return None
+            take = tuple(sorted(cands[:n]))
+            for i in take:
+                if mb <= 0:
+                    self.whole.add(i)
+                else:
+                    self.used[i] += mb
+            return take
+
+    def release(self, ids, mb: int = 0) -> None:
+        with self.lock:
+            for i in ids:
+                if mb <= 0:
+                    self.whole.discard(i)
+                else:
+                    self.used[i] = max(0, self.used[i] - mb)

@@ -20,18 +20,28 @@ class Limits:
     - ``cpus``: cores the task is pinned to (``sched_setaffinity``), also exported as
       ``OMP_NUM_THREADS`` and friends.
     - ``gpus``: GPUs the task needs; they are set in ``CUDA_VISIBLE_DEVICES``. With 0 the task
-      sees no GPU at all.
+      sees no GPU at all. Each GPU is the task's alone, unless ``gpu_memory_gb`` is given.
+    - ``gpu_memory_gb``: pack small tasks: the task needs this much memory on each of its GPUs
+      and shares a GPU with other packed tasks while their sum fits the GPU's memory (NVML's
+      total, or the worker's ``--gpu-memory``). Implies ``gpus=1`` when ``gpus`` is 0. A
+      reservation, not an enforced limit: the task must stay within it.
     - ``nodes``: host or worker names the task may run on (any, when empty).
+    - ``triton``: run only on workers with a healthy Triton Inference Server
+      (``miniray worker --triton``); inside the task, ``miniray.triton.client()`` reaches it.
 
     >>> Limits(timeout_seconds=60, memory_gb=2, cpus=1)
-    Limits(timeout_seconds=60, memory_gb=2, cpus=1, gpus=0, nodes=())
+    Limits(timeout_seconds=60, memory_gb=2, cpus=1, gpus=0, gpu_memory_gb=None, nodes=(), triton=False)
+    >>> Limits(gpu_memory_gb=4).gpus
+    1
     """
 
     timeout_seconds: float | None = None
     memory_gb: float | None = None
     cpus: int | None = None
     gpus: int = 0
+    gpu_memory_gb: float | None = None
     nodes: tuple = field(default=())
+    triton: bool = False
 
     def __post_init__(self):
         def positive(name, value, kind=(int, float)):
@@ -50,6 +60,12 @@ class Limits:
             raise ConfigurationError(
                 f"Limits(gpus={self.gpus!r}) must be a whole number >= 0; pass e.g. Limits(gpus=1)"
             )
+        positive("gpu_memory_gb", self.gpu_memory_gb)
+        if self.gpu_memory_gb is not None and self.gpus == 0:
+            object.__setattr__(self, "gpus", 1)
+        if not isinstance(self.triton, bool):
+            raise ConfigurationError(
+                f"Limits(triton={self.triton!r}) must be True or False")
         nodes = self.nodes
         if isinstance(nodes, str):
             nodes = (nodes,)
@@ -65,10 +81,17 @@ class Limits:
     def memory_bytes(self) -> int | None:
         return None if self.memory_gb is None else int(self.memory_gb * 1024**3)
 
+    @property
+    def gpu_memory_mb(self) -> int:
+        """The packed GPU memory reservation in MiB (0: whole GPUs)."""
+        return 0 if self.gpu_memory_gb is None else max(1, int(self.gpu_memory_gb * 1024))
+
     def requirement_fields(self) -> dict:
         """The job-hash fields the claim script matches against a worker's capabilities."""
         return {
             "req_gpus": self.gpus,
             "req_cpus": self.cpus or 0,
             "req_nodes": ("," + ",".join(self.nodes) + ",") if self.nodes else "",
+            "req_gpu_mem": self.gpu_memory_mb,
+            "req_triton": int(self.triton),
         }

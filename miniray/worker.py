@@ -83,7 +83,9 @@ class _Slot(threading.Thread):
         self.seq = 0
         self.target = 2
         self.avg_item = 0.0
-        self.gpus: tuple = ()
+        self.gpus: tuple = ()  # GPUs reserved in the worker's pool for the chunks held now
+        self.gpu_mb = 0  # MiB reserved on each of them (0: whole GPUs)
+        self.last_gpus: tuple = ()  # the task process's GPUs: preferred at the next claim
         self.cancelled_jobs: dict[str, float] = {}  # job -> kill deadline
         self.lock = threading.Lock()
         self.out: list = []  # commands for the next pipeline: (fn, args)
@@ -127,6 +129,7 @@ class _Slot(threading.Thread):
 
     def step(self) -> None:
         if not self.pending and not self.inflight:
+            self.release_gpus()
             self.fetch(block=True)
             if not self.pending:
                 return
@@ -140,23 +143,42 @@ class _Slot(threading.Thread):
         self._drain_out(pipe)
         if block:
             pipe.command("BLPOP", w.keys.wake, 1)
-        if w.gpu_ids:
-            # GPU jobs need free GPUs at claim time: claim one at a time, under the GPU lock
-            free = self.gpu_free_for_claim()
-            self.broker.claim(w.worker_id, 1 if free else want, w.name, w.host, free,
-                              w.ncpus, pipe=pipe)
-        else:
-            self.broker.claim(w.worker_id, want, w.name, w.host, 0, w.ncpus, pipe=pipe)
-        res = pipe.execute()
-        claimed = res[-1]
+        if not w.gpu_ids:
+            self._claim(pipe, want)
+            claimed = pipe.execute()[-1]
+            if claimed:
+                self.accept(claimed)
+            return
+        # A GPU worker's slots claim one chunk at a time, each under the pool's claim lock,
+        # and reserve the chunk's GPUs before letting go: what the claim script was told is
+        # free stays free until this slot has taken it.
+        if len(pipe):
+            pipe.execute()
+        with w.gpu_claim_lock:
+            free, free_mb = w.gpu_pool.offer()
+            claimed = self.broker.claim(w.worker_id, 1, w.name, w.host, free, w.ncpus,
+                                        gpu_free_mb=free_mb, triton=w.triton_ready())
+            if claimed:
+                spec = json.loads(claimed[1]) if claimed[1] else {}
+                if spec.get("gpus"):
+                    mb = spec.get("gpu_mem") or 0
+                    got = w.gpu_pool.acquire(spec["gpus"], mb, prefer=self.last_gpus)
+                    if got is None:  # cannot happen while every claim holds the lock
+                        raise RuntimeError(f"claimed {spec['gpus']} GPU(s) that are not free")
+                    self.gpus, self.gpu_mb, self.last_gpus = got, mb, got
         if claimed:
             self.accept(claimed)
 
-    def gpu_free_for_claim(self) -> int:
-        if self.inflight or self.pending:
-            return len(self.gpus)  # GPUs already held stay with this slot until it drains
-        # an idle slot keeps its GPUs until the next job's limits differ: they are free to it
-        return self.w.gpu_pool_free() + len(self.gpus)
+    def _claim(self, pipe, n: int) -> None:
+        w = self.w
+        self.broker.claim(w.worker_id, n, w.name, w.host, 0, w.ncpus, pipe=pipe,
+                          triton=w.triton_ready())
+
+    def release_gpus(self) -> None:
+        """Give this slot's GPUs back to the pool (it holds no chunk any more)."""
+        if self.gpus:
+            self.w.gpu_pool.release(self.gpus, self.gpu_mb)
+            self.gpus, self.gpu_mb = (), 0
 
     def accept(self, claimed: list) -> None:
         job = claimed[0].decode()
@@ -189,16 +211,8 @@ class _Slot(threading.Thread):
         cpus = ()
         if spec.get("cpus"):
             cpus = self.w.cpus_for_slot(self.index, spec["cpus"])
-        gpus = ()
-        if spec.get("gpus"):
-            if len(self.gpus) != spec["gpus"]:
-                self.w.gpu_release(self.gpus)
-                self.gpus = self.w.gpu_acquire(spec["gpus"])
-            gpus = self.gpus
-        elif self.gpus and not self.inflight:
-            self.w.gpu_release(self.gpus)
-            self.gpus = ()
-        return (mem, cpus, gpus)
+        # GPUs were reserved when the chunk was claimed (see fetch)
+        return (mem, cpus, self.gpus if spec.get("gpus") else ())
 
     def dispatch(self) -> None:
         """Send every pending chunk the current task process can take, in one message."""
@@ -269,9 +283,7 @@ class _Slot(threading.Thread):
             self._drain_out(pipe)
             n_cmds = len(pipe)
             if want_more and not self.w.stopping.is_set() and not self.w.gpu_ids:
-                self.broker.claim(self.w.worker_id, self.target - len(self.pending)
-                                  - len(self.inflight), self.w.name, self.w.host, 0,
-                                  self.w.ncpus, pipe=pipe)
+                self._claim(pipe, self.target - len(self.pending) - len(self.inflight))
             res = pipe.execute()
             if len(res) > n_cmds and res[-1]:
                 self.accept(res[-1])
@@ -434,7 +446,8 @@ class Worker:
     """A worker process: ``slots`` task processes fed from the server at ``redis_url``."""
 
     def __init__(self, redis_url: str, slots: int = 1, gpus=None, name: str | None = None,
-                 namespace: str | None = None, cpu_offset: int = 0, parent_pid: int | None = None):
+                 namespace: str | None = None, cpu_offset: int = 0, parent_pid: int | None = None,
+                 gpu_memory_gb: float | None = None):
         self.settings = settings()
         self.url = redis_url
         _check_url_security(redis_url)
@@ -451,8 +464,15 @@ class Worker:
             else list(range(os.cpu_count() or 1))
         self.ncpus = len(self.allowed_cpus)
         self.gpu_ids, self.gpu_note = gpu_mod.discover(gpus)
-        self._gpu_free = list(self.gpu_ids)
-        self._gpu_lock = threading.Lock()
+        if gpu_memory_gb is not None:
+            if gpu_memory_gb <= 0:
+                raise ConfigurationError(
+                    f"--gpu-memory {gpu_memory_gb:g}: give each GPU's memory in GB, e.g. 80")
+            capacity = {i: int(gpu_memory_gb * 1024) for i in self.gpu_ids}
+        else:
+            capacity = gpu_mod.memory_totals(self.gpu_ids)
+        self.gpu_pool = gpu_mod.GpuPool(self.gpu_ids, capacity)
+        self.gpu_claim_lock = threading.Lock()
         self.task_env = dict(os.environ)
         self.stopping = threading.Event()
         self.fn_cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
@@ -487,19 +507,10 @@ class Worker:
         base = (self.cpu_offset + slot) * n
         return tuple(cpus[(base + i) % len(cpus)] for i in range(min(n, len(cpus))))
 
-    def gpu_pool_free(self) -> int:
-        with self._gpu_lock:
-            return len(self._gpu_free)
-
-    def gpu_acquire(self, n: int) -> tuple:
-        with self._gpu_lock:
-            take, self._gpu_free = self._gpu_free[:n], self._gpu_free[n:]
-            return tuple(take)
-
-    def gpu_release(self, ids) -> None:
-        if ids:
-            with self._gpu_lock:
-                self._gpu_free = sorted(set(self._gpu_free) | set(ids))
+    def triton_ready(self) -> bool:
+        """True while this worker's Triton server answers its health check."""
+        triton = getattr(self, "triton", None)
+        return bool(triton is not None and triton.ready)
 
     def functions_missing(self, shas: set, r) -> set:
         with self._fn_lock:
@@ -528,7 +539,11 @@ class Worker:
             job = slot.running_job()
             for g in gpus:
                 if job and g["index"] in slot.gpus:
-                    g["job"] = job
+                    g["job"] = job  # packed GPUs: one of them; "jobs" lists them all
+                    g.setdefault("jobs", []).append(job)
+        for g in gpus:
+            if self.gpu_pool.used.get(g["index"]):
+                g["reserved"] = self.gpu_pool.used[g["index"]] * 2**20
         mem = psutil.virtual_memory()
         return {
             "name": self.name, "host": self.host, "pid": os.getpid(), "slots": self.nslots,
@@ -640,6 +655,9 @@ def main(argv=None) -> int:
     p.add_argument("--slots", type=int, default=1, help="tasks run at once (default 1)")
     p.add_argument("--gpus", default=None, help="GPU indices this worker owns, e.g. 0,1 "
                    "(default: discovered with NVML; 'none' for none)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                   help="memory of each GPU, for packing tasks with Limits(gpu_memory_gb=...) "
+                   "(default: NVML's total; a GPU of unknown size takes one packed task)")
     p.add_argument("--name", default=None, help="worker name (default HOST-PID)")
     p.add_argument("--namespace", default=None, help="key prefix (default MINIRAY_NAMESPACE)")
     p.add_argument("--cpu-offset", type=int, default=0, help=argparse.SUPPRESS)
@@ -657,7 +675,7 @@ def main(argv=None) -> int:
     try:
         worker = Worker(url, slots=args.slots, gpus=args.gpus, name=args.name,
                         namespace=args.namespace, cpu_offset=args.cpu_offset,
-                        parent_pid=args.parent_pid)
+                        parent_pid=args.parent_pid, gpu_memory_gb=args.gpu_memory)
     except MinirayError as e:
         print(f"miniray worker: {e}", file=sys.stderr)
         return 2

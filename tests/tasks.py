@@ -152,3 +152,14 @@ def get_init_status():
 
 def failing_initializer():
     raise ValueError("error in initializer")
+
+
+def gate(directory, tag):
+    """Say "started" (with the GPUs this task sees) in ``directory``, then wait for its ``go``."""
+    cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
+    with open(os.path.join(directory, f"started-{tag}"), "w") as f:
+        f.write(cuda or "")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(directory, "go")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return cuda

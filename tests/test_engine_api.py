@@ -123,6 +123,12 @@ def test_bad_settings_and_limits_say_what_and_how_to_fix(monkeypatch):
         miniray.Limits(timeout_seconds=-1)
     with pytest.raises(miniray.ConfigurationError, match="gpus"):
         miniray.Limits(gpus=1.5)
+    with pytest.raises(miniray.ConfigurationError, match="gpu_memory_gb"):
+        miniray.Limits(gpu_memory_gb=0)
+    with pytest.raises(miniray.ConfigurationError, match="triton"):
+        miniray.Limits(triton="yes")
+    assert miniray.Limits(gpu_memory_gb=4).gpus == 1  # packing implies a GPU
+    assert miniray.Limits(gpus=2, gpu_memory_gb=4).gpus == 2
     with pytest.raises(miniray.ServerError, match="cannot reach"):
         miniray.Executor(redis_url="redis://:pw@127.0.0.1:1")
 
