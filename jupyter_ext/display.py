@@ -1,9 +1,10 @@
 """The rendering half of the progress display: a live ipywidgets view and a text view.
 
 Both read a :class:`~jupyter_ext.progress.MapProgress` and a :class:`~jupyter_ext.logs.LogBuffer`
-and never count anything themselves. ``make_view`` is the one place that decides which is
-used. ``render()`` is called from the map's updater thread: the widget view only sets traits
-there (never ``with output:``, which lands in whatever cell is current: ipywidgets#4020).
+and never count anything themselves; the GPU lanes are drawn by ``gpus.py``. ``make_view`` is
+the one place that decides which is used. ``render()`` is called from the map's updater thread:
+the widget view only sets traits there (never ``with output:``, which lands in whatever cell is
+current: ipywidgets#4020).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 
 from miniray.observe import format_bytes
 
+from .gpus import gpu_row_html, gpu_text_lines, meter, worker_key
 from .progress import format_seconds
 
 __all__ = ["make_view", "WidgetView", "TextView", "widgets_available"]
@@ -48,13 +50,6 @@ def _bytes(n) -> str:
     return format_bytes(n)
 
 
-def _meter(frac: float, color: str = "#1976d2", width: int = 70) -> str:
-    frac = max(0.0, min(1.0, frac))
-    return (f'<span style="display:inline-block;width:{width}px;height:8px;background:#e0e0e0;'
-            f'border-radius:2px;vertical-align:middle"><span style="display:block;height:8px;'
-            f'width:{frac * 100:.0f}%;background:{color};border-radius:2px"></span></span>')
-
-
 def counts_line(s: dict) -> str:
     parts = [f"{s['done']} done", f"{s['failed']} failed", f"{s['running']} running",
              f"{s['queued']} queued"]
@@ -68,9 +63,12 @@ def counts_line(s: dict) -> str:
     return " · ".join(parts)
 
 
-def lanes_html(workers: list[dict], by_worker: dict | None = None) -> str:
-    """A row per worker (and one per GPU it has): slots busy, items of this map it finished
-    (``by_worker``, keyed by worker id), CPU, RAM, GPU use."""
+def lanes_html(workers: list[dict], by_worker: dict | None = None,
+               gpu_history: dict | None = None, job: str | None = None) -> str:
+    """A row per worker (and a lane per GPU it has): slots busy, items of this map it finished
+    (``by_worker``, keyed by worker id), CPU, RAM; per GPU its holder (``job``: this map's, to
+    highlight), utilisation and memory with sparklines of ``gpu_history``
+    (``GpuHistory.snapshot()``)."""
     by_worker = by_worker or {}
     if not workers:
         return '<div class="miniray-lanes"><i>waiting for workers...</i></div>'
@@ -88,22 +86,20 @@ def lanes_html(workers: list[dict], by_worker: dict | None = None) -> str:
             f"<td>{html.escape(str(w.get('host', '')))}</td><td>{boxes} {busy}/{slots}</td>"
             f"<td title='tasks done by this worker since it started: "
             f"{w.get('tasks_done', 0)}'>{by_worker.get(w.get('id'), 0)} items</td>"
-            f"<td>{'' if cpu is None else 'CPU ' + _meter(cpu / 100) + f' {cpu:.0f}%'}</td>"
+            f"<td>{'' if cpu is None else 'CPU ' + meter(cpu / 100) + f' {cpu:.0f}%'}</td>"
             f"<td>{ram}</td></tr>")
         for g in w.get("gpus") or []:
-            cells = [f"GPU {g.get('index', '?')} {html.escape(str(g.get('name', '')))}"]
-            if "util" in g:
-                cells.append("util " + _meter(g["util"] / 100, "#7b1fa2") + f" {g['util']:.0f}%")
-            if "mem_used" in g and g.get("mem_total"):
-                cells.append("mem " + _meter(g["mem_used"] / g["mem_total"], "#00897b")
-                             + f" {_bytes(g['mem_used'])}/{_bytes(g['mem_total'])}")
-            if "temp" in g:
-                cells.append(f"{g['temp']}°C")
-            rows.append('<tr><td></td><td colspan="5">'
-                        + " &nbsp; ".join(cells) + "</td></tr>")
+            rows.append(gpu_row_html(worker_key(w), g, gpu_history, job))
     body = "".join(rows).replace("<td", '<td style="padding:1px 10px 1px 0"')
     return ('<table class="miniray-lanes" style="font-size:12px;border-collapse:collapse">'
             + body + "</table>")
+
+
+def text_report(progress) -> str:
+    """The summary line, then one short line per GPU the workers have (none before the first
+    heartbeats are read, so a view displayed before its map starts shows the summary alone)."""
+    s = progress.snapshot()
+    return "\n".join([progress.summary(), *gpu_text_lines(s["workers"], s["job"])])
 
 
 def errors_html(groups: list) -> str:
@@ -171,7 +167,7 @@ class WidgetView:
         self.bar.bar_style = _STYLE[state]
         self.bar.description = f"{s['fraction'] * 100:.0f}%"
         self.counts.value = f'<span class="miniray-counts">{html.escape(counts_line(s))}</span>'
-        self.lanes.value = lanes_html(s["workers"], s["by_worker"])
+        self.lanes.value = lanes_html(s["workers"], s["by_worker"], s["gpu_history"], s["job"])
         self.errors.value = errors_html(s["errors"])
         if state != "running":
             self.cancel_button.disabled = True
@@ -204,12 +200,13 @@ class WidgetView:
         if isinstance(data, tuple):
             data = data[0]
         data = dict(data or {})
-        data["text/plain"] = self.progress.summary()
+        data["text/plain"] = text_report(self.progress)
         return data
 
 
 class TextView:
-    """Progress as text: a carriage-return line on a terminal, a summary line at the end."""
+    """Progress as text: a carriage-return line on a terminal; as its value, the summary line
+    and a line per GPU (``text_report``)."""
 
     def __init__(self, progress, logs, stream=None):
         self.progress, self.logs = progress, logs
@@ -234,4 +231,4 @@ class TextView:
             self.stream.flush()
 
     def _repr_mimebundle_(self, include=None, exclude=None):
-        return {"text/plain": self.progress.summary()}
+        return {"text/plain": text_report(self.progress)}

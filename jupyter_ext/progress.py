@@ -1,8 +1,9 @@
 """The counting half of the progress display (the views in ``display.py`` only render it).
 
 ``MapProgress`` is fed from three sides: item futures finishing (results thread), the job's
-server-side counters and the workers' heartbeats (the updater thread). ``snapshot()`` gives a
-view a consistent copy.
+server-side counters and the workers' heartbeats (the updater thread; each GPU's utilisation and
+memory go into a bounded history for the sparklines). ``snapshot()`` gives a view a consistent
+copy.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import bisect
 import threading
 import time
 import traceback
+
+from .gpus import GpuHistory
 
 __all__ = ["MapProgress", "ErrorGroup", "format_exception"]
 
@@ -46,8 +49,8 @@ class MapProgress:
     """Counters of one map: done / failed / cancelled from the items themselves (exact),
     running / queued from the server (live), rate and ETA from the done items."""
 
-    def __init__(self, total: int, name: str):
-        self.total, self.name = total, name
+    def __init__(self, total: int, name: str, job: str | None = None):
+        self.total, self.name, self.job = total, name, job  # job: its id, to spot its GPUs
         self.done = self.failed = self.cancelled = 0
         self.running, self.queued = 0, total
         self.started = time.monotonic()
@@ -56,6 +59,7 @@ class MapProgress:
         self.errors: dict[str, ErrorGroup] = {}
         self.workers: list[dict] = []
         self.by_worker: dict[str, int] = {}  # worker id -> items of this map it finished
+        self.gpu_history = GpuHistory()
         self.version = 0
         self._lock = threading.Lock()
 
@@ -88,6 +92,7 @@ class MapProgress:
     def set_workers(self, workers: list[dict]) -> None:
         with self._lock:
             self.workers = sorted(workers, key=lambda w: (w.get("host", ""), w.get("name", "")))
+            self.gpu_history.update(self.workers)
             self.version += 1
 
     def finish(self, cancelled: bool = False) -> None:
@@ -129,12 +134,12 @@ class MapProgress:
     def snapshot(self) -> dict:
         with self._lock:
             return {
-                "name": self.name, "total": self.total, "done": self.done,
+                "name": self.name, "job": self.job, "total": self.total, "done": self.done,
                 "failed": self.failed, "cancelled": self.cancelled, "running": self.running,
                 "queued": self.queued, "state": self.state, "elapsed": self.elapsed,
                 "rate": self.rate, "eta": self.eta, "fraction": self.fraction,
                 "errors": list(self.errors.values()), "workers": list(self.workers),
-                "by_worker": dict(self.by_worker),
+                "by_worker": dict(self.by_worker), "gpu_history": self.gpu_history.snapshot(),
             }
 
     def summary(self) -> str:

@@ -42,7 +42,7 @@ class MapRun:
                                          priority=priority, limits=limits)
         self.job = self.executor.job_id
         self.name = self.executor.job_name
-        self.model = MapProgress(len(items), self.name)
+        self.model = MapProgress(len(items), self.name, job=self.job)
         self.log_buffer = LogBuffer()
         self.view = make_view(self.model, self.log_buffer,
                               on_cancel=self.cancel if cancel_button else None, kind=view)

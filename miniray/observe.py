@@ -12,8 +12,9 @@ from typing import Callable, Iterator, NamedTuple
 
 from .keys import Keys
 
-__all__ = ["LogLine", "Event", "format_bytes", "job_progress", "iter_logs", "iter_events", "list_workers",
-           "list_jobs", "follow_in_thread", "ClusterView"]
+__all__ = ["LogLine", "Event", "format_bytes", "format_gpu", "gpu_jobs", "job_progress",
+           "iter_logs", "iter_events", "list_workers", "list_jobs", "follow_in_thread",
+           "ClusterView"]
 
 _COUNTERS = ("queued", "running", "done", "failed", "cancelled")
 
@@ -45,6 +46,47 @@ def format_bytes(n) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return ""
+
+
+def gpu_jobs(g: dict) -> list[str]:
+    """The jobs holding one GPU of a heartbeat (``jobs``: several packed tasks may share a
+    GPU; ``job``: one of them), without repeats; empty when it is idle."""
+    jobs = list(g.get("jobs") or ([g["job"]] if g.get("job") else []))
+    return list(dict.fromkeys(jobs))
+
+
+def format_gpu(g: dict, job_names: dict | None = None) -> str:
+    """One GPU of a heartbeat on one line, for people (``miniray status``, text views)::
+
+        gpu 0  NVIDIA H200  util=45%  mem=1.2 GB/140.0 GB  temp=41C  job=1a2b3c4d5e6f.1
+        gpu 1  no telemetry  idle
+
+    ``job=`` names the job(s) holding the GPU while a task runs there (with its name in
+    brackets when ``job_names`` maps the id to one), ``idle`` otherwise; ``reserved=`` the
+    memory packed tasks reserved on it; "no telemetry" means the worker has no NVML, so only
+    the index is known.
+    """
+    parts = [f"gpu {g.get('index', '?')}"]
+    if g.get("name"):
+        parts.append(str(g["name"]))
+    measured = False
+    if g.get("util") is not None:
+        parts.append(f"util={g['util']:.0f}%")
+        measured = True
+    if g.get("mem_used") is not None and g.get("mem_total"):
+        parts.append(f"mem={format_bytes(g['mem_used'])}/{format_bytes(g['mem_total'])}")
+        measured = True
+    if g.get("temp") is not None:
+        parts.append(f"temp={g['temp']}C")
+        measured = True
+    if not measured:
+        parts.append("no telemetry")
+    if g.get("reserved"):
+        parts.append(f"reserved={format_bytes(g['reserved'])}")
+    names = job_names or {}
+    jobs = [f"{j} ({names[j]!r})" if names.get(j) else j for j in gpu_jobs(g)]
+    parts.append(f"job={','.join(jobs)}" if jobs else "idle")
+    return "  ".join(parts)
 
 
 def _d(v):
