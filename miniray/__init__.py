@@ -34,6 +34,7 @@ _EXPORTS = {
     "WorkerLostError": "errors",
     "JobCancelledError": "errors",
     "InitializerError": "errors",
+    "TritonError": "errors",
     "RemoteTraceback": "errors",
     "SSHError": "errors",
     "SSHAuthError": "errors",
@@ -54,6 +55,8 @@ __all__ = sorted(_EXPORTS) + ["__version__", "load_ipython_extension"]
 
 
 def __getattr__(name: str):
+    if name == "triton":  # ``miniray.triton.client()`` without importing the submodule first
+        return importlib.import_module(".triton", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'miniray' has no attribute {name!r}")

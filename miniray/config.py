@@ -18,6 +18,10 @@ MINIRAY_RESULT_TTL_SECONDS     86400       how long unread results stay in Redis
 MINIRAY_LOG_STREAM_MAXLEN      10000       log lines kept per job (approximate, oldest dropped)
 MINIRAY_EVENT_STREAM_MAXLEN    10000       task events kept per job (approximate)
 MINIRAY_KILL_GRACE_SECONDS     2.0         SIGINT -> SIGKILL grace for cancelled running tasks
+MINIRAY_TRITON_BIN             (search)    tritonserver binary for ``worker --triton`` (else PATH,
+                                           then the one in the nvidia-pytriton wheel)
+MINIRAY_TRITON_STALE_SECONDS   (unset)     default ``stale_after_seconds`` of
+                                           ``miniray.triton.load_model`` (unset: never unload)
 =============================  ==========  ===============================================
 """
 
@@ -59,6 +63,8 @@ class Settings:
     log_stream_maxlen: int = 10000
     event_stream_maxlen: int = 10000
     kill_grace_seconds: float = 2.0
+    triton_bin: str | None = None
+    triton_stale_seconds: float | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -76,6 +82,8 @@ class Settings:
             log_stream_maxlen=_env("MINIRAY_LOG_STREAM_MAXLEN", 10000, int),
             event_stream_maxlen=_env("MINIRAY_EVENT_STREAM_MAXLEN", 10000, int),
             kill_grace_seconds=_env("MINIRAY_KILL_GRACE_SECONDS", 2.0, float),
+            triton_bin=_env("MINIRAY_TRITON_BIN", None),
+            triton_stale_seconds=_env("MINIRAY_TRITON_STALE_SECONDS", None, float),
         )
 
 

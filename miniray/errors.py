@@ -16,6 +16,8 @@ itself has to report::
      ├── WorkerLostError                            its worker died, retries were used up
      ├── JobCancelledError       (CancelledError)   the job was cancelled while the task ran
      ├── InitializerError        (BrokenExecutor)   the executor's initializer raised
+     ├── TritonError                                the node's Triton server is missing, not
+     │                                              ready, or refused a model load/unload
      ├── SSHError                                   an SSH host could not be used; .host
      │    ├── SSHAuthError                          every credential was refused
      │    ├── SSHHostKeyError                       host key unknown or changed
@@ -51,6 +53,7 @@ __all__ = [
     "WorkerLostError",
     "JobCancelledError",
     "InitializerError",
+    "TritonError",
     "RemoteTraceback",
     "SSHError",
     "SSHAuthError",
@@ -111,6 +114,11 @@ class JobCancelledError(MinirayError, CancelledError):
 
 class InitializerError(MinirayError, BrokenExecutor):
     """The executor's ``initializer`` raised in a task process; its tasks there cannot run."""
+
+
+class TritonError(MinirayError):
+    """``miniray.triton`` cannot serve the call: no Triton server on this node (not in a task of
+    a ``--triton`` worker), the server is not ready, or it refused to load/unload a model."""
 
 
 class SSHError(MinirayError):

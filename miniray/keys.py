@@ -29,7 +29,17 @@ client:{client}             string  30 s, renewed       executor          claim 
 res:{client}                list    result TTL          complete, reaper  executor (BLMPOP)
 logs:{job}                  stream  as job:{job}        worker            Executor.logs, CLI
 events:{job}                stream  as job:{job}        all scripts       Executor.events
+triton:{server}:lock:{m}    string  load timeout (PX)   miniray.triton    miniray.triton, the
+                                                        (SET NX)          worker's Triton thread
+triton:{server}:used        hash    none; fields go at  miniray.triton    the worker's Triton
+                                    unload, the key     (last use)        thread (stale unload)
+                                    when a managed
+                                    server starts/stops
 ==========================  ======  ==================  ================  =====================
+
+``{server}`` names one Triton server (``HOST:PORT`` of its HTTP endpoint, the worker's host for
+a loopback one); a ``used`` field is a model name, its value ``"<last use> <stale after>"`` in
+seconds (Unix time; stale after 0: never unloaded for disuse).
 
 Lua scripts (``broker.py``) build these names from the namespace with the same spelling; the
 functions here are the Python side. Cluster-mode Redis is not supported (scripts touch keys
@@ -97,6 +107,12 @@ class Keys:
 
     def events(self, job: str) -> str:
         return f"{self.ns}:events:{job}"
+
+    def triton_lock(self, server: str, model: str) -> str:
+        return f"{self.ns}:triton:{server}:lock:{model}"
+
+    def triton_used(self, server: str) -> str:
+        return f"{self.ns}:triton:{server}:used"
 
     @staticmethod
     def queue_entry(chunk: int, nframes: int, items: int) -> str:

@@ -447,7 +447,7 @@ class Worker:
 
     def __init__(self, redis_url: str, slots: int = 1, gpus=None, name: str | None = None,
                  namespace: str | None = None, cpu_offset: int = 0, parent_pid: int | None = None,
-                 gpu_memory_gb: float | None = None):
+                 gpu_memory_gb: float | None = None, triton=None):
         self.settings = settings()
         self.url = redis_url
         _check_url_security(redis_url)
@@ -474,6 +474,11 @@ class Worker:
         self.gpu_pool = gpu_mod.GpuPool(self.gpu_ids, capacity)
         self.gpu_claim_lock = threading.Lock()
         self.task_env = dict(os.environ)
+        # a miniray.tritonserver.TritonServer or None; the claim reads its `ready`
+        self.triton = triton
+        if triton is not None:  # what miniray.triton needs in a task: the server and Redis
+            self.task_env.update(triton.task_env())
+            self.task_env.update(MINIRAY_REDIS_URL=redis_url, MINIRAY_NAMESPACE=self.namespace)
         self.stopping = threading.Event()
         self.fn_cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._fn_lock = threading.Lock()
@@ -551,6 +556,7 @@ class Worker:
             "cpu_percent": psutil.cpu_percent(None), "cpus": self.ncpus,
             "ram_used": mem.used, "ram_total": mem.total,
             "isolation": self.isolation, "gpus": gpus,
+            **({"triton": self.triton.describe()} if self.triton is not None else {}),
         }
 
     def server_gone(self, error: Exception) -> bool:
@@ -574,6 +580,8 @@ class Worker:
             log.info("%s", self.gpu_note)
         if self.isolation == "rlimit":
             log.warning("memory limits use RLIMIT_AS on this host: %s", memory_cgroup_support()[1])
+        if self.triton is not None:
+            self.triton.start(self.new_client, self.namespace)
         self.heartbeat()
         self.slots = [_Slot(self, i) for i in range(self.nslots)]
         for slot in self.slots:
@@ -627,6 +635,8 @@ class Worker:
                 log.info("handed %d unfinished chunk(s) back to the queue", n)
         except RedisError as e:
             log.warning("could not hand chunks back (the server is gone?): %s", e)
+        if self.triton is not None:
+            self.triton.stop()
         try:
             self.r.close()
         except Exception:
@@ -658,6 +668,20 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
                    help="memory of each GPU, for packing tasks with Limits(gpu_memory_gb=...) "
                    "(default: NVML's total; a GPU of unknown size takes one packed task)")
+    p.add_argument("--triton", action="store_true",
+                   help="keep a Triton Inference Server on this node for Limits(triton=True) "
+                   "tasks: start one with --triton-models, or use one at --triton-url")
+    p.add_argument("--triton-models", default=None, metavar="DIR",
+                   help="model repository of the tritonserver this worker starts (on loopback "
+                   "ports), restarts when it dies and stops on exit; implies --triton")
+    p.add_argument("--triton-lazy", action="store_true",
+                   help="load no model at start (default: every model of the repository); "
+                   "tasks load what they need with miniray.triton.load_model")
+    p.add_argument("--triton-url", default=None, metavar="URL",
+                   help="HTTP address of a Triton server already running, e.g. "
+                   "http://127.0.0.1:8000; implies --triton")
+    p.add_argument("--triton-grpc-url", default=None, metavar="URL",
+                   help="its gRPC address, for miniray.triton.client('grpc')")
     p.add_argument("--name", default=None, help="worker name (default HOST-PID)")
     p.add_argument("--namespace", default=None, help="key prefix (default MINIRAY_NAMESPACE)")
     p.add_argument("--cpu-offset", type=int, default=0, help=argparse.SUPPRESS)
@@ -673,9 +697,16 @@ def main(argv=None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
+        triton = None
+        if args.triton or args.triton_models or args.triton_url:
+            from .tritonserver import TritonServer
+
+            triton = TritonServer(models=args.triton_models, url=args.triton_url,
+                                  grpc_url=args.triton_grpc_url, lazy=args.triton_lazy)
         worker = Worker(url, slots=args.slots, gpus=args.gpus, name=args.name,
                         namespace=args.namespace, cpu_offset=args.cpu_offset,
-                        parent_pid=args.parent_pid, gpu_memory_gb=args.gpu_memory)
+                        parent_pid=args.parent_pid, gpu_memory_gb=args.gpu_memory,
+                        triton=triton)
     except MinirayError as e:
         print(f"miniray worker: {e}", file=sys.stderr)
         return 2

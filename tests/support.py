@@ -45,11 +45,13 @@ class Cluster:
         monkeypatch.setenv("MINIRAY_REDIS_URL", self.url)
         self.env_extra = {}
 
-    def start_worker(self, *args, name=None, extra_env=None, wait=True):
+    def start_worker(self, *args, name=None, extra_env=None, wait=True, python=None):
+        """``python``: another interpreter (a venv of its own, e.g. the Triton tests')."""
         name = name or f"w{len(self.procs)}"
         env = worker_env(self.url, self.namespace, {**self.env_extra, **(extra_env or {})})
         with open(self.tmp / f"{name}.log", "ab") as log:  # the child keeps its own copy
-            p = subprocess.Popen([sys.executable, "-m", "miniray.worker", "--name", name, *args],
+            p = subprocess.Popen([python or sys.executable, "-m", "miniray.worker", "--name",
+                                  name, *args],
                                  env=env, stdout=log, stderr=log)
         p.log_path = self.tmp / f"{name}.log"
         self.procs.append(p)
