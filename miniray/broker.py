@@ -8,13 +8,14 @@ Scripts build key names with the same spelling as ``keys.py`` (see its table).
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from .errors import ConfigurationError, ServerError
 from .keys import Keys
 from .resp import Connection, NoScriptError, RedisError, ReplyError, redact
 
-__all__ = ["Broker", "connect"]
+__all__ = ["Broker", "connect", "parse_claim"]
 
 # Shared Lua helpers. `entry` is "<chunk>:<nframes>:<items>".
 _PRELUDE = r"""
@@ -69,9 +70,10 @@ event(job, ARGV[6], 'kind', 'queued', 'count', ARGV[5])
 return 1
 """
 
-# ARGV: ns worker max_chunks name host free_gpus cpus gpu_free_mb triton
+# ARGV: ns worker max_chunks name host free_gpus cpus gpu_free_mb triton slot
 #   free_gpus: GPUs nobody holds; gpu_free_mb: "mb,mb,.." unreserved MiB per GPU that packed
-#   tasks may share ("" when none); triton: "1" when the worker's Triton server is healthy
+#   tasks may share ("" when none); triton: "1" when the worker's Triton server is healthy;
+#   slot: the worker's slot that claims (its wip values are tagged "entry@slot")
 # Returns {} or {job, spec_json, chunk, entry, frame0, frame1.., chunk, entry, ...}
 _CLAIM = _PRELUDE + r"""
 local wid, maxn = ARGV[2], tonumber(ARGV[3])
@@ -80,6 +82,7 @@ local gpus, cpus = tonumber(ARGV[6]), tonumber(ARGV[7])
 local gpu_free_mb = {}
 for x in string.gmatch(ARGV[8] or '', '[^,]+') do gpu_free_mb[#gpu_free_mb + 1] = tonumber(x) end
 local triton = ARGV[9] == '1'
+local tag = '@' .. (ARGV[10] or '')
 local function gpus_fit(want, mb)
   if want == 0 then return true end
   if mb == 0 then return want <= gpus end
@@ -123,7 +126,11 @@ while i <= #jobs do
     local pick = (rr % #tier) + 1
     local job = tier[pick]
     local entries = redis.call('LPOP', K('q', job), maxn)
-    if redis.call('LLEN', K('q', job)) == 0 then redis.call('ZREM', K('jobs'), job) end
+    if redis.call('LLEN', K('q', job)) == 0 then
+      redis.call('ZREM', K('jobs'), job)
+    elseif entries then
+      wake(1)  -- work is left: a worker that waits for a wake-up must not wait in vain
+    end
     if entries then
       local jk = K('job', job)
       local out = {job, redis.call('HGET', jk, 'spec')}
@@ -131,7 +138,7 @@ while i <= #jobs do
       for _, entry in ipairs(entries) do
         local chunk, nframes, items = parse(entry)
         local frames = redis.call('HMGET', K('tasks', job), unpack(payload_fields(chunk, nframes)))
-        redis.call('HSET', K('wip', wid), job .. '/' .. chunk, entry)
+        redis.call('HSET', K('wip', wid), job .. '/' .. chunk, entry .. tag)
         out[#out + 1] = entry
         for _, fr in ipairs(frames) do out[#out + 1] = fr end
         items_total = items_total + items
@@ -241,7 +248,7 @@ for _, wid in ipairs(dead) do
   local wip = redis.call('HGETALL', K('wip', wid))
   for i = 1, #wip, 2 do
     local job, chunk = string.match(wip[i], '^(.*)/(%d+)$')
-    local entry = wip[i + 1]
+    local entry = string.match(wip[i + 1], '^[^@]*')
     local jk = K('job', job)
     local tries = redis.call('HINCRBY', K('attempts', job), chunk, 1)
     if tries > max_retries then
@@ -274,12 +281,23 @@ local wip = redis.call('HGETALL', K('wip', wid))
 local n = 0
 for i = 1, #wip, 2 do
   local job = string.match(wip[i], '^(.*)/%d+$')
-  n = n + requeue(job, wip[i + 1])
+  n = n + requeue(job, string.match(wip[i + 1], '^[^@]*'))
 end
 redis.call('DEL', K('wip', wid), K('worker', wid))
 redis.call('ZREM', K('workers'), wid)
 return n
 """
+
+
+def parse_claim(claimed: list) -> tuple:
+    """A claim script's reply as ``(job, spec bytes, [(entry, chunk id, frames)])``."""
+    job, spec, out, i = claimed[0].decode(), claimed[1], [], 2
+    while i < len(claimed):
+        entry = claimed[i].decode()
+        chunk_id, nframes, _ = (int(x) for x in entry.split(":"))
+        out.append((entry, chunk_id, claimed[i + 1 : i + 1 + nframes]))
+        i += 1 + nframes
+    return job, spec, out
 
 
 def connect(url: str) -> Connection:
@@ -323,11 +341,17 @@ class Broker:
                 "heartbeat": _HEARTBEAT, "reap": _REAP, "release": _RELEASE}
     _SHAS: dict = {}
 
-    def __init__(self, client: Connection, namespace: str = "miniray"):
+    def __init__(self, client: Connection, namespace: str = "miniray", load: bool = True):
+        """``load=False``: trust that the scripts are on the server (a task process, whose
+        worker loaded them); a caller that gets NoScriptError calls ``load_scripts``."""
         self.r = client
         self.keys = Keys(namespace)
         self.ns = namespace
-        self.load_scripts()
+        if load:
+            self.load_scripts()
+        elif not Broker._SHAS:
+            Broker._SHAS.update({name: hashlib.sha1(src.encode()).hexdigest()
+                                 for name, src in self._SOURCES.items()})
 
     def load_scripts(self) -> None:
         pipe = self.r.pipeline()
@@ -373,11 +397,11 @@ class Broker:
 
     # -- worker side ---------------------------------------------------------------------
     def claim(self, worker: str, max_chunks: int, name: str, host: str, free_gpus: int,
-              cpus: int, pipe=None, gpu_free_mb=(), triton: bool = False):
+              cpus: int, pipe=None, gpu_free_mb=(), triton: bool = False, slot: int = 0):
         """Take up to ``max_chunks`` chunks of the best job this worker can run now."""
         return self._run("claim", [self.ns, worker, max_chunks, name, host, free_gpus, cpus,
-                                   ",".join(map(str, gpu_free_mb)), "1" if triton else "0"],
-                         pipe)
+                                   ",".join(map(str, gpu_free_mb)), "1" if triton else "0",
+                                   slot], pipe)
 
     def complete(self, pipe, worker: str, job: str, chunks: list, ttl: int, maxlen: int,
                  msg: bytes) -> None:

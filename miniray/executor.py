@@ -36,6 +36,7 @@ from .errors import (
     MinirayError,
     RemoteTraceback,
     SerializationError,
+    ServerError,
     ServerLostError,
     WorkerLostError,
 )
@@ -164,6 +165,10 @@ class Executor(_BaseExecutor):
         self.job_id = f"{self.client_id}.0"
         self.job_name = job_name or self.job_id
         self._r = connect(url)
+        # submissions do not wait for their replies (a round trip off the latency path);
+        # the results thread reads them each second and breaks the executor on an error
+        self._submit_errors: list = []
+        self._r.on_deferred_error = self._submit_errors.append
         self._rr = connect(url)  # results thread: its own connection
         self._broker = Broker(self._r, s.namespace)
         self.keys = self._broker.keys
@@ -340,7 +345,8 @@ class Executor(_BaseExecutor):
         finally:
             with self._lock:
                 self._flushing = False
-                self._wakeup.notify_all()
+                if self._outbox or self._shutdown:  # else the flusher has nothing to do:
+                    self._wakeup.notify_all()  # waking it would only take the GIL from us
 
     def _flush_loop(self) -> None:
         while True:
@@ -384,7 +390,7 @@ class Executor(_BaseExecutor):
             pipe.command("RPUSH", k.queue(job), *entries)
             self._broker.publish(pipe, job, self.priority, len(entries), n_items,
                                  s.event_stream_maxlen)
-        pipe.execute()
+        pipe.send_deferred()
 
     def _withdraw(self, ref: _Ref) -> bool:
         """Take a chunk back before any worker claims it; False if one already has."""
@@ -419,6 +425,13 @@ class Executor(_BaseExecutor):
             try:
                 now = time.monotonic()
                 if now >= next_upkeep:
+                    self._r.read_deferred()
+                    if self._submit_errors:
+                        self._break(ServerError(
+                            f"the server at {_redact(self.redis_url)} refused a submission: "
+                            f"{self._submit_errors[0]}; pending futures fail. Check the "
+                            "server (memory, version) and start a new Executor."))
+                        break
                     pipe = self._rr.pipeline()
                     pipe.command("SET", k.client(self.client_id), os.getpid(), "EX", 30)
                     # while this executor lives its job's keys do; if it dies they expire

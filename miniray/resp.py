@@ -8,6 +8,7 @@ with a lock; threads that block (BLPOP, BLMPOP, XREAD BLOCK) use a connection of
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 from urllib.parse import parse_qs, unquote, urlparse
@@ -77,6 +78,8 @@ class Connection:
         self._sock: socket.socket | None = None
         self._reader = None
         self._lock = threading.Lock()
+        self._owed = 0  # replies to commands sent with send_deferred, not read yet
+        self.on_deferred_error = None  # called with each error reply among them
 
     # -- connection ---------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -94,6 +97,7 @@ class Connection:
         except OSError as e:
             raise ConnectionLost(f"cannot connect to {redact(self.url)}: {e}") from None
         self._sock = sock
+        self._owed = 0
         self._reader = hiredis.Reader(replyError=_reply_error)
         hello = []
         if p.get("password"):
@@ -128,15 +132,18 @@ class Connection:
             except OSError:
                 pass
 
-    def _roundtrip(self, commands) -> list:
+    def _roundtrip(self, commands, while_waiting=None) -> list:
         sock, reader = self._sock, self._reader
         try:
-            for piece in _pack(commands):
-                sock.sendall(piece)
+            if commands and commands[0] is not None:  # None: replies owed, nothing to send
+                for piece in _pack(commands):
+                    sock.sendall(piece)
             out = []
             for _ in commands:
                 reply = reader.gets()
                 while reply is False:
+                    if while_waiting is not None:
+                        _wait_readable(sock, *while_waiting)
                     data = sock.recv(1 << 20)
                     if not data:
                         raise ConnectionLost(f"the server at {redact(self.url)} closed the "
@@ -160,12 +167,46 @@ class Connection:
             raise reply
         return reply
 
-    def pipeline_raw(self, commands: list) -> list:
-        """Send commands in one write, read every reply; error replies are returned."""
+    def pipeline_raw(self, commands: list, while_waiting=None) -> list:
+        """Send commands in one write, read every reply; error replies are returned.
+
+        ``while_waiting=(fd, callback)``: while no reply is in, call ``callback()`` whenever
+        ``fd`` is readable (a blocking command need not stop its caller hearing from others).
+        """
         with self._lock:
             if self._sock is None:
                 self._connect()
-            return self._roundtrip(commands)
+            if self._owed:
+                self._read_owed()
+            return self._roundtrip(commands, while_waiting)
+
+    def send_deferred(self, commands: list) -> None:
+        """Send commands and return at once; their replies are read before the next
+        command's (or by ``read_deferred``). An error among them goes to
+        ``on_deferred_error``; a lost connection raises here or at that later read."""
+        with self._lock:
+            if self._sock is None:
+                self._connect()
+            try:
+                for piece in _pack(commands):
+                    self._sock.sendall(piece)
+            except OSError as e:
+                self.close()
+                raise ConnectionLost(f"lost the connection to {redact(self.url)}: {e}") from None
+            self._owed += len(commands)
+
+    def read_deferred(self) -> None:
+        """Read the replies still owed for ``send_deferred`` commands."""
+        with self._lock:
+            if self._owed and self._sock is not None:
+                self._read_owed()
+
+    def _read_owed(self) -> None:
+        n, self._owed = self._owed, 0
+        replies = self._roundtrip([None] * n) if n else []
+        for r in replies:
+            if isinstance(r, ReplyError) and self.on_deferred_error is not None:
+                self.on_deferred_error(r)
 
     def pipeline(self) -> "Pipeline":
         return Pipeline(self)
@@ -175,6 +216,15 @@ class Connection:
 
 
 _BIG = 256 * 1024
+
+
+def _wait_readable(sock, fd, callback) -> None:
+    while True:
+        readable = select.select([sock, fd], [], [])[0]
+        if fd in readable:
+            callback()
+        if sock in readable:
+            return
 
 
 def _size(a) -> int:
@@ -231,11 +281,17 @@ class Pipeline:
         self.commands.append(args)
         return self
 
-    def execute(self, raise_on_error: bool = True) -> list:
+    def send_deferred(self) -> None:
+        """Send the commands without waiting for replies (see ``Connection.send_deferred``)."""
+        commands, self.commands = self.commands, []
+        if commands:
+            self.conn.send_deferred(commands)
+
+    def execute(self, raise_on_error: bool = True, while_waiting=None) -> list:
         if not self.commands:
             return []
         commands, self.commands = self.commands, []
-        replies = self.conn.pipeline_raw(commands)
+        replies = self.conn.pipeline_raw(commands, while_waiting)
         if raise_on_error:
             for r in replies:
                 if isinstance(r, ReplyError):

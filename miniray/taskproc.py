@@ -1,30 +1,45 @@
-"""The task process: a worker's child that runs chunks of tasks, one item at a time.
+"""The task process: a worker's child that claims chunks, runs them and completes them.
 
-Started as ``python -m miniray.taskproc FD PROGRESS_FD [CGROUP]`` with a socket to its worker.
-It joins its memory cgroup, pins its CPUs and applies its environment before it unpickles
-anything, then loops: receive a chunk, run each item, send the outcomes back. Outcomes of fast
-items are batched (one pickle per batch, flushed every ``FLUSH_SECONDS``); a slow item's
-outcome goes at once. Before each item it writes (chunk seq, item index, start time) to a
-shared page, so the worker can enforce timeouts and knows which item was running if this
-process dies. stdout, stderr and ``logging`` are captured line by line and sent as log lines.
+Started as ``python -m miniray.taskproc FD PROGRESS_FD`` with a socket to its worker. It joins
+its memory cgroup, pins its CPUs and applies its environment before it unpickles anything, then
+reads the worker's hello (server URL, worker id, slot, limits) and loops. It talks to Redis
+itself, so a task's round trip has no hop through the worker process:
+
+- idle, it waits for a wake-up and claims (one pipeline: BLPOP + claim script); busy, it claims
+  more alongside its completions, keeping about 50 ms of work queued here;
+- a chunk whose job needs other limits (memory, CPUs) is handed to the worker, which starts a
+  process with those limits and sends it there (as it sends chunks after a crash, and every
+  chunk on GPU workers, whose claims the worker makes under its GPU lock);
+- outcomes go to Redis with the complete script: fast items batched (flushed every
+  ``FLUSH_SECONDS``), a slow item's at once.
+
+The worker supervises: it is told of every chunk before it runs (``claimed``) and of every
+outcome once Redis has it (``done``), so when this process dies it knows what was held and
+what was delivered. Before each item the process writes (chunk seq, item index, start time)
+to a shared page: the worker enforces timeouts from it and knows which item was running.
+stdout, stderr and ``logging`` are captured line by line into the job's log stream: a thread
+streams them while tasks run, and the rest go ahead of the outcomes they belong to.
 
 Worker -> task process::
-    ("run", [(seq, group, sha, skip, env, nframes, init sha), ...], [(sha, fn bytes), ...])
-    + frames
+    ("hello", {url, namespace, worker_id, name, host, ncpus, slot, direct, sig})  (first)
+    ("run", [(seq, job, entry, chunk, sha, start, count, skip, spec, nframes)], [(sha, fn)])
+        + frames
+    ("cancel", job)   ("pause",)   ("resume",)   ("stop",)
 Task process -> worker::
-    ("res", group, [(seq, final, indices, n_ok, n_err), ...], blob)
-    ("log", [(seq, idx, stream, text), ...])
+    ("claimed", job, spec json, [(seq, entry, chunk, start, count)])
+    ("done", [(seq, final, indices, n_ok, n_err)])     outcomes now in Redis
+    ("handoff", job, spec json, [(entry, frames)])      claimed, but needs other limits
 
-``group`` is the job: outcomes are batched per job, and ``blob`` (the pickled list of
-``(indices, values, errors)`` batches, one per header entry) goes unopened to that job's
-client. ``indices`` is a range, a list, or None for "every item not reported yet";
-``errors`` maps an item index to ``(exception, traceback text, pid)``.
+``indices`` is a range, a list, or None for "every item not reported yet"; in the result
+blob that goes to the client, ``errors`` maps an item index to ``(exception, traceback, pid)``.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import io
+import json
 import logging
 import mmap
 import os
@@ -36,8 +51,11 @@ import threading
 import time
 import traceback
 
-PROGRESS = struct.Struct("qqd")  # chunk seq, item index, monotonic start time
+# The page shared with the worker: chunk seq and item index running now (-1: none), its
+# monotonic start time, and flags the worker sets (bit 0: its Triton server is healthy).
+PROGRESS = struct.Struct("qqdq")
 FLUSH_SECONDS = 0.02
+_MAX_TARGET = 64
 
 
 def _send(conn, lock, obj) -> None:
@@ -90,45 +108,311 @@ class _LogHandler(logging.Handler):
             self.handleError(record)
 
 
+class _Work:
+    """A chunk this process holds: claimed by itself, or sent by its worker."""
+
+    __slots__ = ("seq", "job", "entry", "chunk", "sha", "start", "count", "frames", "spec",
+                 "skip", "missing")
+
+    def __init__(self, seq, job, entry, chunk, sha, start, count, frames, spec, skip=()):
+        self.seq, self.job, self.entry, self.chunk = seq, job, entry, chunk
+        self.sha, self.start, self.count, self.frames = sha, start, count, frames
+        self.spec, self.skip, self.missing = spec, skip, None
+
+
 class Runner:
-    def __init__(self, conn, progress: mmap.mmap):
+    def __init__(self, conn, progress: mmap.mmap, hello: dict):
         self.conn, self.progress = conn, progress
-        # the shared page as (seq, index, start) views: cheaper than struct per item
+        # the shared page as (seq, index, start, flags) views: cheaper than struct per item
         self.prog_i = memoryview(progress).cast("q")
         self.prog_t = memoryview(progress).cast("d")
         self.lock = threading.Lock()
         self.functions: dict = {}
         self.seq, self.idx = -1, -1
-        self.pending: dict = {}  # group -> ([header], [batch]) not yet sent
-        self.initialized: dict = {}  # group -> None, or the initializer's failure
+        self.pending: dict = {}  # job -> ([header], [batch]) not yet completed
+        self.initialized: dict = {}  # job -> None, or the initializer's failure
         self.last_flush = time.monotonic()
+        self.hello = hello
+        self.queue: collections.deque[_Work] = collections.deque()
+        self.held: dict[int, _Work] = {}  # seq -> work until its final outcome is in Redis
+        self.next_seq = 1 << 40  # seqs of our own claims; the worker's are small
+        self.target, self.avg_item = 2, 0.0
+        # False: paused (by the worker, or after a handoff)
+        self.claiming = hello["direct"] and hello.get("claiming", True)
+        self.cancelled: set = set()
+        self.stopped = False
+        self.in_task = False  # SIGINT interrupts user code only, never a Redis round trip
+        self.interrupted = False
+        self.log_lines: list = []  # (job, task, stream, text) not shipped yet
+        self.log_lock = threading.Lock()
+        self.log_send = threading.Lock()  # held while lines travel: outcomes wait for them
+        self.log_ready = threading.Event()
+        self.log_thread = None
+        from miniray.broker import Broker, connect
+        from miniray.config import settings
 
+        self.settings = settings()
+        self.r = connect(hello["url"])
+        self.broker = Broker(self.r, hello["namespace"], load=False)
+        self.wake_key = self.broker.keys.wake
+        self.fn_key = self.broker.keys.fn
+
+    # -- log lines ------------------------------------------------------------------------
     def log(self, stream: str, lines) -> None:
-        _send(self.conn, self.lock, ("log", [(self.seq, self.idx, stream, t) for t in lines]))
+        """Queue captured lines for the job's log stream (any thread may call this)."""
+        w = self.held.get(self.seq)
+        if w is None:
+            return  # printed outside any task (a thread the task left behind)
+        task = w.start + self.idx if self.idx >= 0 else ""
+        with self.log_lock:
+            self.log_lines += [(w.job, task, stream, t) for t in lines]
+            if self.log_thread is None:
+                self.log_thread = threading.Thread(target=self.ship_logs, daemon=True,
+                                                   name="miniray-logs")
+                self.log_thread.start()
+        self.log_ready.set()
+
+    def ship_logs(self) -> None:
+        """Stream log lines while tasks run (``flush`` sends the rest before outcomes)."""
+        from miniray.resp import RedisError
+
+        conn = None
+        while True:
+            self.log_ready.wait()
+            time.sleep(0.02)  # a burst of lines goes in one round trip
+            with self.log_send:
+                with self.log_lock:
+                    self.log_ready.clear()
+                    lines, self.log_lines = self.log_lines, []
+                if not lines:
+                    continue
+                try:
+                    if conn is None:
+                        from miniray.broker import connect
+
+                        conn = connect(self.hello["url"])
+                    pipe = conn.pipeline()
+                    self.xadd_logs(pipe, lines)
+                    pipe.execute()
+                except RedisError:
+                    conn = None  # lost with the server; the worker deals with that
+
+    def xadd_logs(self, pipe, lines) -> None:
+        h, keys, maxlen = self.hello, self.broker.keys, self.settings.log_stream_maxlen
+        for job, task, stream, text in lines:
+            pipe.command("XADD", keys.logs(job), "MAXLEN", "~", maxlen, "*", "task", task,
+                         "worker", h["name"], "host", h["host"], "stream", stream,
+                         "text", text)
+
+    # -- messages from the worker ---------------------------------------------------------
+
+    def drain_worker(self) -> None:
+        while not self.stopped and self.conn.poll(0):
+            self.from_worker()
+
+    def from_worker(self) -> None:
+        try:
+            msg = pickle.loads(self.conn.recv_bytes())
+        except (EOFError, OSError):
+            self.stopped = True
+            return
+        kind = msg[0]
+        if kind == "run":
+            _, specs, fns = msg
+            for sha, data in fns:
+                self.functions[sha] = data
+            for seq, job, entry, chunk, sha, start, count, skip, spec, nframes in specs:
+                frames = [self.conn.recv_bytes() for _ in range(nframes)]
+                self.queue.append(_Work(seq, job, entry, chunk, sha, start, count, frames,
+                                        spec, skip))
+        elif kind == "cancel":
+            self.cancelled.add(msg[1])
+        elif kind == "pause":
+            self.claiming = False
+        elif kind == "resume":
+            self.claiming = self.hello["direct"]
+        elif kind == "stop":
+            self.stopped = True
+
+    # -- Redis ----------------------------------------------------------------------------
+    def redis(self, pipe_fill, block: bool = False) -> list:
+        """Run the commands ``pipe_fill(pipe)`` queues, again until the server takes them."""
+        from miniray.resp import ConnectionLost, NoScriptError
+
+        while True:
+            pipe = self.r.pipeline()
+            pipe_fill(pipe)
+            try:
+                if block:
+                    return pipe.execute(while_waiting=(self.conn, self.drain_worker))
+                return pipe.execute()
+            except NoScriptError:  # the server restarted and lost our scripts
+                self.broker.load_scripts()
+            except ConnectionLost:  # the worker decides when the server is gone for good
+                time.sleep(0.2)
+                self.drain_worker()
+                if self.stopped:
+                    return []
+
+    def claim(self, pipe, n: int) -> None:
+        h = self.hello
+        triton = bool(self.prog_i[3] & 1)  # the worker's Triton server is healthy
+        self.broker.claim(h["worker_id"], n, h["name"], h["host"], 0, h["ncpus"], pipe=pipe,
+                          triton=triton, slot=h["slot"])
+
+
+    def accept(self, claimed: list) -> None:
+        """Take claimed chunks: tell the worker first, so it always knows what we hold."""
+        from miniray.broker import parse_claim
+        from miniray.protocol import decode_chunk_head
+
+        job, spec_raw, chunks = parse_claim(claimed)
+        spec = json.loads(spec_raw) if spec_raw else {}
+        if not self.fits(spec):  # another job's limits: a process of their own runs it
+            self.claiming = False
+            _send(self.conn, self.lock, ("handoff", job, spec_raw,
+                                         [(entry, frames) for entry, _, frames in chunks]))
+            return
+        works, notes = [], []
+        for entry, chunk, frames in chunks:
+            seq = self.next_seq
+            self.next_seq += 1
+            try:
+                head, body = decode_chunk_head(frames[0])
+                w = _Work(seq, job, entry, chunk, head.fn_sha, head.start, head.count,
+                          [body, *frames[1:]], spec)
+            except Exception as e:  # a different protocol version: fail the chunk
+                w = _Work(seq, job, entry, chunk, None, 0, 0, None, spec)
+                w.missing = e
+            works.append(w)
+            notes.append((seq, entry, chunk, w.start, w.count))
+        _send(self.conn, self.lock, ("claimed", job, spec_raw, notes))
+        self.fetch_functions(works)
+        self.queue.extend(works)
+
+    def fits(self, spec: dict) -> bool:
+        mem, ncpus, ngpus = self.hello["sig"]
+        return (spec.get("memory_bytes") == mem and (spec.get("cpus") or 0) == ncpus
+                and (spec.get("gpus") or 0) == ngpus)
+
+    def fetch_functions(self, works) -> None:
+        need = set()
+        for w in works:
+            for sha in (w.sha, w.spec.get("init")):
+                if sha and sha not in self.functions:
+                    need.add(sha)
+        if not need:
+            return
+        need = sorted(need)
+        got = self.redis(lambda pipe: pipe.command("MGET", *[self.fn_key(s) for s in need]))
+        for sha, data in zip(need, got[0] if got else [None] * len(need)):
+            if data is not None:
+                self.functions[sha] = data
+        for w in works:
+            if w.missing is None and any(sha and sha not in self.functions
+                                         for sha in (w.sha, w.spec.get("init"))):
+                from miniray.errors import MinirayError
+
+                w.missing = MinirayError(
+                    f"the function of job {w.job} is no longer in Redis (it expired after "
+                    "MINIRAY_FUNCTION_TTL_SECONDS or the server restarted); submit again")
+
+    def flush(self, claim: bool = True, wait: bool = False) -> None:
+        """Complete what finished (one script call per job) and, if wanted, claim more;
+        with ``wait``, first wait for a wake-up (up to 1 s), hearing the worker meanwhile."""
+        from miniray.protocol import ResultHeader, encode_result
+
+        in_task, self.in_task = self.in_task, False
+        pending, self.pending = self.pending, {}
+        h, s = self.hello, self.settings
+        calls, notes = [], []
+        for job, (heads, batches) in pending.items():
+            chunks, header = [], []
+            for seq, final, indices, n_ok, n_err in heads:
+                w = self.held[seq]
+                if n_err < 0:  # the whole chunk failed before its first item
+                    n_err = w.count - len(w.skip)
+                chunks.append((w.entry, n_ok, n_err, final))
+                header.append((w.chunk, final))
+                notes.append((seq, final, indices, n_ok, n_err))
+                if final:
+                    del self.held[seq]
+            msg = encode_result(ResultHeader(h["worker_id"], h["host"], os.getpid(), header),
+                                _dumps_batches(batches))
+            calls.append((job, chunks, msg))
+        want = (self.target - len(self.queue)) if claim and self.claiming else 0
+        self.log_send.acquire()  # lines a task printed land before its outcome
+        with self.log_lock:
+            lines, self.log_lines = self.log_lines, []
+
+        def fill(pipe):
+            self.xadd_logs(pipe, lines)
+            for job, chunks, msg in calls:
+                self.broker.complete(pipe, h["worker_id"], job, chunks, s.result_ttl_seconds,
+                                     s.event_stream_maxlen, msg)
+            if wait:
+                pipe.command("BLPOP", self.wake_key, 1)
+            if want > 0:
+                self.claim(pipe, want)
+        try:
+            res = self.redis(fill, block=wait) if calls or want > 0 or lines else []
+        finally:
+            self.log_send.release()
+        self.last_flush = time.monotonic()
+        if notes:
+            _send(self.conn, self.lock, ("done", notes))
+        if want > 0 and res and res[-1]:
+            self.accept(res[-1])
+        self.in_task = in_task
+
+    # -- running --------------------------------------------------------------------------
+    def serve(self) -> None:
+        while True:
+            self.drain_worker()
+            if self.stopped:
+                return
+            if self.queue:
+                self.run_work(self.queue.popleft())
+                if self.queue and time.monotonic() - self.last_flush >= FLUSH_SECONDS:
+                    self.flush()
+            elif self.claiming:
+                # idle: complete what is done, then wait for work and claim, in one round
+                # trip; the worker hears of the outcomes when it returns (they are safe in
+                # Redis, and a process that dies idle has nothing running to blame)
+                self.flush(wait=True)
+            elif self.pending:
+                self.flush()
+            else:
+                self.from_worker()  # blocks until the worker says something
+
+    def run_work(self, w: _Work) -> None:
+        self.held[w.seq] = w
+        t0 = time.monotonic()
+        if w.job in self.cancelled:
+            from miniray.errors import JobCancelledError
+
+            err = JobCancelledError(f"job {w.job} was cancelled before this task ran")
+            self.add(w.job, w.seq, True, None, [], {-1: (err, "", os.getpid())}, 0, -1)
+        elif w.missing is not None:
+            self.add(w.job, w.seq, True, None, [], {-1: (w.missing, "", os.getpid())}, 0, -1)
+        else:
+            self.run_chunk(w.seq, w.job, w.sha, w.skip, w.spec.get("env"), w.frames,
+                           w.spec.get("init"))
+        w.frames = None
+        self.learn(time.monotonic() - t0, w.count)
+
+    def learn(self, seconds: float, count: int) -> None:
+        """Size the local queue so that about 50 ms of work waits here."""
+        per_item = seconds / max(1, count)
+        self.avg_item = per_item if not self.avg_item else 0.7 * self.avg_item + 0.3 * per_item
+        chunk_time = self.avg_item * max(1, count)
+        self.target = int(min(_MAX_TARGET, max(1, 0.05 / max(chunk_time, 1e-6))))
 
     def function(self, sha: str):
         fn = self.functions[sha]
         if isinstance(fn, bytes):
             fn = self.functions[sha] = pickle.loads(fn)
         return fn
-
-    def serve(self) -> None:
-        conn = self.conn
-        while True:
-            try:
-                msg = pickle.loads(conn.recv_bytes())
-            except (EOFError, OSError):
-                return
-            if msg[0] == "stop":
-                return
-            _, chunks, fns = msg
-            for sha, data in fns:
-                self.functions[sha] = data
-            batch = [(spec, [conn.recv_bytes() for _ in range(spec[5])]) for spec in chunks]
-            for (seq, group, sha, skip, env, _, init), frames in batch:
-                self.run_chunk(seq, group, sha, skip, env, frames, init)
-            if not conn.poll(0) or time.monotonic() - self.last_flush >= FLUSH_SECONDS:
-                self.flush()
 
     def initialize(self, group, init) -> None:
         """Run the job's initializer once in this process; remember how it went."""
@@ -148,8 +432,9 @@ class Runner:
 
     def run_chunk(self, seq, group, sha, skip, env, frames, init=None) -> None:
         self.seq = seq
+        self.in_task = True
         saved = _apply_env(env)
-        progress, monotonic = self.progress, time.monotonic
+        monotonic = time.monotonic
         try:
             try:
                 if init:
@@ -180,6 +465,7 @@ class Runner:
                     idx = done if skip else range(first, i)
                     self.add(group, seq, False, idx, values, errors,
                              len(values) - len(errors), len(errors))
+                    prog_i[1] = -1  # between items: a death now is not this item's fault
                     self.flush()
                     values, errors, done, first = [], {}, [], i
                     append = values.append
@@ -202,7 +488,10 @@ class Runner:
             self.add(group, seq, True, idx, values, errors, len(values) - len(errors),
                      len(errors))
         finally:
-            PROGRESS.pack_into(progress, 0, -1, -1, 0.0)
+            prog_i = self.prog_i
+            prog_i[0] = prog_i[1] = -1
+            self.prog_t[2] = 0.0
+            self.in_task = False
             _restore_env(saved)
             self.idx = -1
 
@@ -210,12 +499,6 @@ class Runner:
         heads, batches = self.pending.setdefault(group, ([], []))
         heads.append((seq, final, indices, n_ok, n_err))
         batches.append((indices, values, errors))
-
-    def flush(self) -> None:
-        pending, self.pending = self.pending, {}
-        for group, (heads, batches) in pending.items():
-            _send(self.conn, self.lock, ("res", group, heads, _dumps_batches(batches)))
-        self.last_flush = time.monotonic()
 
 
 def _dumps_batches(batches) -> bytes:
@@ -333,7 +616,18 @@ def main(argv=None) -> None:
 
     conn = Connection(fd)
     progress = mmap.mmap(progress_fd, PROGRESS.size)
-    runner = Runner(conn, progress)
+    try:
+        hello = pickle.loads(conn.recv_bytes())[1]
+    except (EOFError, OSError):
+        return
+    runner = Runner(conn, progress, hello)
+
+    def on_sigint(signum, frame):  # the worker interrupts a task of a cancelled job
+        if runner.in_task:
+            raise KeyboardInterrupt
+        runner.interrupted = True
+
+    signal.signal(signal.SIGINT, on_sigint)
     sys.stdout = _LineWriter(runner, "stdout")
     sys.stderr = _LineWriter(runner, "stderr")
     root = logging.getLogger()

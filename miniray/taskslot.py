@@ -1,4 +1,4 @@
-"""The worker's handle on one task process: spawn, feed chunks, read outcomes, kill, explain death."""
+"""The worker's handle on one task process: spawn, greet, feed chunks, read notes, kill, explain death."""
 
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ ProcKey = tuple  # (memory_bytes | None, cpus tuple, gpus tuple | None)
 class TaskProcess:
     """A ``python -m miniray.taskproc`` child with its socket, progress page and cgroup."""
 
-    def __init__(self, key: ProcKey, name: str, env: dict | None = None):
+    def __init__(self, key: ProcKey, name: str, env: dict | None = None,
+                 hello: dict | None = None):
         self.key = key
         memory_bytes, cpus, gpus = key
         parent_sock, child_sock = socket.socketpair()
         self._progress_fd = _shared_page(PROGRESS.size)
         self.progress_map = mmap.mmap(self._progress_fd, PROGRESS.size)
-        PROGRESS.pack_into(self.progress_map, 0, -1, -1, 0.0)
+        PROGRESS.pack_into(self.progress_map, 0, -1, -1, 0.0, 0)
         self.cgroup = None
         self.rlimit = False
         child_env = dict(os.environ if env is None else env)
@@ -61,6 +62,36 @@ class TaskProcess:
         self.known_fns: set[str] = set()
         self.started = time.monotonic()
         self.killed_for: str | None = None  # "timeout", "cancel" when we killed it on purpose
+        self.paused = False
+        self.hello = None
+        if hello is not None:
+            self.greet(hello)
+
+    def greet(self, hello: dict) -> None:
+        """The first message: where the server is, who we are, the limits of this process."""
+        self.hello = dict(hello, sig=(self.key[0], len(self.key[1]), len(self.key[2])))
+        self.paused = not (self.hello["direct"] and self.hello.get("claiming", True))
+        self.tell("hello", self.hello)
+
+    def tell(self, *msg) -> None:
+        """A small control message ("cancel", "pause", "resume", "stop")."""
+        try:
+            self.send_run_raw([pickle.dumps(msg, protocol=5)])
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass  # it died; the worker's loop sees EOF and deals with it
+
+    def pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.tell("pause")
+
+    def resume(self) -> None:
+        if self.paused and self.hello and self.hello["direct"]:
+            self.paused = False
+            self.tell("resume")
+
+    def set_flags(self, flags: int) -> None:
+        struct.pack_into("q", self.progress_map, 24, flags)
 
     @property
     def pid(self) -> int:
@@ -73,8 +104,11 @@ class TaskProcess:
         full, what it sent is read into an inbox first. (It may be blocked writing its
         results to us; if we only wrote, both sides would wait for each other.)
         """
+        self.send_run_raw([pickle.dumps(("run", specs, fns), protocol=5), *frames])
+
+    def send_run_raw(self, payloads: list) -> None:
         pieces = []
-        for payload in (pickle.dumps(("run", specs, fns), protocol=5), *frames):
+        for payload in payloads:
             n = payload.nbytes if isinstance(payload, memoryview) else len(payload)
             pieces.append(_HEADER.pack(n) if n < 0x7FFFFFFF else _BIG_HEADER.pack(-1, n))
             pieces.append(payload)
@@ -100,7 +134,7 @@ class TaskProcess:
 
     def progress(self) -> tuple:
         """(chunk seq, item index, monotonic start) of the item running now, or seq -1."""
-        return PROGRESS.unpack_from(self.progress_map, 0)
+        return PROGRESS.unpack_from(self.progress_map, 0)[:3]
 
     def interrupt(self) -> None:
         try:
@@ -139,7 +173,7 @@ class TaskProcess:
     def close(self, graceful: bool = True) -> None:
         if graceful and self.alive():
             try:
-                self.conn.send_bytes(pickle.dumps(("stop",)))
+                self.tell("stop")
                 self.proc.wait(timeout=1)
             except Exception:
                 pass

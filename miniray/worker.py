@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from . import gpu as gpu_mod
-from .broker import Broker, _redact, connect
+from .broker import Broker, _redact, connect, parse_claim
 from .config import settings
 from .errors import (
     ConfigurationError,
@@ -46,6 +46,7 @@ from .errors import (
 )
 from .isolation import memory_cgroup_support
 from .resp import Connection, ConnectionLost, NoScriptError, RedisError
+from .keys import Keys
 from .protocol import ResultHeader, decode_chunk_head, encode_result
 from .taskslot import TaskProcess
 
@@ -72,23 +73,46 @@ class _Chunk:
 
 
 class _Slot(threading.Thread):
+    """One slot: a task process and its supervision.
+
+    On a worker without GPUs the task process claims and completes by itself; the slot
+    learns from it what it holds and what it delivered (``claimed``, ``done``), enforces
+    timeouts and cancels, explains its death, and resends what a dead process held to a fresh
+    one. On a GPU worker the slot claims (one chunk at a time, under the GPU lock) and sends
+    chunks to the process, which still completes them by itself.
+    """
+
     def __init__(self, worker: "Worker", index: int):
         super().__init__(name=f"miniray-slot-{index}", daemon=True)
         self.w, self.index = worker, index
+        self.direct = not worker.gpu_ids
         self.r = worker.new_client()
         self.broker = Broker(self.r, worker.namespace)
         self.proc: TaskProcess | None = worker.warm_procs[index]
-        self.pending: collections.deque[_Chunk] = collections.deque()
-        self.inflight: dict[int, _Chunk] = {}
+        self.proc.greet(self.hello())
+        self.pending: collections.deque[_Chunk] = collections.deque()  # to send to the process
+        self.inflight: dict[int, _Chunk] = {}  # held by the process
         self.seq = 0
-        self.target = 2
-        self.avg_item = 0.0
         self.gpus: tuple = ()  # GPUs reserved in the worker's pool for the chunks held now
         self.gpu_mb = 0  # MiB reserved on each of them (0: whole GPUs)
         self.last_gpus: tuple = ()  # the task process's GPUs: preferred at the next claim
         self.cancelled_jobs: dict[str, float] = {}  # job -> kill deadline
+        self.to_tell: collections.deque = collections.deque()  # cancels for the process
         self.lock = threading.Lock()
         self.out: list = []  # commands for the next pipeline: (fn, args)
+        self.last_out = 0.0
+
+    def hello(self) -> dict:
+        w = self.w
+        return {"url": w.url, "namespace": w.namespace, "worker_id": w.worker_id,
+                "name": w.name, "host": w.host, "ncpus": w.ncpus, "slot": self.index,
+                "direct": self.direct}
+
+    def new_proc(self, key, claiming: bool = True) -> TaskProcess:
+        proc = TaskProcess(key, f"{self.w.name}-{self.index}", self.w.task_env,
+                           dict(self.hello(), claiming=claiming))
+        proc.set_flags(int(self.w.triton_ready()))
+        return proc
 
     # -- state seen by the heartbeat thread ------------------------------------------------
     def jobs(self) -> set:
@@ -97,17 +121,21 @@ class _Slot(threading.Thread):
         return {c.job for c in list(self.inflight.values()) + list(self.pending)}
 
     def running_job(self) -> str | None:
-        running = list(self.inflight.values())
-        return running[0].job if running else None
+        proc = self.proc
+        if proc is None:
+            return None
+        c = self.inflight.get(proc.progress()[0])
+        return c.job if c is not None else None
 
     def cancel_job(self, job: str) -> None:
         with self.lock:
             if job in self.cancelled_jobs:
                 return
             self.cancelled_jobs[job] = time.monotonic() + self.w.settings.kill_grace_seconds
-            running = any(c.job == job for c in list(self.inflight.values()))
-        if running and self.proc is not None:
-            self.proc.interrupt()
+        self.to_tell.append(job)  # the slot thread tells the process (it owns the socket)
+        proc = self.proc
+        if proc is not None and self.running_job() == job:
+            proc.interrupt()
 
     # -- main loop ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -128,36 +156,29 @@ class _Slot(threading.Thread):
                 self.proc.close(graceful=False)
 
     def step(self) -> None:
-        if not self.pending and not self.inflight:
+        if not self.direct and not self.pending and not self.inflight:
             self.release_gpus()
-            self.fetch(block=True)
+            self.fetch()
             if not self.pending:
                 return
         self.dispatch()
+        if self.proc is None:  # direct: a process is always there to claim
+            self.proc = self.new_proc((None, (), ()))
         self.collect()
 
-    def fetch(self, block: bool) -> None:
+    def fetch(self) -> None:
+        """A GPU worker's claim: one chunk, under the pool's claim lock, its GPUs reserved
+        before letting go, so what the claim script was told is free stays free."""
         w = self.w
-        want = max(1, self.target - len(self.pending) - len(self.inflight))
         pipe = self.r.pipeline()
         self._drain_out(pipe)
-        if block:
-            pipe.command("BLPOP", w.keys.wake, 1)
-        if not w.gpu_ids:
-            self._claim(pipe, want)
-            claimed = pipe.execute()[-1]
-            if claimed:
-                self.accept(claimed)
-            return
-        # A GPU worker's slots claim one chunk at a time, each under the pool's claim lock,
-        # and reserve the chunk's GPUs before letting go: what the claim script was told is
-        # free stays free until this slot has taken it.
-        if len(pipe):
-            pipe.execute()
+        pipe.command("BLPOP", w.keys.wake, 1)
+        pipe.execute()
         with w.gpu_claim_lock:
             free, free_mb = w.gpu_pool.offer()
             claimed = self.broker.claim(w.worker_id, 1, w.name, w.host, free, w.ncpus,
-                                        gpu_free_mb=free_mb, triton=w.triton_ready())
+                                        gpu_free_mb=free_mb, triton=w.triton_ready(),
+                                        slot=self.index)
             if claimed:
                 spec = json.loads(claimed[1]) if claimed[1] else {}
                 if spec.get("gpus"):
@@ -167,44 +188,34 @@ class _Slot(threading.Thread):
                         raise RuntimeError(f"claimed {spec['gpus']} GPU(s) that are not free")
                     self.gpus, self.gpu_mb, self.last_gpus = got, mb, got
         if claimed:
-            self.accept(claimed)
+            job, spec_raw, chunks = parse_claim(claimed)
+            self.take(job, spec_raw, chunks)
 
-    def _claim(self, pipe, n: int) -> None:
-        w = self.w
-        self.broker.claim(w.worker_id, n, w.name, w.host, 0, w.ncpus, pipe=pipe,
-                          triton=w.triton_ready())
+    def take(self, job: str, spec_raw, chunks: list) -> None:
+        """Chunks (entry, chunk id, frames) for ``pending``: claimed here or handed over."""
+        spec = json.loads(spec_raw) if spec_raw else {}
+        got = []
+        for entry, chunk_id, frames in chunks:
+            head, body = decode_chunk_head(frames[0])
+            self.seq += 1
+            got.append(_Chunk(job, entry, chunk_id, self.seq, head.fn_sha, head.start,
+                              head.count, [body, *frames[1:]], spec))
+        init = spec.get("init")
+        missing = self.w.functions_missing({c.sha for c in got} | ({init} if init else set()),
+                                           self.r)
+        for c in got:
+            if c.sha in missing or init in missing:
+                self.fail_chunk(c, MinirayError(
+                    f"the function of job {c.job} is no longer in Redis (it expired after "
+                    f"MINIRAY_FUNCTION_TTL_SECONDS or the server restarted); submit again"))
+            else:
+                self.pending.append(c)
 
     def release_gpus(self) -> None:
         """Give this slot's GPUs back to the pool (it holds no chunk any more)."""
         if self.gpus:
             self.w.gpu_pool.release(self.gpus, self.gpu_mb)
             self.gpus, self.gpu_mb = (), 0
-
-    def accept(self, claimed: list) -> None:
-        job = claimed[0].decode()
-        spec = json.loads(claimed[1]) if claimed[1] else {}
-        i = 2
-        chunks = []
-        while i < len(claimed):
-            entry = claimed[i].decode()
-            chunk_id, nframes, _ = (int(x) for x in entry.split(":"))
-            frames = claimed[i + 1 : i + 1 + nframes]
-            i += 1 + nframes
-            head, body = decode_chunk_head(frames[0])
-            self.seq += 1
-            chunks.append(_Chunk(job, entry, chunk_id, self.seq, head.fn_sha, head.start,
-                                 head.count, [body, *frames[1:]], spec))
-        init = spec.get("init")
-        missing = self.w.functions_missing({c.sha for c in chunks} | ({init} if init else set()),
-                                           self.r)
-        with self.lock:
-            for c in chunks:
-                if c.sha in missing or init in missing:
-                    self.fail_chunk(c, MinirayError(
-                        f"the function of job {c.job} is no longer in Redis (it expired after "
-                        f"MINIRAY_FUNCTION_TTL_SECONDS or the server restarted); submit again"))
-                else:
-                    self.pending.append(c)
 
     def key_for(self, spec: dict) -> tuple:
         mem = spec.get("memory_bytes")
@@ -226,15 +237,18 @@ class _Slot(threading.Thread):
             key = self.key_for(c.spec)
             if self.proc is not None and self.proc.key != key:
                 if self.inflight or batch:
-                    break  # let the current process drain before changing limits
+                    self.proc.pause()  # claim nothing more: drain, then change limits
+                    break
                 self.proc.close()
                 self.proc = None
-            if self.proc is None:
-                self.proc = TaskProcess(key, f"{self.w.name}-{self.index}", self.w.task_env)
+            if self.proc is None:  # it claims nothing until what waits here is sent
+                self.proc = self.new_proc(key, claiming=False)
             self.pending.popleft()
             batch.append(c)
         if batch:
             self.send(batch)
+        if not self.pending and self.proc is not None:
+            self.proc.resume()
 
     def send(self, batch: list) -> None:
         proc, now = self.proc, time.monotonic()
@@ -247,9 +261,10 @@ class _Slot(threading.Thread):
                 if sha not in proc.known_fns:
                     fns.append((sha, self.w.fn_cache.get(sha)))
                     proc.known_fns.add(sha)
-            specs.append((c.seq, c.job, c.sha, frozenset(c.delivered), c.spec.get("env") or None,
-                          len(c.frames), init))
+            specs.append((c.seq, c.job, c.entry, c.chunk, c.sha, c.start, c.count,
+                          frozenset(c.delivered), c.spec, len(c.frames)))
             frames += c.frames
+            c.frames = None  # the process has them now; a resend reads them from Redis
             started[c.job] = started.get(c.job, 0) + c.count - len(c.delivered)
         try:
             proc.send_run(specs, fns, frames)
@@ -259,11 +274,18 @@ class _Slot(threading.Thread):
             self.out.append((self._event, (job, "started", n)))
 
     def collect(self) -> None:
-        """Wait for the task process, then ship everything it said in one pipeline."""
+        """Wait for the task process; ship what the slot has to say in one pipeline."""
         proc = self.proc
+        while self.to_tell:  # it drops what it holds of these jobs, unstarted
+            proc.tell("cancel", self.to_tell.popleft())
         timeout = self.wait_budget()
         died = False
         got = []
+        if self.direct:
+            # Read what the process says on a clock, not on each message: a woken worker
+            # would take the CPU from the tasks (and their clients) at the worst moment.
+            time.sleep(min(timeout, 0.02))
+            timeout = 0
         try:
             if proc.poll(timeout):
                 got.append(proc.recv())
@@ -277,19 +299,17 @@ class _Slot(threading.Thread):
             self.enforce_deadlines()
         if died or (proc.killed_for and not proc.alive()):
             self.handle_death(proc)
-        want_more = len(self.pending) + len(self.inflight) < self.target
-        if self.out or (want_more and not self.w.stopping.is_set()):
+        # what the slot says (events, log lines, failures) goes every 20 ms at most: a
+        # round trip per task would compete with the tasks' own for the server and the CPU
+        now = time.monotonic()
+        if self.out and (now - self.last_out >= 0.02 or died or len(self.out) > 256):
+            self.last_out = now
             pipe = self.r.pipeline()
             self._drain_out(pipe)
-            n_cmds = len(pipe)
-            if want_more and not self.w.stopping.is_set() and not self.w.gpu_ids:
-                self._claim(pipe, self.target - len(self.pending) - len(self.inflight))
-            res = pipe.execute()
-            if len(res) > n_cmds and res[-1]:
-                self.accept(res[-1])
+            pipe.execute()
 
     def wait_budget(self) -> float:
-        budget = 0.25
+        budget = 0.25 if not self.out else 0.02
         seq, idx, started = self.proc.progress()
         c = self.inflight.get(seq)
         if c is not None and c.spec.get("timeout"):
@@ -305,56 +325,51 @@ class _Slot(threading.Thread):
         seq, idx, started = proc.progress()
         c = self.inflight.get(seq)
         now = time.monotonic()
-        if c is not None and c.spec.get("timeout") and now > started + c.spec["timeout"]:
+        if c is not None and idx >= 0 and c.spec.get("timeout") \
+                and now > started + c.spec["timeout"]:
             proc.kill("timeout")
             return
         for job, deadline in list(self.cancelled_jobs.items()):
-            if now > deadline and any(x.job == job for x in self.inflight.values()):
-                proc.kill("cancel")
-                return
+            if now > deadline:
+                if any(x.job == job for x in self.inflight.values()):
+                    proc.kill("cancel")
+                    return
+                if not any(x.job == job for x in self.pending):
+                    del self.cancelled_jobs[job]
 
     def handle(self, msg) -> None:
         kind = msg[0]
-        if kind == "res":
-            _, job, heads, blob = msg
-            done = []
-            for seq, final, indices, n_ok, n_err in heads:
+        if kind == "done":
+            n = 0
+            for seq, final, indices, n_ok, n_err in msg[1]:
                 c = self.inflight.get(seq)
                 if c is None:
-                    done.append(None)
                     continue
-                if n_err < 0:  # the whole chunk failed before its first item
-                    n_err = c.count - len(c.delivered)
                 c.delivered.update(range(c.count) if final or indices is None else indices)
                 if final:
                     del self.inflight[seq]
-                    self._learn(c)
-                done.append((c, final, n_ok, n_err))
-            self.report(job, done, blob)
-        elif kind == "log":
-            for seq, idx, stream, text in msg[1]:
-                c = self.inflight.get(seq)
-                if c is None:
-                    continue
-                task = c.start + idx if idx >= 0 else ""
-                self.out.append((self._log, (c.job, task, stream, text)))
-
-    def _learn(self, c: _Chunk) -> None:
-        """Size the local queue so that about 50 ms of work waits at the task process."""
-        per_item = (time.monotonic() - c.sent_at) / max(1, c.count)
-        self.avg_item = per_item if not self.avg_item else 0.7 * self.avg_item + 0.3 * per_item
-        chunk_time = self.avg_item * max(1, c.count)
-        self.target = int(min(_MAX_TARGET, max(1, 0.05 / max(chunk_time, 1e-6))))
-        if self.w.gpu_ids or c.spec.get("gpus"):
-            self.target = 1
+                n += n_ok + n_err
+            self.w.tasks_done += n
+        elif kind == "claimed":
+            _, job, spec_raw, notes = msg
+            spec = json.loads(spec_raw) if spec_raw else {}
+            now, items = time.monotonic(), 0
+            for seq, entry, chunk, start, count in notes:
+                self.inflight[seq] = _Chunk(job, entry, chunk, seq, None, start, count, None,
+                                            spec, sent_at=now)
+                items += count
+            self.out.append((self._event, (job, "started", items)))
+        elif kind == "handoff":  # claimed by the process, but needs a process of its own
+            _, job, spec_raw, chunks = msg
+            self.take(job, spec_raw, [(e, int(e.split(":")[0]), f) for e, f in chunks])
 
     def report(self, job: str, done: list, blob: bytes) -> None:
-        """Queue one result message for ``job``: ``done`` lines up with the blob's batches
-        (None where a chunk is no longer ours; the client ignores what it does not know)."""
+        """Queue one result message for ``job`` (failures the slot itself found): ``done``
+        lines up with the blob's batches."""
         w = self.w
         header = ResultHeader(w.worker_id, w.host, os.getpid(),
-                              [(d[0].chunk, d[1]) if d else (-1, False) for d in done])
-        chunks = [(c.entry, n_ok, n_err, final) for c, final, n_ok, n_err in filter(None, done)]
+                              [(c.chunk, final) for c, final, _, _ in done])
+        chunks = [(c.entry, n_ok, n_err, final) for c, final, n_ok, n_err in done]
         self.out.append((self._complete, (job, chunks, encode_result(header, blob))))
         w.tasks_done += sum(x[1] + x[2] for x in chunks)
 
@@ -385,17 +400,49 @@ class _Slot(threading.Thread):
             if done:
                 del self.inflight[seq]
             self.report(c.job, [(c, done, 0, 1)], blob)
-        # everything else that was sent goes again, in order, to a fresh process
-        again = sorted(self.inflight.values(), key=lambda x: x.seq)
+        # everything else it held goes again, in order, to a fresh process
+        again = sorted(self.inflight.values(), key=lambda x: x.seq) + self.unannounced()
         self.inflight.clear()
         for x in reversed(again):
             if x.job in self.cancelled_jobs:
                 self.fail_chunk(x, _cancelled(x.job))
+            elif x.frames is None and not self.load_frames(x):
+                self.fail_chunk(x, MinirayError(
+                    f"job {x.job} no longer has this task's arguments in Redis (it was "
+                    "cancelled or closed while the task's process died)"))
             else:
                 self.pending.appendleft(x)
-        for job in list(self.cancelled_jobs):
-            if not any(x.job == job for x in self.pending):
-                del self.cancelled_jobs[job]
+
+    def unannounced(self) -> list:
+        """Chunks the dead process had claimed but not yet told us of (from ``wip``)."""
+        known = {(c.job, c.chunk) for c in list(self.inflight.values()) + list(self.pending)}
+        held = self.r.execute("HGETALL", self.w.keys.wip(self.w.worker_id))
+        out, tag = [], f"@{self.index}"
+        for i in range(0, len(held), 2):
+            field, value = held[i].decode(), held[i + 1].decode()
+            job, _, chunk = field.rpartition("/")
+            if not value.endswith(tag) or (job, int(chunk)) in known:
+                continue
+            spec_raw = self.r.execute("HGET", self.w.keys.job(job), "spec")
+            entry = value[: -len(tag)]
+            self.seq += 1
+            c = _Chunk(job, entry, int(chunk), self.seq, None, 0, 0, None,
+                       json.loads(spec_raw) if spec_raw else {})
+            out.append(c)
+        return out
+
+    def load_frames(self, c: _Chunk) -> bool:
+        """Read a chunk's payload back from Redis for a resend; False when it is gone."""
+        _, nframes, _ = (int(x) for x in c.entry.split(":"))
+        fields = [Keys.payload_field(c.chunk, i) for i in range(nframes)]
+        frames = self.r.execute("HMGET", self.w.keys.tasks(c.job), *fields)
+        if any(f is None for f in frames):
+            return False
+        head, body = decode_chunk_head(frames[0])
+        c.sha, c.start, c.count = head.fn_sha, head.start, head.count
+        c.frames = [body, *frames[1:]]
+        init = c.spec.get("init")
+        return not self.w.functions_missing({c.sha} | ({init} if init else set()), self.r)
 
     def _death_error(self, c: _Chunk, reason, oom: bool, how: str) -> BaseException:
         where = f"on worker {self.w.name} ({self.w.host})"
@@ -431,11 +478,6 @@ class _Slot(threading.Thread):
         pipe.command("XADD", self.w.keys.events(job), "MAXLEN", "~",
                      self.w.settings.event_stream_maxlen, "*", "kind", kind,
                      "worker", self.w.worker_id, "count", count)
-
-    def _log(self, pipe, job, task, stream, text) -> None:
-        pipe.command("XADD", self.w.keys.logs(job), "MAXLEN", "~",
-                     self.w.settings.log_stream_maxlen, "*", "task", task,
-                     "worker", self.w.name, "host", self.w.host, "stream", stream, "text", text)
 
 
 def _cancelled(job: str) -> JobCancelledError:
@@ -612,6 +654,11 @@ class Worker:
             jobs |= slot.jobs()
         reply = self.broker.heartbeat(self.worker_id, self.info(),
                                       int(3 * s.worker_dead_seconds) + 1, sorted(jobs))
+        flags = int(self.triton_ready())
+        for slot in self.slots:  # what the task processes' own claims need to know
+            proc = slot.proc
+            if proc is not None:
+                proc.set_flags(flags)
         for job in reply[1:]:
             job = job.decode()
             for slot in self.slots:
