@@ -112,12 +112,13 @@ class _Work:
     """A chunk this process holds: claimed by itself, or sent by its worker."""
 
     __slots__ = ("seq", "job", "entry", "chunk", "sha", "start", "count", "frames", "spec",
-                 "skip", "missing")
+                 "skip", "missing", "taken")
 
     def __init__(self, seq, job, entry, chunk, sha, start, count, frames, spec, skip=()):
         self.seq, self.job, self.entry, self.chunk = seq, job, entry, chunk
         self.sha, self.start, self.count, self.frames = sha, start, count, frames
         self.spec, self.skip, self.missing = spec, skip, None
+        self.taken = time.monotonic()
 
 
 class Runner:
@@ -387,7 +388,6 @@ class Runner:
 
     def run_work(self, w: _Work) -> None:
         self.held[w.seq] = w
-        t0 = time.monotonic()
         if w.job in self.cancelled:
             from miniray.errors import JobCancelledError
 
@@ -399,7 +399,9 @@ class Runner:
             self.run_chunk(w.seq, w.job, w.sha, w.skip, w.spec.get("env"), w.frames,
                            w.spec.get("init"))
         w.frames = None
-        self.learn(time.monotonic() - t0, w.count)
+        # time since it was taken, waiting here included: a queue that makes chunks wait
+        # long is cut back, so other workers get a share of a short job
+        self.learn(time.monotonic() - w.taken, w.count)
 
     def learn(self, seconds: float, count: int) -> None:
         """Size the local queue so that about 50 ms of work waits here."""

@@ -49,6 +49,8 @@ class TaskProcess:
             child_env["MINIRAY_TASK_CPUS"] = ",".join(map(str, cpus))
         # A task that asked for no GPU must not see one; one that did sees exactly its own.
         child_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus or ()))
+        # ... numbered as NVML numbers them (CUDA's default order can differ on mixed nodes)
+        child_env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         fd = child_sock.fileno()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "miniray.taskproc", str(fd), str(self._progress_fd)],
