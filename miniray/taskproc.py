@@ -137,7 +137,7 @@ class Runner:
         self.queue: collections.deque[_Work] = collections.deque()
         self.held: dict[int, _Work] = {}  # seq -> work until its final outcome is in Redis
         self.next_seq = 1 << 40  # seqs of our own claims; the worker's are small
-        self.target, self.avg_item = 2, 0.0
+        self.target, self.avg_item = 1, 0.0  # one chunk until we know how long they take
         # False: paused (by the worker, or after a handoff)
         self.claiming = hello["direct"] and hello.get("claiming", True)
         self.cancelled: set = set()
