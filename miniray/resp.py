@@ -8,7 +8,6 @@ with a lock; threads that block (BLPOP, BLMPOP, XREAD BLOCK) use a connection of
 
 from __future__ import annotations
 
-import select
 import socket
 import threading
 from urllib.parse import parse_qs, unquote, urlparse
@@ -132,7 +131,7 @@ class Connection:
             except OSError:
                 pass
 
-    def _roundtrip(self, commands, while_waiting=None) -> list:
+    def _roundtrip(self, commands) -> list:
         sock, reader = self._sock, self._reader
         try:
             if commands and commands[0] is not None:  # None: replies owed, nothing to send
@@ -142,8 +141,6 @@ class Connection:
             for _ in commands:
                 reply = reader.gets()
                 while reply is False:
-                    if while_waiting is not None:
-                        _wait_readable(sock, *while_waiting)
                     data = sock.recv(1 << 20)
                     if not data:
                         raise ConnectionLost(f"the server at {redact(self.url)} closed the "
@@ -167,18 +164,14 @@ class Connection:
             raise reply
         return reply
 
-    def pipeline_raw(self, commands: list, while_waiting=None) -> list:
-        """Send commands in one write, read every reply; error replies are returned.
-
-        ``while_waiting=(fd, callback)``: while no reply is in, call ``callback()`` whenever
-        ``fd`` is readable (a blocking command need not stop its caller hearing from others).
-        """
+    def pipeline_raw(self, commands: list) -> list:
+        """Send commands in one write, read every reply; error replies are returned."""
         with self._lock:
             if self._sock is None:
                 self._connect()
             if self._owed:
                 self._read_owed()
-            return self._roundtrip(commands, while_waiting)
+            return self._roundtrip(commands)
 
     def send_deferred(self, commands: list) -> None:
         """Send commands and return at once; their replies are read before the next
@@ -216,15 +209,6 @@ class Connection:
 
 
 _BIG = 256 * 1024
-
-
-def _wait_readable(sock, fd, callback) -> None:
-    while True:
-        readable = select.select([sock, fd], [], [])[0]
-        if fd in readable:
-            callback()
-        if sock in readable:
-            return
 
 
 def _size(a) -> int:
@@ -287,11 +271,11 @@ class Pipeline:
         if commands:
             self.conn.send_deferred(commands)
 
-    def execute(self, raise_on_error: bool = True, while_waiting=None) -> list:
+    def execute(self, raise_on_error: bool = True) -> list:
         if not self.commands:
             return []
         commands, self.commands = self.commands, []
-        replies = self.conn.pipeline_raw(commands, while_waiting)
+        replies = self.conn.pipeline_raw(commands)
         if raise_on_error:
             for r in replies:
                 if isinstance(r, ReplyError):

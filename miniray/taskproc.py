@@ -141,6 +141,8 @@ class Runner:
         # False: paused (by the worker, or after a handoff)
         self.claiming = hello["direct"] and hello.get("claiming", True)
         self.cancelled: set = set()
+        self.specs: dict = {}  # spec json -> dict
+        self.notes: list = []  # for the worker, sent with the next one
         self.stopped = False
         self.in_task = False  # SIGINT interrupts user code only, never a Redis round trip
         self.interrupted = False
@@ -207,6 +209,13 @@ class Runner:
 
     # -- messages from the worker ---------------------------------------------------------
 
+    def tell_worker(self, note=None) -> None:
+        """Send ``note`` and the notes waiting, in one message (one wake-up, not several)."""
+        if note is not None:
+            self.notes.append(note)
+        notes, self.notes = self.notes, []
+        _send(self.conn, self.lock, notes[0] if len(notes) == 1 else ("batch", notes))
+
     def drain_worker(self) -> None:
         while not self.stopped and self.conn.poll(0):
             self.from_worker()
@@ -236,16 +245,18 @@ class Runner:
             self.stopped = True
 
     # -- Redis ----------------------------------------------------------------------------
-    def redis(self, pipe_fill, block: bool = False) -> list:
-        """Run the commands ``pipe_fill(pipe)`` queues, again until the server takes them."""
+    def redis(self, pipe_fill) -> list:
+        """Run the commands ``pipe_fill(pipe)`` queues, again until the server takes them.
+
+        A blocking wait (BLPOP, at most 1 s) does not listen to the worker meanwhile: what it
+        says then (a cancel) is for chunks this idle process does not hold, and a worker that
+        feeds a process chunks pauses it first."""
         from miniray.resp import ConnectionLost, NoScriptError
 
         while True:
             pipe = self.r.pipeline()
             pipe_fill(pipe)
             try:
-                if block:
-                    return pipe.execute(while_waiting=(self.conn, self.drain_worker))
                 return pipe.execute()
             except NoScriptError:  # the server restarted and lost our scripts
                 self.broker.load_scripts()
@@ -268,7 +279,9 @@ class Runner:
         from miniray.protocol import decode_chunk_head
 
         job, spec_raw, chunks = parse_claim(claimed)
-        spec = json.loads(spec_raw) if spec_raw else {}
+        spec = self.specs.get(spec_raw)
+        if spec is None:
+            spec = self.specs[spec_raw] = json.loads(spec_raw) if spec_raw else {}
         if not self.fits(spec):  # another job's limits: a process of their own runs it
             self.claiming = False
             _send(self.conn, self.lock, ("handoff", job, spec_raw,
@@ -287,7 +300,7 @@ class Runner:
                 w.missing = e
             works.append(w)
             notes.append((seq, entry, chunk, w.start, w.count))
-        _send(self.conn, self.lock, ("claimed", job, spec_raw, notes))
+        self.tell_worker(("claimed", job, spec_raw, notes))
         self.fetch_functions(works)
         self.queue.extend(works)
 
@@ -356,14 +369,16 @@ class Runner:
             if want > 0:
                 self.claim(pipe, want)
         try:
-            res = self.redis(fill, block=wait) if calls or want > 0 or lines else []
+            res = self.redis(fill) if calls or want > 0 or lines else []
         finally:
             self.log_send.release()
         self.last_flush = time.monotonic()
-        if notes:
-            _send(self.conn, self.lock, ("done", notes))
+        if notes:  # goes with the news of what was claimed, if anything was
+            self.notes.append(("done", notes))
         if want > 0 and res and res[-1]:
             self.accept(res[-1])
+        elif self.notes:
+            self.tell_worker()
         self.in_task = in_task
 
     # -- running --------------------------------------------------------------------------

@@ -339,7 +339,10 @@ class _Slot(threading.Thread):
 
     def handle(self, msg) -> None:
         kind = msg[0]
-        if kind == "done":
+        if kind == "batch":
+            for m in msg[1]:
+                self.handle(m)
+        elif kind == "done":
             n = 0
             for seq, final, indices, n_ok, n_err in msg[1]:
                 c = self.inflight.get(seq)
