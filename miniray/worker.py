@@ -1,18 +1,23 @@
-"""``miniray worker``: pull chunks from Redis, run them in task processes, push outcomes back.
+"""``miniray worker``: task processes that pull chunks from Redis, and their supervisor.
 
 ::
 
-    Redis                      worker process                          task processes
-    ------                     --------------                          --------------
-    wake  --BLPOP-+            slot thread (one per slot):
-    q:{job} -claim+----------> chunks --send--> socket --------------> taskproc.Runner
-    res:{client} <--complete-- outcomes, logs <-- socket <------------ (outcomes, log lines)
-    workers, worker:{id} <---- heartbeat thread: telemetry, reaping dead workers, cancel checks
+    Redis                                  task process (one per slot)      worker process
+    -----                                  ---------------------------      --------------
+    wake, q:{job} --BLPOP + claim--------> taskproc.Runner: runs items ---> slot thread:
+    res:{client}, logs:{job} <--complete-- (outcomes, log lines)            claimed/done notes,
+    wip:{worker} (tagged with the slot)                                     timeouts, cancels,
+    workers, worker:{id} <------------------------------------------------- deaths, resends;
+                                                                            heartbeat thread
 
-A slot thread owns one task process (replaced when it crashes, times out, or the next job
-needs other limits) and one Redis connection. Each Redis hop is one round trip: the idle wait
-and the claim go in one pipeline; outcomes, log lines and the next claim go in another. A slot
-keeps up to ``target`` chunks queued at its process, sized so about 50 ms of work waits there.
+A task process claims, runs and completes by itself (see ``taskproc``), so a task's round trip
+has no hop through this process. A slot thread owns one task process (replaced when it
+crashes, times out, or a chunk needs other limits) and supervises it: it hears what the
+process holds and what it delivered, kills it past a timeout or a cancel's grace, explains its
+death to the futures, and sends what it held (payloads read back from Redis) to a fresh one.
+On a GPU worker the slot thread claims instead, one chunk at a time under the GPU lock, and
+sends chunks to its process. The heartbeat thread reports telemetry, reaps dead workers and
+passes cancels on.
 """
 
 from __future__ import annotations
