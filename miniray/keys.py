@@ -3,7 +3,9 @@
 Every key starts with the namespace (``MINIRAY_NAMESPACE``, default ``miniray``) so several
 clusters can share one server. ``{job}`` is ``<client>.<n>``; ``{chunk}`` is an integer unique
 within its job; a queue entry is ``<chunk>:<nframes>:<items>`` (payload frame count, task
-count), so scripts can delete payloads and keep counters without unpickling anything.
+count), so scripts can delete payloads and keep counters without unpickling anything. A
+``wip:{worker}`` field is ``{job}/{chunk}``, its value the entry tagged with the worker's slot
+that holds it, ``<entry>@<slot>`` (so a worker can tell what a dead task process held).
 
 ==========================  ======  ==================  ================  =====================
 key                         type    TTL                 written by        read by
