@@ -590,8 +590,8 @@ class Worker:
 
         busy = sum(1 for s in self.slots if s.running_job())
         gpus = gpu_mod.telemetry(self.gpu_ids)
-        for slot in self.slots:  # which job holds each GPU (only while a task runs on it)
-            job = slot.running_job()
+        for slot in self.slots:  # which job holds each GPU (from its claim to its end)
+            job = slot.running_job() or next(iter(sorted(slot.jobs())), None)
             for g in gpus:
                 if job and g["index"] in slot.gpus:
                     g["job"] = job  # packed GPUs: one of them; "jobs" lists them all

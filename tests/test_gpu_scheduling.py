@@ -26,9 +26,9 @@ def test_gpu_memory_gb_packs_tasks_on_one_gpu_while_they_fit(cluster, tmp_path):
 
         def reserved():
             gpus = [g for w in ex.workers() for g in w.get("gpus", [])]
-            return gpus and gpus[0].get("reserved") == 8 * 2**30 and gpus[0]
-        wait_for(reserved, what="a heartbeat with 8 GiB reserved on GPU 0")
-        assert sorted(reserved()["jobs"]) == [ex.job_id] * 2
+            return gpus and gpus[0].get("reserved") == 8 * 2**30 \
+                and gpus[0].get("jobs") == [ex.job_id] * 2
+        wait_for(reserved, what="a heartbeat: 8 GiB reserved on GPU 0 by two tasks of the job")
         time.sleep(1.0)  # room for a wrong placement to show itself
         assert len(_started(tmp_path)) == 2
         (tmp_path / "go").touch()
