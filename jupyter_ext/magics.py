@@ -25,7 +25,8 @@ from .run import MapRun
 __all__ = ["MinirayMagics", "split_map_line"]
 
 _MAP_USAGE = ("%%miniray map NAME in EXPR [-o VAR] [--chunksize N] [--priority P] "
-              "[--job-name S] [--timeout S] [--memory GB] [--cpus N] [--gpus N] [--bg]")
+              "[--job-name S] [--timeout S] [--memory GB] [--cpus N] [--gpus N] [--gpu-memory GB] "
+              "[--triton] [--bg]")
 _LINE_USAGE = ("%miniray local [-n WORKERS] | connect URL | status | logs [JOB] [--tail N] | "
                "cancel [JOB] | up HOST[:SLOTS] ... | down")
 _KEEP_RUNS = 50
@@ -51,6 +52,8 @@ def _map_parser() -> _Parser:
     p.add_argument("--memory", type=float, metavar="GB")
     p.add_argument("--cpus", type=int)
     p.add_argument("--gpus", type=int, default=0)
+    p.add_argument("--gpu-memory", type=float, metavar="GB")
+    p.add_argument("--triton", action="store_true")
     p.add_argument("--bg", action="store_true")
     return p
 
@@ -106,7 +109,8 @@ class MinirayMagics(Magics):
         """Run a cell over many items on miniray workers, or manage the cluster.
 
         %%miniray map NAME in EXPR [-o VAR] [--chunksize N] [--priority P] [--job-name S]
-                                    [--timeout S] [--memory GB] [--cpus N] [--gpus N] [--bg]
+                                    [--timeout S] [--memory GB] [--cpus N] [--gpus N]
+                                    [--gpu-memory GB] [--triton] [--bg]
         %miniray local [-n WORKERS] | connect URL | status | logs [JOB] [--tail N]
                  | cancel [JOB] | down
         %miniray up HOST[:SLOTS] ... [--python PATH] [--install] [--slots N] [--timeout S]
@@ -132,7 +136,8 @@ class MinirayMagics(Magics):
             raise UsageError(f"%%miniray map: EXPR is missing\nusage: {_MAP_USAGE}")
         try:
             limits = miniray.Limits(timeout_seconds=args.timeout, memory_gb=args.memory,
-                                    cpus=args.cpus, gpus=args.gpus)
+                                    cpus=args.cpus, gpus=args.gpus,
+                                    gpu_memory_gb=args.gpu_memory, triton=args.triton)
         except miniray.ConfigurationError as e:
             raise UsageError(f"%%miniray map: {e}") from None
         fn = compile_cell(cell, name, self.shell.user_ns)

@@ -186,3 +186,17 @@ def test_split_map_line():
     assert split_map_line("map x in [a - b, c -d] --bg") == ("x", "[a - b, c -d]", "--bg")
     assert split_map_line("map s in 'x -o y'.split()") == ("s", "'x -o y'.split()", "")
     assert split_map_line("map x in a - b") == ("x", "a - b", "")
+
+
+def test_gpu_memory_and_triton_options_reach_the_limits(shell):
+    # the local workers have no GPU and no Triton: the job waits in the queue, as it must
+    h = cell(shell, "map x in range(3) --bg --gpu-memory 2 --triton", "x")
+    try:
+        lim = h.executor.limits
+        assert (lim.gpus, lim.gpu_memory_gb, lim.triton) == (1, 2.0, True)
+        time.sleep(0.5)  # room for a wrong placement to show itself
+        assert h.progress()["queued"] == 3 and not h.done()
+    finally:
+        h.cancel()
+    with pytest.raises(UsageError, match="gpu_memory_gb"):
+        cell(shell, "map x in range(3) --gpu-memory -1", "x")
