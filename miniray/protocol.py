@@ -18,6 +18,7 @@ from __future__ import annotations
 import pickle
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -35,8 +36,7 @@ _HEAD = struct.Struct("!B32sQI")  # version, sha256 digest, first task index, it
 _U32 = struct.Struct("!I")
 
 
-@dataclass(frozen=True)
-class ChunkHead:
+class ChunkHead(NamedTuple):  # a tuple: made for every chunk a worker takes
     fn_sha: str
     start: int
     count: int

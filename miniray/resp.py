@@ -211,17 +211,24 @@ class Connection:
 _BIG = 256 * 1024
 
 
-def _size(a) -> int:
-    return a.nbytes if isinstance(a, memoryview) else len(a)
+def _has_big(cmd) -> bool:
+    for a in cmd:  # (a plain loop: this runs for every command sent)
+        t = type(a)
+        if t is bytes or t is bytearray:
+            if len(a) >= _BIG:
+                return True
+        elif t is memoryview and a.nbytes >= _BIG:
+            return True
+    return False
 
 
 def _pack(commands) -> list:
     """RESP-encode commands into as few buffers as possible, without copying big values."""
     out, small = [], []
+    pack = hiredis.pack_command
     for cmd in commands:
-        if not any(isinstance(a, (bytes, bytearray, memoryview)) and _size(a) >= _BIG
-                   for a in cmd):
-            small.append(hiredis.pack_command(cmd))
+        if not _has_big(cmd):
+            small.append(pack(cmd))
             continue
         parts = [b"*%d\r\n" % len(cmd)]
         for a in cmd:

@@ -44,12 +44,18 @@ import logging
 import mmap
 import os
 import pickle
+import select
 import signal
 import struct
 import sys
 import threading
 import time
 import traceback
+
+from miniray.broker import Broker, connect, parse_claim
+from miniray.config import settings
+from miniray.protocol import ResultHeader, decode_chunk_head, encode_result
+from miniray.resp import ConnectionLost, NoScriptError, RedisError
 
 # The page shared with the worker: chunk seq and item index running now (-1: none), its
 # monotonic start time, and flags the worker sets (bit 0: its Triton server is healthy).
@@ -143,6 +149,8 @@ class Runner:
         self.cancelled: set = set()
         self.specs: dict = {}  # spec json -> dict
         self.notes: list = []  # for the worker, sent with the next one
+        self.poller = select.poll()
+        self.poller.register(conn.fileno(), select.POLLIN)
         self.stopped = False
         self.in_task = False  # SIGINT interrupts user code only, never a Redis round trip
         self.interrupted = False
@@ -151,9 +159,6 @@ class Runner:
         self.log_send = threading.Lock()  # held while lines travel: outcomes wait for them
         self.log_ready = threading.Event()
         self.log_thread = None
-        from miniray.broker import Broker, connect
-        from miniray.config import settings
-
         self.settings = settings()
         self.r = connect(hello["url"])
         self.broker = Broker(self.r, hello["namespace"], load=False)
@@ -167,8 +172,20 @@ class Runner:
         if w is None:
             return  # printed outside any task (a thread the task left behind)
         task = w.start + self.idx if self.idx >= 0 else ""
+        self.ship([(w.job, task, stream, t) for t in lines])
+
+    def started(self, works) -> None:
+        """Record "started" events for chunks taken (they land before their outcomes)."""
+        items: dict = {}
+        for w in works:
+            items[w.job] = items.get(w.job, 0) + w.count - len(w.skip)
+        self.ship([(job, None, "started", n) for job, n in items.items()])
+
+    def ship(self, entries) -> None:
+        """Queue log lines ``(job, task, stream, text)`` and events ``(job, None, kind,
+        count)`` for the shipping thread, or for the next outcomes if they go first."""
         with self.log_lock:
-            self.log_lines += [(w.job, task, stream, t) for t in lines]
+            self.log_lines += entries
             if self.log_thread is None:
                 self.log_thread = threading.Thread(target=self.ship_logs, daemon=True,
                                                    name="miniray-logs")
@@ -176,9 +193,8 @@ class Runner:
         self.log_ready.set()
 
     def ship_logs(self) -> None:
-        """Stream log lines while tasks run (``flush`` sends the rest before outcomes)."""
-        from miniray.resp import RedisError
-
+        """Stream log lines and events while tasks run (``flush`` sends the rest before the
+        outcomes)."""
         conn = None
         while True:
             self.log_ready.wait()
@@ -191,8 +207,6 @@ class Runner:
                     continue
                 try:
                     if conn is None:
-                        from miniray.broker import connect
-
                         conn = connect(self.hello["url"])
                     pipe = conn.pipeline()
                     self.xadd_logs(pipe, lines)
@@ -201,11 +215,15 @@ class Runner:
                     conn = None  # lost with the server; the worker deals with that
 
     def xadd_logs(self, pipe, lines) -> None:
-        h, keys, maxlen = self.hello, self.broker.keys, self.settings.log_stream_maxlen
+        h, keys, s = self.hello, self.broker.keys, self.settings
         for job, task, stream, text in lines:
-            pipe.command("XADD", keys.logs(job), "MAXLEN", "~", maxlen, "*", "task", task,
-                         "worker", h["name"], "host", h["host"], "stream", stream,
-                         "text", text)
+            if task is None:  # an event: stream is its kind, text its count
+                pipe.command("XADD", keys.events(job), "MAXLEN", "~", s.event_stream_maxlen,
+                             "*", "kind", stream, "worker", h["worker_id"], "count", text)
+            else:
+                pipe.command("XADD", keys.logs(job), "MAXLEN", "~", s.log_stream_maxlen, "*",
+                             "task", task, "worker", h["name"], "host", h["host"],
+                             "stream", stream, "text", text)
 
     # -- messages from the worker ---------------------------------------------------------
 
@@ -217,8 +235,8 @@ class Runner:
         _send(self.conn, self.lock, notes[0] if len(notes) == 1 else ("batch", notes))
 
     def drain_worker(self) -> None:
-        while not self.stopped and self.conn.poll(0):
-            self.from_worker()
+        while not self.stopped and self.poller.poll(0):  # (Connection.poll builds a
+            self.from_worker()  # selector each call: too slow for every loop)
 
     def from_worker(self) -> None:
         try:
@@ -231,10 +249,13 @@ class Runner:
             _, specs, fns = msg
             for sha, data in fns:
                 self.functions[sha] = data
+            works = []
             for seq, job, entry, chunk, sha, start, count, skip, spec, nframes in specs:
                 frames = [self.conn.recv_bytes() for _ in range(nframes)]
-                self.queue.append(_Work(seq, job, entry, chunk, sha, start, count, frames,
-                                        spec, skip))
+                works.append(_Work(seq, job, entry, chunk, sha, start, count, frames, spec,
+                                   skip))
+            self.started(works)
+            self.queue.extend(works)
         elif kind == "cancel":
             self.cancelled.add(msg[1])
         elif kind == "pause":
@@ -251,8 +272,6 @@ class Runner:
         A blocking wait (BLPOP, at most 1 s) does not listen to the worker meanwhile: what it
         says then (a cancel) is for chunks this idle process does not hold, and a worker that
         feeds a process chunks pauses it first."""
-        from miniray.resp import ConnectionLost, NoScriptError
-
         while True:
             pipe = self.r.pipeline()
             pipe_fill(pipe)
@@ -275,9 +294,6 @@ class Runner:
 
     def accept(self, claimed: list) -> None:
         """Take claimed chunks: tell the worker first, so it always knows what we hold."""
-        from miniray.broker import parse_claim
-        from miniray.protocol import decode_chunk_head
-
         job, spec_raw, chunks = parse_claim(claimed)
         spec = self.specs.get(spec_raw)
         if spec is None:
@@ -301,6 +317,7 @@ class Runner:
             works.append(w)
             notes.append((seq, entry, chunk, w.start, w.count))
         self.tell_worker(("claimed", job, spec_raw, notes))
+        self.started(works)
         self.fetch_functions(works)
         self.queue.extend(works)
 
@@ -334,8 +351,6 @@ class Runner:
     def flush(self, claim: bool = True, wait: bool = False) -> None:
         """Complete what finished (one script call per job) and, if wanted, claim more;
         with ``wait``, first wait for a wake-up (up to 1 s), hearing the worker meanwhile."""
-        from miniray.protocol import ResultHeader, encode_result
-
         in_task, self.in_task = self.in_task, False
         pending, self.pending = self.pending, {}
         h, s = self.hello, self.settings

@@ -257,7 +257,7 @@ class _Slot(threading.Thread):
 
     def send(self, batch: list) -> None:
         proc, now = self.proc, time.monotonic()
-        specs, frames, fns, started = [], [], [], {}
+        specs, frames, fns = [], [], []
         for c in batch:
             c.sent_at = now
             self.inflight[c.seq] = c
@@ -270,13 +270,10 @@ class _Slot(threading.Thread):
                           frozenset(c.delivered), c.spec, len(c.frames)))
             frames += c.frames
             c.frames = None  # the process has them now; a resend reads them from Redis
-            started[c.job] = started.get(c.job, 0) + c.count - len(c.delivered)
         try:
             proc.send_run(specs, fns, frames)
         except (BrokenPipeError, ConnectionResetError, OSError):
             pass  # the process died; collect() sees EOF and deals with it
-        for job, n in started.items():
-            self.out.append((self._event, (job, "started", n)))
 
     def collect(self) -> None:
         """Wait for the task process; ship what the slot has to say in one pipeline."""
@@ -304,7 +301,7 @@ class _Slot(threading.Thread):
             self.enforce_deadlines()
         if died or (proc.killed_for and not proc.alive()):
             self.handle_death(proc)
-        # what the slot says (events, log lines, failures) goes every 20 ms at most: a
+        # what the slot reports (failures it found) goes every 20 ms at most: a
         # round trip per task would compete with the tasks' own for the server and the CPU
         now = time.monotonic()
         if self.out and (now - self.last_out >= 0.02 or died or len(self.out) > 256):
@@ -361,12 +358,10 @@ class _Slot(threading.Thread):
         elif kind == "claimed":
             _, job, spec_raw, notes = msg
             spec = json.loads(spec_raw) if spec_raw else {}
-            now, items = time.monotonic(), 0
+            now = time.monotonic()
             for seq, entry, chunk, start, count in notes:
                 self.inflight[seq] = _Chunk(job, entry, chunk, seq, None, start, count, None,
                                             spec, sent_at=now)
-                items += count
-            self.out.append((self._event, (job, "started", items)))
         elif kind == "handoff":  # claimed by the process, but needs a process of its own
             _, job, spec_raw, chunks = msg
             self.take(job, spec_raw, [(e, int(e.split(":")[0]), f) for e, f in chunks])
@@ -481,11 +476,6 @@ class _Slot(threading.Thread):
         s = self.w.settings
         self.broker.complete(pipe, self.w.worker_id, job, chunks, s.result_ttl_seconds,
                              s.event_stream_maxlen, msg)
-
-    def _event(self, pipe, job, kind, count) -> None:
-        pipe.command("XADD", self.w.keys.events(job), "MAXLEN", "~",
-                     self.w.settings.event_stream_maxlen, "*", "kind", kind,
-                     "worker", self.w.worker_id, "count", count)
 
 
 def _cancelled(job: str) -> JobCancelledError:
