@@ -61,8 +61,8 @@ def format_gpu(g: dict, job_names: dict | None = None) -> str:
         gpu 0  NVIDIA H200  util=45%  mem=1.2 GB/140.0 GB  temp=41C  job=1a2b3c4d5e6f.1
         gpu 1  no telemetry  idle
 
-    ``job=`` names the job(s) holding the GPU while a task runs there (with its name in
-    brackets when ``job_names`` maps the id to one), ``idle`` otherwise; ``reserved=`` the
+    ``job=`` names the job(s) holding the GPU (with its name in brackets when ``job_names``
+    maps the id to one), ``idle`` otherwise; ``task=`` the task(s) running on it; ``reserved=`` the
     memory packed tasks reserved on it; "no telemetry" means the worker has no NVML, so only
     the index is known.
     """
@@ -86,6 +86,9 @@ def format_gpu(g: dict, job_names: dict | None = None) -> str:
     names = job_names or {}
     jobs = [f"{j} ({names[j]!r})" if names.get(j) else j for j in gpu_jobs(g)]
     parts.append(f"job={','.join(jobs)}" if jobs else "idle")
+    tasks = g.get("tasks") or ([g["task"]] if g.get("task") is not None else [])
+    if tasks:
+        parts.append(f"task={','.join(map(str, tasks))}")
     return "  ".join(parts)
 
 

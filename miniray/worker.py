@@ -126,11 +126,18 @@ class _Slot(threading.Thread):
         return {c.job for c in list(self.inflight.values()) + list(self.pending)}
 
     def running_job(self) -> str | None:
+        return self.running()[0]
+
+    def running(self) -> tuple:
+        """(job, task id) of the item running now, or (None, None)."""
         proc = self.proc
         if proc is None:
-            return None
-        c = self.inflight.get(proc.progress()[0])
-        return c.job if c is not None else None
+            return None, None
+        seq, idx, _ = proc.progress()
+        c = self.inflight.get(seq)
+        if c is None:
+            return None, None
+        return c.job, (c.start + idx if idx >= 0 else None)
 
     def cancel_job(self, job: str) -> None:
         with self.lock:
@@ -581,11 +588,15 @@ class Worker:
         busy = sum(1 for s in self.slots if s.running_job())
         gpus = gpu_mod.telemetry(self.gpu_ids)
         for slot in self.slots:  # which job holds each GPU (from its claim to its end)
-            job = slot.running_job() or next(iter(sorted(slot.jobs())), None)
+            job, task = slot.running()
+            job = job or next(iter(sorted(slot.jobs())), None)
             for g in gpus:
                 if job and g["index"] in slot.gpus:
                     g["job"] = job  # packed GPUs: one of them; "jobs" lists them all
                     g.setdefault("jobs", []).append(job)
+                    if task is not None:  # and the task running on it now ("tasks")
+                        g["task"] = task
+                        g.setdefault("tasks", []).append(task)
         for g in gpus:
             if self.gpu_pool.used.get(g["index"]):
                 g["reserved"] = self.gpu_pool.used[g["index"]] * 2**20

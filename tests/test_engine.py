@@ -98,7 +98,20 @@ def test_heartbeat_tells_which_job_holds_a_gpu(cluster):
 
         _wait_for(holder, timeout=10, what="a heartbeat naming the job on its GPU")
         assert len(holder()) == 1 and holder()[0]["index"] in (0, 1)
+        _wait_for(lambda: (holder() or [{}])[0].get("task") == f.task_id, timeout=10,
+                  what="a heartbeat naming the task running on the GPU")
         assert f.result(timeout=30) == "done"
+
+
+def test_without_nvml_a_worker_runs_cpu_only_and_says_so_once(cluster):
+    # this machine has no NVIDIA driver: NVML cannot start, so no GPU is claimed
+    w = cluster.start_worker(name="plain")
+    with cluster.executor() as ex:
+        assert ex.submit(tasks.where).result(timeout=30)["cuda"] == ""
+        _wait_for(lambda: any(x["name"] == "plain" for x in ex.workers()), what="a heartbeat")
+        assert [x["gpus"] for x in ex.workers() if x["name"] == "plain"] == [[]]
+    text = w.log_path.read_text()
+    assert text.count("NVML unavailable") == 1 and "running CPU-only" in text, text
 
 
 def test_nodes_whitelist(two_workers):
