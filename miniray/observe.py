@@ -85,10 +85,10 @@ def format_gpu(g: dict, job_names: dict | None = None) -> str:
         parts.append(f"reserved={format_bytes(g['reserved'])}")
     names = job_names or {}
     jobs = [f"{j} ({names[j]!r})" if names.get(j) else j for j in gpu_jobs(g)]
-    parts.append(f"job={','.join(jobs)}" if jobs else "idle")
     tasks = g.get("tasks") or ([g["task"]] if g.get("task") is not None else [])
     if tasks:
         parts.append(f"task={','.join(map(str, tasks))}")
+    parts.append(f"job={','.join(jobs)}" if jobs else "idle")
     return "  ".join(parts)
 
 
