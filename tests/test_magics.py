@@ -2,6 +2,7 @@
 embedded local cluster (a real server and real worker processes)."""
 
 import _thread
+import signal
 import threading
 import time
 
@@ -105,7 +106,16 @@ def test_timeout_option_fails_items_with_timeout_error(shell):
         cell(shell, "map x in range(2) --timeout 0.5", "import time\ntime.sleep(30)")
 
 
-def test_interrupt_cancels_the_job_and_keeps_results_so_far(shell):
+@pytest.fixture
+def kernel_sigint():
+    """SIGINT raises KeyboardInterrupt, as in a kernel (``interrupt_main()`` does nothing
+    where something earlier in the process left another handler or SIG_IGN in place)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_interrupt_cancels_the_job_and_keeps_results_so_far(shell, kernel_sigint):
     m, before = magics(shell), len(magics(shell).runs)
     stop = threading.Event()
 
