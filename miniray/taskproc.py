@@ -350,7 +350,7 @@ class Runner:
 
     def flush(self, claim: bool = True, wait: bool = False) -> None:
         """Complete what finished (one script call per job) and, if wanted, claim more;
-        with ``wait``, first wait for a wake-up (up to 1 s), hearing the worker meanwhile."""
+        with ``wait``, first wait for a wake-up (up to 1 s) in the same round trip."""
         in_task, self.in_task = self.in_task, False
         pending, self.pending = self.pending, {}
         h, s = self.hello, self.settings
