@@ -153,7 +153,6 @@ class Runner:
         self.poller.register(conn.fileno(), select.POLLIN)
         self.stopped = False
         self.in_task = False  # SIGINT interrupts user code only, never a Redis round trip
-        self.interrupted = False
         self.log_lines: list = []  # (job, task, stream, text) not shipped yet
         self.log_lock = threading.Lock()
         self.log_send = threading.Lock()  # held while lines travel: outcomes wait for them
@@ -655,9 +654,8 @@ def main(argv=None) -> None:
     runner = Runner(conn, progress, hello)
 
     def on_sigint(signum, frame):  # the worker interrupts a task of a cancelled job
-        if runner.in_task:
+        if runner.in_task:  # (elsewhere it is dropped: the kill after the grace follows)
             raise KeyboardInterrupt
-        runner.interrupted = True
 
     signal.signal(signal.SIGINT, on_sigint)
     sys.stdout = _LineWriter(runner, "stdout")

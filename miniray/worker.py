@@ -58,7 +58,6 @@ from .taskslot import TaskProcess
 __all__ = ["Worker", "main"]
 
 log = logging.getLogger("miniray.worker")
-_MAX_TARGET = 64
 _FN_CACHE = 256
 
 
@@ -74,7 +73,6 @@ class _Chunk:
     frames: list  # the pickle stream (head stripped) and its out-of-band buffers
     spec: dict  # the job's limits and env
     delivered: set = field(default_factory=set)
-    sent_at: float = 0.0
 
 
 class _Slot(threading.Thread):
@@ -263,10 +261,9 @@ class _Slot(threading.Thread):
             self.proc.resume()
 
     def send(self, batch: list) -> None:
-        proc, now = self.proc, time.monotonic()
+        proc = self.proc
         specs, frames, fns = [], [], []
         for c in batch:
-            c.sent_at = now
             self.inflight[c.seq] = c
             init = c.spec.get("init")
             for sha in (c.sha, init) if init else (c.sha,):
@@ -365,10 +362,9 @@ class _Slot(threading.Thread):
         elif kind == "claimed":
             _, job, spec_raw, notes = msg
             spec = json.loads(spec_raw) if spec_raw else {}
-            now = time.monotonic()
             for seq, entry, chunk, start, count in notes:
                 self.inflight[seq] = _Chunk(job, entry, chunk, seq, None, start, count, None,
-                                            spec, sent_at=now)
+                                            spec)
         elif kind == "handoff":  # claimed by the process, but needs a process of its own
             _, job, spec_raw, chunks = msg
             self.take(job, spec_raw, [(e, int(e.split(":")[0]), f) for e, f in chunks])
