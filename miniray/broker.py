@@ -294,9 +294,8 @@ def parse_claim(claimed: list) -> tuple:
     job, spec, out, i = claimed[0].decode(), claimed[1], [], 2
     while i < len(claimed):
         entry = claimed[i].decode()
-        chunk_id, nframes, _ = entry.split(":")
-        nframes = int(nframes)
-        out.append((entry, int(chunk_id), claimed[i + 1 : i + 1 + nframes]))
+        chunk_id, nframes, _ = Keys.parse_entry(entry)
+        out.append((entry, chunk_id, claimed[i + 1 : i + 1 + nframes]))
         i += 1 + nframes
     return job, spec, out
 

@@ -121,6 +121,12 @@ class Keys:
         return f"{chunk}:{nframes}:{items}"
 
     @staticmethod
+    def parse_entry(entry: str) -> tuple[int, int, int]:
+        """``queue_entry``'s inverse: (chunk, nframes, items)."""
+        chunk, nframes, items = entry.split(":")
+        return int(chunk), int(nframes), int(items)
+
+    @staticmethod
     def payload_field(chunk: int, frame: int) -> str:
         """Field of frame ``frame`` of a chunk's payload in ``tasks:{job}``."""
         return f"{chunk}" if frame == 0 else f"{chunk}.{frame}"

@@ -367,7 +367,7 @@ class _Slot(threading.Thread):
                                             spec)
         elif kind == "handoff":  # claimed by the process, but needs a process of its own
             _, job, spec_raw, chunks = msg
-            self.take(job, spec_raw, [(e, int(e.split(":")[0]), f) for e, f in chunks])
+            self.take(job, spec_raw, [(e, Keys.parse_entry(e)[0], f) for e, f in chunks])
 
     def report(self, job: str, done: list, blob: bytes) -> None:
         """Queue one result message for ``job`` (failures the slot itself found): ``done``
@@ -439,7 +439,7 @@ class _Slot(threading.Thread):
 
     def load_frames(self, c: _Chunk) -> bool:
         """Read a chunk's payload back from Redis for a resend; False when it is gone."""
-        _, nframes, _ = (int(x) for x in c.entry.split(":"))
+        _, nframes, _ = Keys.parse_entry(c.entry)
         fields = [Keys.payload_field(c.chunk, i) for i in range(nframes)]
         frames = self.r.execute("HMGET", self.w.keys.tasks(c.job), *fields)
         if any(f is None for f in frames):
