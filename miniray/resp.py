@@ -78,6 +78,7 @@ class Connection:
         self._reader = None
         self._lock = threading.Lock()
         self._owed = 0  # replies to commands sent with send_deferred, not read yet
+        self._buf = bytearray(_READ_SIZE)
         self.on_deferred_error = None  # called with each error reply among them
 
     # -- connection ---------------------------------------------------------------------------
@@ -138,14 +139,17 @@ class Connection:
                 for piece in _pack(commands):
                     sock.sendall(piece)
             out = []
+            buf = self._buf
             for _ in commands:
                 reply = reader.gets()
                 while reply is False:
-                    data = sock.recv(1 << 20)
-                    if not data:
+                    # into a buffer kept for the connection: sock.recv(n) would allocate
+                    # (and, for a large n, mmap and unmap) n bytes on every read
+                    n = sock.recv_into(buf)
+                    if not n:
                         raise ConnectionLost(f"the server at {redact(self.url)} closed the "
                                              "connection")
-                    reader.feed(data)
+                    reader.feed(buf, 0, n)
                     reply = reader.gets()
                 out.append(reply)
             return out
@@ -194,6 +198,16 @@ class Connection:
             if self._owed and self._sock is not None:
                 self._read_owed()
 
+    def take_deferred(self) -> list:
+        """Read and return the replies owed for ``send_deferred`` commands, error replies
+        included: a blocking command (BLMPOP) sent ahead of time is read this way."""
+        with self._lock:
+            n, self._owed = self._owed, 0
+            if not n or self._sock is None:
+                raise ConnectionLost(f"no reply is owed on {redact(self.url)}" if not n else
+                                     f"lost the connection to {redact(self.url)}")
+            return self._roundtrip([None] * n)
+
     def _read_owed(self) -> None:
         n, self._owed = self._owed, 0
         replies = self._roundtrip([None] * n) if n else []
@@ -209,6 +223,7 @@ class Connection:
 
 
 _BIG = 256 * 1024
+_READ_SIZE = 256 * 1024  # bytes read from the socket at a time
 
 
 def _has_big(cmd) -> bool:
