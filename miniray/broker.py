@@ -34,10 +34,14 @@ local function event(job, maxlen, ...)
   redis.call('XADD', K('events', job), 'MAXLEN', '~', maxlen, '*', ...)
 end
 local function wake(n)
-  local nw = math.max(redis.call('ZCARD', K('workers')), 1)
-  n = math.min(n, nw)
-  for i = 1, n do redis.call('RPUSH', K('wake'), '1') end
-  redis.call('LTRIM', K('wake'), -2 * nw, -1)
+  -- min(n, workers) tokens, at most 2 x workers waiting; a lone token (the common case: one
+  -- submit, or one more chunk left) needs neither the count nor the trim
+  local len = redis.call('RPUSH', K('wake'), '1')
+  if n > 1 or len > 1 then
+    local nw = math.max(redis.call('ZCARD', K('workers')), 1)
+    for i = 2, math.min(n, nw) do redis.call('RPUSH', K('wake'), '1') end
+    redis.call('LTRIM', K('wake'), -2 * nw, -1)
+  end
 end
 local function requeue(job, entry)
   -- put a chunk back at the front of its job's queue, if the job still wants it
@@ -70,10 +74,11 @@ event(job, ARGV[6], 'kind', 'queued', 'count', ARGV[5])
 return 1
 """
 
-# ARGV: ns worker max_chunks name host free_gpus cpus gpu_free_mb triton slot
+# ARGV: ns worker max_chunks name host free_gpus cpus gpu_free_mb triton slot maxlen
 #   free_gpus: GPUs nobody holds; gpu_free_mb: "mb,mb,.." unreserved MiB per GPU that packed
 #   tasks may share ("" when none); triton: "1" when the worker's Triton server is healthy;
-#   slot: the worker's slot that claims (its wip values are tagged "entry@slot")
+#   slot: the worker's slot that claims (its wip values are tagged "entry@slot");
+#   maxlen: of the job's event stream, which gets a "started" event for what is claimed
 # Returns {} or {job, spec_json, chunk, entry, frame0, frame1.., chunk, entry, ...}
 _CLAIM = _PRELUDE + r"""
 local wid, maxn = ARGV[2], tonumber(ARGV[3])
@@ -93,6 +98,7 @@ end
 -- only a registered worker may hold work, so the reaper can always find what it holds
 if not redis.call('ZSCORE', K('workers'), wid) then return {} end
 local jobs = redis.call('ZREVRANGE', K('jobs'), 0, 255, 'WITHSCORES')
+local spec = {}
 local i = 1
 while i <= #jobs do
   local prio = jobs[i + 1]
@@ -101,7 +107,7 @@ while i <= #jobs do
     local job = jobs[i]
     local jk = K('job', job)
     local m = redis.call('HMGET', jk, 'client', 'state', 'req_gpus', 'req_cpus', 'req_nodes',
-                         'req_gpu_mem', 'req_triton')
+                         'req_gpu_mem', 'req_triton', 'spec')
     if m[2] ~= 'open' then
       redis.call('ZREM', K('jobs'), job)
     elseif redis.call('EXISTS', K('client', m[1])) == 0 then
@@ -117,13 +123,16 @@ while i <= #jobs do
         fits = string.find(m[5], ',' .. name .. ',', 1, true) ~= nil
             or string.find(m[5], ',' .. host .. ',', 1, true) ~= nil
       end
-      if fits then tier[#tier + 1] = job end
+      if fits then
+        tier[#tier + 1] = job
+        spec[job] = m[8]
+      end
     end
     i = i + 2
   end
   while #tier > 0 do
-    local rr = redis.call('INCR', K('rr'))
-    local pick = (rr % #tier) + 1
+    local pick = 1
+    if #tier > 1 then pick = (redis.call('INCR', K('rr')) % #tier) + 1 end
     local job = tier[pick]
     local entries = redis.call('LPOP', K('q', job), maxn)
     if redis.call('LLEN', K('q', job)) == 0 then
@@ -133,7 +142,7 @@ while i <= #jobs do
     end
     if entries then
       local jk = K('job', job)
-      local out = {job, redis.call('HGET', jk, 'spec')}
+      local out = {job, spec[job]}
       local items_total = 0
       for _, entry in ipairs(entries) do
         local chunk, nframes, items = parse(entry)
@@ -145,6 +154,7 @@ while i <= #jobs do
       end
       redis.call('HINCRBY', jk, 'queued', -items_total)
       redis.call('HINCRBY', jk, 'running', items_total)
+      event(job, ARGV[11], 'kind', 'started', 'worker', wid, 'count', items_total)
       return out
     end
     table.remove(tier, pick)
@@ -397,11 +407,13 @@ class Broker:
 
     # -- worker side ---------------------------------------------------------------------
     def claim(self, worker: str, max_chunks: int, name: str, host: str, free_gpus: int,
-              cpus: int, pipe=None, gpu_free_mb=(), triton: bool = False, slot: int = 0):
-        """Take up to ``max_chunks`` chunks of the best job this worker can run now."""
+              cpus: int, pipe=None, gpu_free_mb=(), triton: bool = False, slot: int = 0,
+              maxlen: int = 10000):
+        """Take up to ``max_chunks`` chunks of the best job this worker can run now (and
+        record their "started" event, ``maxlen`` bounding the job's event stream)."""
         return self._run("claim", [self.ns, worker, max_chunks, name, host, free_gpus, cpus,
-                                   ",".join(map(str, gpu_free_mb)), "1" if triton else "0",
-                                   slot], pipe)
+                                   ",".join(map(str, gpu_free_mb)) if gpu_free_mb else "",
+                                   "1" if triton else "0", slot, maxlen], pipe)
 
     def complete(self, pipe, worker: str, job: str, chunks: list, ttl: int, maxlen: int,
                  msg: bytes) -> None:

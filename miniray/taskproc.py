@@ -173,16 +173,9 @@ class Runner:
         task = w.start + self.idx if self.idx >= 0 else ""
         self.ship([(w.job, task, stream, t) for t in lines])
 
-    def started(self, works) -> None:
-        """Record "started" events for chunks taken (they land before their outcomes)."""
-        items: dict = {}
-        for w in works:
-            items[w.job] = items.get(w.job, 0) + w.count - len(w.skip)
-        self.ship([(job, None, "started", n) for job, n in items.items()])
-
     def ship(self, entries) -> None:
-        """Queue log lines ``(job, task, stream, text)`` and events ``(job, None, kind,
-        count)`` for the shipping thread, or for the next outcomes if they go first."""
+        """Queue log lines ``(job, task, stream, text)`` for the shipping thread, or for the
+        next outcomes if they go first."""
         with self.log_lock:
             self.log_lines += entries
             if self.log_thread is None:
@@ -192,8 +185,8 @@ class Runner:
         self.log_ready.set()
 
     def ship_logs(self) -> None:
-        """Stream log lines and events while tasks run (``flush`` sends the rest before the
-        outcomes)."""
+        """Stream log lines while tasks run (``flush`` sends the rest before the outcomes).
+        A chunk's "started" event is the claim script's."""
         conn = None
         while True:
             self.log_ready.wait()
@@ -216,13 +209,9 @@ class Runner:
     def xadd_logs(self, pipe, lines) -> None:
         h, keys, s = self.hello, self.broker.keys, self.settings
         for job, task, stream, text in lines:
-            if task is None:  # an event: stream is its kind, text its count
-                pipe.command("XADD", keys.events(job), "MAXLEN", "~", s.event_stream_maxlen,
-                             "*", "kind", stream, "worker", h["worker_id"], "count", text)
-            else:
-                pipe.command("XADD", keys.logs(job), "MAXLEN", "~", s.log_stream_maxlen, "*",
-                             "task", task, "worker", h["name"], "host", h["host"],
-                             "stream", stream, "text", text)
+            pipe.command("XADD", keys.logs(job), "MAXLEN", "~", s.log_stream_maxlen, "*",
+                         "task", task, "worker", h["name"], "host", h["host"],
+                         "stream", stream, "text", text)
 
     # -- messages from the worker ---------------------------------------------------------
 
@@ -253,7 +242,6 @@ class Runner:
                 frames = [self.conn.recv_bytes() for _ in range(nframes)]
                 works.append(_Work(seq, job, entry, chunk, sha, start, count, frames, spec,
                                    skip))
-            self.started(works)
             self.queue.extend(works)
         elif kind == "cancel":
             self.cancelled.add(msg[1])
@@ -288,8 +276,8 @@ class Runner:
         h = self.hello
         triton = bool(self.prog_i[3] & 1)  # the worker's Triton server is healthy
         self.broker.claim(h["worker_id"], n, h["name"], h["host"], 0, h["ncpus"], pipe=pipe,
-                          triton=triton, slot=h["slot"])
-
+                          triton=triton, slot=h["slot"],
+                          maxlen=self.settings.event_stream_maxlen)
 
     def accept(self, claimed: list) -> None:
         """Take claimed chunks: tell the worker first, so it always knows what we hold."""
@@ -316,7 +304,6 @@ class Runner:
             works.append(w)
             notes.append((seq, entry, chunk, w.start, w.count))
         self.tell_worker(("claimed", job, spec_raw, notes))
-        self.started(works)
         self.fetch_functions(works)
         self.queue.extend(works)
 

@@ -188,7 +188,8 @@ class _Slot(threading.Thread):
             free, free_mb = w.gpu_pool.offer()
             claimed = self.broker.claim(w.worker_id, 1, w.name, w.host, free, w.ncpus,
                                         gpu_free_mb=free_mb, triton=w.triton_ready(),
-                                        slot=self.index)
+                                        slot=self.index,
+                                        maxlen=w.settings.event_stream_maxlen)
             if claimed:
                 spec = json.loads(claimed[1]) if claimed[1] else {}
                 if spec.get("gpus"):
