@@ -413,10 +413,8 @@ class Executor(_BaseExecutor):
     def _results_loop(self) -> None:
         s, k = self._settings, self.keys
         key = k.results(self.client_id)
-        wait = ("BLMPOP", s.heartbeat_seconds, 1, key, "LEFT", "COUNT", 1024)
         next_upkeep = 0.0
         lost_since = None
-        ahead = False  # the next BLMPOP is sent, its reply not read yet
         broker = Broker(self._rr, s.namespace)
         while True:
             with self._lock:
@@ -426,7 +424,7 @@ class Executor(_BaseExecutor):
                     break
             try:
                 now = time.monotonic()
-                if not ahead and now >= next_upkeep:
+                if now >= next_upkeep:
                     self._r.read_deferred()
                     if self._submit_errors:
                         self._break(ServerError(
@@ -453,12 +451,8 @@ class Executor(_BaseExecutor):
                             "its keys); pending futures fail. Start a new Executor."))
                         break
                     next_upkeep = now + s.heartbeat_seconds
-                if not ahead:
-                    self._rr.send_deferred([wait])
-                ahead = False
-                got = self._rr.take_deferred()[0]
-                if isinstance(got, RedisError):
-                    raise got
+                got = self._rr.execute("BLMPOP", s.heartbeat_seconds, 1, key, "LEFT", "COUNT",
+                                       1024)
                 lost_since = None
             except NoScriptError:  # the server restarted and lost our scripts
                 broker.load_scripts()
@@ -475,19 +469,8 @@ class Executor(_BaseExecutor):
                 time.sleep(0.2)
                 continue
             if got:
-                # Send the next wait before delivering: the thread then blocks as soon as
-                # the futures are set, and whoever waits on them gets the CPU at once.
-                # (Not while shutting down: shutdown's wake-up call may be spent already.)
-                if not self._shutdown and time.monotonic() < next_upkeep:
-                    try:
-                        self._rr.send_deferred([wait])
-                        ahead = True
-                    except RedisError:
-                        pass  # the next turn finds the connection lost
                 for msg in got[1]:
                     self._deliver(msg)
-        if ahead:
-            self._rr.close()  # drop the wait sent ahead; _close_job reconnects
         self._close_job()
 
     def _deliver(self, msg: bytes) -> None:

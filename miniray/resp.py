@@ -198,16 +198,6 @@ class Connection:
             if self._owed and self._sock is not None:
                 self._read_owed()
 
-    def take_deferred(self) -> list:
-        """Read and return the replies owed for ``send_deferred`` commands, error replies
-        included: a blocking command (BLMPOP) sent ahead of time is read this way."""
-        with self._lock:
-            n, self._owed = self._owed, 0
-            if not n or self._sock is None:
-                raise ConnectionLost(f"no reply is owed on {redact(self.url)}" if not n else
-                                     f"lost the connection to {redact(self.url)}")
-            return self._roundtrip([None] * n)
-
     def _read_owed(self) -> None:
         n, self._owed = self._owed, 0
         replies = self._roundtrip([None] * n) if n else []
