@@ -34,14 +34,27 @@ local function event(job, maxlen, ...)
   redis.call('XADD', K('events', job), 'MAXLEN', '~', maxlen, '*', ...)
 end
 local function wake(n)
-  -- min(n, workers) tokens, at most 2 x workers waiting; a lone token (the common case: one
-  -- submit, or one more chunk left) needs neither the count nor the trim
-  local len = redis.call('RPUSH', K('wake'), '1')
-  if n > 1 or len > 1 then
-    local nw = math.max(redis.call('ZCARD', K('workers')), 1)
-    for i = 2, math.min(n, nw) do redis.call('RPUSH', K('wake'), '1') end
-    redis.call('LTRIM', K('wake'), -2 * nw, -1)
+  -- wake-ups for the n slots that went idle last (ZPOPMAX): a process that has just finished
+  -- a task takes the next one while its caches are warm; no slot waiting, no token
+  while n > 0 do
+    local w = redis.call('ZPOPMAX', K('idle'))
+    if #w == 0 then return end
+    -- (a slot of a worker that left may have registered as it went: skip it)
+    if redis.call('ZSCORE', K('workers'), string.match(w[1], '^(.*)/%d+$')) then
+      redis.call('RPUSH', K('wake', w[1]), '1')
+      n = n - 1
+    end
   end
+end
+local function forget_waiters(wid)
+  -- a worker leaves: its slots wait no more (call before its worker hash goes)
+  local prefix = wid .. '/'
+  for _, w in ipairs(redis.call('ZRANGE', K('idle'), 0, -1)) do
+    if string.sub(w, 1, #prefix) == prefix then redis.call('ZREM', K('idle'), w) end
+  end
+  local ok, info = pcall(cjson.decode, redis.call('HGET', K('worker', wid), 'info') or '')
+  local n = ok and type(info) == 'table' and tonumber(info.slots) or 0
+  for slot = 0, n - 1 do redis.call('DEL', K('wake', prefix .. slot)) end
 end
 local function requeue(job, entry)
   -- put a chunk back at the front of its job's queue, if the job still wants it
@@ -154,6 +167,7 @@ while i <= #jobs do
       end
       redis.call('HINCRBY', jk, 'queued', -items_total)
       redis.call('HINCRBY', jk, 'running', items_total)
+      redis.call('ZREM', K('idle'), wid .. '/' .. (ARGV[10] or ''))  -- busy now: no wake-ups
       event(job, ARGV[11], 'kind', 'started', 'worker', wid, 'count', items_total)
       return out
     end
@@ -255,6 +269,7 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local dead = redis.call('ZRANGEBYSCORE', K('workers'), '-inf', now - tonumber(ARGV[2]))
 local max_retries = tonumber(ARGV[3])
 for _, wid in ipairs(dead) do
+  forget_waiters(wid)  -- first: what is requeued below must wake a live slot
   local wip = redis.call('HGETALL', K('wip', wid))
   for i = 1, #wip, 2 do
     local job, chunk = string.match(wip[i], '^(.*)/(%d+)$')
@@ -287,6 +302,7 @@ return #dead
 # ARGV: ns worker -> chunks handed back (a worker leaving cleanly; no retry is counted)
 _RELEASE = _PRELUDE + r"""
 local wid = ARGV[2]
+forget_waiters(wid)  -- first: what is requeued below must wake a live slot
 local wip = redis.call('HGETALL', K('wip', wid))
 local n = 0
 for i = 1, #wip, 2 do

@@ -7,6 +7,11 @@ count), so scripts can delete payloads and keep counters without unpickling anyt
 ``wip:{worker}`` field is ``{job}/{chunk}``, its value the entry tagged with the worker's slot
 that holds it, ``<entry>@<slot>`` (so a worker can tell what a dead task process held).
 
+A slot that waits for work registers in ``idle`` as ``{worker}/{slot}``, scored by when it went
+idle, and blocks on its own ``wake:{worker}/{slot}``. New work wakes the slots that went idle
+last (ZPOPMAX): the process that just finished a task takes the next one while its caches are
+warm, instead of every idle process taking turns.
+
 ==========================  ======  ==================  ================  =====================
 key                         type    TTL                 written by        read by
 ==========================  ======  ==================  ================  =====================
@@ -25,7 +30,10 @@ wip:{worker}                hash    none                claim script      comple
                                                                           release (on SIGTERM)
 workers                     zset    none (reaped)       heartbeat         reaper, status
 worker:{worker}             hash    3x dead timeout     heartbeat         status, the notebook
-wake                        list    none (trimmed)      executor          workers (BLPOP)
+idle                        zset    none (popped;       task processes,   wake-ups (publish,
+                                    reaper, release)    GPU slots         claim, requeue)
+wake:{worker}/{slot}        list    none (reaper,       wake-ups          that slot (BLPOP)
+                                    release)
 rr                          string  none                claim script      claim (fair share)
 client:{client}             string  30 s, renewed       executor          claim (orphan jobs)
 res:{client}                list    result TTL          complete, reaper  executor (BLMPOP)
@@ -94,9 +102,17 @@ class Keys:
     def worker(self, worker: str) -> str:
         return f"{self.ns}:worker:{worker}"
 
+    @staticmethod
+    def waiter(worker: str, slot: int) -> str:
+        """A waiting slot's member of ``idle``."""
+        return f"{worker}/{slot}"
+
     @property
-    def wake(self) -> str:
-        return f"{self.ns}:wake"
+    def idle(self) -> str:
+        return f"{self.ns}:idle"
+
+    def wake(self, waiter: str) -> str:
+        return f"{self.ns}:wake:{waiter}"
 
     def client(self, client: str) -> str:
         return f"{self.ns}:client:{client}"

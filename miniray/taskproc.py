@@ -5,8 +5,9 @@ its memory cgroup, pins its CPUs and applies its environment before it unpickles
 reads the worker's hello (server URL, worker id, slot, limits) and loops. It talks to Redis
 itself, so a task's round trip has no hop through the worker process:
 
-- idle, it waits for a wake-up and claims (one pipeline: BLPOP + claim script); busy, it claims
-  more alongside its completions, keeping about 50 ms of work queued here;
+- idle, it registers as idle, waits for a wake-up on its slot's own list and claims (one
+  pipeline: ZADD idle + BLPOP + claim script; new work wakes the slot that went idle last);
+  busy, it claims more alongside its completions, keeping about 50 ms of work queued here;
 - a chunk whose job needs other limits (memory, CPUs) is handed to the worker, which starts a
   process with those limits and sends it there (as it sends chunks after a crash, and every
   chunk on GPU workers, whose claims the worker makes under its GPU lock);
@@ -161,7 +162,9 @@ class Runner:
         self.settings = settings()
         self.r = connect(hello["url"])
         self.broker = Broker(self.r, hello["namespace"], load=False)
-        self.wake_key = self.broker.keys.wake
+        keys = self.broker.keys
+        self.waiter = keys.waiter(hello["worker_id"], hello["slot"])
+        self.idle_key, self.wake_key = keys.idle, keys.wake(self.waiter)
         self.fn_key = self.broker.keys.fn
 
     # -- log lines ------------------------------------------------------------------------
@@ -365,7 +368,8 @@ class Runner:
             for job, chunks, msg in calls:
                 self.broker.complete(pipe, h["worker_id"], job, chunks, s.result_ttl_seconds,
                                      s.event_stream_maxlen, msg)
-            if wait:
+            if wait:  # register as idle (newest first to be woken), then wait
+                pipe.command("ZADD", self.idle_key, time.time(), self.waiter)
                 pipe.command("BLPOP", self.wake_key, 1)
             if want > 0:
                 self.claim(pipe, want)

@@ -4,7 +4,7 @@
 
     Redis                                  task process (one per slot)      worker process
     -----                                  ---------------------------      --------------
-    wake, q:{job} --BLPOP + claim--------> taskproc.Runner: runs items ---> slot thread:
+    wake:{slot}, q:{job} --BLPOP + claim-> taskproc.Runner: runs items ---> slot thread:
     res:{client}, logs:{job} <--complete-- (outcomes, log lines)            claimed/done notes,
     wip:{worker} (tagged with the slot)                                     timeouts, cancels,
     workers, worker:{id} <------------------------------------------------- deaths, resends;
@@ -182,7 +182,9 @@ class _Slot(threading.Thread):
         w = self.w
         pipe = self.r.pipeline()
         self._drain_out(pipe)
-        pipe.command("BLPOP", w.keys.wake, 1)
+        waiter = w.keys.waiter(w.worker_id, self.index)
+        pipe.command("ZADD", w.keys.idle, time.time(), waiter)  # newest first to be woken
+        pipe.command("BLPOP", w.keys.wake(waiter), 1)
         pipe.execute()
         with w.gpu_claim_lock:
             free, free_mb = w.gpu_pool.offer()
