@@ -130,6 +130,42 @@ def test_task_that_keeps_killing_workers_fails_with_worker_lost(fast_reaping):
     assert all(p.poll() is not None for p in fast_reaping.procs)
 
 
+def test_departed_workers_leave_no_wake_ups_behind(fast_reaping):
+    """A slot waiting for work is registered in ``idle`` with a wake-up list of its own. A
+    worker that leaves (SIGTERM) or dies (SIGKILL, then reaped) takes both with it, and work
+    published afterwards goes to a live worker."""
+    from miniray.broker import connect
+    from miniray.keys import Keys
+
+    keys = Keys(fast_reaping.namespace)
+    r = connect(fast_reaping.url)
+    ids = {w["name"]: w["id"] for w in fast_reaping.workers()}
+
+    def waiting(name):
+        members = [m.decode() for m in r.execute("ZRANGE", keys.idle, 0, -1)]
+        wakes = [k.decode() for k in r.execute("KEYS", keys.wake(ids[name] + "/*"))]
+        return [m for m in members if m.startswith(ids[name] + "/")] + wakes
+
+    _wait_for(lambda: waiting("w0") and waiting("w1"), what="both workers' slots to wait")
+    with fast_reaping.executor() as ex:  # wake-ups come and go
+        assert list(ex.map(tasks.identity, range(4))) == [0, 1, 2, 3]
+    left, killed = fast_reaping.procs
+    left.terminate()
+    left.wait(10)
+    assert waiting("w0") == []
+    killed.kill()
+    killed.wait(10)
+    fast_reaping.start_worker(name="w2", wait=False)  # it reaps w1 once w1's heartbeat is old
+    _wait_for(lambda: "w1" not in {w["name"] for w in fast_reaping.workers()}, timeout=30,
+              what="w1 to be reaped")
+    assert waiting("w1") == []
+    with fast_reaping.executor() as ex:
+        f = ex.submit(tasks.identity, 5)
+        assert f.result(timeout=10) == 5
+    assert f.worker == {w["name"]: w["id"] for w in fast_reaping.workers()}["w2"]
+    r.close()
+
+
 # -- lost server -------------------------------------------------------------------------------
 def test_server_killed_fails_pending_futures(tmp_path):
     from miniray.server import ServerProcess
