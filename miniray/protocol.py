@@ -61,8 +61,7 @@ def decode_chunk_head(frame0) -> tuple[ChunkHead, memoryview]:
     return ChunkHead(digest.hex(), start, count), view[_HEAD.size :]
 
 
-@dataclass(frozen=True)
-class ResultHeader:
+class ResultHeader(NamedTuple):  # a tuple: decoded for every result message
     worker: str
     host: str
     pid: int
@@ -77,7 +76,7 @@ class LostChunk:
 
 
 def encode_result(header: ResultHeader, blob: bytes) -> bytes:
-    head = pickle.dumps((header.worker, header.host, header.pid, header.chunks), protocol=5)
+    head = pickle.dumps(tuple(header), protocol=5)
     return b"".join((b"R", _U32.pack(len(head)), head, blob))
 
 
@@ -86,7 +85,7 @@ def decode_message(msg: bytes):
     tag = msg[:1]
     if tag == b"R":
         (n,) = _U32.unpack_from(msg, 1)
-        header = ResultHeader(*pickle.loads(msg[5 : 5 + n]))
+        header = ResultHeader._make(pickle.loads(msg[5 : 5 + n]))
         return header, memoryview(msg)[5 + n :]
     if tag == b"L":
         job, chunk, worker = msg[1:].decode().split("|", 2)
