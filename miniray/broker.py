@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 from .errors import ConfigurationError, ServerError
 from .keys import Keys
@@ -87,11 +88,13 @@ event(job, ARGV[6], 'kind', 'queued', 'count', ARGV[5])
 return 1
 """
 
-# ARGV: ns worker max_chunks name host free_gpus cpus gpu_free_mb triton slot maxlen
+# ARGV: ns worker max_chunks name host free_gpus cpus gpu_free_mb triton slot maxlen register
 #   free_gpus: GPUs nobody holds; gpu_free_mb: "mb,mb,.." unreserved MiB per GPU that packed
 #   tasks may share ("" when none); triton: "1" when the worker's Triton server is healthy;
 #   slot: the worker's slot that claims (its wip values are tagged "entry@slot");
-#   maxlen: of the job's event stream, which gets a "started" event for what is claimed
+#   maxlen: of the job's event stream, which gets a "started" event for what is claimed;
+#   register: "" or a score: when nothing is claimed, the slot registers in `idle` with it
+#   (atomically with finding nothing, so work published after this wakes it)
 # Returns {} or {job, spec_json, chunk, entry, frame0, frame1.., chunk, entry, ...}
 _CLAIM = _PRELUDE + r"""
 local wid, maxn = ARGV[2], tonumber(ARGV[3])
@@ -174,6 +177,7 @@ while i <= #jobs do
     table.remove(tier, pick)
   end
 end
+if (ARGV[12] or '') ~= '' then redis.call('ZADD', K('idle'), ARGV[12], wid .. '/' .. ARGV[10]) end
 return {}
 """
 
@@ -424,12 +428,15 @@ class Broker:
     # -- worker side ---------------------------------------------------------------------
     def claim(self, worker: str, max_chunks: int, name: str, host: str, free_gpus: int,
               cpus: int, pipe=None, gpu_free_mb=(), triton: bool = False, slot: int = 0,
-              maxlen: int = 10000):
+              maxlen: int = 10000, register: bool = False):
         """Take up to ``max_chunks`` chunks of the best job this worker can run now (and
-        record their "started" event, ``maxlen`` bounding the job's event stream)."""
+        record their "started" event, ``maxlen`` bounding the job's event stream). With
+        ``register``, a slot that finds nothing is registered as idle in the same step, so
+        the next work published wakes it (the newest registration first)."""
         return self._run("claim", [self.ns, worker, max_chunks, name, host, free_gpus, cpus,
                                    ",".join(map(str, gpu_free_mb)) if gpu_free_mb else "",
-                                   "1" if triton else "0", slot, maxlen], pipe)
+                                   "1" if triton else "0", slot, maxlen,
+                                   repr(time.time()) if register else ""], pipe)
 
     def complete(self, pipe, worker: str, job: str, chunks: list, ttl: int, maxlen: int,
                  msg: bytes) -> None:

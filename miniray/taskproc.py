@@ -5,9 +5,10 @@ its memory cgroup, pins its CPUs and applies its environment before it unpickles
 reads the worker's hello (server URL, worker id, slot, limits) and loops. It talks to Redis
 itself, so a task's round trip has no hop through the worker process:
 
-- idle, it registers as idle, waits for a wake-up on its slot's own list and claims (one
-  pipeline: ZADD idle + BLPOP + claim script; new work wakes the slot that went idle last);
-  busy, it claims more alongside its completions, keeping about 50 ms of work queued here;
+- idle, a claim that finds nothing registers its slot as idle; it then waits for a wake-up
+  on the slot's own list and claims (one pipeline: BLPOP + claim script). New work wakes the
+  slot that went idle last. Busy, it claims more alongside its completions, keeping about
+  50 ms of work queued here;
 - a chunk whose job needs other limits (memory, CPUs) is handed to the worker, which starts a
   process with those limits and sends it there (as it sends chunks after a crash, and every
   chunk on GPU workers, whose claims the worker makes under its GPU lock);
@@ -55,6 +56,7 @@ import traceback
 
 from miniray.broker import Broker, connect, parse_claim
 from miniray.config import settings
+from miniray.keys import Keys
 from miniray.protocol import ResultHeader, decode_chunk_head, encode_result
 from miniray.resp import ConnectionLost, NoScriptError, RedisError
 
@@ -162,9 +164,8 @@ class Runner:
         self.settings = settings()
         self.r = connect(hello["url"])
         self.broker = Broker(self.r, hello["namespace"], load=False)
-        keys = self.broker.keys
-        self.waiter = keys.waiter(hello["worker_id"], hello["slot"])
-        self.idle_key, self.wake_key = keys.idle, keys.wake(self.waiter)
+        self.wake_key = self.broker.keys.wake(Keys.waiter(hello["worker_id"], hello["slot"]))
+        self.registered = False  # in the idle zset, as far as we know
         self.fn_key = self.broker.keys.fn
 
     # -- log lines ------------------------------------------------------------------------
@@ -275,15 +276,16 @@ class Runner:
                 if self.stopped:
                     return []
 
-    def claim(self, pipe, n: int) -> None:
+    def claim(self, pipe, n: int, register: bool = False) -> None:
         h = self.hello
         triton = bool(self.prog_i[3] & 1)  # the worker's Triton server is healthy
         self.broker.claim(h["worker_id"], n, h["name"], h["host"], 0, h["ncpus"], pipe=pipe,
                           triton=triton, slot=h["slot"],
-                          maxlen=self.settings.event_stream_maxlen)
+                          maxlen=self.settings.event_stream_maxlen, register=register)
 
     def accept(self, claimed: list) -> None:
         """Take claimed chunks: tell the worker first, so it always knows what we hold."""
+        self.registered = False  # a claim that takes work ends a registration as idle
         job, spec_raw, chunks = parse_claim(claimed)
         spec = self.specs.get(spec_raw)
         if spec is None:
@@ -338,8 +340,11 @@ class Runner:
                     "MINIRAY_FUNCTION_TTL_SECONDS or the server restarted); submit again")
 
     def flush(self, claim: bool = True, wait: bool = False) -> None:
-        """Complete what finished (one script call per job) and, if wanted, claim more;
-        with ``wait``, first wait for a wake-up (up to 1 s) in the same round trip."""
+        """Complete what finished (one script call per job) and, if wanted, claim more.
+
+        With ``wait`` (nothing is queued here) a claim that finds nothing registers this
+        slot as idle, atomically with finding nothing; the process then waits for its
+        wake-up (up to 1 s) and claims again, in one more round trip."""
         in_task, self.in_task = self.in_task, False
         pending, self.pending = self.pending, {}
         h, s = self.hello, self.settings
@@ -368,13 +373,12 @@ class Runner:
             for job, chunks, msg in calls:
                 self.broker.complete(pipe, h["worker_id"], job, chunks, s.result_ttl_seconds,
                                      s.event_stream_maxlen, msg)
-            if wait:  # register as idle (newest first to be woken), then wait
-                pipe.command("ZADD", self.idle_key, time.time(), self.waiter)
-                pipe.command("BLPOP", self.wake_key, 1)
             if want > 0:
-                self.claim(pipe, want)
+                self.claim(pipe, want, register=wait)
         try:
-            res = self.redis(fill) if calls or want > 0 or lines else []
+            # (idle and registered already, with nothing to report: straight to the wait)
+            go = calls or lines or (want > 0 and not (wait and self.registered))
+            res = self.redis(fill) if go else []
         finally:
             self.log_send.release()
         self.last_flush = time.monotonic()
@@ -382,8 +386,15 @@ class Runner:
             self.notes.append(("done", notes))
         if want > 0 and res and res[-1]:
             self.accept(res[-1])
-        elif self.notes:
-            self.tell_worker()
+        else:
+            if self.notes:
+                self.tell_worker()
+            if wait and want > 0:  # registered as idle: wait for a wake-up, then claim
+                self.registered = True
+                res = self.redis(lambda pipe: (pipe.command("BLPOP", self.wake_key, 1),
+                                               self.claim(pipe, want, register=True)))
+                if res and res[-1]:
+                    self.accept(res[-1])
         self.in_task = in_task
 
     # -- running --------------------------------------------------------------------------
@@ -397,9 +408,8 @@ class Runner:
                 if self.queue and time.monotonic() - self.last_flush >= FLUSH_SECONDS:
                     self.flush()
             elif self.claiming:
-                # idle: complete what is done, then wait for work and claim, in one round
-                # trip; the worker hears of the outcomes when it returns (they are safe in
-                # Redis, and a process that dies idle has nothing running to blame)
+                # idle: complete what is done and claim (finding nothing registers this slot
+                # as idle), then wait for a wake-up and claim again
                 self.flush(wait=True)
             elif self.pending:
                 self.flush()

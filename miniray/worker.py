@@ -104,6 +104,7 @@ class _Slot(threading.Thread):
         self.lock = threading.Lock()
         self.out: list = []  # commands for the next pipeline: (fn, args)
         self.last_out = 0.0
+        self.waiter = worker.keys.waiter(worker.worker_id, index)  # its member of `idle`
 
     def hello(self) -> dict:
         w = self.w
@@ -178,19 +179,27 @@ class _Slot(threading.Thread):
 
     def fetch(self) -> None:
         """A GPU worker's claim: one chunk, under the pool's claim lock, its GPUs reserved
-        before letting go, so what the claim script was told is free stays free."""
-        w = self.w
+        before letting go, so what the claim script was told is free stays free. A claim
+        that finds nothing registers the slot as idle; it then waits for its wake-up."""
         pipe = self.r.pipeline()
         self._drain_out(pipe)
-        waiter = w.keys.waiter(w.worker_id, self.index)
-        pipe.command("ZADD", w.keys.idle, time.time(), waiter)  # newest first to be woken
-        pipe.command("BLPOP", w.keys.wake(waiter), 1)
-        pipe.execute()
+        if len(pipe):
+            pipe.execute()
+        claimed = self.claim_gpu_chunk()
+        if not claimed:
+            self.r.execute("BLPOP", self.w.keys.wake(self.waiter), 1)
+            claimed = self.claim_gpu_chunk()
+        if claimed:
+            job, spec_raw, chunks = parse_claim(claimed)
+            self.take(job, spec_raw, chunks)
+
+    def claim_gpu_chunk(self):
+        w = self.w
         with w.gpu_claim_lock:
             free, free_mb = w.gpu_pool.offer()
             claimed = self.broker.claim(w.worker_id, 1, w.name, w.host, free, w.ncpus,
                                         gpu_free_mb=free_mb, triton=w.triton_ready(),
-                                        slot=self.index,
+                                        slot=self.index, register=True,
                                         maxlen=w.settings.event_stream_maxlen)
             if claimed:
                 spec = json.loads(claimed[1]) if claimed[1] else {}
@@ -200,9 +209,16 @@ class _Slot(threading.Thread):
                     if got is None:  # cannot happen while every claim holds the lock
                         raise RuntimeError(f"claimed {spec['gpus']} GPU(s) that are not free")
                     self.gpus, self.gpu_mb, self.last_gpus = got, mb, got
-        if claimed:
-            job, spec_raw, chunks = parse_claim(claimed)
-            self.take(job, spec_raw, chunks)
+        return claimed
+
+    def unregister(self) -> None:
+        """The slot's process is gone: wake-ups must go to slots that wait (its successor
+        registers when it finds nothing to claim)."""
+        if self.direct:
+            try:
+                self.r.execute("ZREM", self.w.keys.idle, self.waiter)
+            except RedisError:
+                pass  # the server is gone: so is what it knew
 
     def take(self, job: str, spec_raw, chunks: list) -> None:
         """Chunks (entry, chunk id, frames) for ``pending``: claimed here or handed over."""
@@ -254,6 +270,7 @@ class _Slot(threading.Thread):
                     break
                 self.proc.close()
                 self.proc = None
+                self.unregister()
             if self.proc is None:  # it claims nothing until what waits here is sent
                 self.proc = self.new_proc(key, claiming=False)
             self.pending.popleft()
@@ -400,6 +417,7 @@ class _Slot(threading.Thread):
         self.proc = None
         if reason == "shutdown":
             return  # the worker is leaving: shutdown() hands its chunks back, nothing failed
+        self.unregister()
         c = self.inflight.get(seq)
         if c is not None and idx >= 0 and idx not in c.delivered:
             exc = self._death_error(c, reason, oom, how)
