@@ -181,6 +181,18 @@ if (ARGV[12] or '') ~= '' then redis.call('ZADD', K('idle'), ARGV[12], wid .. '/
 return {}
 """
 
+# ARGV: ns waiter score -- a task process about to wait for work: with work queued it wakes
+# itself (its claim after the wait looks; one round trip whether or not there is work),
+# else it registers as idle, atomically with seeing none, so the next work wakes it
+_IDLE = _PRELUDE + r"""
+if redis.call('ZCARD', K('jobs')) > 0 then
+  redis.call('RPUSH', K('wake', ARGV[2]), '1')
+else
+  redis.call('ZADD', K('idle'), ARGV[3], ARGV[2])
+end
+return 1
+"""
+
 # ARGV: ns worker job ttl maxlen msg, then (entry n_done n_failed final) per chunk
 _COMPLETE = _PRELUDE + r"""
 local wid, job = ARGV[2], ARGV[3]
@@ -366,7 +378,7 @@ class Broker:
     objects would send a SCRIPT EXISTS before every pipeline, a round trip per hop.
     """
 
-    _SOURCES = {"publish": _PUBLISH, "claim": _CLAIM, "complete": _COMPLETE,
+    _SOURCES = {"publish": _PUBLISH, "claim": _CLAIM, "idle": _IDLE, "complete": _COMPLETE,
                 "cancel_chunk": _CANCEL_CHUNK, "cancel_job": _CANCEL_JOB,
                 "heartbeat": _HEARTBEAT, "reap": _REAP, "release": _RELEASE}
     _SHAS: dict = {}
@@ -437,6 +449,10 @@ class Broker:
                                    ",".join(map(str, gpu_free_mb)) if gpu_free_mb else "",
                                    "1" if triton else "0", slot, maxlen,
                                    repr(time.time()) if register else ""], pipe)
+
+    def idle(self, pipe, waiter: str) -> None:
+        """A slot about to wait: wake itself if work is queued, else register as idle."""
+        self._run("idle", [self.ns, waiter, repr(time.time())], pipe)
 
     def complete(self, pipe, worker: str, job: str, chunks: list, ttl: int, maxlen: int,
                  msg: bytes) -> None:

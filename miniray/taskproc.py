@@ -5,10 +5,10 @@ its memory cgroup, pins its CPUs and applies its environment before it unpickles
 reads the worker's hello (server URL, worker id, slot, limits) and loops. It talks to Redis
 itself, so a task's round trip has no hop through the worker process:
 
-- idle, a claim that finds nothing registers its slot as idle; it then waits for a wake-up
-  on the slot's own list and claims (one pipeline: BLPOP + claim script). New work wakes the
-  slot that went idle last. Busy, it claims more alongside its completions, keeping about
-  50 ms of work queued here;
+- idle, it registers its slot as idle, waits for a wake-up on the slot's own list and claims
+  (one pipeline: idle script + BLPOP + claim script; a claim that finds nothing registers
+  too). New work wakes the slot that went idle last. Busy, it claims more alongside its
+  completions, keeping about 50 ms of work queued here;
 - a chunk whose job needs other limits (memory, CPUs) is handed to the worker, which starts a
   process with those limits and sends it there (as it sends chunks after a crash, and every
   chunk on GPU workers, whose claims the worker makes under its GPU lock);
@@ -164,7 +164,8 @@ class Runner:
         self.settings = settings()
         self.r = connect(hello["url"])
         self.broker = Broker(self.r, hello["namespace"], load=False)
-        self.wake_key = self.broker.keys.wake(Keys.waiter(hello["worker_id"], hello["slot"]))
+        self.waiter = Keys.waiter(hello["worker_id"], hello["slot"])
+        self.wake_key = self.broker.keys.wake(self.waiter)
         self.registered = False  # in the idle zset, as far as we know
         self.fn_key = self.broker.keys.fn
 
@@ -342,9 +343,11 @@ class Runner:
     def flush(self, claim: bool = True, wait: bool = False) -> None:
         """Complete what finished (one script call per job) and, if wanted, claim more.
 
-        With ``wait`` (nothing is queued here) a claim that finds nothing registers this
-        slot as idle, atomically with finding nothing; the process then waits for its
-        wake-up (up to 1 s) and claims again, in one more round trip."""
+        With ``wait`` (nothing is queued here) it then waits for a wake-up (up to 1 s) and
+        claims, in the same round trip: a slot about to wait registers as idle, atomically
+        with seeing no work queued, or wakes itself when there is some (see ``Broker.idle``);
+        a claim that finds nothing registers it too. Registered already and with nothing to
+        report, it goes straight to the wait."""
         in_task, self.in_task = self.in_task, False
         pending, self.pending = self.pending, {}
         h, s = self.hello, self.settings
@@ -373,12 +376,14 @@ class Runner:
             for job, chunks, msg in calls:
                 self.broker.complete(pipe, h["worker_id"], job, chunks, s.result_ttl_seconds,
                                      s.event_stream_maxlen, msg)
+            if wait:
+                if not self.registered:
+                    self.broker.idle(pipe, self.waiter)
+                pipe.command("BLPOP", self.wake_key, 1)
             if want > 0:
                 self.claim(pipe, want, register=wait)
         try:
-            # (idle and registered already, with nothing to report: straight to the wait)
-            go = calls or lines or (want > 0 and not (wait and self.registered))
-            res = self.redis(fill) if go else []
+            res = self.redis(fill) if calls or want > 0 or lines else []
         finally:
             self.log_send.release()
         self.last_flush = time.monotonic()
@@ -387,14 +392,9 @@ class Runner:
         if want > 0 and res and res[-1]:
             self.accept(res[-1])
         else:
+            self.registered = wait and want > 0 and bool(res)
             if self.notes:
                 self.tell_worker()
-            if wait and want > 0:  # registered as idle: wait for a wake-up, then claim
-                self.registered = True
-                res = self.redis(lambda pipe: (pipe.command("BLPOP", self.wake_key, 1),
-                                               self.claim(pipe, want, register=True)))
-                if res and res[-1]:
-                    self.accept(res[-1])
         self.in_task = in_task
 
     # -- running --------------------------------------------------------------------------
@@ -408,8 +408,9 @@ class Runner:
                 if self.queue and time.monotonic() - self.last_flush >= FLUSH_SECONDS:
                     self.flush()
             elif self.claiming:
-                # idle: complete what is done and claim (finding nothing registers this slot
-                # as idle), then wait for a wake-up and claim again
+                # idle: complete what is done, then wait for work and claim, in one round
+                # trip; the worker hears of the outcomes when it returns (they are safe in
+                # Redis, and a process that dies idle has nothing running to blame)
                 self.flush(wait=True)
             elif self.pending:
                 self.flush()
