@@ -293,8 +293,10 @@ class Runner:
             spec = self.specs[spec_raw] = json.loads(spec_raw) if spec_raw else {}
         if not self.fits(spec):  # another job's limits: a process of their own runs it
             self.claiming = False
-            _send(self.conn, self.lock, ("handoff", job, spec_raw,
-                                         [(entry, frames) for entry, _, frames in chunks]))
+            # after the notes still waiting (outcomes the worker must hear of: it changes
+            # the process only once everything this one held is done)
+            self.tell_worker(("handoff", job, spec_raw,
+                              [(entry, frames) for entry, _, frames in chunks]))
             return
         works, notes = [], []
         for entry, chunk, frames in chunks:

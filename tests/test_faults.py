@@ -81,6 +81,19 @@ def test_memory_limit(one_worker):
         assert ex.submit(tasks.allocate, 10).result(timeout=30) == 10 * 1024 * 1024
 
 
+def test_jobs_with_other_limits_take_turns_on_one_slot(one_worker):
+    """A slot's process runs one set of limits: a job with others makes the worker replace it
+    once what it holds is done. It must hear of all of that (here the process had claimed
+    more chunks of the limited job by itself before it met the plain one)."""
+    limited = one_worker.executor(limits=miniray.Limits(memory_gb=1))
+    plain = one_worker.executor()
+    with limited, plain:
+        for ex in (limited, plain, limited, plain):
+            assert list(ex.map(tasks.square, range(8), timeout=30)) == [x * x for x in range(8)]
+        futures = [ex.submit(tasks.square, i) for i, ex in enumerate([limited, plain] * 3)]
+        assert [f.result(timeout=30) for f in futures] == [i * i for i in range(6)]
+
+
 def test_timeout_kills_the_process_tree(one_worker, tmp_path):
     pidfile = tmp_path / "child.pid"
     with one_worker.executor(limits=miniray.Limits(timeout_seconds=0.5)) as ex:
