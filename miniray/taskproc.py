@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import io
 import json
 import logging
@@ -53,6 +54,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 
 from miniray.broker import Broker, connect, parse_claim
 from miniray.config import settings
@@ -137,7 +139,9 @@ class Runner:
         self.prog_i = memoryview(progress).cast("q")
         self.prog_t = memoryview(progress).cast("d")
         self.lock = threading.Lock()
-        self.functions: dict = {}
+        self.functions: dict = {}  # sha -> pickled function
+        self.loaded: dict = {}  # sha (or (job, sha), see function) -> function
+        self.init_names: dict = {}  # job -> globals its initializer set
         self.seq, self.idx = -1, -1
         self.pending: dict = {}  # job -> ([header], [batch]) not yet completed
         self.initialized: dict = {}  # job -> None, or the initializer's failure
@@ -443,18 +447,36 @@ class Runner:
         chunk_time = self.avg_item * max(1, count)
         self.target = int(min(_MAX_TARGET, max(1, 0.05 / max(chunk_time, 1e-6))))
 
-    def function(self, sha: str):
-        fn = self.functions[sha]
-        if isinstance(fn, bytes):
-            fn = self.functions[sha] = pickle.loads(fn)
+    def function(self, sha: str, group=None):
+        """The task function; for a job whose initializer set globals, a copy of its own
+        whose globals (shared with the helpers pickled with it) have them too."""
+        names = self.init_names.get(group) if group is not None else None
+        key = (group, sha) if names else sha
+        fn = self.loaded.get(key)
+        if fn is None:
+            fn = self.loaded[key] = pickle.loads(self.functions[sha])
+            g = _by_value_globals(fn) if names else None
+            if g is not None:
+                g.update(names)
         return fn
 
     def initialize(self, group, init) -> None:
-        """Run the job's initializer once in this process; remember how it went."""
+        """Run the job's initializer once in this process; remember how it went, and the
+        globals it set: a function sent by value has globals of its own, and without them
+        the job's tasks would not see what the initializer loaded (ProcessPoolExecutor's
+        tasks do; so must ours)."""
         if group in self.initialized:
             return
         try:
-            self.function(init)()
+            fn = pickle.loads(self.functions[init])  # its own globals, fresh for this job
+            g = fn.func.__globals__ if isinstance(fn, functools.partial) and \
+                isinstance(fn.func, types.FunctionType) else None
+            before = dict(g) if g is not None else {}
+            fn()
+            if g is not None:
+                names = {k: v for k, v in g.items() if k not in before or before[k] is not v}
+                if names:
+                    self.init_names[group] = names
             self.initialized[group] = None
         except BaseException as e:
             from miniray.errors import InitializerError
@@ -478,7 +500,7 @@ class Runner:
                     if failed is not None:
                         self.add(group, seq, True, None, [], {-1: failed}, 0, -1)
                         return
-                fn = self.function(sha)
+                fn = self.function(sha, group)
                 kind, *payload = pickle.loads(frames[0], buffers=frames[1:])
             except BaseException as e:  # the whole chunk fails the same way
                 err = _portable_exc(e, traceback.format_exc())
@@ -568,6 +590,17 @@ def _dumps_batches(batches) -> bytes:
                     f"{type(e).__name__}: {e}. Return plain data (or make the type "
                     "picklable)."), "", os.getpid())
     return cloudpickle.dumps(batches, protocol=5)
+
+
+def _by_value_globals(fn):
+    """The globals dict of a function that travelled by value (a notebook's, or a module's
+    next to the caller's), else None: a module's real namespace needs no help."""
+    if isinstance(fn, functools.partial):
+        fn = fn.func
+    if not isinstance(fn, types.FunctionType):
+        return None
+    module = sys.modules.get(fn.__module__)
+    return None if module is not None and vars(module) is fn.__globals__ else fn.__globals__
 
 
 def _portable_exc(e: BaseException, tb: str):

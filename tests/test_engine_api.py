@@ -67,6 +67,34 @@ def test_map_error_in_a_chunk_spares_the_other_items(cluster):
         assert (p["done"], p["failed"]) == (futures_before["done"] + 5, 1)
 
 
+def test_initializer_globals_reach_tasks_sent_by_value(cluster, tmp_path, monkeypatch):
+    """A notebook's (or a script's own module's) functions travel by value, each with a copy
+    of the globals it uses. What the initializer sets as a global must still be what the
+    tasks see, as with ProcessPoolExecutor: the standard way to load a model once per
+    process."""
+    (tmp_path / "nb_cells.py").write_text(
+        "model = None\n"
+        "def load(name):\n"
+        "    global model\n"
+        "    model = {'name': name}\n"
+        "def _name():\n"
+        "    return model['name']\n"
+        "def predict(x):\n"
+        "    return (_name(), x)\n"
+        "def loaded():\n"
+        "    return model is not None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # not on the worker's path: sent by value
+    import nb_cells
+
+    cluster.start_worker()
+    with cluster.executor(initializer=nb_cells.load, initargs=("resnet",)) as ex:
+        assert list(ex.map(nb_cells.predict, range(3), timeout=30)) == \
+            [("resnet", 0), ("resnet", 1), ("resnet", 2)]
+        assert ex.submit(nb_cells.loaded).result(timeout=30) is True
+    with cluster.executor() as ex:  # another job, no initializer: nothing leaks into it
+        assert ex.submit(nb_cells.loaded).result(timeout=30) is False
+
+
 def test_executor_cancel_interrupts_running_and_drops_queued(cluster, tmp_path):
     cluster.start_worker()
     ex = cluster.executor()
