@@ -19,7 +19,6 @@ import collections
 import functools
 import itertools
 import os
-import pickle
 import threading
 import time
 import uuid
@@ -45,7 +44,7 @@ from .keys import Keys
 from .limits import Limits
 from .resp import NoScriptError, RedisError
 from .protocol import LostChunk, decode_message, encode_chunk_head
-from .serialization import dumps, dumps_function, is_plain, loads
+from .serialization import dumps, dumps_call, dumps_function, loads
 
 __all__ = ["Executor", "MinirayFuture"]
 
@@ -221,10 +220,7 @@ class Executor(_BaseExecutor):
         """Schedule ``fn(*args, **kwargs)``; returns a Future for its result."""
         self._check_open()
         sha = self._function(fn)
-        if is_plain(args) and (not kwargs or is_plain(kwargs.values())):
-            frames = [pickle.dumps(("s", args, kwargs), protocol=5)]
-        else:
-            frames = dumps(("s", args, kwargs), what="arguments")
+        frames = dumps_call(args, kwargs)
         task = self._take_task_ids(1)
         future = MinirayFuture(self, task)
         self._enqueue(sha, task, 1, frames, future, is_map=False)

@@ -19,7 +19,7 @@ import cloudpickle
 
 from .errors import SerializationError
 
-__all__ = ["dumps", "loads", "dumps_function", "is_plain", "OOB_THRESHOLD"]
+__all__ = ["dumps", "dumps_call", "loads", "dumps_function", "OOB_THRESHOLD"]
 
 #: Buffers at least this large travel out of band (no copy into the pickle stream).
 OOB_THRESHOLD = 64 * 1024
@@ -50,13 +50,20 @@ def dumps(obj, what: str = "value") -> list:
     return [head, *buffers]
 
 
+def dumps_call(args: tuple, kwargs: dict) -> list:
+    """A submit's frames: builtin-scalar arguments go through the C pickler alone (it pickles
+    them exactly as cloudpickle does, several times faster: cloudpickle's Python-level setup
+    dominates for small calls); anything else through ``dumps``."""
+    if _is_plain(args) and (not kwargs or _is_plain(kwargs.values())):
+        return [pickle.dumps(("s", args, kwargs), protocol=5)]
+    return dumps(("s", args, kwargs), what="arguments")
+
+
 _SCALARS = frozenset((int, float, complex, str, bytes, bool, type(None)))
 
 
-def is_plain(values) -> bool:
-    """True when ``values`` are builtin scalars, or short tuples/lists of them: the C pickler
-    alone pickles these exactly as cloudpickle does, several times faster (cloudpickle's
-    Python-level setup dominates for small calls)."""
+def _is_plain(values) -> bool:
+    """True when ``values`` are builtin scalars, or short tuples/lists of them."""
     for v in values:
         t = type(v)
         if t in _SCALARS:

@@ -469,8 +469,7 @@ class Runner:
             return
         try:
             fn = pickle.loads(self.functions[init])  # its own globals, fresh for this job
-            g = fn.func.__globals__ if isinstance(fn, functools.partial) and \
-                isinstance(fn.func, types.FunctionType) else None
+            g = _function_globals(fn)
             before = dict(g) if g is not None else {}
             fn()
             if g is not None:
@@ -592,15 +591,21 @@ def _dumps_batches(batches) -> bytes:
     return cloudpickle.dumps(batches, protocol=5)
 
 
+def _function_globals(fn):
+    """The globals dict of a Python function (or of the one a partial wraps), else None."""
+    if isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn.__globals__ if isinstance(fn, types.FunctionType) else None
+
+
 def _by_value_globals(fn):
     """The globals dict of a function that travelled by value (a notebook's, or a module's
     next to the caller's), else None: a module's real namespace needs no help."""
     if isinstance(fn, functools.partial):
         fn = fn.func
-    if not isinstance(fn, types.FunctionType):
-        return None
-    module = sys.modules.get(fn.__module__)
-    return None if module is not None and vars(module) is fn.__globals__ else fn.__globals__
+    g = _function_globals(fn)
+    module = sys.modules.get(fn.__module__) if g is not None else None
+    return None if g is None or (module is not None and vars(module) is g) else g
 
 
 def _portable_exc(e: BaseException, tb: str):

@@ -180,18 +180,18 @@ class _Slot(threading.Thread):
     def fetch(self) -> None:
         """A GPU worker's claim: one chunk, under the pool's claim lock, its GPUs reserved
         before letting go, so what the claim script was told is free stays free. A claim
-        that finds nothing registers the slot as idle; it then waits for its wake-up."""
+        that finds nothing registers the slot as idle; it then waits for its wake-up (the
+        next step claims)."""
         pipe = self.r.pipeline()
         self._drain_out(pipe)
         if len(pipe):
             pipe.execute()
         claimed = self.claim_gpu_chunk()
-        if not claimed:
-            self.r.execute("BLPOP", self.w.keys.wake(self.waiter), 1)
-            claimed = self.claim_gpu_chunk()
         if claimed:
             job, spec_raw, chunks = parse_claim(claimed)
             self.take(job, spec_raw, chunks)
+        else:
+            self.r.execute("BLPOP", self.w.keys.wake(self.waiter), 1)
 
     def claim_gpu_chunk(self):
         w = self.w
