@@ -4,12 +4,15 @@
 
     submit()/map() --> outbox --[flusher thread: one pipeline per batch]--> tasks:{job}, q:{job}
                                                                               | workers claim
-    futures <-- [results thread: BLMPOP res:{client}, many at a time] <-- res:{client}
+    futures <-- [reader: BLMPOP res:{client}, many at a time] <-------------- res:{client}
 
-``submit`` pickles at once (so a bad argument fails in the caller) and queues; the flusher
-thread sends everything queued in one round trip. The results thread pops result messages in
-batches, completes futures, renews this client's liveness key and reaps dead workers (so work
-held by a dead worker is requeued even when no other worker is alive to notice).
+``submit`` pickles at once (so a bad argument fails in the caller); a lone submit is sent from
+the caller, a burst goes to the flusher thread, which sends everything queued in one round
+trip. Result messages are popped in batches by one reader at a time: a thread waiting in
+``result()`` while nobody else reads (no thread hand-off on the latency path), else the
+results thread, which also renews this client's liveness key each second and reaps dead
+workers (so work held by a dead worker is requeued even when no other worker is alive to
+notice).
 """
 
 from __future__ import annotations
@@ -54,17 +57,71 @@ _LIVE_TTL = 300  # seconds an open job's keys outlive its executor (renewed ever
 _live_executors: "weakref.WeakSet[Executor]" = weakref.WeakSet()
 
 
+_WAITING = ("PENDING", "RUNNING")
+
+
+class _Waiters(list):
+    """A future's waiters (``wait`` and ``as_completed`` add theirs): a waiter that is added
+    asks the executor to deliver results from its thread (nobody else may be reading)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: "MinirayFuture"):
+        super().__init__()
+        self.future = future
+
+    def append(self, waiter) -> None:
+        super().append(waiter)
+        self.future._want()
+
+
 class MinirayFuture(Future):
-    """A ``concurrent.futures.Future`` that knows its task: ``task_id``, ``job``, ``host``."""
+    """A ``concurrent.futures.Future`` that knows its task: ``task_id``, ``job``, ``host``.
+
+    A thread that waits in ``result()`` or ``exception()`` reads the results itself while no
+    other thread does (no hand-off from a results thread on the latency path); callbacks,
+    ``wait``, ``as_completed``, ``done()`` and ``shutdown`` have the executor's results thread
+    deliver instead. Either way the future behaves as ``concurrent.futures`` says.
+    """
 
     def __init__(self, executor: "Executor | None" = None, task_id: int | None = None):
         super().__init__()
         self._executor = executor
         self._ref = None
+        self._wanted = False  # someone waits for it without reading (see _want)
+        self._waiters = _Waiters(self)
         self.task_id = task_id
         self.job = executor.job_id if executor is not None else None
         self.worker = None
         self.host = None
+
+    def _want(self) -> None:
+        """Someone will wait for this future without reading results: the executor's results
+        thread delivers them."""
+        self._wanted = True
+        if self._executor is not None and self._state in _WAITING:
+            self._executor._want_delivery()
+
+    def result(self, timeout: float | None = None):
+        if self._state in _WAITING and self._executor is not None:
+            timeout = self._executor._read_until(self, timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None):
+        if self._state in _WAITING and self._executor is not None:
+            timeout = self._executor._read_until(self, timeout)
+        return super().exception(timeout)
+
+    def done(self) -> bool:
+        done = super().done()
+        if not done and not self._wanted:
+            self._want()  # polled: it must complete without a result() call
+        return done
+
+    def add_done_callback(self, fn) -> None:
+        if not self._wanted:
+            self._want()
+        super().add_done_callback(fn)
 
     def cancel(self) -> bool:
         """Cancel the task if no worker has taken it yet (as with ProcessPoolExecutor)."""
@@ -169,7 +226,13 @@ class Executor(_BaseExecutor):
         # the results thread reads them each second and breaks the executor on an error
         self._submit_errors: list = []
         self._r.on_deferred_error = self._submit_errors.append
-        self._rr = connect(url)  # results thread: its own connection
+        self._rr = connect(url)  # results: BLMPOP by whichever thread reads (see _read_once)
+        self._read_lock = threading.Lock()
+        self._read_cond = threading.Condition(self._read_lock)
+        self._reader: int | None = None  # the thread that reads results now
+        self._read_owed = False  # a BLMPOP was sent whose reply nobody has read yet
+        self._demand = False  # futures wait for the results thread to deliver (MinirayFuture)
+        self._closed = False
         self._broker = Broker(self._r, s.namespace)
         self.keys = self._broker.keys
         self._lock = threading.Lock()
@@ -321,6 +384,7 @@ class Executor(_BaseExecutor):
             if self._shutdown and not is_map:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._refs[ref.chunk] = ref
+            wanted = future._wanted  # a callback was added before it was sent (map_futures)
             # A lone submit is sent from here (no thread hand-off on the latency path); a
             # burst queues for the flusher thread, which sends it in a few pipelines.
             inline = not self._outbox and not self._flushing and now - self._last_submit > 2e-4
@@ -330,6 +394,8 @@ class Executor(_BaseExecutor):
             else:
                 self._outbox.append(ref)
                 self._wakeup.notify()
+        if wanted:
+            self._want_delivery()
         if inline:
             self._send_safely([ref])
 
@@ -410,53 +476,135 @@ class Executor(_BaseExecutor):
         return removed
 
     # -- results -----------------------------------------------------------------------------
-    def _results_loop(self) -> None:
+    # Results are read by one thread at a time (the "reader"): a caller waiting in
+    # MinirayFuture.result() while nobody else reads, or the results thread. The results
+    # thread reads when futures are wanted without anyone reading (callbacks, wait(),
+    # as_completed(), done(), shutdown), and once a second for results nobody has asked for
+    # yet; every second it also renews this client's keys and reaps dead workers.
+
+    def _want_delivery(self) -> None:
+        with self._read_lock:
+            if not self._demand:
+                self._demand = True
+                self._read_cond.notify()
+
+    def _poke_results_thread(self) -> None:
+        """Have the results thread look again (shutdown, or futures settled without it)."""
+        with self._read_lock:
+            self._read_cond.notify()
+
+    def _read_until(self, fut: MinirayFuture, timeout: float | None) -> float | None:
+        """Read results in this thread until ``fut`` is done, while no other thread reads;
+        return what is left of ``timeout`` for the wait that follows."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        me = threading.get_ident()
+        while fut._state in _WAITING:
+            with self._read_lock:
+                if self._reader is not None or self._closed or self._broken is not None:
+                    fut._wanted = True  # whoever reads delivers; the thread takes over
+                    if not self._demand:
+                        self._demand = True
+                        self._read_cond.notify()
+                    break
+                self._reader = me
+            try:
+                wait = self._settings.heartbeat_seconds
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        break
+                self._read_once(wait)
+            except RedisError:  # the results thread decides whether the server is gone
+                fut._want()
+                break
+            finally:
+                with self._read_lock:
+                    self._reader = None
+                    if self._demand or self._shutdown or self._broken is not None:
+                        self._read_cond.notify()
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _read_once(self, timeout: float) -> None:
+        """One BLMPOP of result messages (waiting up to ``timeout`` s) and their delivery.
+        Only the reader calls it; a reply left owed by an interrupted reader is read first."""
+        if not self._read_owed:
+            self._rr.send_command("BLMPOP", round(max(timeout, 0.001), 3), 1,
+                                  self.keys.results(self.client_id), "LEFT", "COUNT", 1024)
+            self._read_owed = True
+        got = self._rr.read_reply()
+        self._read_owed = False
+        if isinstance(got, Exception):
+            raise got
+        if got:
+            for msg in got[1]:
+                self._deliver(msg)
+
+    def _upkeep(self, broker: Broker) -> bool:
+        """Renew this client's liveness key and its job's TTLs, reap dead workers, check the
+        job. False when the executor is broken."""
         s, k = self._settings, self.keys
-        key = k.results(self.client_id)
+        pipe = self._r.pipeline()  # (reading it first collects the submissions' replies)
+        pipe.command("SET", k.client(self.client_id), os.getpid(), "EX", 30)
+        # while this executor lives its job's keys do; if it dies they expire
+        for live in (k.job(self.job_id), k.logs(self.job_id), k.events(self.job_id),
+                     k.attempts(self.job_id)):
+            pipe.command("EXPIRE", live, _LIVE_TTL)
+        broker.reap(s.worker_dead_seconds, s.max_retries, s.event_stream_maxlen,
+                    s.result_ttl_seconds, pipe=pipe)
+        pipe.command("HGET", k.job(self.job_id), "state")
+        state = pipe.execute()[-1]
+        if self._submit_errors:
+            self._break(ServerError(
+                f"the server at {_redact(self.redis_url)} refused a submission: "
+                f"{self._submit_errors[0]}; pending futures fail. Check the server (memory, "
+                "version) and start a new Executor."))
+            return False
+        if state == b"cancelled" and self._refs:
+            self._cancelled_elsewhere()  # `miniray cancel`: no result will come
+        elif state is None:
+            self._break(ServerLostError(
+                f"the server at {_redact(self.redis_url)} no longer knows job {self.job_id} (it "
+                "restarted and lost its data, or someone deleted its keys); pending futures "
+                "fail. Start a new Executor."))
+            return False
+        return True
+
+    def _results_loop(self) -> None:
+        s = self._settings
         next_upkeep = 0.0
         lost_since = None
-        broker = Broker(self._rr, s.namespace)
+        broker = self._broker
+        me = threading.get_ident()
         while True:
-            with self._lock:
-                if self._shutdown and not self._refs and not self._outbox:
+            with self._read_lock:
+                while True:
+                    finished = self._shutdown and not self._refs and not self._outbox
+                    if (finished or self._broken is not None) and self._reader is None:
+                        self._closed = True
+                        break
+                    now = time.monotonic()
+                    upkeep = now >= next_upkeep
+                    if not self._refs and not self._outbox:
+                        self._demand = False
+                    if upkeep or (self._reader is None and not finished
+                                  and (self._demand or self._read_owed)):
+                        break
+                    self._read_cond.wait(next_upkeep - now)
+                if self._closed:
                     break
-                if self._broken is not None:
-                    break
+                read = self._reader is None and (bool(self._refs) or self._read_owed)
+                if read:
+                    self._reader = me
             try:
-                now = time.monotonic()
-                if now >= next_upkeep:
-                    self._r.read_deferred()
-                    if self._submit_errors:
-                        self._break(ServerError(
-                            f"the server at {_redact(self.redis_url)} refused a submission: "
-                            f"{self._submit_errors[0]}; pending futures fail. Check the "
-                            "server (memory, version) and start a new Executor."))
-                        break
-                    pipe = self._rr.pipeline()
-                    pipe.command("SET", k.client(self.client_id), os.getpid(), "EX", 30)
-                    # while this executor lives its job's keys do; if it dies they expire
-                    for live in (k.job(self.job_id), k.logs(self.job_id),
-                                 k.events(self.job_id), k.attempts(self.job_id)):
-                        pipe.command("EXPIRE", live, _LIVE_TTL)
-                    broker.reap(s.worker_dead_seconds, s.max_retries, s.event_stream_maxlen,
-                                s.result_ttl_seconds, pipe=pipe)
-                    pipe.command("HGET", k.job(self.job_id), "state")
-                    state = pipe.execute()[-1]
-                    if state == b"cancelled" and self._refs:
-                        self._cancelled_elsewhere()  # `miniray cancel`: no result will come
-                    elif state is None:
-                        self._break(ServerLostError(
-                            f"the server at {_redact(self.redis_url)} no longer knows job "
-                            f"{self.job_id} (it restarted and lost its data, or someone deleted "
-                            "its keys); pending futures fail. Start a new Executor."))
-                        break
-                    next_upkeep = now + s.heartbeat_seconds
-                got = self._rr.execute("BLMPOP", s.heartbeat_seconds, 1, key, "LEFT", "COUNT",
-                                       1024)
+                if upkeep:
+                    next_upkeep = time.monotonic() + s.heartbeat_seconds
+                    if not self._upkeep(broker):
+                        continue
+                if read:
+                    self._read_once(s.heartbeat_seconds)
                 lost_since = None
             except NoScriptError:  # the server restarted and lost our scripts
                 broker.load_scripts()
-                continue
             except RedisError as e:
                 if self._local is not None and not self._local.server_alive():
                     lost_since = 0.0  # our own server died: no point in waiting
@@ -465,12 +613,13 @@ class Executor(_BaseExecutor):
                     self._break(ServerLostError(
                         f"lost the server at {_redact(self.redis_url)} with tasks pending: {e}"
                         ". The pending futures fail; start a new Executor once it is back."))
-                    break
-                time.sleep(0.2)
-                continue
-            if got:
-                for msg in got[1]:
-                    self._deliver(msg)
+                else:
+                    time.sleep(0.2)
+                    next_upkeep = 0.0  # try again soon
+            finally:
+                if read:
+                    with self._read_lock:
+                        self._reader = None
         self._close_job()
 
     def _deliver(self, msg: bytes) -> None:
@@ -565,6 +714,7 @@ class Executor(_BaseExecutor):
             refs, self._refs = list(self._refs.values()), {}
             self._outbox.clear()
             self._wakeup.notify_all()
+        self._poke_results_thread()
         for ref in refs:
             fut = ref.future
             with fut._condition:
@@ -590,7 +740,9 @@ class Executor(_BaseExecutor):
                 pass
         if cancel_futures:
             self._cancel_queued()
+        self._poke_results_thread()
         if wait:
+            self._want_delivery()  # what is still pending must come in without a caller
             self._flusher.join()
             self._results.join()
 
@@ -612,6 +764,7 @@ class Executor(_BaseExecutor):
             for r in dropped:
                 self._refs.pop(r.chunk, None)
             self._wakeup.notify_all()
+        self._poke_results_thread()
         for r in local + dropped:
             _cancel(r.future)
 
@@ -623,6 +776,7 @@ class Executor(_BaseExecutor):
             self._outbox.clear()
             self._refs.clear()
             self._wakeup.notify_all()
+        self._poke_results_thread()
         try:
             self._broker.cancel_job(self.job_id, "cancelled", self._settings.event_stream_maxlen)
         except RedisError:
@@ -638,13 +792,14 @@ class Executor(_BaseExecutor):
             self._outbox.clear()
             self._refs.clear()
             self._wakeup.notify_all()
+        self._poke_results_thread()
         for r in refs:
             _cancel(r.future)
 
     def _close_job(self) -> None:
         s, k, job = self._settings, self.keys, self.job_id
         try:
-            pipe = self._rr.pipeline()
+            pipe = self._r.pipeline()
             if self._broken is None:
                 pipe.command("HSET", k.job(job), "state", "done")
             for key in (k.job(job), k.logs(job), k.events(job), k.attempts(job)):

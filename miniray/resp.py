@@ -192,6 +192,23 @@ class Connection:
                 raise ConnectionLost(f"lost the connection to {redact(self.url)}: {e}") from None
             self._owed += len(commands)
 
+    def send_command(self, *args) -> None:
+        """Send one command whose reply ``read_reply`` returns later, maybe in another thread
+        (a blocking pop that whichever thread waits reads)."""
+        self.send_deferred([args])
+
+    def read_reply(self):
+        """The reply to the oldest command sent and not read yet (an error reply is returned).
+
+        Interrupted (KeyboardInterrupt), the reply is still owed: the next call reads it."""
+        with self._lock:
+            if self._sock is None or not self._owed:
+                raise ConnectionLost(f"no reply is owed on the connection to {redact(self.url)} "
+                                     "(it was lost)")
+            reply = self._roundtrip([None])[0]
+            self._owed -= 1
+            return reply
+
     def read_deferred(self) -> None:
         """Read the replies still owed for ``send_deferred`` commands."""
         with self._lock:
