@@ -6,19 +6,21 @@ reads the worker's hello (server URL, worker id, slot, limits) and loops. It tal
 itself, so a task's round trip has no hop through the worker process:
 
 - idle, it registers its slot as idle, waits for a wake-up on the slot's own list and claims
-  (one pipeline: idle script + BLPOP + claim script; a claim that finds nothing registers
-  too). New work wakes the slot that went idle last. Busy, it claims more alongside its
-  completions, keeping about 50 ms of work queued here;
+  (the idle script goes with its outcomes, then BLPOP + claim script on a second connection;
+  a claim that finds nothing registers too). New work wakes the slot that went idle last.
+  Busy, it claims more alongside its completions, keeping about 50 ms of work queued here;
 - a chunk whose job needs other limits (memory, CPUs) is handed to the worker, which starts a
   process with those limits and sends it there (as it sends chunks after a crash, and every
   chunk on GPU workers, whose claims the worker makes under its GPU lock);
 - outcomes go to Redis with the complete script: fast items batched (flushed every
   ``FLUSH_SECONDS``), a slow item's at once.
 
-The worker supervises: it is told of every chunk before it runs (``claimed``) and of every
-outcome once Redis has it (``done``), so when this process dies it knows what was held and
-what was delivered. Before each item the process writes (chunk seq, item index, start time)
-to a shared page: the worker enforces timeouts from it and knows which item was running.
+The worker supervises: it is told of every chunk (``claimed``: at once for a chunk with a
+timeout, else with the next message) and of every outcome once Redis has it (``done``), so
+when this process dies it knows what was held and what was delivered (chunks it has not heard
+of yet are in the ``wip`` hash, tagged with the slot). Before each item the process writes
+(chunk seq, item index, start time) to a shared page, and before each chunk of its own claim
+the chunk id and job: the worker enforces timeouts from it and knows which item was running.
 stdout, stderr and ``logging`` are captured line by line into the job's log stream: a thread
 streams them while tasks run, and the rest go ahead of the outcomes they belong to.
 
@@ -63,8 +65,12 @@ from miniray.protocol import ResultHeader, decode_chunk_head, encode_result
 from miniray.resp import ConnectionLost, NoScriptError, RedisError
 
 # The page shared with the worker: chunk seq and item index running now (-1: none), its
-# monotonic start time, and flags the worker sets (bit 0: its Triton server is healthy).
-PROGRESS = struct.Struct("qqdq")
+# monotonic start time, flags the worker sets (bit 0: its Triton server is healthy), and the
+# chunk id and job (UTF-8, NUL-padded, after the struct) of the chunk running now: a chunk
+# this process claimed itself may run before the worker has heard of it (see accept).
+PROGRESS = struct.Struct("qqdqq")
+JOB_BYTES = 96
+PAGE_SIZE = PROGRESS.size + JOB_BYTES
 FLUSH_SECONDS = 0.02
 _MAX_TARGET = 64
 
@@ -138,6 +144,7 @@ class Runner:
         # the shared page as (seq, index, start, flags) views: cheaper than struct per item
         self.prog_i = memoryview(progress).cast("q")
         self.prog_t = memoryview(progress).cast("d")
+        self.page_job = b""  # the job written on the page now
         self.lock = threading.Lock()
         self.functions: dict = {}  # sha -> pickled function
         self.loaded: dict = {}  # sha (or (job, sha), see function) -> function
@@ -167,6 +174,10 @@ class Runner:
         self.log_thread = None
         self.settings = settings()
         self.r = connect(hello["url"])
+        self.deferred_errors: list = []  # error replies to report_and_wait's outcomes
+        self.r.on_deferred_error = self.deferred_errors.append
+        self.unconfirmed = None  # report_and_wait's last report, its replies not read yet
+        self.r_wait = connect(hello["url"])  # blocks for wake-ups (see report_and_wait)
         self.broker = Broker(self.r, hello["namespace"], load=False)
         self.waiter = Keys.waiter(hello["worker_id"], hello["slot"])
         self.wake_key = self.broker.keys.wake(self.waiter)
@@ -268,6 +279,7 @@ class Runner:
         A blocking wait (BLPOP, at most 1 s) does not listen to the worker meanwhile: what it
         says then (a cancel) is for chunks this idle process does not hold, and a worker that
         feeds a process chunks pauses it first."""
+        self.confirm_report()
         while True:
             pipe = self.r.pipeline()
             pipe_fill(pipe)
@@ -281,6 +293,51 @@ class Runner:
                 if self.stopped:
                     return []
 
+    def report_and_wait(self, report, want: int) -> list:
+        """``report(pipe)``'s commands, then a wait for a wake-up and a claim; returns the
+        claim's reply last, as ``redis`` would for one pipeline.
+
+        The wait goes on a connection of its own: the outcomes' replies then arrive where
+        nobody waits for them, so they do not wake this process a second time while its
+        client and the server are busy with the result. They are read later, off the path of
+        the next task (``confirm_report``)."""
+        self.confirm_report()
+        try:
+            pipe = self.r.pipeline()
+            report(pipe)
+            pipe.send_deferred()
+            self.unconfirmed = report
+            pipe = self.r_wait.pipeline()
+            pipe.command("BLPOP", self.wake_key, 1)
+            self.claim(pipe, want, register=True)
+            return pipe.execute()
+        except (ConnectionLost, NoScriptError):  # as ``redis`` does: all of it again
+            self.unconfirmed = None
+
+            def fill(pipe):
+                report(pipe)  # outcomes sent twice count once (see the complete script)
+                pipe.command("BLPOP", self.wake_key, 1)
+                self.claim(pipe, want, register=True)
+            return self.redis(fill)
+
+    def confirm_report(self) -> None:
+        """Read the replies to what ``report_and_wait`` sent; send it again if the server had
+        lost our scripts (it restarted), raise another error reply as ``redis`` would."""
+        report, self.unconfirmed = self.unconfirmed, None
+        if report is None:
+            return
+        lost = False
+        try:
+            self.r.read_deferred()
+        except ConnectionLost:
+            lost = True
+        errors, self.deferred_errors[:] = list(self.deferred_errors), []
+        for e in errors:
+            if not isinstance(e, NoScriptError):
+                raise e
+        if lost or errors:
+            self.redis(report)  # (it loads the scripts again, and waits for the server)
+
     def claim(self, pipe, n: int, register: bool = False) -> None:
         h = self.hello
         triton = bool(self.prog_i[3] & 1)  # the worker's Triton server is healthy
@@ -289,7 +346,10 @@ class Runner:
                           maxlen=self.settings.event_stream_maxlen, register=register)
 
     def accept(self, claimed: list) -> None:
-        """Take claimed chunks: tell the worker first, so it always knows what we hold."""
+        """Take claimed chunks. The worker hears of them with the next message (with their
+        outcomes, usually): until then the page names the chunk running, and the ``wip`` hash
+        in Redis the rest, which is all the worker needs if this process dies. A chunk with a
+        timeout is told at once: the worker enforces it from its spec."""
         self.registered = False  # a claim that takes work ends a registration as idle
         job, spec_raw, chunks = parse_claim(claimed)
         spec = self.specs.get(spec_raw)
@@ -315,7 +375,9 @@ class Runner:
                 w.missing = e
             works.append(w)
             notes.append((seq, entry, chunk, w.start, w.count))
-        self.tell_worker(("claimed", job, spec_raw, notes))
+        self.notes.append(("claimed", job, spec_raw, notes))
+        if spec.get("timeout") or len(job.encode()) > JOB_BYTES:
+            self.tell_worker()
         self.fetch_functions(works)
         self.queue.extend(works)
 
@@ -377,19 +439,25 @@ class Runner:
         with self.log_lock:
             lines, self.log_lines = self.log_lines, []
 
-        def fill(pipe):
+        def report(pipe):
             self.xadd_logs(pipe, lines)
             for job, chunks, msg in calls:
                 self.broker.complete(pipe, h["worker_id"], job, chunks, s.result_ttl_seconds,
                                      s.event_stream_maxlen, msg)
+            if wait and not self.registered:
+                self.broker.idle(pipe, self.waiter)
+
+        def fill(pipe):
+            report(pipe)
             if wait:
-                if not self.registered:
-                    self.broker.idle(pipe, self.waiter)
                 pipe.command("BLPOP", self.wake_key, 1)
             if want > 0:
                 self.claim(pipe, want, register=wait)
         try:
-            res = self.redis(fill) if calls or want > 0 or lines else []
+            if wait and want > 0:
+                res = self.report_and_wait(report, want)
+            else:
+                res = self.redis(fill) if calls or want > 0 or lines else []
         finally:
             self.log_send.release()
         self.last_flush = time.monotonic()
@@ -425,6 +493,13 @@ class Runner:
 
     def run_work(self, w: _Work) -> None:
         self.held[w.seq] = w
+        if w.seq >= 1 << 40:  # our own claim: the worker may not know it yet (see accept)
+            job = w.job.encode()
+            if job != self.page_job:
+                at = PROGRESS.size
+                self.progress[at : at + JOB_BYTES] = job.ljust(JOB_BYTES, b"\0")[:JOB_BYTES]
+                self.page_job = job
+            self.prog_i[4] = w.chunk
         if w.job in self.cancelled:
             from miniray.errors import JobCancelledError
 
@@ -688,7 +763,7 @@ def main(argv=None) -> None:
     from multiprocessing.connection import Connection
 
     conn = Connection(fd)
-    progress = mmap.mmap(progress_fd, PROGRESS.size)
+    progress = mmap.mmap(progress_fd, PAGE_SIZE)
     try:
         hello = pickle.loads(conn.recv_bytes())[1]
     except (EOFError, OSError):

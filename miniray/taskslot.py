@@ -16,7 +16,7 @@ import time
 from multiprocessing.connection import Connection
 
 from .isolation import MemoryCgroup, kill_tree
-from .taskproc import PROGRESS
+from .taskproc import JOB_BYTES, PAGE_SIZE, PROGRESS
 
 __all__ = ["TaskProcess", "ProcKey"]
 
@@ -31,9 +31,9 @@ class TaskProcess:
         self.key = key
         memory_bytes, cpus, gpus = key
         parent_sock, child_sock = socket.socketpair()
-        self._progress_fd = _shared_page(PROGRESS.size)
-        self.progress_map = mmap.mmap(self._progress_fd, PROGRESS.size)
-        PROGRESS.pack_into(self.progress_map, 0, -1, -1, 0.0, 0)
+        self._progress_fd = _shared_page(PAGE_SIZE)
+        self.progress_map = mmap.mmap(self._progress_fd, PAGE_SIZE)
+        PROGRESS.pack_into(self.progress_map, 0, -1, -1, 0.0, 0, -1)
         self.cgroup = None
         self.rlimit = False
         child_env = dict(os.environ if env is None else env)
@@ -137,6 +137,18 @@ class TaskProcess:
     def progress(self) -> tuple:
         """(chunk seq, item index, monotonic start) of the item running now, or seq -1."""
         return PROGRESS.unpack_from(self.progress_map, 0)[:3]
+
+    def running_chunk(self) -> tuple:
+        """(seq, job, chunk id) of the chunk running now, as the page says (job None when
+        none runs). For a chunk the process claimed itself and has not told us of yet."""
+        for _ in range(3):  # the process may move on while we read: read until it holds still
+            seq, _, _, _, chunk = PROGRESS.unpack_from(self.progress_map, 0)
+            job = bytes(self.progress_map[PROGRESS.size : PROGRESS.size + JOB_BYTES])
+            if PROGRESS.unpack_from(self.progress_map, 0)[0] == seq:
+                break
+        if seq < 0:
+            return seq, None, None
+        return seq, job.rstrip(b"\0").decode(errors="replace"), chunk
 
     def interrupt(self) -> None:
         try:

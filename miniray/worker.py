@@ -122,7 +122,11 @@ class _Slot(threading.Thread):
     def jobs(self) -> set:
         # list() of a dict view copies it in one step under the GIL: the slot thread may be
         # changing these while the heartbeat thread reads them
-        return {c.job for c in list(self.inflight.values()) + list(self.pending)}
+        jobs = {c.job for c in list(self.inflight.values()) + list(self.pending)}
+        job = self.running_job()
+        if job is not None:
+            jobs.add(job)
+        return jobs
 
     def running_job(self) -> str | None:
         return self.running()[0]
@@ -135,7 +139,11 @@ class _Slot(threading.Thread):
         seq, idx, _ = proc.progress()
         c = self.inflight.get(seq)
         if c is None:
-            return None, None
+            if seq < 0 or not self.direct:
+                return None, None
+            # a chunk the process claimed and has not told us of yet: its job is on the page
+            seq, job, _ = proc.running_chunk()
+            return job, None
         return c.job, (c.start + idx if idx >= 0 else None)
 
     def cancel_job(self, job: str) -> None:
@@ -357,7 +365,8 @@ class _Slot(threading.Thread):
             return
         for job, deadline in list(self.cancelled_jobs.items()):
             if now > deadline:
-                if any(x.job == job for x in self.inflight.values()):
+                if any(x.job == job for x in self.inflight.values()) \
+                        or self.running_job() == job:
                     proc.kill("cancel")
                     return
                 if not any(x.job == job for x in self.pending):
@@ -410,6 +419,7 @@ class _Slot(threading.Thread):
     def handle_death(self, proc: TaskProcess) -> None:
         """The task process is gone: fail the item it was running, resend the rest."""
         seq, idx, started = proc.progress()
+        _, page_job, page_chunk = proc.running_chunk()
         reason = proc.killed_for
         oom = proc.oom_killed()
         how = proc.death()
@@ -418,17 +428,24 @@ class _Slot(threading.Thread):
         if reason == "shutdown":
             return  # the worker is leaving: shutdown() hands its chunks back, nothing failed
         self.unregister()
+        extra = self.unannounced() if self.direct else []
         c = self.inflight.get(seq)
+        if c is None and seq >= 0 and idx >= 0:  # one it claimed and had not told us of
+            c = next((x for x in extra if (x.job, x.chunk) == (page_job, page_chunk)), None)
+            if c is not None and not self.load_frames(c):
+                c = None  # the job is gone (cancelled or closed): nothing to report to
         if c is not None and idx >= 0 and idx not in c.delivered:
             exc = self._death_error(c, reason, oom, how)
             blob = pickle.dumps([([idx], [None], {idx: (exc, "", proc.pid)})], protocol=5)
             c.delivered.add(idx)
             done = len(c.delivered) == c.count
             if done:
-                del self.inflight[seq]
+                self.inflight.pop(c.seq, None)
+                if c in extra:
+                    extra.remove(c)
             self.report(c.job, [(c, done, 0, 1)], blob)
         # everything else it held goes again, in order, to a fresh process
-        again = sorted(self.inflight.values(), key=lambda x: x.seq) + self.unannounced()
+        again = sorted(self.inflight.values(), key=lambda x: x.seq) + extra
         self.inflight.clear()
         for x in reversed(again):
             if x.job in self.cancelled_jobs:

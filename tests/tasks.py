@@ -76,6 +76,15 @@ def hard_exit(code=3):
     os._exit(code)
 
 
+def exit_on(x, bad, log):
+    """``x``, but the process dies (os._exit) on ``bad``; each run appends ``x`` to ``log``."""
+    with open(log, "a") as f:
+        f.write(f"{x}\n")
+    if x == bad:
+        os._exit(3)
+    return x
+
+
 def allocate(megabytes):
     block = bytearray(megabytes * 1024 * 1024)
     for i in range(0, len(block), 4096):  # touch every page so it is really resident

@@ -1,5 +1,6 @@
 """Fault injection against real workers: task errors, crashes, limits, lost workers and servers."""
 
+import functools
 import os
 import signal
 import subprocess
@@ -69,6 +70,24 @@ def test_crashing_task_fails_and_worker_lives_on(one_worker, fn):
     assert after["pid"] > 0
     assert one_worker.procs[0].poll() is None
     assert len(one_worker.workers()) == 1
+
+
+def test_a_crash_inside_a_chunk_fails_that_item_and_runs_the_rest(one_worker, tmp_path):
+    """The process claims the chunk and runs it before its worker hears of it (the news goes
+    with the outcomes): the worker learns from the shared page which item was running, and
+    does not run it again."""
+    log = tmp_path / "runs"
+    with one_worker.executor() as ex:
+        fn = functools.partial(tasks.exit_on, bad=3, log=str(log))
+        futures = ex.map_futures(fn, range(6), chunksize=6)
+        exc = futures[3].exception(timeout=30)
+        assert isinstance(exc, TaskCrashedError), exc
+        assert [f.result(timeout=30) for i, f in enumerate(futures) if i != 3] == [0, 1, 2, 4, 5]
+        assert ex.progress()["failed"] == 1
+        assert log.read_text().split().count("3") == 1
+        # a second crash, now in a chunk the worker sent itself after the first
+        assert isinstance(ex.submit(tasks.hard_exit).exception(timeout=30), TaskCrashedError)
+        assert ex.submit(tasks.square, 7).result(timeout=30) == 49
 
 
 # -- limits ------------------------------------------------------------------------------------
