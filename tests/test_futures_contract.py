@@ -203,6 +203,65 @@ def test_many_threads_submitting(make_executor):
     assert sorted(results) == sorted(k * 100 + i for k in range(4) for i in range(25))
 
 
+def test_threads_waiting_at_once_each_get_their_result(make_executor):
+    """Waiters on different futures, none of them first: whichever thread reads delivers
+    the others' results too."""
+    ex = make_executor()
+    futures = [ex.submit(tasks.sleep_then, d, i) for i, d in enumerate([0.6, 0.1, 0.3, 0.0])]
+    got = {}
+
+    def wait(i):
+        got[i] = futures[i].result(timeout=60)
+
+    threads = [threading.Thread(target=wait, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {0: 0, 1: 1, 2: 2, 3: 3}
+
+
+def test_a_future_only_polled_with_done_completes(make_executor):
+    ex = make_executor()
+    f = ex.submit(tasks.add, 2, 3)
+    deadline = time.monotonic() + 30
+    while not f.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert f.done() and f._result == 5  # (result() was never called)
+
+
+def test_a_callback_fires_with_nobody_waiting(make_executor):
+    ex = make_executor()
+    fired = threading.Event()
+    ex.submit(tasks.add, 2, 3).add_done_callback(lambda f: fired.set())
+    assert fired.wait(30)
+
+
+def test_a_wait_in_result_interrupted_by_a_signal_can_wait_again(make_executor):
+    """Ctrl-C in a notebook while result() waits: the next result() still gets the value,
+    and the executor goes on working."""
+    import signal
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    ex = make_executor()
+    f = ex.submit(tasks.sleep_then, 0.8, "late")
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(Interrupted):
+            f.result(timeout=30)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert f.result(timeout=30) == "late"
+    assert ex.submit(tasks.add, 1, 1).result(timeout=30) == 2
+
+
 class _Dummy:
     def method(self):
         return 1
