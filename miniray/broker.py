@@ -21,7 +21,10 @@ __all__ = ["Broker", "connect", "parse_claim"]
 # Shared Lua helpers. `entry` is "<chunk>:<nframes>:<items>".
 _PRELUDE = r"""
 local ns = ARGV[1]
-local function K(...) return ns .. ':' .. table.concat({...}, ':') end
+local function K(a, b)  -- a key name (one or two parts after the namespace)
+  if b then return ns .. ':' .. a .. ':' .. b end
+  return ns .. ':' .. a
+end
 local function parse(entry)
   local c, f, n = string.match(entry, '^(%d+):(%d+):(%d+)$')
   return c, tonumber(f), tonumber(n)
@@ -101,7 +104,9 @@ local wid, maxn = ARGV[2], tonumber(ARGV[3])
 local name, host = ARGV[4], ARGV[5]
 local gpus, cpus = tonumber(ARGV[6]), tonumber(ARGV[7])
 local gpu_free_mb = {}
-for x in string.gmatch(ARGV[8] or '', '[^,]+') do gpu_free_mb[#gpu_free_mb + 1] = tonumber(x) end
+if (ARGV[8] or '') ~= '' then
+  for x in string.gmatch(ARGV[8], '[^,]+') do gpu_free_mb[#gpu_free_mb + 1] = tonumber(x) end
+end
 local triton = ARGV[9] == '1'
 local tag = '@' .. (ARGV[10] or '')
 local function gpus_fit(want, mb)

@@ -209,14 +209,15 @@ class Connection:
             self._owed -= 1
             return reply
 
-    def read_deferred(self) -> None:
-        """Read the replies still owed for ``send_deferred`` commands."""
+    def read_deferred(self, n: int | None = None) -> None:
+        """Read the replies still owed for ``send_deferred`` commands (the oldest ``n``)."""
         with self._lock:
             if self._owed and self._sock is not None:
-                self._read_owed()
+                self._read_owed(n)
 
-    def _read_owed(self) -> None:
-        n, self._owed = self._owed, 0
+    def _read_owed(self, n: int | None = None) -> None:
+        n = self._owed if n is None else min(n, self._owed)
+        self._owed -= n
         replies = self._roundtrip([None] * n) if n else []
         for r in replies:
             if isinstance(r, ReplyError) and self.on_deferred_error is not None:

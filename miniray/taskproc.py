@@ -176,7 +176,7 @@ class Runner:
         self.r = connect(hello["url"])
         self.deferred_errors: list = []  # error replies to report_and_wait's outcomes
         self.r.on_deferred_error = self.deferred_errors.append
-        self.unconfirmed = None  # report_and_wait's last report, its replies not read yet
+        self.unconfirmed = None  # (report, n commands): report_and_wait's last, not read yet
         self.r_wait = connect(hello["url"])  # blocks for wake-ups (see report_and_wait)
         self.broker = Broker(self.r, hello["namespace"], load=False)
         self.waiter = Keys.waiter(hello["worker_id"], hello["slot"])
@@ -299,14 +299,15 @@ class Runner:
 
         The wait goes on a connection of its own: the outcomes' replies then arrive where
         nobody waits for them, so they do not wake this process a second time while its
-        client and the server are busy with the result. They are read later, off the path of
-        the next task (``confirm_report``)."""
-        self.confirm_report()
+        client and the server are busy with the result. They are read with the next report's
+        (``confirm_report``), off the path of the result and of the next task."""
         try:
             pipe = self.r.pipeline()
             report(pipe)
+            n = len(pipe)
             pipe.send_deferred()
-            self.unconfirmed = report
+            self.confirm_report()  # the last one's replies (they came long ago)
+            self.unconfirmed = (report, n)
             pipe = self.r_wait.pipeline()
             pipe.command("BLPOP", self.wake_key, 1)
             self.claim(pipe, want, register=True)
@@ -323,12 +324,12 @@ class Runner:
     def confirm_report(self) -> None:
         """Read the replies to what ``report_and_wait`` sent; send it again if the server had
         lost our scripts (it restarted), raise another error reply as ``redis`` would."""
-        report, self.unconfirmed = self.unconfirmed, None
-        if report is None:
+        if self.unconfirmed is None:
             return
+        (report, n), self.unconfirmed = self.unconfirmed, None
         lost = False
         try:
-            self.r.read_deferred()
+            self.r.read_deferred(n)
         except ConnectionLost:
             lost = True
         errors, self.deferred_errors[:] = list(self.deferred_errors), []
