@@ -37,16 +37,63 @@ end
 local function event(job, maxlen, ...)
   redis.call('XADD', K('events', job), 'MAXLEN', '~', maxlen, '*', ...)
 end
-local function wake(n)
-  -- wake-ups for the n slots that went idle last (ZPOPMAX): a process that has just finished
-  -- a task takes the next one while its caches are warm; no slot waiting, no token
-  while n > 0 do
-    local w = redis.call('ZPOPMAX', K('idle'))
-    if #w == 0 then return end
-    -- (a slot of a worker that left may have registered as it went: skip it)
-    if redis.call('ZSCORE', K('workers'), string.match(w[1], '^(.*)/%d+$')) then
-      redis.call('RPUSH', K('wake', w[1]), '1')
-      n = n - 1
+local function can_run(wid, req)
+  -- whether worker wid could ever run a job with these requirements (its heartbeat's info);
+  -- what is free right now its claim decides
+  local ok, info = pcall(cjson.decode, redis.call('HGET', K('worker', wid), 'info') or '')
+  if not ok or type(info) ~= 'table' then return true end  -- not known yet: let it look
+  local gpus = type(info.gpus) == 'table' and #info.gpus or 0
+  if gpus < req.gpus then return false end
+  if req.cpus > 0 and (tonumber(info.cpus) or 0) > 0 and tonumber(info.cpus) < req.cpus then
+    return false
+  end
+  if req.triton and not info.triton then return false end
+  if req.nodes then
+    return string.find(req.nodes, ',' .. tostring(info.name) .. ',', 1, true) ~= nil
+        or string.find(req.nodes, ',' .. tostring(info.host) .. ',', 1, true) ~= nil
+  end
+  return true
+end
+local function requirements(gpus, cpus, nodes, gpu_mem, triton)
+  -- a job's req_* fields (in this order) as wake() takes them: nil when it has none
+  gpus, cpus = tonumber(gpus) or 0, tonumber(cpus) or 0
+  if gpus == 0 and (tonumber(gpu_mem) or 0) > 0 then gpus = 1 end
+  if nodes == '' then nodes = nil end
+  if gpus > 0 or cpus > 0 or nodes or triton == '1' then
+    return {gpus = gpus, cpus = cpus, nodes = nodes or nil, triton = triton == '1'}
+  end
+end
+local REQ = {'req_gpus', 'req_cpus', 'req_nodes', 'req_gpu_mem', 'req_triton'}
+local function wake(n, req)
+  -- wake-ups for the n slots that went idle last: a process that has just finished a task
+  -- takes the next one while its caches are warm; no slot waiting, no token. A slot of a
+  -- worker that left may have registered as it went: it is dropped. For a job with
+  -- requirements (see requirements()) slots of workers that can never run it stay idle:
+  -- waking them would leave the work waiting for a fitting slot's timeout
+  if not req then
+    while n > 0 do
+      local w = redis.call('ZPOPMAX', K('idle'))
+      if #w == 0 then return end
+      if redis.call('ZSCORE', K('workers'), string.match(w[1], '^(.*)/%d+$')) then
+        redis.call('RPUSH', K('wake', w[1]), '1')
+        n = n - 1
+      end
+    end
+    return
+  end
+  local fit = {}
+  for _, w in ipairs(redis.call('ZREVRANGE', K('idle'), 0, -1)) do
+    if n <= 0 then return end
+    local wid = string.match(w, '^(.*)/%d+$')
+    if not redis.call('ZSCORE', K('workers'), wid) then
+      redis.call('ZREM', K('idle'), w)
+    else
+      if fit[wid] == nil then fit[wid] = can_run(wid, req) end
+      if fit[wid] then
+        redis.call('ZREM', K('idle'), w)
+        redis.call('RPUSH', K('wake', w), '1')
+        n = n - 1
+      end
     end
   end
 end
@@ -63,7 +110,7 @@ end
 local function requeue(job, entry)
   -- put a chunk back at the front of its job's queue, if the job still wants it
   local jk = K('job', job)
-  local meta = redis.call('HMGET', jk, 'state', 'priority')
+  local meta = redis.call('HMGET', jk, 'state', 'priority', unpack(REQ))
   local chunk, nframes, items = parse(entry)
   if meta[1] ~= 'open' then
     redis.call('HDEL', K('tasks', job), unpack(payload_fields(chunk, nframes)))
@@ -74,7 +121,7 @@ local function requeue(job, entry)
   redis.call('ZADD', K('jobs'), meta[2], job)
   redis.call('HINCRBY', jk, 'running', -items)
   redis.call('HINCRBY', jk, 'queued', items)
-  wake(1)
+  wake(1, requirements(meta[3], meta[4], meta[5], meta[6], meta[7]))
   return 1
 end
 """
@@ -83,10 +130,11 @@ end
 _PUBLISH = _PRELUDE + r"""
 local job = ARGV[2]
 local jk = K('job', job)
-if redis.call('HGET', jk, 'state') ~= 'open' then return 0 end
+local m = redis.call('HMGET', jk, 'state', unpack(REQ))
+if m[1] ~= 'open' then return 0 end
 redis.call('ZADD', K('jobs'), ARGV[3], job)
 redis.call('HINCRBY', jk, 'queued', ARGV[5])
-wake(tonumber(ARGV[4]))
+wake(tonumber(ARGV[4]), requirements(m[2], m[3], m[4], m[5], m[6]))
 event(job, ARGV[6], 'kind', 'queued', 'count', ARGV[5])
 return 1
 """
@@ -119,7 +167,7 @@ end
 -- only a registered worker may hold work, so the reaper can always find what it holds
 if not redis.call('ZSCORE', K('workers'), wid) then return {} end
 local jobs = redis.call('ZREVRANGE', K('jobs'), 0, 255, 'WITHSCORES')
-local spec = {}
+local spec, reqs = {}, {}
 local i = 1
 while i <= #jobs do
   local prio = jobs[i + 1]
@@ -147,6 +195,7 @@ while i <= #jobs do
       if fits then
         tier[#tier + 1] = job
         spec[job] = m[8]
+        reqs[job] = requirements(m[3], m[4], m[5], m[6], m[7])
       end
     end
     i = i + 2
@@ -159,7 +208,7 @@ while i <= #jobs do
     if redis.call('LLEN', K('q', job)) == 0 then
       redis.call('ZREM', K('jobs'), job)
     elseif entries then
-      wake(1)  -- work is left: a worker that waits for a wake-up must not wait in vain
+      wake(1, reqs[job])  -- work is left: a waiting slot that can run it must not wait in vain
     end
     if entries then
       local jk = K('job', job)

@@ -10,7 +10,8 @@ that holds it, ``<entry>@<slot>`` (so a worker can tell what a dead task process
 A slot that waits for work registers in ``idle`` as ``{worker}/{slot}``, scored by when it went
 idle, and blocks on its own ``wake:{worker}/{slot}``. New work wakes the slots that went idle
 last (ZPOPMAX): the process that just finished a task takes the next one while its caches are
-warm, instead of every idle process taking turns.
+warm, instead of every idle process taking turns. Work with requirements (GPUs, CPUs, nodes,
+Triton) skips the slots of workers whose heartbeat says they can never run it.
 
 ==========================  ======  ==================  ================  =====================
 key                         type    TTL                 written by        read by
