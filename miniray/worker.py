@@ -59,6 +59,7 @@ __all__ = ["Worker", "main"]
 
 log = logging.getLogger("miniray.worker")
 _FN_CACHE = 256
+_SPARES = 2  # processes of other limits a slot keeps (see _Slot.park)
 
 
 @dataclass
@@ -93,6 +94,9 @@ class _Slot(threading.Thread):
         self.broker = Broker(self.r, worker.namespace)
         self.proc: TaskProcess | None = worker.warm_procs[index]
         self.proc.greet(self.hello())
+        # processes of other limits, paused and holding nothing, kept for when jobs with
+        # those limits come back (jobs that alternate would restart a process every time)
+        self.spare: dict[tuple, TaskProcess] = {}
         self.pending: collections.deque[_Chunk] = collections.deque()  # to send to the process
         self.inflight: dict[int, _Chunk] = {}  # held by the process
         self.seq = 0
@@ -117,6 +121,33 @@ class _Slot(threading.Thread):
                            dict(self.hello(), claiming=claiming))
         proc.set_flags(int(self.w.triton_ready()))
         return proc
+
+    def proc_for(self, key, claiming: bool = True) -> TaskProcess:
+        """A process with the limits ``key``: a spare one if there is one, else a new one."""
+        proc = self.spare.pop(key, None)
+        if proc is None:
+            return self.new_proc(key, claiming)
+        proc.set_flags(int(self.w.triton_ready()))
+        if claiming:
+            proc.resume()
+        return proc
+
+    def park(self) -> None:
+        """Put the process aside for its limits' next turn (it holds nothing): paused, it
+        claims nothing and waits for the worker. The oldest spare goes beyond _SPARES. One
+        with GPUs is closed instead: what it keeps on them would be in the next task's way."""
+        proc, self.proc = self.proc, None
+        self.unregister()
+        if proc.key[2]:
+            proc.close()
+            return
+        proc.pause()  # (after a handoff it paused itself; now the worker knows it)
+        self.spare[proc.key] = proc
+        while len(self.spare) > _SPARES:
+            self.spare.pop(next(iter(self.spare))).close()
+
+    def all_procs(self) -> list:
+        return ([self.proc] if self.proc is not None else []) + list(self.spare.values())
 
     # -- state seen by the heartbeat thread ------------------------------------------------
     def jobs(self) -> set:
@@ -171,8 +202,8 @@ class _Slot(threading.Thread):
             log.exception("slot %d failed; stopping the worker", self.index)
             self.w.stop()
         finally:
-            if self.proc is not None:
-                self.proc.close(graceful=False)
+            for proc in self.all_procs():
+                proc.close(graceful=False)
 
     def step(self) -> None:
         if not self.direct and not self.pending and not self.inflight:
@@ -182,7 +213,7 @@ class _Slot(threading.Thread):
                 return
         self.dispatch()
         if self.proc is None:  # direct: a process is always there to claim
-            self.proc = self.new_proc((None, (), ()))
+            self.proc = self.proc_for((None, (), ()))
         self.collect()
 
     def fetch(self) -> None:
@@ -276,11 +307,9 @@ class _Slot(threading.Thread):
                 if self.inflight or batch:
                     self.proc.pause()  # claim nothing more: drain, then change limits
                     break
-                self.proc.close()
-                self.proc = None
-                self.unregister()
+                self.park()
             if self.proc is None:  # it claims nothing until what waits here is sent
-                self.proc = self.new_proc(key, claiming=False)
+                self.proc = self.proc_for(key, claiming=False)
             self.pending.popleft()
             batch.append(c)
         if batch:
@@ -711,8 +740,8 @@ class Worker:
         """Stop the slots, kill task processes, hand held chunks back to the queue."""
         self.stopping.set()
         for slot in self.slots:
-            if slot.proc is not None:
-                slot.proc.kill("shutdown")
+            for proc in slot.all_procs():
+                proc.kill("shutdown")
         # Slots idle in BLPOP hold nothing; a brief join lets a finishing report land. Work a
         # slot claims after this is refused or handed back: claim needs a registration
         # that release removes in the same step as it requeues.

@@ -100,6 +100,20 @@ def test_memory_limit(one_worker):
         assert ex.submit(tasks.allocate, 10).result(timeout=30) == 10 * 1024 * 1024
 
 
+def test_jobs_that_alternate_limits_keep_a_process_each(one_worker):
+    """A slot keeps the process of the limits it left (paused): jobs that take turns reuse
+    their warm processes instead of starting one at every switch."""
+    limited = one_worker.executor(limits=miniray.Limits(memory_gb=1))
+    plain = one_worker.executor()
+    with limited, plain:
+        pids = {"limited": set(), "plain": set()}
+        for _ in range(3):
+            for name, ex in (("limited", limited), ("plain", plain)):
+                pids[name].add(ex.submit(tasks.where).result(timeout=30)["pid"])
+    assert len(pids["limited"]) == 1 and len(pids["plain"]) == 1
+    assert pids["limited"] != pids["plain"]
+
+
 def test_jobs_with_other_limits_take_turns_on_one_slot(one_worker):
     """A slot's process runs one set of limits: a job with others makes the worker replace it
     once what it holds is done. It must hear of all of that (here the process had claimed
