@@ -45,7 +45,7 @@ from .errors import (
 )
 from .keys import Keys
 from .limits import Limits
-from .resp import NoScriptError, RedisError
+from .resp import ConnectionLost, NoScriptError, RedisError
 from .protocol import LostChunk, decode_message, encode_chunk_head
 from .serialization import dumps, dumps_call, dumps_function, loads
 
@@ -508,12 +508,15 @@ class Executor(_BaseExecutor):
                     break
                 self._reader = me
             try:
-                wait = self._settings.heartbeat_seconds
+                wait, left = self._settings.heartbeat_seconds, None
                 if deadline is not None:
-                    wait = min(wait, deadline - time.monotonic())
+                    left = deadline - time.monotonic()
+                    wait = min(wait, left)
                     if wait <= 0:
                         break
-                self._read_once(wait)
+                # the server answers a BLMPOP within ``wait``; a hung one must not keep a
+                # caller with a timeout past its deadline (the reply stays owed, not lost)
+                self._read_once(wait, left)
             except RedisError:  # the results thread decides whether the server is gone
                 fut._want()
                 break
@@ -524,14 +527,19 @@ class Executor(_BaseExecutor):
                         self._read_cond.notify()
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
-    def _read_once(self, timeout: float) -> None:
-        """One BLMPOP of result messages (waiting up to ``timeout`` s) and their delivery.
-        Only the reader calls it; a reply left owed by an interrupted reader is read first."""
+    def _read_once(self, timeout: float, give_up: float | None = None) -> None:
+        """One BLMPOP of result messages (waiting up to ``timeout`` s) and their delivery;
+        ``give_up``: seconds after which to stop waiting for the reply (ReplyTimeout).
+        Only the reader calls it; a reply left owed by an earlier reader is read first."""
         if not self._read_owed:
             self._rr.send_command("BLMPOP", round(max(timeout, 0.001), 3), 1,
                                   self.keys.results(self.client_id), "LEFT", "COUNT", 1024)
             self._read_owed = True
-        got = self._rr.read_reply()
+        try:
+            got = self._rr.read_reply(give_up)
+        except ConnectionLost:
+            self._read_owed = False  # (with the connection: a new one owes nothing)
+            raise
         self._read_owed = False
         if isinstance(got, Exception):
             raise got

@@ -8,14 +8,16 @@ with a lock; threads that block (BLPOP, BLMPOP, XREAD BLOCK) use a connection of
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
+import time
 from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
 
-__all__ = ["RedisError", "ReplyError", "ConnectionLost", "NoScriptError", "Connection",
-           "Pipeline", "parse_url", "redact"]
+__all__ = ["RedisError", "ReplyError", "ConnectionLost", "ReplyTimeout", "NoScriptError",
+           "Connection", "Pipeline", "parse_url", "redact"]
 
 
 class RedisError(Exception):
@@ -32,6 +34,10 @@ class NoScriptError(ReplyError):
 
 class ConnectionLost(RedisError, ConnectionError):
     """The connection could not be made, or broke."""
+
+
+class ReplyTimeout(RedisError):
+    """``read_reply`` waited as long as it was told to; the reply is still owed."""
 
 
 def _reply_error(message):
@@ -197,15 +203,38 @@ class Connection:
         (a blocking pop that whichever thread waits reads)."""
         self.send_deferred([args])
 
-    def read_reply(self):
+    def read_reply(self, timeout: float | None = None):
         """The reply to the oldest command sent and not read yet (an error reply is returned).
 
-        Interrupted (KeyboardInterrupt), the reply is still owed: the next call reads it."""
+        After ``timeout`` seconds without it (a server that hangs), or when interrupted
+        (KeyboardInterrupt), the reply is still owed: the next call reads it. Nothing that
+        the server sent is dropped."""
         with self._lock:
-            if self._sock is None or not self._owed:
+            sock, reader = self._sock, self._reader
+            if sock is None or not self._owed:
                 raise ConnectionLost(f"no reply is owed on the connection to {redact(self.url)} "
                                      "(it was lost)")
-            reply = self._roundtrip([None])[0]
+            deadline = None if timeout is None else time.monotonic() + timeout
+            try:
+                reply = reader.gets()
+                while reply is False:
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0 or not select.select([sock], [], [], left)[0]:
+                            raise ReplyTimeout(f"no reply from {redact(self.url)} within "
+                                               f"{timeout:g} s")
+                    n = sock.recv_into(self._buf)
+                    if not n:
+                        raise ConnectionLost(f"the server at {redact(self.url)} closed the "
+                                             "connection")
+                    reader.feed(self._buf, 0, n)
+                    reply = reader.gets()
+            except OSError as e:
+                self.close()
+                raise ConnectionLost(f"lost the connection to {redact(self.url)}: {e}") from None
+            except ConnectionLost:
+                self.close()
+                raise
             self._owed -= 1
             return reply
 

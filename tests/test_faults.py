@@ -251,6 +251,39 @@ def test_server_killed_fails_pending_futures(tmp_path):
         log.close()
 
 
+def test_a_hung_server_does_not_hold_result_past_its_timeout(tmp_path, monkeypatch):
+    """A server that stops answering (SIGSTOP): result(timeout) still returns at its deadline;
+    once the server answers again the result arrives, nothing lost."""
+    from miniray.server import ServerProcess
+
+    srv = ServerProcess(tcp=True)
+    monkeypatch.setenv("MINIRAY_NAMESPACE", "hung")
+    log = open(tmp_path / "worker.log", "ab")
+    worker = subprocess.Popen([sys.executable, "-m", "miniray.worker", "--name", "hw"],
+                              env=worker_env(srv.url, "hung"), stdout=log, stderr=log)
+    try:
+        with miniray.Executor(redis_url=srv.url) as ex:
+            assert ex.submit(tasks.square, 2).result(timeout=30) == 4
+            f = ex.submit(tasks.sleep_then, 0.5, "after")
+            time.sleep(0.1)
+            os.kill(srv.proc.pid, signal.SIGSTOP)
+            try:
+                with pytest.raises(TimeoutError):
+                    f.result(timeout=1.5)
+            finally:
+                os.kill(srv.proc.pid, signal.SIGCONT)
+            assert f.result(timeout=30) == "after"
+    finally:
+        srv.close()
+        worker.terminate()
+        try:
+            worker.wait(15)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        log.close()
+
+
 # -- volume and size ---------------------------------------------------------------------------
 def test_two_thousand_small_tasks(two_workers):
     with two_workers.executor() as ex:
