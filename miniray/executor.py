@@ -21,6 +21,7 @@ import atexit
 import collections
 import functools
 import itertools
+import logging
 import os
 import threading
 import time
@@ -50,6 +51,8 @@ from .protocol import LostChunk, decode_message, encode_chunk_head
 from .serialization import dumps, dumps_call, dumps_function, loads
 
 __all__ = ["Executor", "MinirayFuture"]
+
+_log = logging.getLogger("miniray.executor")
 
 OK = 0
 _LIVE_TTL = 300  # seconds an open job's keys outlive its executor (renewed every heartbeat)
@@ -133,7 +136,10 @@ class MinirayFuture(Future):
             # a worker holds it: it is running now, as far as the contract goes
             self.set_running_or_notify_cancel_safe()
             return False
-        return _cancel(self)
+        cancelled = _cancel(self)
+        if cancelled and ex is not None:
+            ex._wake_reader()  # a thread reading for this future stops waiting
+        return cancelled
 
     def set_running_or_notify_cancel_safe(self) -> None:
         with self._condition:
@@ -231,6 +237,7 @@ class Executor(_BaseExecutor):
         self._read_cond = threading.Condition(self._read_lock)
         self._reader: int | None = None  # the thread that reads results now
         self._read_owed = False  # a BLMPOP was sent whose reply nobody has read yet
+        self._undelivered: list = []  # result messages popped and not delivered yet
         self._demand = False  # futures wait for the results thread to deliver (MinirayFuture)
         self._closed = False
         self._broker = Broker(self._r, s.namespace)
@@ -488,6 +495,15 @@ class Executor(_BaseExecutor):
                 self._demand = True
                 self._read_cond.notify()
 
+    def _wake_reader(self) -> None:
+        """End the wait of the thread reading results now, if one is (a future it may be
+        waiting for was cancelled): a wake-up message it skips."""
+        if self._reader is not None and self._broken is None:
+            try:
+                self._r.send_deferred([("RPUSH", self.keys.results(self.client_id), b"S")])
+            except RedisError:
+                pass
+
     def _poke_results_thread(self) -> None:
         """Have the results thread look again (shutdown, or futures settled without it)."""
         with self._read_lock:
@@ -531,21 +547,26 @@ class Executor(_BaseExecutor):
         """One BLMPOP of result messages (waiting up to ``timeout`` s) and their delivery;
         ``give_up``: seconds after which to stop waiting for the reply (ReplyTimeout).
         Only the reader calls it; a reply left owed by an earlier reader is read first."""
-        if not self._read_owed:
-            self._rr.send_command("BLMPOP", round(max(timeout, 0.001), 3), 1,
-                                  self.keys.results(self.client_id), "LEFT", "COUNT", 1024)
-            self._read_owed = True
-        try:
-            got = self._rr.read_reply(give_up)
-        except ConnectionLost:
-            self._read_owed = False  # (with the connection: a new one owes nothing)
-            raise
-        self._read_owed = False
-        if isinstance(got, Exception):
-            raise got
-        if got:
-            for msg in got[1]:
-                self._deliver(msg)
+        if not self._undelivered:
+            if not self._read_owed:
+                self._rr.send_command("BLMPOP", round(max(timeout, 0.001), 3), 1,
+                                      self.keys.results(self.client_id), "LEFT", "COUNT", 1024)
+                self._read_owed = True
+            try:
+                got = self._rr.read_reply(give_up)
+            except ConnectionLost:
+                self._read_owed = False  # (with the connection: a new one owes nothing)
+                raise
+            self._read_owed = False
+            if isinstance(got, Exception):
+                raise got
+            self._undelivered = list(got[1]) if got else []
+        # popped from the server: each is delivered before the next reader reads (a caller
+        # interrupted here, by Ctrl-C, leaves the rest to the next one)
+        msgs = self._undelivered
+        while msgs:
+            self._deliver(msgs[0])
+            del msgs[0]
 
     def _upkeep(self, broker: Broker) -> bool:
         """Renew this client's liveness key and its job's TTLs, reap dead workers, check the
@@ -624,6 +645,9 @@ class Executor(_BaseExecutor):
                 else:
                     time.sleep(0.2)
                     next_upkeep = 0.0  # try again soon
+            except BaseException:  # a done-callback's SystemExit or KeyboardInterrupt (a
+                # future lets through what is not an Exception): this thread must go on
+                _log.exception("a done-callback of executor %s raised", self.job_name)
             finally:
                 if read:
                     with self._read_lock:
@@ -791,6 +815,7 @@ class Executor(_BaseExecutor):
             pass
         for r in refs:
             _cancel(r.future)
+        self._wake_reader()
         return len(refs)
 
     def _cancelled_elsewhere(self) -> None:
@@ -803,6 +828,7 @@ class Executor(_BaseExecutor):
         self._poke_results_thread()
         for r in refs:
             _cancel(r.future)
+        self._wake_reader()
 
     def _close_job(self) -> None:
         s, k, job = self._settings, self.keys, self.job_id

@@ -132,6 +132,33 @@ def test_cancel_a_queued_future(make_executor):
         b.result(timeout=30)
 
 
+def test_cancel_ends_another_threads_wait(make_executor):
+    """A thread waits in result() for a queued task; another thread cancels it: the wait
+    ends with CancelledError."""
+    ex = make_executor()
+    blockers = [ex.submit(tasks.sleep_then, 1.5) for _ in range(2)]
+    time.sleep(0.3)  # both workers busy
+    queued = [ex.submit(tasks.identity, i) for i in range(6)]  # the last ones wait their turn
+    victim = queued[-1]
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(_outcome(victim)))
+    waiter.start()
+    time.sleep(0.2)  # it waits
+    assert victim.cancel()
+    waiter.join(30)
+    assert got == ["cancelled"]
+    assert [f.result(timeout=30) for f in queued[:-1]] == list(range(5))
+    for b in blockers:
+        b.result(timeout=30)
+
+
+def _outcome(f):
+    try:
+        return f.result(timeout=30)
+    except cf.CancelledError:
+        return "cancelled"
+
+
 def test_cancel_a_finished_future_is_false(make_executor):
     ex = make_executor()
     f = ex.submit(tasks.identity, 1)
