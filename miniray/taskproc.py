@@ -1,9 +1,10 @@
 """The task process: a worker's child that claims chunks, runs them and completes them.
 
-Started as ``python -m miniray.taskproc FD PROGRESS_FD`` with a socket to its worker. It joins
-its memory cgroup, pins its CPUs and applies its environment before it unpickles anything, then
-reads the worker's hello (server URL, worker id, slot, limits) and loops. It talks to Redis
-itself, so a task's round trip has no hop through the worker process:
+Started as ``python -m miniray.taskproc FD PROGRESS_FD URGENT_FD`` with a socket to its worker
+(read on a clock) and a pipe to hurry it. It joins its memory cgroup, pins its CPUs and
+applies its environment before it unpickles anything, then reads the worker's hello (server
+URL, worker id, slot, limits) and loops. It talks to Redis itself, so a task's round trip has
+no hop through the worker process:
 
 - idle, it registers its slot as idle, waits for a wake-up on the slot's own list and claims
   (the idle script goes with its outcomes, then BLPOP + claim script on a second connection;
@@ -139,8 +140,11 @@ class _Work:
 
 
 class Runner:
-    def __init__(self, conn, progress: mmap.mmap, hello: dict):
+    def __init__(self, conn, progress: mmap.mmap, hello: dict, urgent_fd: int = -1):
         self.conn, self.progress = conn, progress
+        self.urgent_fd = urgent_fd  # a byte here has the worker read now (see handoff)
+        if urgent_fd >= 0:
+            os.set_blocking(urgent_fd, False)
         # the shared page as (seq, index, start, flags) views: cheaper than struct per item
         self.prog_i = memoryview(progress).cast("q")
         self.prog_t = memoryview(progress).cast("d")
@@ -241,6 +245,14 @@ class Runner:
             self.notes.append(note)
         notes, self.notes = self.notes, []
         _send(self.conn, self.lock, notes[0] if len(notes) == 1 else ("batch", notes))
+
+    def hurry_worker(self) -> None:
+        """Have the worker read what it was told now, not at its next tick."""
+        if self.urgent_fd >= 0:
+            try:
+                os.write(self.urgent_fd, b"!")
+            except OSError:  # full (it will read anyway) or gone
+                pass
 
     def drain_worker(self) -> None:
         while not self.stopped and self.poller.poll(0):  # (Connection.poll builds a
@@ -362,6 +374,7 @@ class Runner:
             # the process only once everything this one held is done)
             self.tell_worker(("handoff", job, spec_raw,
                               [(entry, frames) for entry, _, frames in chunks]))
+            self.hurry_worker()  # the slot waits for it to change processes
             return
         works, notes = [], []
         for entry, chunk, frames in chunks:
@@ -743,6 +756,7 @@ def _set_pdeathsig() -> None:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     fd, progress_fd = int(argv[0]), int(argv[1])
+    urgent_fd = int(argv[2]) if len(argv) > 2 else -1
     _set_pdeathsig()
     if os.getppid() != int(os.environ.get("MINIRAY_WORKER_PID", os.getppid())):
         sys.exit(0)  # the worker died before we set the death signal
@@ -769,7 +783,7 @@ def main(argv=None) -> None:
         hello = pickle.loads(conn.recv_bytes())[1]
     except (EOFError, OSError):
         return
-    runner = Runner(conn, progress, hello)
+    runner = Runner(conn, progress, hello, urgent_fd)
 
     def on_sigint(signum, frame):  # the worker interrupts a task of a cancelled job
         if runner.in_task:  # (elsewhere it is dropped: the kill after the grace follows)

@@ -52,11 +52,18 @@ class TaskProcess:
         # ... numbered as NVML numbers them (CUDA's default order can differ on mixed nodes)
         child_env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         fd = child_sock.fileno()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "miniray.taskproc", str(fd), str(self._progress_fd)],
-            pass_fds=(fd, self._progress_fd), start_new_session=True, env=child_env,
-            stdin=subprocess.DEVNULL, close_fds=True,
-        )
+        # a byte here asks the worker to read now (a handoff), not at its next tick
+        self.urgent_fd, urgent_w = os.pipe()
+        os.set_blocking(self.urgent_fd, False)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "miniray.taskproc", str(fd), str(self._progress_fd),
+                 str(urgent_w)],
+                pass_fds=(fd, self._progress_fd, urgent_w), start_new_session=True,
+                env=child_env, stdin=subprocess.DEVNULL, close_fds=True,
+            )
+        finally:
+            os.close(urgent_w)
         child_sock.close()
         self._sock = parent_sock  # writes go here, non-blocking (see send_run)
         self.conn = Connection(os.dup(parent_sock.fileno()))
@@ -127,6 +134,15 @@ class TaskProcess:
 
     def poll(self, timeout: float) -> bool:
         return bool(self._inbox) or self.conn.poll(timeout)
+
+    def wait_urgent(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` s, less if the process asks to be heard now."""
+        if select.select([self.urgent_fd], [], [], timeout)[0]:
+            try:
+                while os.read(self.urgent_fd, 4096):
+                    pass
+            except BlockingIOError:
+                pass
 
     def recv(self):
         """The next message; raises EOFError when the process has died."""
@@ -199,6 +215,7 @@ class TaskProcess:
             pass
         self.conn.close()
         self._sock.close()
+        os.close(self.urgent_fd)
         self.progress_map.close()
         os.close(self._progress_fd)
         if self.cgroup is not None:

@@ -347,7 +347,7 @@ class _Slot(threading.Thread):
         if self.direct:
             # Read what the process says on a clock, not on each message: a woken worker
             # would take the CPU from the tasks (and their clients) at the worst moment.
-            time.sleep(min(timeout, 0.02))
+            proc.wait_urgent(min(timeout, 0.02))
             timeout = 0
         try:
             if proc.poll(timeout):
