@@ -46,7 +46,7 @@ from .errors import (
 )
 from .keys import Keys
 from .limits import Limits
-from .resp import ConnectionLost, NoScriptError, RedisError
+from .resp import Connection, ConnectionLost, NoScriptError, RedisError
 from .protocol import LostChunk, decode_message, encode_chunk_head
 from .serialization import dumps, dumps_call, dumps_function, loads
 
@@ -240,6 +240,7 @@ class Executor(_BaseExecutor):
         self._undelivered: list = []  # result messages popped and not delivered yet
         self._demand = False  # futures wait for the results thread to deliver (MinirayFuture)
         self._closed = False
+        self._ru = None  # the results thread's, for upkeep (see _results_loop)
         self._broker = Broker(self._r, s.namespace)
         self.keys = self._broker.keys
         self._lock = threading.Lock()
@@ -572,7 +573,10 @@ class Executor(_BaseExecutor):
         """Renew this client's liveness key and its job's TTLs, reap dead workers, check the
         job. False when the executor is broken."""
         s, k = self._settings, self.keys
-        pipe = self._r.pipeline()  # (reading it first collects the submissions' replies)
+        # the submissions' replies that came: an error among them breaks the executor (not
+        # waiting for the rest, nor holding the submit connection: the server may hang)
+        self._r.read_available()
+        pipe = broker.r.pipeline()
         pipe.command("SET", k.client(self.client_id), os.getpid(), "EX", 30)
         # while this executor lives its job's keys do; if it dies they expire
         for live in (k.job(self.job_id), k.logs(self.job_id), k.events(self.job_id),
@@ -602,7 +606,10 @@ class Executor(_BaseExecutor):
         s = self._settings
         next_upkeep = 0.0
         lost_since = None
-        broker = self._broker
+        # upkeep has a connection of its own: neither a reader's BLMPOP nor the submissions
+        # wait for it (nor it for them)
+        self._ru = Connection(self.redis_url)
+        broker = Broker(self._ru, s.namespace, load=False)
         me = threading.get_ident()
         while True:
             with self._read_lock:
@@ -844,7 +851,7 @@ class Executor(_BaseExecutor):
             pipe.execute()
         except RedisError:
             pass
-        for c in (self._r, self._rr):
+        for c in (self._r, self._rr, self._ru):
             try:
                 c.close()
             except Exception:

@@ -244,6 +244,29 @@ class Connection:
             if self._owed and self._sock is not None:
                 self._read_owed(n)
 
+    def read_available(self) -> None:
+        """Read the owed replies the server has already sent, without waiting for more (a
+        server that hangs must not hold this connection's lock)."""
+        with self._lock:
+            sock, reader = self._sock, self._reader
+            try:
+                while self._owed and sock is not None:
+                    reply = reader.gets()
+                    if reply is False:
+                        if not select.select([sock], [], [], 0)[0]:
+                            return
+                        n = sock.recv_into(self._buf)
+                        if not n:
+                            raise OSError("closed by the server")
+                        reader.feed(self._buf, 0, n)
+                        continue
+                    self._owed -= 1
+                    if isinstance(reply, ReplyError) and self.on_deferred_error is not None:
+                        self.on_deferred_error(reply)
+            except OSError as e:
+                self.close()
+                raise ConnectionLost(f"lost the connection to {redact(self.url)}: {e}") from None
+
     def _read_owed(self, n: int | None = None) -> None:
         n = self._owed if n is None else min(n, self._owed)
         self._owed -= n

@@ -270,9 +270,16 @@ def test_a_hung_server_does_not_hold_result_past_its_timeout(tmp_path, monkeypat
             try:
                 with pytest.raises(TimeoutError):
                     f.result(timeout=1.5)
+                # submitting does not wait for the server (its upkeep is stuck by now)
+                submitted = []
+                t = threading.Thread(target=lambda: submitted.append(ex.submit(tasks.square, 3)))
+                t.start()
+                t.join(10)
+                assert submitted, "submit waited for a hung server"
             finally:
                 os.kill(srv.proc.pid, signal.SIGCONT)
             assert f.result(timeout=30) == "after"
+            assert submitted[0].result(timeout=30) == 9
     finally:
         srv.close()
         worker.terminate()
