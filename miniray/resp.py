@@ -139,26 +139,38 @@ class Connection:
                 pass
 
     def _roundtrip(self, commands) -> list:
+        if commands and commands[0] is not None:  # None: replies owed, nothing to send
+            self._send(commands)
+        return [self._next_reply() for _ in commands]
+
+    def _send(self, commands) -> None:
+        try:
+            for piece in _pack(commands):
+                self._sock.sendall(piece)
+        except OSError as e:
+            self.close()
+            raise ConnectionLost(f"lost the connection to {redact(self.url)}: {e}") from None
+
+    def _next_reply(self, deadline: float | None = None):
+        """The next reply off the socket; with a ``deadline`` (monotonic) ReplyTimeout when it
+        has not come by then, the connection left as it is (the reply is still owed)."""
         sock, reader = self._sock, self._reader
         try:
-            if commands and commands[0] is not None:  # None: replies owed, nothing to send
-                for piece in _pack(commands):
-                    sock.sendall(piece)
-            out = []
-            buf = self._buf
-            for _ in commands:
+            reply = reader.gets()
+            while reply is False:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if not select.select([sock], [], [], max(left, 0.0))[0]:
+                        raise ReplyTimeout(f"no reply from {redact(self.url)} in time")
+                # into a buffer kept for the connection: sock.recv(n) would allocate (and,
+                # for a large n, mmap and unmap) n bytes on every read
+                n = sock.recv_into(self._buf)
+                if not n:
+                    raise ConnectionLost(f"the server at {redact(self.url)} closed the "
+                                         "connection")
+                reader.feed(self._buf, 0, n)
                 reply = reader.gets()
-                while reply is False:
-                    # into a buffer kept for the connection: sock.recv(n) would allocate
-                    # (and, for a large n, mmap and unmap) n bytes on every read
-                    n = sock.recv_into(buf)
-                    if not n:
-                        raise ConnectionLost(f"the server at {redact(self.url)} closed the "
-                                             "connection")
-                    reader.feed(buf, 0, n)
-                    reply = reader.gets()
-                out.append(reply)
-            return out
+            return reply
         except OSError as e:
             self.close()
             raise ConnectionLost(f"lost the connection to {redact(self.url)}: {e}") from None
@@ -190,12 +202,7 @@ class Connection:
         with self._lock:
             if self._sock is None:
                 self._connect()
-            try:
-                for piece in _pack(commands):
-                    self._sock.sendall(piece)
-            except OSError as e:
-                self.close()
-                raise ConnectionLost(f"lost the connection to {redact(self.url)}: {e}") from None
+            self._send(commands)
             self._owed += len(commands)
 
     def send_command(self, *args) -> None:
@@ -210,31 +217,10 @@ class Connection:
         (KeyboardInterrupt), the reply is still owed: the next call reads it. Nothing that
         the server sent is dropped."""
         with self._lock:
-            sock, reader = self._sock, self._reader
-            if sock is None or not self._owed:
+            if self._sock is None or not self._owed:
                 raise ConnectionLost(f"no reply is owed on the connection to {redact(self.url)} "
                                      "(it was lost)")
-            deadline = None if timeout is None else time.monotonic() + timeout
-            try:
-                reply = reader.gets()
-                while reply is False:
-                    if deadline is not None:
-                        left = deadline - time.monotonic()
-                        if left <= 0 or not select.select([sock], [], [], left)[0]:
-                            raise ReplyTimeout(f"no reply from {redact(self.url)} within "
-                                               f"{timeout:g} s")
-                    n = sock.recv_into(self._buf)
-                    if not n:
-                        raise ConnectionLost(f"the server at {redact(self.url)} closed the "
-                                             "connection")
-                    reader.feed(self._buf, 0, n)
-                    reply = reader.gets()
-            except OSError as e:
-                self.close()
-                raise ConnectionLost(f"lost the connection to {redact(self.url)}: {e}") from None
-            except ConnectionLost:
-                self.close()
-                raise
+            reply = self._next_reply(None if timeout is None else time.monotonic() + timeout)
             self._owed -= 1
             return reply
 
@@ -248,24 +234,14 @@ class Connection:
         """Read the owed replies the server has already sent, without waiting for more (a
         server that hangs must not hold this connection's lock)."""
         with self._lock:
-            sock, reader = self._sock, self._reader
-            try:
-                while self._owed and sock is not None:
-                    reply = reader.gets()
-                    if reply is False:
-                        if not select.select([sock], [], [], 0)[0]:
-                            return
-                        n = sock.recv_into(self._buf)
-                        if not n:
-                            raise OSError("closed by the server")
-                        reader.feed(self._buf, 0, n)
-                        continue
-                    self._owed -= 1
-                    if isinstance(reply, ReplyError) and self.on_deferred_error is not None:
-                        self.on_deferred_error(reply)
-            except OSError as e:
-                self.close()
-                raise ConnectionLost(f"lost the connection to {redact(self.url)}: {e}") from None
+            while self._owed and self._sock is not None:
+                try:
+                    reply = self._next_reply(deadline=0.0)
+                except ReplyTimeout:
+                    return
+                self._owed -= 1
+                if isinstance(reply, ReplyError) and self.on_deferred_error is not None:
+                    self.on_deferred_error(reply)
 
     def _read_owed(self, n: int | None = None) -> None:
         n = self._owed if n is None else min(n, self._owed)

@@ -1,5 +1,6 @@
 """Fault injection against real workers: task errors, crashes, limits, lost workers and servers."""
 
+import contextlib
 import functools
 import os
 import signal
@@ -213,24 +214,32 @@ def test_departed_workers_leave_no_wake_ups_behind(fast_reaping):
 
 
 # -- lost server -------------------------------------------------------------------------------
-def test_server_killed_fails_pending_futures(tmp_path):
+@contextlib.contextmanager
+def _own_server(tmp_path, monkeypatch, ns):
+    """A server of the test's own (it kills or stops it) and one worker on it."""
     from miniray.server import ServerProcess
 
     srv = ServerProcess(tcp=True)
-    env = worker_env(srv.url, "lostsrv")
+    monkeypatch.setenv("MINIRAY_NAMESPACE", ns)
     log = open(tmp_path / "worker.log", "ab")
-    worker = subprocess.Popen([sys.executable, "-m", "miniray.worker", "--name", "lw"],
-                              env=env, stdout=log, stderr=log)
+    worker = subprocess.Popen([sys.executable, "-m", "miniray.worker", "--name", ns],
+                              env=worker_env(srv.url, ns), stdout=log, stderr=log)
     try:
-        old = os.environ.get("MINIRAY_NAMESPACE")
-        os.environ["MINIRAY_NAMESPACE"] = "lostsrv"
+        yield srv
+    finally:
+        srv.close()
+        worker.terminate()
         try:
-            ex = miniray.Executor(redis_url=srv.url)
-        finally:
-            if old is None:
-                os.environ.pop("MINIRAY_NAMESPACE")
-            else:
-                os.environ["MINIRAY_NAMESPACE"] = old
+            worker.wait(15)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        log.close()
+
+
+def test_server_killed_fails_pending_futures(tmp_path, monkeypatch):
+    with _own_server(tmp_path, monkeypatch, "lostsrv") as srv:
+        ex = miniray.Executor(redis_url=srv.url)
         futures = [ex.submit(tasks.sleep_then, 30, i) for i in range(4)]
         time.sleep(0.5)
         srv.proc.kill()
@@ -240,55 +249,30 @@ def test_server_killed_fails_pending_futures(tmp_path):
         with pytest.raises(miniray.ServerLostError):
             ex.submit(tasks.noop)
         ex.shutdown(wait=True)
-    finally:
-        srv.close()
-        worker.terminate()
-        try:
-            worker.wait(15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-        log.close()
 
 
 def test_a_hung_server_does_not_hold_result_past_its_timeout(tmp_path, monkeypatch):
-    """A server that stops answering (SIGSTOP): result(timeout) still returns at its deadline;
-    once the server answers again the result arrives, nothing lost."""
-    from miniray.server import ServerProcess
-
-    srv = ServerProcess(tcp=True)
-    monkeypatch.setenv("MINIRAY_NAMESPACE", "hung")
-    log = open(tmp_path / "worker.log", "ab")
-    worker = subprocess.Popen([sys.executable, "-m", "miniray.worker", "--name", "hw"],
-                              env=worker_env(srv.url, "hung"), stdout=log, stderr=log)
-    try:
-        with miniray.Executor(redis_url=srv.url) as ex:
-            assert ex.submit(tasks.square, 2).result(timeout=30) == 4
-            f = ex.submit(tasks.sleep_then, 0.5, "after")
-            time.sleep(0.1)
-            os.kill(srv.proc.pid, signal.SIGSTOP)
-            try:
-                with pytest.raises(TimeoutError):
-                    f.result(timeout=1.5)
-                # submitting does not wait for the server (its upkeep is stuck by now)
-                submitted = []
-                t = threading.Thread(target=lambda: submitted.append(ex.submit(tasks.square, 3)))
-                t.start()
-                t.join(10)
-                assert submitted, "submit waited for a hung server"
-            finally:
-                os.kill(srv.proc.pid, signal.SIGCONT)
-            assert f.result(timeout=30) == "after"
-            assert submitted[0].result(timeout=30) == 9
-    finally:
-        srv.close()
-        worker.terminate()
+    """A server that stops answering (SIGSTOP): result(timeout) still returns at its deadline,
+    and submit does not wait; once the server answers again the results arrive, nothing lost."""
+    with _own_server(tmp_path, monkeypatch, "hung") as srv, \
+            miniray.Executor(redis_url=srv.url) as ex:
+        assert ex.submit(tasks.square, 2).result(timeout=30) == 4
+        f = ex.submit(tasks.sleep_then, 0.5, "after")
+        time.sleep(0.1)
+        os.kill(srv.proc.pid, signal.SIGSTOP)
         try:
-            worker.wait(15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-        log.close()
+            with pytest.raises(TimeoutError):
+                f.result(timeout=1.5)
+            # submitting does not wait for the server (its upkeep is stuck by now)
+            submitted = []
+            t = threading.Thread(target=lambda: submitted.append(ex.submit(tasks.square, 3)))
+            t.start()
+            t.join(10)
+            assert submitted, "submit waited for a hung server"
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        assert f.result(timeout=30) == "after"
+        assert submitted[0].result(timeout=30) == 9
 
 
 # -- volume and size ---------------------------------------------------------------------------
