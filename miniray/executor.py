@@ -71,11 +71,13 @@ class _Waiters(list):
 
     def __init__(self, future: "MinirayFuture"):
         super().__init__()
-        self.future = future
+        self.future = weakref.ref(future)  # (not a cycle: a dropped future frees its result)
 
     def append(self, waiter) -> None:
         super().append(waiter)
-        self.future._want()
+        future = self.future()
+        if future is not None:
+            future._want()
 
 
 class MinirayFuture(Future):

@@ -108,6 +108,12 @@ def spawn_sleeper(seconds):
     return p.pid
 
 
+def make_array(n):
+    import numpy as np
+
+    return np.ones(n)
+
+
 def array_sum(a):
     return float(a.sum())
 

@@ -129,6 +129,26 @@ def test_large_arrays_travel_out_of_band_and_arrive_intact(cluster):
         assert ex.submit(tasks.array_sum, a).result(timeout=30) == float(a.sum())
 
 
+def test_a_dropped_future_frees_its_result_at_once(cluster):
+    """No reference cycle holds a finished future: its result (a big array, say) goes with
+    the last reference, not at some later garbage collection. Waited on both ways."""
+    import gc
+    import weakref
+
+    cluster.start_worker()
+    with cluster.executor() as ex:
+        gc.disable()
+        try:
+            for wait in (lambda f: f.result(timeout=30), lambda f: cf.wait([f], timeout=30)):
+                f = ex.submit(tasks.make_array, 1000)
+                wait(f)
+                ref = weakref.ref(f.result())
+                del f
+                assert ref() is None, "a finished future outlived its last reference"
+        finally:
+            gc.enable()
+
+
 def test_job_keys_are_cleaned_up_after_shutdown(cluster):
     cluster.start_worker()
     ex = cluster.executor()
