@@ -8,6 +8,7 @@ with a lock; threads that block (BLPOP, BLMPOP, XREAD BLOCK) use a connection of
 
 from __future__ import annotations
 
+import math
 import select
 import socket
 import threading
@@ -103,6 +104,8 @@ class Connection:
         except OSError as e:
             raise ConnectionLost(f"cannot connect to {redact(self.url)}: {e}") from None
         self._sock = sock
+        self._poller = select.poll()  # (not select.select: no limit on the fd number)
+        self._poller.register(sock.fileno(), select.POLLIN)
         self._owed = 0
         self._reader = hiredis.Reader(replyError=_reply_error)
         hello = []
@@ -158,10 +161,14 @@ class Connection:
         try:
             reply = reader.gets()
             while reply is False:
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if not select.select([sock], [], [], max(left, 0.0))[0]:
-                        raise ReplyTimeout(f"no reply from {redact(self.url)} in time")
+                # wait in poll(POLLIN), not in recv: a process asleep in recv on a unix
+                # socket is also woken each time the server reads what it sent (the freed
+                # buffer space wakes every sleeper on the socket); poll wakes for data only
+                if deadline is None:
+                    self._poller.poll()
+                elif not self._poller.poll(max(0, math.ceil((deadline - time.monotonic())
+                                                            * 1000))):
+                    raise ReplyTimeout(f"no reply from {redact(self.url)} in time")
                 # into a buffer kept for the connection: sock.recv(n) would allocate (and,
                 # for a large n, mmap and unmap) n bytes on every read
                 n = sock.recv_into(self._buf)
