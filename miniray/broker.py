@@ -107,6 +107,15 @@ local function forget_waiters(wid)
   local n = ok and type(info) == 'table' and tonumber(info.slots) or 0
   for slot = 0, n - 1 do redis.call('DEL', K('wake', prefix .. slot)) end
 end
+local function go_idle(waiter, score)
+  -- a slot about to wait: with work queued it wakes itself (its claim after the wait looks),
+  -- else it registers as idle, atomically with seeing none, so the next work wakes it
+  if redis.call('ZCARD', K('jobs')) > 0 then
+    redis.call('RPUSH', K('wake', waiter), '1')
+  else
+    redis.call('ZADD', K('idle'), score, waiter)
+  end
+end
 local function requeue(job, entry)
   -- put a chunk back at the front of its job's queue, if the job still wants it
   local jk = K('job', job)
@@ -235,24 +244,20 @@ if (ARGV[12] or '') ~= '' then redis.call('ZADD', K('idle'), ARGV[12], wid .. '/
 return {}
 """
 
-# ARGV: ns waiter score -- a task process about to wait for work: with work queued it wakes
-# itself (its claim after the wait looks; one round trip whether or not there is work),
-# else it registers as idle, atomically with seeing none, so the next work wakes it
+# ARGV: ns waiter score -- a task process about to wait for work (see go_idle)
 _IDLE = _PRELUDE + r"""
-if redis.call('ZCARD', K('jobs')) > 0 then
-  redis.call('RPUSH', K('wake', ARGV[2]), '1')
-else
-  redis.call('ZADD', K('idle'), ARGV[3], ARGV[2])
-end
+go_idle(ARGV[2], ARGV[3])
 return 1
 """
 
-# ARGV: ns worker job ttl maxlen msg, then (entry n_done n_failed final) per chunk
+# ARGV: ns worker job ttl maxlen msg waiter score, then (entry n_done n_failed final) per
+#   chunk; waiter: "" or a slot about to wait, which goes idle after the outcomes (go_idle:
+#   one script where two would cost a call each)
 _COMPLETE = _PRELUDE + r"""
 local wid, job = ARGV[2], ARGV[3]
 local jk = K('job', job)
 local done, failed = 0, 0
-for i = 7, #ARGV, 4 do
+for i = 9, #ARGV, 4 do
   local entry = ARGV[i]
   local chunk, nframes, items = parse(entry)
   local counts = true
@@ -284,6 +289,7 @@ if client then
 end
 event(job, ARGV[5], 'kind', failed > 0 and 'failed' or 'finished', 'worker', wid,
       'done', done, 'failed', failed)
+if ARGV[7] ~= '' then go_idle(ARGV[7], ARGV[8]) end
 return 1
 """
 
@@ -509,9 +515,10 @@ class Broker:
         self._run("idle", [self.ns, waiter, repr(time.time())], pipe)
 
     def complete(self, pipe, worker: str, job: str, chunks: list, ttl: int, maxlen: int,
-                 msg: bytes) -> None:
-        """Report finished items: ``chunks`` is [(entry, n_done, n_failed, final)]."""
-        args = [self.ns, worker, job, ttl, maxlen, msg]
+                 msg: bytes, idle: str = "") -> None:
+        """Report finished items: ``chunks`` is [(entry, n_done, n_failed, final)]. With
+        ``idle`` (a waiter) that slot then goes idle, as ``idle`` would have it."""
+        args = [self.ns, worker, job, ttl, maxlen, msg, idle, repr(time.time()) if idle else ""]
         for entry, n_done, n_failed, final in chunks:
             args += [entry, n_done, n_failed, int(final)]
         self._run("complete", args, pipe)

@@ -455,10 +455,11 @@ class Runner:
 
         def report(pipe):
             self.xadd_logs(pipe, lines)
-            for job, chunks, msg in calls:
+            idle = self.waiter if wait and not self.registered else ""
+            for i, (job, chunks, msg) in enumerate(calls, 1):  # the last one goes idle too
                 self.broker.complete(pipe, h["worker_id"], job, chunks, s.result_ttl_seconds,
-                                     s.event_stream_maxlen, msg)
-            if wait and not self.registered:
+                                     s.event_stream_maxlen, msg, idle if i == len(calls) else "")
+            if idle and not calls:
                 self.broker.idle(pipe, self.waiter)
 
         def fill(pipe):
