@@ -105,7 +105,9 @@ local function forget_waiters(wid)
   end
   local ok, info = pcall(cjson.decode, redis.call('HGET', K('worker', wid), 'info') or '')
   local n = ok and type(info) == 'table' and tonumber(info.slots) or 0
-  for slot = 0, n - 1 do redis.call('DEL', K('wake', prefix .. slot)) end
+  for slot = 0, n - 1 do
+    redis.call('DEL', K('wake', prefix .. slot), K('hand', prefix .. slot))
+  end
 end
 local function go_idle(waiter, score)
   -- a slot about to wait: with work queued it wakes itself (its claim after the wait looks),
@@ -148,6 +150,42 @@ event(job, ARGV[6], 'kind', 'queued', 'count', ARGV[5])
 return 1
 """
 
+# ARGV: ns job priority entry payload maxlen -- one chunk of one frame (a lone submit): its
+#   payload is stored, and with a slot waiting that can run it (the job has no requirements)
+#   the chunk goes to that slot at once, as its claim would take it (wip, counters, the
+#   "started" event), with the claim's reply ready in hand:{slot}: the slot's claim after its
+#   wake-up returns it without looking at any job (see _CLAIM). Else it is queued (publish).
+_PUBLISH_ONE = _PRELUDE + r"""
+local job, entry, payload = ARGV[2], ARGV[4], ARGV[5]
+local jk = K('job', job)
+local m = redis.call('HMGET', jk, 'state', 'spec', unpack(REQ))
+if m[1] ~= 'open' then return 0 end
+local chunk, nframes, items = parse(entry)
+redis.call('HSET', K('tasks', job), chunk, payload)
+event(job, ARGV[6], 'kind', 'queued', 'count', items)
+local req = requirements(m[3], m[4], m[5], m[6], m[7])
+if not req then
+  while true do
+    local w = redis.call('ZPOPMAX', K('idle'))
+    if #w == 0 then break end
+    local wid, slot = string.match(w[1], '^(.*)/(%d+)$')
+    if redis.call('ZSCORE', K('workers'), wid) then
+      redis.call('HSET', K('wip', wid), job .. '/' .. chunk, entry .. '@' .. slot)
+      redis.call('HINCRBY', jk, 'running', items)
+      event(job, ARGV[6], 'kind', 'started', 'worker', wid, 'count', items)
+      redis.call('RPUSH', K('hand', w[1]), job, m[2] or '', entry, payload)
+      redis.call('RPUSH', K('wake', w[1]), '1')
+      return 1
+    end
+  end
+end
+redis.call('RPUSH', K('q', job), entry)
+redis.call('ZADD', K('jobs'), ARGV[3], job)
+redis.call('HINCRBY', jk, 'queued', items)
+wake(1, req)
+return 1
+"""
+
 # ARGV: ns worker max_chunks name host free_gpus cpus gpu_free_mb triton slot maxlen register
 #   free_gpus: GPUs nobody holds; gpu_free_mb: "mb,mb,.." unreserved MiB per GPU that packed
 #   tasks may share ("" when none); triton: "1" when the worker's Triton server is healthy;
@@ -173,6 +211,9 @@ local function gpus_fit(want, mb)
   for _, f in ipairs(gpu_free_mb) do if f >= mb then n = n + 1 end end
   return n >= want
 end
+-- a chunk handed to this slot (_PUBLISH_ONE): it is ours already
+local handed = redis.call('LPOP', K('hand', wid .. '/' .. (ARGV[10] or '')), 4)
+if handed then return handed end
 -- only a registered worker may hold work, so the reaper can always find what it holds
 if not redis.call('ZSCORE', K('workers'), wid) then return {} end
 local jobs = redis.call('ZREVRANGE', K('jobs'), 0, 255, 'WITHSCORES')
@@ -438,7 +479,8 @@ class Broker:
     objects would send a SCRIPT EXISTS before every pipeline, a round trip per hop.
     """
 
-    _SOURCES = {"publish": _PUBLISH, "claim": _CLAIM, "idle": _IDLE, "complete": _COMPLETE,
+    _SOURCES = {"publish": _PUBLISH, "publish_one": _PUBLISH_ONE, "claim": _CLAIM,
+                "idle": _IDLE, "complete": _COMPLETE,
                 "cancel_chunk": _CANCEL_CHUNK, "cancel_job": _CANCEL_JOB,
                 "heartbeat": _HEARTBEAT, "reap": _REAP, "release": _RELEASE}
     _SHAS: dict = {}
@@ -490,6 +532,12 @@ class Broker:
     def publish(self, pipe, job: str, priority: int, n_chunks: int, n_items: int,
                 maxlen: int) -> None:
         self._run("publish", [self.ns, job, priority, n_chunks, n_items, maxlen], pipe)
+
+    def publish_one(self, pipe, job: str, priority: int, entry: str, payload,
+                    maxlen: int) -> None:
+        """Store and publish one chunk of one frame, handed to a waiting slot when one can
+        run it (see _PUBLISH_ONE)."""
+        self._run("publish_one", [self.ns, job, priority, entry, payload, maxlen], pipe)
 
     def cancel_chunk(self, job: str, entry: str) -> bool:
         return bool(self._run("cancel_chunk", [self.ns, job, entry]))

@@ -61,6 +61,7 @@ _live_executors: "weakref.WeakSet[Executor]" = weakref.WeakSet()
 
 
 _WAITING = ("PENDING", "RUNNING")
+_HAND_MAX = 64 * 1024  # bytes: a lone chunk up to this size goes to a waiting slot directly
 
 
 class _Waiters(list):
@@ -451,21 +452,27 @@ class Executor(_BaseExecutor):
             if now - self._fn_fresh.get(sha, now) > 3600:
                 pipe.command("EXPIRE", k.fn(sha), s.function_ttl_seconds)
                 self._fn_fresh[sha] = now
-        fields, entries, n_items = [], [], 0
-        for ref in batch:
-            if ref.future.cancelled():
-                continue
-            for i, frame in enumerate(ref.frames):
-                fields += (Keys.payload_field(ref.chunk, i), frame)
-            entries.append(ref.entry)
-            n_items += ref.count
-            ref.sent = True
-            ref.frames = None  # the payload lives in Redis now
-        if entries:
+        live = [ref for ref in batch if not ref.future.cancelled()]
+        if len(live) == 1 and len(live[0].frames) == 1 and len(live[0].frames[0]) <= _HAND_MAX:
+            # a lone small chunk (a submit): one script stores it and hands it straight to
+            # the slot that went idle last, if one waits (no claim to look for it)
+            ref = live[0]
+            self._broker.publish_one(pipe, job, self.priority, ref.entry, ref.frames[0],
+                                     s.event_stream_maxlen)
+        elif live:
+            fields, entries, n_items = [], [], 0
+            for ref in live:
+                for i, frame in enumerate(ref.frames):
+                    fields += (Keys.payload_field(ref.chunk, i), frame)
+                entries.append(ref.entry)
+                n_items += ref.count
             pipe.command("HSET", k.tasks(job), *fields)
             pipe.command("RPUSH", k.queue(job), *entries)
             self._broker.publish(pipe, job, self.priority, len(entries), n_items,
                                  s.event_stream_maxlen)
+        for ref in live:
+            ref.sent = True
+            ref.frames = None  # the payload lives in Redis now
         pipe.send_deferred()
 
     def _withdraw(self, ref: _Ref) -> bool:

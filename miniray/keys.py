@@ -11,7 +11,10 @@ A slot that waits for work registers in ``idle`` as ``{worker}/{slot}``, scored 
 idle, and blocks on its own ``wake:{worker}/{slot}``. New work wakes the slots that went idle
 last (ZPOPMAX): the process that just finished a task takes the next one while its caches are
 warm, instead of every idle process taking turns. Work with requirements (GPUs, CPUs, nodes,
-Triton) skips the slots of workers whose heartbeat says they can never run it.
+Triton) skips the slots of workers whose heartbeat says they can never run it. A lone small
+chunk of a job without requirements is handed over whole: its publish does what the slot's
+claim would (``wip``, counters, "started") and leaves the claim's reply in
+``hand:{worker}/{slot}``, which that claim returns first.
 
 ==========================  ======  ==================  ================  =====================
 key                         type    TTL                 written by        read by
@@ -25,16 +28,20 @@ job:{job}                   hash    300 s renewed while executor; claim,  worker
                                     open, then result   complete, cancel  notebook (counters)
                                     TTL
 q:{job}                     list    with job            executor, reaper  claim script (LPOP)
-tasks:{job}                 hash    with job            executor          claim script (HMGET)
+tasks:{job}                 hash    with job            executor          claim script (HMGET),
+                                                                          worker (resends)
 attempts:{job}              hash    as job:{job}        reaper            reaper
-wip:{worker}                hash    none                claim script      complete, reaper,
-                                                                          release (on SIGTERM)
+wip:{worker}                hash    none                claim script,     complete, reaper,
+                                                        publish_one       release (on SIGTERM)
 workers                     zset    none (reaped)       heartbeat         reaper, status
 worker:{worker}             hash    3x dead timeout     heartbeat         status, the notebook
 idle                        zset    none (popped;       task processes,   wake-ups (publish,
                                     reaper, release)    GPU slots         claim, requeue)
 wake:{worker}/{slot}        list    none (reaper,       wake-ups          that slot (BLPOP)
                                     release)
+hand:{worker}/{slot}        list    none (claimed;      publish_one       that slot's claim
+                                    reaper, release,                      (LPOP)
+                                    the slot's worker)
 rr                          string  none                claim script      claim (fair share)
 client:{client}             string  30 s, renewed       executor          claim (orphan jobs)
 res:{client}                list    result TTL          complete, reaper  executor (BLMPOP)
@@ -114,6 +121,9 @@ class Keys:
 
     def wake(self, waiter: str) -> str:
         return f"{self.ns}:wake:{waiter}"
+
+    def hand(self, waiter: str) -> str:
+        return f"{self.ns}:hand:{waiter}"
 
     def client(self, client: str) -> str:
         return f"{self.ns}:client:{client}"

@@ -252,10 +252,12 @@ class _Slot(threading.Thread):
 
     def unregister(self) -> None:
         """The slot's process is gone: wake-ups must go to slots that wait (its successor
-        registers when it finds nothing to claim)."""
+        registers when it finds nothing to claim), and a chunk handed to it and not claimed
+        yet is in ``wip`` for ``unannounced`` (its successor must not claim it again)."""
         if self.direct:
             try:
-                self.r.execute("ZREM", self.w.keys.idle, self.waiter)
+                self.r.pipeline().command("ZREM", self.w.keys.idle, self.waiter).command(
+                    "DEL", self.w.keys.hand(self.waiter)).execute()
             except RedisError:
                 pass  # the server is gone: so is what it knew
 

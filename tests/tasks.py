@@ -141,6 +141,13 @@ def record_run(path, value=None, seconds=0.0):
     return value
 
 
+def pid_then_sleep(path, seconds):
+    """Write this task process's pid to ``path``, then sleep."""
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+
+
 def kill_my_worker():
     """SIGKILL the worker running this task (its task process dies with it)."""
     os.kill(int(os.environ["MINIRAY_WORKER_PID"]), signal.SIGKILL)

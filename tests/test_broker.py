@@ -60,3 +60,89 @@ def test_a_job_without_requirements_wakes_the_slot_idle_last(server):
     b = _idle_slots(server)
     _publish(b, Limits())
     assert _woken(b) == {"cpu"}
+
+
+def _job(b, limits=None):
+    job, k = f"job{uuid.uuid4().hex[:6]}.0", b.keys
+    pipe = b.r.pipeline()
+    pipe.command("SET", k.client("c"), 1, "EX", 30)
+    b.create_job(pipe, job, "c", job, 1, {"timeout": None}, (limits or Limits()).requirement_fields(),
+                 time.time())
+    pipe.execute()
+    return job
+
+
+def _publish_one(b, job, chunk=0, payload=b"payload"):
+    entry = Keys.queue_entry(chunk, 1, 1)
+    pipe = b.r.pipeline()
+    b.publish_one(pipe, job, 1, entry, payload, 100)
+    pipe.execute()
+    return entry
+
+
+def _claim(b, wid):
+    return b.claim(wid, 4, wid, "h1", 0, 4, slot=0, register=True)
+
+
+def _counters(b, job):
+    return [int(x) for x in b.r.execute("HMGET", b.keys.job(job), "queued", "running")]
+
+
+def _kinds(b, job):
+    return [dict(zip(e[1][::2], e[1][1::2]))[b"kind"].decode()
+            for e in b.r.execute("XRANGE", b.keys.events(job), "-", "+")]
+
+
+def test_a_lone_chunk_is_handed_to_the_slot_idle_last_and_its_claim_returns_it(server):
+    """A submit's chunk goes to the waiting slot in the publish itself: the slot holds it
+    (wip, counters, events) before its claim runs, and that claim returns exactly it."""
+    b = _idle_slots(server)
+    job = _job(b)
+    entry = _publish_one(b, job)
+    assert _woken(b) == {"cpu"}
+    assert b.r.execute("HGET", b.keys.wip("cpu"), f"{job}/0") == f"{entry}@0".encode()
+    assert _counters(b, job) == [0, 1]
+    assert _kinds(b, job) == ["queued", "started"]
+    assert b.r.execute("LLEN", b.keys.queue(job)) == 0
+    assert _claim(b, "cpu") == [job.encode(), b'{"timeout": null}', entry.encode(), b"payload"]
+    assert _claim(b, "cpu") == []  # handed once; nothing else is queued
+    # the payload stays in tasks:{job} until the outcome (a resend reads it from there)
+    assert b.r.execute("HGET", b.keys.tasks(job), "0") == b"payload"
+
+
+def test_a_lone_chunk_with_nobody_waiting_is_queued_for_the_next_claim(server):
+    b = Broker(connect(server.url), "t" + uuid.uuid4().hex[:8])
+    b.heartbeat("w", {"name": "w", "host": "h1", "slots": 1, "cpus": 4, "gpus": []}, 30)
+    job = _job(b)
+    entry = _publish_one(b, job)
+    assert _counters(b, job) == [1, 0]
+    assert b.r.execute("LRANGE", b.keys.queue(job), 0, -1) == [entry.encode()]
+    assert _claim(b, "w") == [job.encode(), b'{"timeout": null}', entry.encode(), b"payload"]
+    assert _counters(b, job) == [0, 1]
+
+
+def test_a_lone_chunk_with_requirements_is_queued_and_wakes_a_slot_that_fits(server):
+    """No hand-over where the claim must check what is free now (here: a GPU)."""
+    b = _idle_slots(server)
+    job = _job(b, Limits(gpus=1))
+    _publish_one(b, job)
+    assert _woken(b) == {"gpu"}
+    assert b.r.execute("EXISTS", b.keys.hand(Keys.waiter("gpu", 0))) == 0
+    assert _counters(b, job) == [1, 0]
+
+
+def test_a_chunk_handed_to_a_worker_that_leaves_goes_back_to_the_queue(server):
+    """A worker that leaves (SIGTERM) or is reaped before its slot claimed what it was
+    handed: the chunk is requeued once, and the stale hand-over is gone with the slot."""
+    for leave in ("release", "reap"):
+        b = _idle_slots(server)
+        job = _job(b)
+        entry = _publish_one(b, job)
+        if leave == "release":
+            assert b.release("cpu") == 1
+        else:
+            b.r.execute("ZADD", b.keys.workers, 0, "cpu")  # its heartbeat stopped long ago
+            assert b.reap(5, 3, 100, 60) == 1
+        assert b.r.execute("EXISTS", b.keys.hand(Keys.waiter("cpu", 0))) == 0
+        assert b.r.execute("LRANGE", b.keys.queue(job), 0, -1) == [entry.encode()]
+        assert _counters(b, job) == [1, 0]

@@ -16,6 +16,7 @@ import pytest
 import miniray
 import tasks
 from support import ROOT, TESTS, wait_for as _wait_for, worker_env
+from miniray.keys import Keys
 from miniray.errors import (
     MemoryLimitError,
     RemoteTraceback,
@@ -89,6 +90,31 @@ def test_a_crash_inside_a_chunk_fails_that_item_and_runs_the_rest(one_worker, tm
         # a second crash, now in a chunk the worker sent itself after the first
         assert isinstance(ex.submit(tasks.hard_exit).exception(timeout=30), TaskCrashedError)
         assert ex.submit(tasks.square, 7).result(timeout=30) == 49
+
+
+def test_a_chunk_handed_to_a_process_that_dies_before_claiming_it_runs_once(one_worker,
+                                                                           tmp_path):
+    """A submit hands its chunk to the slot that went idle last, for that slot's next claim.
+    If the slot's process dies first, its worker runs the chunk in the next process (from
+    ``wip``), and the hand-over is gone: that process must not claim it a second time."""
+    from miniray.broker import connect
+
+    pidfile, runs = tmp_path / "pid", tmp_path / "runs"
+    with one_worker.executor() as ex:
+        busy = ex.submit(tasks.pid_then_sleep, str(pidfile), 30)
+        _wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="the task to start")
+        # the slot as it is between going idle and its claim: registered, not claiming yet
+        r = connect(one_worker.url)
+        waiter = Keys.waiter(one_worker.workers()[0]["id"], 0)
+        r.execute("ZADD", ex.keys.idle, time.time(), waiter)
+        handed = ex.submit(tasks.record_run, str(runs), "ran")
+        _wait_for(lambda: r.execute("LLEN", ex.keys.hand(waiter)), what="the hand-over")
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        assert isinstance(busy.exception(timeout=30), TaskCrashedError)
+        assert handed.result(timeout=30) == "ran"
+        assert ex.submit(tasks.square, 3).result(timeout=30) == 9  # (after any second run)
+        assert len(runs.read_text().split()) == 1
+        r.close()
 
 
 # -- limits ------------------------------------------------------------------------------------
