@@ -16,7 +16,9 @@ from .errors import ConfigurationError, ServerError
 from .keys import Keys
 from .resp import Connection, NoScriptError, RedisError, ReplyError, redact
 
-__all__ = ["Broker", "connect", "parse_claim"]
+__all__ = ["HAND_LEN", "Broker", "connect", "parse_claim"]
+
+HAND_LEN = 4  # list elements of a chunk handed to a slot: job, spec, entry, frame (publish_one)
 
 # Shared Lua helpers. `entry` is "<chunk>:<nframes>:<items>".
 _PRELUDE = r"""
@@ -153,8 +155,9 @@ return 1
 # ARGV: ns job priority entry payload maxlen -- one chunk of one frame (a lone submit): its
 #   payload is stored, and with a slot waiting that can run it (the job has no requirements)
 #   the chunk goes to that slot at once, as its claim would take it (wip, counters, the
-#   "started" event), with the claim's reply ready in hand:{slot}: the slot's claim after its
-#   wake-up returns it without looking at any job (see _CLAIM). Else it is queued (publish).
+#   "started" event), as the claim's reply in hand:{slot} (HAND_LEN elements), which the
+#   slot's wait pops ahead of its wake-ups (and a claim returns first). Else it is queued
+#   (as publish does).
 _PUBLISH_ONE = _PRELUDE + r"""
 local job, entry, payload = ARGV[2], ARGV[4], ARGV[5]
 local jk = K('job', job)
@@ -174,7 +177,6 @@ if not req then
       redis.call('HINCRBY', jk, 'running', items)
       event(job, ARGV[6], 'kind', 'started', 'worker', wid, 'count', items)
       redis.call('RPUSH', K('hand', w[1]), job, m[2] or '', entry, payload)
-      redis.call('RPUSH', K('wake', w[1]), '1')
       return 1
     end
   end
@@ -211,7 +213,7 @@ local function gpus_fit(want, mb)
   for _, f in ipairs(gpu_free_mb) do if f >= mb then n = n + 1 end end
   return n >= want
 end
--- a chunk handed to this slot (_PUBLISH_ONE): it is ours already
+-- a chunk handed to this slot (_PUBLISH_ONE) that its wait did not pop: ours already
 local handed = redis.call('LPOP', K('hand', wid .. '/' .. (ARGV[10] or '')), 4)
 if handed then return handed end
 -- only a registered worker may hold work, so the reaper can always find what it holds

@@ -14,7 +14,7 @@ warm, instead of every idle process taking turns. Work with requirements (GPUs, 
 Triton) skips the slots of workers whose heartbeat says they can never run it. A lone small
 chunk of a job without requirements is handed over whole: its publish does what the slot's
 claim would (``wip``, counters, "started") and leaves the claim's reply in
-``hand:{worker}/{slot}``, which that claim returns first.
+``hand:{worker}/{slot}``, which the slot's wait pops ahead of its wake-ups.
 
 ==========================  ======  ==================  ================  =====================
 key                         type    TTL                 written by        read by
@@ -37,11 +37,11 @@ workers                     zset    none (reaped)       heartbeat         reaper
 worker:{worker}             hash    3x dead timeout     heartbeat         status, the notebook
 idle                        zset    none (popped;       task processes,   wake-ups (publish,
                                     reaper, release)    GPU slots         claim, requeue)
-wake:{worker}/{slot}        list    none (reaper,       wake-ups          that slot (BLPOP)
+wake:{worker}/{slot}        list    none (reaper,       wake-ups          that slot (BLMPOP)
                                     release)
-hand:{worker}/{slot}        list    none (claimed;      publish_one       that slot's claim
-                                    reaper, release,                      (LPOP)
-                                    the slot's worker)
+hand:{worker}/{slot}        list    none (popped;       publish_one       that slot (BLMPOP,
+                                    reaper, release,                      ahead of wake:), its
+                                    the slot's worker)                    claim
 rr                          string  none                claim script      claim (fair share)
 client:{client}             string  30 s, renewed       executor          claim (orphan jobs)
 res:{client}                list    result TTL          complete, reaper  executor (BLMPOP)

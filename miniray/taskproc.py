@@ -6,10 +6,11 @@ applies its environment before it unpickles anything, then reads the worker's he
 URL, worker id, slot, limits) and loops. It talks to Redis itself, so a task's round trip has
 no hop through the worker process:
 
-- idle, it registers its slot as idle, waits for a wake-up on the slot's own list and claims
-  (the idle script goes with its outcomes, then BLPOP + claim script on a second connection;
-  a claim that finds nothing registers too). New work wakes the slot that went idle last.
-  Busy, it claims more alongside its completions, keeping about 50 ms of work queued here;
+- idle, it registers its slot as idle (with its outcomes), then waits on a second connection
+  for a chunk handed to the slot (a lone submit's, whole: nothing to claim) or a wake-up,
+  after which it claims (a claim that finds nothing registers the slot again). New work goes
+  to the slot that went idle last. Busy, it claims more alongside its completions, keeping
+  about 50 ms of work queued here;
 - a chunk whose job needs other limits (memory, CPUs) is handed to the worker, which starts a
   process with those limits and sends it there (as it sends chunks after a crash, and every
   chunk on GPU workers, whose claims the worker makes under its GPU lock);
@@ -59,7 +60,7 @@ import time
 import traceback
 import types
 
-from miniray.broker import Broker, connect, parse_claim
+from miniray.broker import HAND_LEN, Broker, connect, parse_claim
 from miniray.config import settings
 from miniray.keys import Keys
 from miniray.protocol import ResultHeader, decode_chunk_head, encode_result
@@ -185,6 +186,8 @@ class Runner:
         self.broker = Broker(self.r, hello["namespace"], load=False)
         self.waiter = Keys.waiter(hello["worker_id"], hello["slot"])
         self.wake_key = self.broker.keys.wake(self.waiter)
+        self.hand_key = self.broker.keys.hand(self.waiter)  # chunks handed to this slot
+        self.hand_key_b = self.hand_key.encode()
         self.registered = False  # in the idle zset, as far as we know
         self.fn_key = self.broker.keys.fn
 
@@ -306,8 +309,13 @@ class Runner:
                     return []
 
     def report_and_wait(self, report, want: int) -> list:
-        """``report(pipe)``'s commands, then a wait for a wake-up and a claim; returns the
-        claim's reply last, as ``redis`` would for one pipeline.
+        """``report(pipe)``'s commands (which register the slot as idle), then a wait of up
+        to 1 s for a chunk handed to the slot or a wake-up; returns ``[what woke it, the
+        claim's reply]``, the claim's reply last, as ``redis`` would for one pipeline.
+
+        A handed chunk comes whole, as its claim's reply (see ``Broker.publish_one``): the
+        lone submit's round trip has no claim in it. A wake-up, or none within the second, is
+        followed by a claim (which registers the slot again if it finds nothing).
 
         The wait goes on a connection of its own: the outcomes' replies then arrive where
         nobody waits for them, so they do not wake this process a second time while its
@@ -320,18 +328,17 @@ class Runner:
             pipe.send_deferred()
             self.confirm_report()  # the last one's replies (they came long ago)
             self.unconfirmed = (report, n)
+            got = self.r_wait.execute("BLMPOP", 1, 2, self.hand_key, self.wake_key, "LEFT",
+                                      "COUNT", HAND_LEN)
+            if got and got[0] == self.hand_key_b:
+                return [got, got[1]]
             pipe = self.r_wait.pipeline()
-            pipe.command("BLPOP", self.wake_key, 1)
             self.claim(pipe, want, register=True)
-            return pipe.execute()
+            return [got, pipe.execute()[0]]
         except (ConnectionLost, NoScriptError):  # as ``redis`` does: all of it again
             self.unconfirmed = None
-
-            def fill(pipe):
-                report(pipe)  # outcomes sent twice count once (see the complete script)
-                pipe.command("BLPOP", self.wake_key, 1)
-                self.claim(pipe, want, register=True)
-            return self.redis(fill)
+            self.redis(report)  # outcomes sent twice count once (see the complete script)
+            return self.redis(lambda pipe: self.claim(pipe, want, register=True))
 
     def confirm_report(self) -> None:
         """Read the replies to what ``report_and_wait`` sent; send it again if the server had
@@ -425,11 +432,11 @@ class Runner:
     def flush(self, claim: bool = True, wait: bool = False) -> None:
         """Complete what finished (one script call per job) and, if wanted, claim more.
 
-        With ``wait`` (nothing is queued here) it then waits for a wake-up (up to 1 s) and
-        claims, in the same round trip: a slot about to wait registers as idle, atomically
-        with seeing no work queued, or wakes itself when there is some (see ``Broker.idle``);
-        a claim that finds nothing registers it too. Registered already and with nothing to
-        report, it goes straight to the wait."""
+        With ``wait`` (nothing is queued here) it then waits (``report_and_wait``): a slot
+        about to wait registers as idle with its outcomes, atomically with seeing no work
+        queued, or wakes itself when there is some (see ``Broker.idle``); a claim that finds
+        nothing registers it too. Registered already and with nothing to report, it goes
+        straight to the wait."""
         in_task, self.in_task = self.in_task, False
         pending, self.pending = self.pending, {}
         h, s = self.hello, self.settings
@@ -464,13 +471,11 @@ class Runner:
 
         def fill(pipe):
             report(pipe)
-            if wait:
-                pipe.command("BLPOP", self.wake_key, 1)
             if want > 0:
-                self.claim(pipe, want, register=wait)
+                self.claim(pipe, want)
         try:
-            if wait and want > 0:
-                res = self.report_and_wait(report, want)
+            if wait:
+                res = self.report_and_wait(report, max(1, want))
             else:
                 res = self.redis(fill) if calls or want > 0 or lines else []
         finally:
@@ -481,7 +486,7 @@ class Runner:
         if want > 0 and res and res[-1]:
             self.accept(res[-1])
         else:
-            self.registered = wait and want > 0 and bool(res)
+            self.registered = wait and bool(res)
             if self.notes:
                 self.tell_worker()
         self.in_task = in_task

@@ -4,7 +4,7 @@
 
     Redis                                  task process (one per slot)      worker process
     -----                                  ---------------------------      --------------
-    wake:{slot}, q:{job} --BLPOP + claim-> taskproc.Runner: runs items ---> slot thread:
+    hand:, wake:{slot} --BLMPOP (+ claim)> taskproc.Runner: runs items ---> slot thread:
     res:{client}, logs:{job} <--complete-- (outcomes, log lines)            claimed/done notes,
     wip:{worker} (tagged with the slot)                                     timeouts, cancels,
     workers, worker:{id} <------------------------------------------------- deaths, resends;
@@ -38,7 +38,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from . import gpu as gpu_mod
-from .broker import Broker, _redact, connect, parse_claim
+from .broker import HAND_LEN, Broker, _redact, connect, parse_claim
 from .config import settings
 from .errors import (
     ConfigurationError,
@@ -219,18 +219,21 @@ class _Slot(threading.Thread):
     def fetch(self) -> None:
         """A GPU worker's claim: one chunk, under the pool's claim lock, its GPUs reserved
         before letting go, so what the claim script was told is free stays free. A claim
-        that finds nothing registers the slot as idle; it then waits for its wake-up (the
-        next step claims)."""
+        that finds nothing registers the slot as idle; it then waits for a chunk handed over
+        (one without requirements: no GPUs to reserve) or a wake-up (the next step claims)."""
         pipe = self.r.pipeline()
         self._drain_out(pipe)
         if len(pipe):
             pipe.execute()
         claimed = self.claim_gpu_chunk()
+        if not claimed:  # registered as idle: wait for a chunk handed over or a wake-up
+            hand = self.w.keys.hand(self.waiter)
+            got = self.r.execute("BLMPOP", 1, 2, hand, self.w.keys.wake(self.waiter), "LEFT",
+                                 "COUNT", HAND_LEN)
+            claimed = got[1] if got and got[0] == hand.encode() else None
         if claimed:
             job, spec_raw, chunks = parse_claim(claimed)
             self.take(job, spec_raw, chunks)
-        else:
-            self.r.execute("BLPOP", self.w.keys.wake(self.waiter), 1)
 
     def claim_gpu_chunk(self):
         w = self.w

@@ -93,19 +93,23 @@ def _kinds(b, job):
             for e in b.r.execute("XRANGE", b.keys.events(job), "-", "+")]
 
 
-def test_a_lone_chunk_is_handed_to_the_slot_idle_last_and_its_claim_returns_it(server):
+def test_a_lone_chunk_is_handed_to_the_slot_idle_last_whole(server):
     """A submit's chunk goes to the waiting slot in the publish itself: the slot holds it
-    (wip, counters, events) before its claim runs, and that claim returns exactly it."""
+    (wip, counters, events) at once, and what it pops is its claim's reply."""
     b = _idle_slots(server)
     job = _job(b)
     entry = _publish_one(b, job)
-    assert _woken(b) == {"cpu"}
+    hand = b.keys.hand(Keys.waiter("cpu", 0))
+    assert b.r.execute("LRANGE", hand, 0, -1) == [job.encode(), b'{"timeout": null}',
+                                                   entry.encode(), b"payload"]
+    assert _woken(b) == set()  # the slot's wait pops the hand-over itself: no claim to wake
     assert b.r.execute("HGET", b.keys.wip("cpu"), f"{job}/0") == f"{entry}@0".encode()
     assert _counters(b, job) == [0, 1]
     assert _kinds(b, job) == ["queued", "started"]
     assert b.r.execute("LLEN", b.keys.queue(job)) == 0
+    # a claim made before the wait (a GPU worker's) returns it too, once
     assert _claim(b, "cpu") == [job.encode(), b'{"timeout": null}', entry.encode(), b"payload"]
-    assert _claim(b, "cpu") == []  # handed once; nothing else is queued
+    assert _claim(b, "cpu") == []
     # the payload stays in tasks:{job} until the outcome (a resend reads it from there)
     assert b.r.execute("HGET", b.keys.tasks(job), "0") == b"payload"
 
