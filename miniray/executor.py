@@ -696,6 +696,8 @@ class Executor(_BaseExecutor):
             batches = [(None, [], {-1: (err, "", header.pid)})] * len(refs)
         for ref, (_, final), (indices, values, errors) in zip(refs, header.chunks, batches):
             if ref is not None:
+                if type(indices) is tuple:  # (start, stop): see taskproc._dumps_batches
+                    indices = range(*indices)
                 self._settle(ref, indices, values, errors, final, header.worker, header.host,
                              header.pid)
 

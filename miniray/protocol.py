@@ -9,8 +9,9 @@ payload is a list of frames (stored as fields of ``tasks:{job}``)::
 The fixed-size head lets a worker learn the function and the task range without unpickling
 user data. A *result message* (list ``res:{client}``) is ``b"R"`` + u32 header length + pickled
 :class:`ResultHeader` + a blob written by the task process: the pickled list of
-``(indices, values, errors)`` batches, one per chunk in the header (see ``taskproc``). The
-reaper's Lua writes ``b"L" job "|" chunk "|" worker`` for a chunk lost with its worker.
+``(indices, values, errors)`` batches, one per chunk in the header (``indices``: None, a list,
+or ``(start, stop)``; see ``taskproc``). The reaper's Lua writes ``b"L" job "|" chunk "|"
+worker`` for a chunk lost with its worker.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ __all__ = [
     "LostChunk",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: contiguous result indices travel as (start, stop)
 _HEAD = struct.Struct("!B32sQI")  # version, sha256 digest, first task index, item count
 _U32 = struct.Struct("!I")
 

@@ -37,7 +37,8 @@ Task process -> worker::
     ("handoff", job, spec json, [(entry, frames)])      claimed, but needs other limits
 
 ``indices`` is a range, a list, or None for "every item not reported yet"; in the result
-blob that goes to the client, ``errors`` maps an item index to ``(exception, traceback, pid)``.
+blob that goes to the client a range travels as ``(start, stop)`` (a range pickles several
+times slower), and ``errors`` maps an item index to ``(exception, traceback, pid)``.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ class Runner:
         self.initialized: dict = {}  # job -> None, or the initializer's failure
         self.last_flush = time.monotonic()
         self.hello = hello
+        self.pid = os.getpid()  # (a system call each time: once per outcome adds up)
         self.queue: collections.deque[_Work] = collections.deque()
         self.held: dict[int, _Work] = {}  # seq -> work until its final outcome is in Redis
         self.next_seq = 1 << 40  # seqs of our own claims; the worker's are small
@@ -452,7 +454,7 @@ class Runner:
                 notes.append((seq, final, indices, n_ok, n_err))
                 if final:
                     del self.held[seq]
-            msg = encode_result(ResultHeader(h["worker_id"], h["host"], os.getpid(), header),
+            msg = encode_result(ResultHeader(h["worker_id"], h["host"], self.pid, header),
                                 _dumps_batches(batches))
             calls.append((job, chunks, msg))
         want = (self.target - len(self.queue)) if claim and self.claiming else 0
@@ -657,6 +659,7 @@ def _dumps_batches(batches) -> bytes:
     # faster on small objects. Classes from the notebook pickle by reference, which is right:
     # the notebook that reads them defines them. cloudpickle covers the rest (local classes,
     # lambdas); only if that fails too is the culprit looked for.
+    batches = [((i.start, i.stop) if type(i) is range else i, v, e) for i, v, e in batches]
     try:
         return pickle.dumps(batches, protocol=5)
     except Exception:
@@ -668,6 +671,8 @@ def _dumps_batches(batches) -> bytes:
     except Exception:
         pass
     for indices, values, errors in batches:  # find the culprits; each becomes an error
+        if type(indices) is tuple:
+            indices = range(*indices)
         positions = list(indices) if indices is not None else []
         for k, value in enumerate(values):
             i = positions[k] if k < len(positions) else k

@@ -68,6 +68,13 @@ def return_unpicklable():
     return threading.Lock()
 
 
+def unpicklable_at(x, bad):
+    """``x``, except at ``bad``: a lock, which cannot travel back."""
+    import threading
+
+    return threading.Lock() if x == bad else x
+
+
 def segfault():
     os.kill(os.getpid(), signal.SIGSEGV)
 

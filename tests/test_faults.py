@@ -342,6 +342,12 @@ def test_unpicklable_result_and_exception_fail_their_futures(one_worker):
     assert isinstance(e1, SerializationError) and isinstance(e1, TypeError), e1
     assert isinstance(e2, SerializationError), e2
     assert "UnpicklableError" in str(e2)
+    # in a chunk: only that item fails, the others arrive in their places
+    with one_worker.executor() as ex:
+        futures = ex.map_futures(functools.partial(tasks.unpicklable_at, bad=1), range(5),
+                                 chunksize=5)
+        assert isinstance(futures[1].exception(timeout=30), SerializationError)
+        assert [f.result(timeout=30) for i, f in enumerate(futures) if i != 1] == [0, 2, 3, 4]
 
 
 # -- clean exit --------------------------------------------------------------------------------
