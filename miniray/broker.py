@@ -299,6 +299,9 @@ return 1
 _COMPLETE = _PRELUDE + r"""
 local wid, job = ARGV[2], ARGV[3]
 local jk = K('job', job)
+-- nil when the job is gone (it expired with its executor): nothing is counted or sent, and
+-- no key of the job is made again (it would have no TTL)
+local client = redis.call('HGET', jk, 'client')
 local done, failed = 0, 0
 for i = 9, #ARGV, 4 do
   local entry = ARGV[i]
@@ -309,8 +312,10 @@ for i = 9, #ARGV, 4 do
       -- we were taken for dead and the chunk was requeued
       if redis.call('LREM', K('q', job), 1, entry) == 1 then
         -- its copy never ran: undo the requeue's bookkeeping and count this run
-        redis.call('HINCRBY', jk, 'queued', -items)
-        redis.call('HINCRBY', jk, 'running', items)
+        if client then
+          redis.call('HINCRBY', jk, 'queued', -items)
+          redis.call('HINCRBY', jk, 'running', items)
+        end
       else
         counts = false  -- another worker took the copy; its run is the one counted
       end
@@ -322,16 +327,15 @@ for i = 9, #ARGV, 4 do
     failed = failed + tonumber(ARGV[i + 2])
   end
 end
-redis.call('HINCRBY', jk, 'running', -(done + failed))
-if done > 0 then redis.call('HINCRBY', jk, 'done', done) end
-if failed > 0 then redis.call('HINCRBY', jk, 'failed', failed) end
-local client = redis.call('HGET', jk, 'client')
 if client then
+  redis.call('HINCRBY', jk, 'running', -(done + failed))
+  if done > 0 then redis.call('HINCRBY', jk, 'done', done) end
+  if failed > 0 then redis.call('HINCRBY', jk, 'failed', failed) end
   redis.call('RPUSH', K('res', client), ARGV[6])
   redis.call('EXPIRE', K('res', client), ARGV[4])
+  event(job, ARGV[5], 'kind', failed > 0 and 'failed' or 'finished', 'worker', wid,
+        'done', done, 'failed', failed)
 end
-event(job, ARGV[5], 'kind', failed > 0 and 'failed' or 'finished', 'worker', wid,
-      'done', done, 'failed', failed)
 if ARGV[7] ~= '' then go_idle(ARGV[7], ARGV[8]) end
 return 1
 """

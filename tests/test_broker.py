@@ -150,3 +150,19 @@ def test_a_chunk_handed_to_a_worker_that_leaves_goes_back_to_the_queue(server):
         assert b.r.execute("EXISTS", b.keys.hand(Keys.waiter("cpu", 0))) == 0
         assert b.r.execute("LRANGE", b.keys.queue(job), 0, -1) == [entry.encode()]
         assert _counters(b, job) == [1, 0]
+
+
+def test_outcomes_of_a_job_that_is_gone_leave_no_key_behind(server):
+    """A task that finishes after its job expired (its executor died long ago): its outcome
+    goes nowhere, and no key of the job comes back without a TTL."""
+    b = _idle_slots(server)
+    job = _job(b)
+    entry = _publish_one(b, job)
+    k = b.keys
+    b.r.execute("DEL", k.job(job), k.events(job))  # what the TTLs do when the executor is gone
+    pipe = b.r.pipeline()
+    b.complete(pipe, "cpu", job, [(entry, 1, 0, True)], 60, 100, b"R...", idle="cpu/0")
+    pipe.execute()
+    assert b.r.execute("EXISTS", k.job(job), k.events(job), k.results("c"), k.tasks(job)) == 0
+    assert b.r.execute("HLEN", k.wip("cpu")) == 0
+    assert b.r.execute("ZSCORE", k.idle, "cpu/0") is not None  # the slot waits again
