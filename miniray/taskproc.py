@@ -191,6 +191,7 @@ class Runner:
         self.hand_key = self.broker.keys.hand(self.waiter)  # chunks handed to this slot
         self.hand_key_b = self.hand_key.encode()
         self.registered = False  # in the idle zset, as far as we know
+        self.expect_more = False  # the last claim took all it asked for (see report_and_wait)
         self.fn_key = self.broker.keys.fn
 
     # -- log lines ------------------------------------------------------------------------
@@ -310,14 +311,18 @@ class Runner:
                 if self.stopped:
                     return []
 
-    def report_and_wait(self, report, want: int) -> list:
-        """``report(pipe)``'s commands (which register the slot as idle), then a wait of up
-        to 1 s for a chunk handed to the slot or a wake-up; returns ``[what woke it, the
-        claim's reply]``, the claim's reply last, as ``redis`` would for one pipeline.
+    def report_and_wait(self, report, want: int) -> tuple:
+        """``report(pipe)``'s commands (which register the slot as idle unless work is
+        queued), then a wait of up to 1 s for a chunk handed to the slot or a wake-up, and a
+        claim. Returns ``(a chunk handed over, the claim's reply, whether the slot is registered
+        as idle)``, each reply as the claim script gives it (or None).
 
-        A handed chunk comes whole, as its claim's reply (see ``Broker.publish_one``): the
-        lone submit's round trip has no claim in it. A wake-up, or none within the second, is
-        followed by a claim (which registers the slot again if it finds nothing).
+        A handed chunk comes whole, as its claim's reply (see ``Broker.publish_one``): a lone
+        submit's round trip has no claim script in it. After a claim that took all it asked
+        for (more is likely queued: a stream of work) the claim goes in the same round trip
+        as the wait, so a slot that finishes while work is queued holds the next chunk before
+        its outcome reaches the client; otherwise a wake-up, or none within the second, is
+        followed by a claim, which registers the slot again if it finds nothing.
 
         The wait goes on a connection of its own: the outcomes' replies then arrive where
         nobody waits for them, so they do not wake this process a second time while its
@@ -330,17 +335,27 @@ class Runner:
             pipe.send_deferred()
             self.confirm_report()  # the last one's replies (they came long ago)
             self.unconfirmed = (report, n)
-            got = self.r_wait.execute("BLMPOP", 1, 2, self.hand_key, self.wake_key, "LEFT",
-                                      "COUNT", HAND_LEN)
-            if got and got[0] == self.hand_key_b:
-                return [got, got[1]]
+            pipe = self.r_wait.pipeline()
+            pipe.command("BLMPOP", 1, 2, self.hand_key, self.wake_key, "LEFT", "COUNT",
+                         HAND_LEN)
+            streaming = self.expect_more
+            if streaming:
+                self.claim(pipe, want)  # (not registering: it may come with a hand-over)
+            got = pipe.execute()
+            handed = got[0][1] if got[0] and got[0][0] == self.hand_key_b else None
+            if streaming:
+                return handed, got[1], False
+            if handed is not None:
+                return handed, None, False
             pipe = self.r_wait.pipeline()
             self.claim(pipe, want, register=True)
-            return [got, pipe.execute()[0]]
+            claimed = pipe.execute()[0]
+            return None, claimed, not claimed
         except (ConnectionLost, NoScriptError):  # as ``redis`` does: all of it again
             self.unconfirmed = None
             self.redis(report)  # outcomes sent twice count once (see the complete script)
-            return self.redis(lambda pipe: self.claim(pipe, want, register=True))
+            got = self.redis(lambda pipe: self.claim(pipe, want, register=True))
+            return None, got[0] if got else None, bool(got) and not got[0]
 
     def confirm_report(self) -> None:
         """Read the replies to what ``report_and_wait`` sent; send it again if the server had
@@ -367,13 +382,15 @@ class Runner:
                           triton=triton, slot=h["slot"],
                           maxlen=self.settings.event_stream_maxlen, register=register)
 
-    def accept(self, claimed: list) -> None:
+    def accept(self, claimed: list, want: int = 0) -> None:
         """Take claimed chunks. The worker hears of them with the next message (with their
         outcomes, usually): until then the page names the chunk running, and the ``wip`` hash
         in Redis the rest, which is all the worker needs if this process dies. A chunk with a
         timeout is told at once: the worker enforces it from its spec."""
         self.registered = False  # a claim that takes work ends a registration as idle
         job, spec_raw, chunks = parse_claim(claimed)
+        if want and len(chunks) >= want:
+            self.expect_more = True  # it took all it asked for: more is likely queued
         spec = self.specs.get(spec_raw)
         if spec is None:
             spec = self.specs[spec_raw] = json.loads(spec_raw) if spec_raw else {}
@@ -475,22 +492,27 @@ class Runner:
             report(pipe)
             if want > 0:
                 self.claim(pipe, want)
+        handed = claimed = None
         try:
             if wait:
-                res = self.report_and_wait(report, max(1, want))
+                want = max(1, want)
+                handed, claimed, self.registered = self.report_and_wait(report, want)
             else:
                 res = self.redis(fill) if calls or want > 0 or lines else []
+                claimed = res[-1] if want > 0 and res else None
         finally:
             self.log_send.release()
         self.last_flush = time.monotonic()
         if notes:  # goes with the news of what was claimed, if anything was
             self.notes.append(("done", notes))
-        if want > 0 and res and res[-1]:
-            self.accept(res[-1])
-        else:
-            self.registered = wait and bool(res)
-            if self.notes:
-                self.tell_worker()
+        if want > 0:
+            self.expect_more = False  # until a claim takes all it asks for (accept)
+        if handed:
+            self.accept(handed)
+        if claimed:
+            self.accept(claimed, want)
+        if self.notes and not (handed or claimed):
+            self.tell_worker()
         self.in_task = in_task
 
     # -- running --------------------------------------------------------------------------

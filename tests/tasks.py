@@ -186,8 +186,10 @@ def failing_initializer():
 def gate(directory, tag):
     """Say "started" (with the GPUs this task sees) in ``directory``, then wait for its ``go``."""
     cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
-    with open(os.path.join(directory, f"started-{tag}"), "w") as f:
+    tmp = os.path.join(directory, f".started-{tag}")
+    with open(tmp, "w") as f:  # whole or not at all: the test reads it as soon as it exists
         f.write(cuda or "")
+    os.replace(tmp, os.path.join(directory, f"started-{tag}"))
     deadline = time.monotonic() + 30  # a failed test still ends
     while not os.path.exists(os.path.join(directory, "go")) and time.monotonic() < deadline:
         time.sleep(0.02)
