@@ -197,8 +197,9 @@ class Executor(_BaseExecutor):
     embedded local cluster; ``max_workers`` sizes that cluster when this executor is the one
     that starts it (as with ``ProcessPoolExecutor``; an already running cluster is reused).
     ``initializer(*initargs)`` runs once in each task process before the first task of this
-    job there; if it raises, those tasks fail with ``InitializerError`` (a ``BrokenExecutor``). All tasks of one executor form one job: its ``priority`` (higher
-    runs first), ``limits`` and ``env`` (extra environment variables) apply to every task.
+    job there; if it raises, those tasks fail with ``InitializerError`` (a ``BrokenExecutor``).
+    All tasks of one executor form one job: its ``priority`` (higher runs first), ``limits``
+    and ``env`` (extra environment variables) apply to every task.
     """
 
     def __init__(self, redis_url: str | None = None, job_name: str | None = None,

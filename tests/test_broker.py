@@ -66,8 +66,8 @@ def _job(b, limits=None):
     job, k = f"job{uuid.uuid4().hex[:6]}.0", b.keys
     pipe = b.r.pipeline()
     pipe.command("SET", k.client("c"), 1, "EX", 30)
-    b.create_job(pipe, job, "c", job, 1, {"timeout": None}, (limits or Limits()).requirement_fields(),
-                 time.time())
+    fields = (limits or Limits()).requirement_fields()
+    b.create_job(pipe, job, "c", job, 1, {"timeout": None}, fields, time.time())
     pipe.execute()
     return job
 
