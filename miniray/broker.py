@@ -66,20 +66,27 @@ local function requirements(gpus, cpus, nodes, gpu_mem, triton)
   end
 end
 local REQ = {'req_gpus', 'req_cpus', 'req_nodes', 'req_gpu_mem', 'req_triton'}
+local function pop_waiter()
+  -- the slot that went idle last (taken out of idle), or nil; a slot of a worker that left
+  -- may have registered as it went: it is dropped
+  while true do
+    local w = redis.call('ZPOPMAX', K('idle'))
+    if #w == 0 then return nil end
+    if redis.call('ZSCORE', K('workers'), string.match(w[1], '^(.*)/%d+$')) then return w[1] end
+  end
+end
 local function wake(n, req)
   -- wake-ups for the n slots that went idle last: a process that has just finished a task
-  -- takes the next one while its caches are warm; no slot waiting, no token. A slot of a
-  -- worker that left may have registered as it went: it is dropped. For a job with
+  -- takes the next one while its caches are warm; no slot waiting, no token (see
+  -- pop_waiter). For a job with
   -- requirements (see requirements()) slots of workers that can never run it stay idle:
   -- waking them would leave the work waiting for a fitting slot's timeout
   if not req then
     while n > 0 do
-      local w = redis.call('ZPOPMAX', K('idle'))
-      if #w == 0 then return end
-      if redis.call('ZSCORE', K('workers'), string.match(w[1], '^(.*)/%d+$')) then
-        redis.call('RPUSH', K('wake', w[1]), '1')
-        n = n - 1
-      end
+      local w = pop_waiter()
+      if not w then return end
+      redis.call('RPUSH', K('wake', w), '1')
+      n = n - 1
     end
     return
   end
@@ -167,19 +174,14 @@ local chunk, nframes, items = parse(entry)
 redis.call('HSET', K('tasks', job), chunk, payload)
 event(job, ARGV[6], 'kind', 'queued', 'count', items)
 local req = requirements(m[3], m[4], m[5], m[6], m[7])
-if not req then
-  while true do
-    local w = redis.call('ZPOPMAX', K('idle'))
-    if #w == 0 then break end
-    local wid, slot = string.match(w[1], '^(.*)/(%d+)$')
-    if redis.call('ZSCORE', K('workers'), wid) then
-      redis.call('HSET', K('wip', wid), job .. '/' .. chunk, entry .. '@' .. slot)
-      redis.call('HINCRBY', jk, 'running', items)
-      event(job, ARGV[6], 'kind', 'started', 'worker', wid, 'count', items)
-      redis.call('RPUSH', K('hand', w[1]), job, m[2] or '', entry, payload)
-      return 1
-    end
-  end
+local w = not req and pop_waiter()
+if w then
+  local wid, slot = string.match(w, '^(.*)/(%d+)$')
+  redis.call('HSET', K('wip', wid), job .. '/' .. chunk, entry .. '@' .. slot)
+  redis.call('HINCRBY', jk, 'running', items)
+  event(job, ARGV[6], 'kind', 'started', 'worker', wid, 'count', items)
+  redis.call('RPUSH', K('hand', w), job, m[2] or '', entry, payload)
+  return 1
 end
 redis.call('RPUSH', K('q', job), entry)
 redis.call('ZADD', K('jobs'), ARGV[3], job)
