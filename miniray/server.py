@@ -14,11 +14,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from urllib.parse import quote
 
 from .errors import ServerError
+from .scratch import private_dir
 
 __all__ = ["find_server_binary", "ServerProcess"]
 
@@ -83,8 +83,7 @@ class ServerProcess:
                  tcp: bool = False, log_path: str | None = None, wait: bool = True,
                  password: str | None = None):
         self.binary = find_server_binary(binary)
-        self.dir = tempfile.mkdtemp(prefix="miniray-")
-        os.chmod(self.dir, 0o700)
+        self.dir = private_dir("server")  # (0700: the config holds the password)
         self.password = password or secrets.token_urlsafe(24)
         self.socket_path = None if tcp or port else os.path.join(self.dir, "redis.sock")
         self.port = (port or _free_port()) if (tcp or port) else 0
