@@ -333,8 +333,10 @@ if client then
   redis.call('HINCRBY', jk, 'running', -(done + failed))
   if done > 0 then redis.call('HINCRBY', jk, 'done', done) end
   if failed > 0 then redis.call('HINCRBY', jk, 'failed', failed) end
-  redis.call('RPUSH', K('res', client), ARGV[6])
-  redis.call('EXPIRE', K('res', client), ARGV[4])
+  if ARGV[6] ~= '' then  -- '': the message went to the client directly (miniray.inbox)
+    redis.call('RPUSH', K('res', client), ARGV[6])
+    redis.call('EXPIRE', K('res', client), ARGV[4])
+  end
   event(job, ARGV[5], 'kind', failed > 0 and 'failed' or 'finished', 'worker', wid,
         'done', done, 'failed', failed)
 end
@@ -572,8 +574,10 @@ class Broker:
 
     def complete(self, pipe, worker: str, job: str, chunks: list, ttl: int, maxlen: int,
                  msg: bytes, idle: str = "") -> None:
-        """Report finished items: ``chunks`` is [(entry, n_done, n_failed, final)]. With
-        ``idle`` (a waiter) that slot then goes idle, as ``idle`` would have it."""
+        """Report finished items: ``chunks`` is [(entry, n_done, n_failed, final)]; ``msg``
+        goes to the client's results (b"": it went there past the server, see
+        ``miniray.inbox``). With ``idle`` (a waiter) that slot then goes idle, as ``idle``
+        would have it."""
         args = [self.ns, worker, job, ttl, maxlen, msg, idle, repr(time.time()) if idle else ""]
         for entry, n_done, n_failed, final in chunks:
             args += [entry, n_done, n_failed, int(final)]

@@ -15,6 +15,8 @@ MINIRAY_WORKER_DEAD_SECONDS    10.0        a worker silent this long is dead; it
 MINIRAY_MAX_RETRIES            1           requeues of a task whose worker died, then WorkerLostError
 MINIRAY_FUNCTION_TTL_SECONDS   86400       how long a pickled function stays in Redis unused
 MINIRAY_RESULT_TTL_SECONDS     86400       how long unread results stay in Redis
+MINIRAY_DIRECT_RESULTS         1           0: results from task processes on the client's
+                                           machine go through Redis too (see miniray.inbox)
 MINIRAY_LOG_STREAM_MAXLEN      10000       log lines kept per job (approximate, oldest dropped)
 MINIRAY_EVENT_STREAM_MAXLEN    10000       task events kept per job (approximate)
 MINIRAY_KILL_GRACE_SECONDS     2.0         SIGINT -> SIGKILL grace for cancelled running tasks
@@ -60,6 +62,7 @@ class Settings:
     max_retries: int = 1
     function_ttl_seconds: int = 86400
     result_ttl_seconds: int = 86400
+    direct_results: bool = True
     log_stream_maxlen: int = 10000
     event_stream_maxlen: int = 10000
     kill_grace_seconds: float = 2.0
@@ -79,6 +82,7 @@ class Settings:
             max_retries=_env("MINIRAY_MAX_RETRIES", 1, int),
             function_ttl_seconds=_env("MINIRAY_FUNCTION_TTL_SECONDS", 86400, int),
             result_ttl_seconds=_env("MINIRAY_RESULT_TTL_SECONDS", 86400, int),
+            direct_results=_env("MINIRAY_DIRECT_RESULTS", 1, int) != 0,
             log_stream_maxlen=_env("MINIRAY_LOG_STREAM_MAXLEN", 10000, int),
             event_stream_maxlen=_env("MINIRAY_EVENT_STREAM_MAXLEN", 10000, int),
             kill_grace_seconds=_env("MINIRAY_KILL_GRACE_SECONDS", 2.0, float),

@@ -5,6 +5,7 @@
     submit()/map() --> outbox --[flusher thread: one pipeline per batch]--> tasks:{job}, q:{job}
                                                                               | workers claim
     futures <-- [reader: BLMPOP res:{client}, many at a time] <-------------- res:{client}
+            <-- [the same reader: this machine's task processes, past the server] <- inbox
 
 ``submit`` pickles at once (so a bad argument fails in the caller); a lone submit is sent from
 the caller, a burst goes to the flusher thread, which sends everything queued in one round
@@ -12,7 +13,8 @@ trip. Result messages are popped in batches by one reader at a time: a thread wa
 ``result()`` while nobody else reads (no thread hand-off on the latency path), else the
 results thread, which also renews this client's liveness key each second and reaps dead
 workers (so work held by a dead worker is requeued even when no other worker is alive to
-notice).
+notice). Task processes on this machine send small results to the executor's inbox directly
+(``miniray.inbox``); the reader's wait ends for either.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from . import observe
 from .broker import Broker, _redact, connect
 from .config import settings
+from .inbox import Inbox
 from .errors import (
     ConfigurationError,
     JobCancelledError,
@@ -237,11 +240,15 @@ class Executor(_BaseExecutor):
         self._submit_errors: list = []
         self._r.on_deferred_error = self._submit_errors.append
         self._rr = connect(url)  # results: BLMPOP by whichever thread reads (see _read_once)
+        # results from task processes on this machine come straight here (miniray.inbox)
+        self._inbox = Inbox.open() if s.direct_results else None
+        self._direct_last: dict = {}  # (worker, pid) -> its last chunk finished that way
         self._read_lock = threading.Lock()
         self._read_cond = threading.Condition(self._read_lock)
         self._reader: int | None = None  # the thread that reads results now
         self._read_owed = False  # a BLMPOP was sent whose reply nobody has read yet
         self._undelivered: list = []  # result messages popped and not delivered yet
+        self._undelivered_direct: list = []  # the same from the inbox (delivered first)
         self._demand = False  # futures wait for the results thread to deliver (MinirayFuture)
         self._closed = False
         self._ru = None  # the results thread's, for upkeep (see _results_loop)
@@ -284,6 +291,8 @@ class Executor(_BaseExecutor):
         spec = {"timeout": lim.timeout_seconds, "memory_bytes": lim.memory_bytes,
                 "cpus": lim.cpus, "gpus": lim.gpus, "gpu_mem": lim.gpu_memory_mb,
                 "triton": lim.triton, "env": self.env, "init": self._init_sha}
+        if self._inbox is not None:
+            spec["inbox"] = self._inbox.address
         pipe = self._r.pipeline()
         pipe.command("SET", self.keys.client(self.client_id), os.getpid(), "EX", 30)
         self._broker.create_job(pipe, self.job_id, self.client_id, self.job_name,
@@ -557,23 +566,38 @@ class Executor(_BaseExecutor):
     def _read_once(self, timeout: float, give_up: float | None = None) -> None:
         """One BLMPOP of result messages (waiting up to ``timeout`` s) and their delivery;
         ``give_up``: seconds after which to stop waiting for the reply (ReplyTimeout).
-        Only the reader calls it; a reply left owed by an earlier reader is read first."""
-        if not self._undelivered:
+        Only the reader calls it; a reply left owed by an earlier reader is read first.
+
+        Messages in the inbox end the wait early (the BLMPOP stays owed, for the next
+        read), and go first: a crash report that came through Redis names the items still
+        missing after the outcomes their process had sent directly."""
+        if not self._undelivered and not self._undelivered_direct:
             if not self._read_owed:
                 self._rr.send_command("BLMPOP", round(max(timeout, 0.001), 3), 1,
                                       self.keys.results(self.client_id), "LEFT", "COUNT", 1024)
                 self._read_owed = True
             try:
-                got = self._rr.read_reply(give_up)
+                if self._inbox is not None and not self._rr.wait_reply_or(
+                        self._inbox.fileno(), give_up):
+                    got = False  # (the BLMPOP's reply stays owed)
+                else:
+                    got = self._rr.read_reply(give_up)
             except ConnectionLost:
                 self._read_owed = False  # (with the connection: a new one owes nothing)
                 raise
-            self._read_owed = False
-            if isinstance(got, Exception):
-                raise got
-            self._undelivered = list(got[1]) if got else []
-        # popped from the server: each is delivered before the next reader reads (a caller
-        # interrupted here, by Ctrl-C, leaves the rest to the next one)
+            if got is not False:
+                self._read_owed = False
+                if isinstance(got, Exception):
+                    raise got
+                self._undelivered = list(got[1]) if got else []
+            if self._inbox is not None:
+                self._undelivered_direct = self._inbox.drain()
+        # taken from the server or the inbox: each is delivered before the next reader reads
+        # (a caller interrupted here, by Ctrl-C, leaves the rest to the next one)
+        msgs = self._undelivered_direct
+        while msgs:
+            self._deliver(msgs[0], direct=True)
+            del msgs[0]
         msgs = self._undelivered
         while msgs:
             self._deliver(msgs[0])
@@ -632,8 +656,10 @@ class Executor(_BaseExecutor):
                     upkeep = now >= next_upkeep
                     if not self._refs and not self._outbox:
                         self._demand = False
-                    if upkeep or (self._reader is None and not finished
-                                  and (self._demand or self._read_owed)):
+                    # (a BLMPOP left owed is a reason to read, unless results also come
+                    # to the inbox: then it is the usual state after a direct result)
+                    if upkeep or (self._reader is None and not finished and (
+                            self._demand or (self._read_owed and self._inbox is None))):
                         break
                     self._read_cond.wait(next_upkeep - now)
                 if self._closed:
@@ -671,7 +697,29 @@ class Executor(_BaseExecutor):
                         self._reader = None
         self._close_job()
 
-    def _deliver(self, msg: bytes) -> None:
+    def _await_reports(self, timeout: float = 5.0) -> None:
+        """Wait until the server has the reports of the outcomes that reached this client
+        straight from their task processes (``miniray.inbox``), so that ``progress()``,
+        ``events()`` and ``logs()`` after a ``result()`` count its task. A process reports
+        right after it sends, so this is a wait only when a process was held up in between
+        (each one's reports arrive in order: its last chunk finished stands for the rest)."""
+        deadline = time.monotonic() + timeout
+        while self._direct_last:
+            last = list(self._direct_last.items())
+            there = self._r.pipeline_raw([("HEXISTS", self.keys.wip(worker),
+                                           Keys.wip_field(self.job_id, chunk))
+                                          for (worker, _), chunk in last])
+            late = time.monotonic() > deadline  # (it died before reporting: the chunk reruns)
+            with self._lock:
+                for (key, chunk), held in zip(last, there):
+                    if (not held or late) and self._direct_last.get(key) == chunk:
+                        del self._direct_last[key]
+            if late:
+                return
+            time.sleep(0.002)
+
+    def _deliver(self, msg: bytes, direct: bool = False) -> None:
+        """Settle what a result message says (``direct``: it came to the inbox)."""
         if msg == b"S":
             return  # shutdown's wake-up call
         decoded = decode_message(msg)
@@ -685,6 +733,11 @@ class Executor(_BaseExecutor):
                 self._settle(ref, None, [], {-1: (err, "", None)}, True, decoded.worker, "?", 0)
             return
         header, blob = decoded
+        if direct:
+            for chunk, final in header.chunks:
+                if final:  # its process's report follows: see _await_reports
+                    with self._lock:
+                        self._direct_last[(header.worker, header.pid)] = chunk
         refs = [self._refs.get(chunk) for chunk, _ in header.chunks]
         if not any(refs):
             return  # duplicates after a retry, or cancelled tasks
@@ -854,6 +907,7 @@ class Executor(_BaseExecutor):
         try:
             pipe = self._r.pipeline()
             if self._broken is None:
+                self._await_reports()  # marked done after its last outcome has landed
                 pipe.command("HSET", k.job(job), "state", "done")
             for key in (k.job(job), k.logs(job), k.events(job), k.attempts(job)):
                 pipe.command("EXPIRE", key, s.result_ttl_seconds)
@@ -868,10 +922,13 @@ class Executor(_BaseExecutor):
                 c.close()
             except Exception:
                 pass
+        if self._inbox is not None:  # (no reader is left: _closed is set)
+            self._inbox.close()
 
     # -- observation (the notebook face uses these) ------------------------------------------
     def progress(self) -> dict:
         """Counters of this job: queued, running, done, failed, cancelled, state."""
+        self._await_reports()
         return observe.job_progress(self._r, self.keys, self.job_id)
 
     def logs(self, follow: bool = False, timeout: float | None = None, since: str = "0-0"):
@@ -887,6 +944,7 @@ class Executor(_BaseExecutor):
         return self._stream(observe.iter_events, follow, timeout, since)
 
     def _stream(self, reader, follow, timeout, since):
+        self._await_reports()
         conn = connect(self.redis_url)
         try:
             yield from reader(conn, self.keys, self.job_id, follow=follow, timeout=timeout,
@@ -903,7 +961,12 @@ class Executor(_BaseExecutor):
         return observe.list_workers(self._r, self.keys)
 
     def _finished_event(self):
-        return lambda: self._shutdown and not self._refs
+        def finished():
+            if not (self._shutdown and not self._refs):
+                return False
+            self._await_reports()  # the last lines come before the last reports
+            return True
+        return finished
 
 
 def _decorate(exc, tb: str, task: int, job: str, worker: str, host: str, pid) -> BaseException:
@@ -982,4 +1045,6 @@ def _shutdown_all() -> None:
             ex.shutdown(wait=False, cancel_futures=True)
         except Exception:
             pass
+        if ex._inbox is not None:
+            ex._inbox.remove()  # (its socket stays open for a reader still at work)
 

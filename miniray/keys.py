@@ -14,7 +14,9 @@ warm, instead of every idle process taking turns. Work with requirements (GPUs, 
 Triton) skips the slots of workers whose heartbeat says they can never run it. A lone small
 chunk of a job without requirements is handed over whole: its publish does what the slot's
 claim would (``wip``, counters, "started") and leaves the claim's reply in
-``hand:{worker}/{slot}``, which the slot's wait pops ahead of its wake-ups.
+``hand:{worker}/{slot}``, which the slot's wait pops ahead of its wake-ups. A task process on
+the client's machine sends a small result message to the client directly (``miniray.inbox``),
+then completes without it: ``res:{client}`` carries the rest.
 
 ==========================  ======  ==================  ================  =====================
 key                         type    TTL                 written by        read by
@@ -142,6 +144,10 @@ class Keys:
 
     def triton_used(self, server: str) -> str:
         return f"{self.ns}:triton:{server}:used"
+
+    @staticmethod
+    def wip_field(job: str, chunk: int) -> str:
+        return f"{job}/{chunk}"
 
     @staticmethod
     def queue_entry(chunk: int, nframes: int, items: int) -> str:

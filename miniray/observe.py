@@ -163,7 +163,7 @@ def _iter_stream(r, key, follow, timeout, since, stop) -> Iterator[tuple]:
             continue
         if not entries and ((deadline is not None and time.monotonic() >= deadline)
                             or (stop is not None and stop())):
-            return
+            follow = False  # one more look, for what landed while stop() looked, then the end
 
 
 def iter_logs(r, keys: Keys, job: str, follow=False, timeout=None, since="0-0",

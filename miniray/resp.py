@@ -86,6 +86,7 @@ class Connection:
         self._lock = threading.Lock()
         self._owed = 0  # replies to commands sent with send_deferred, not read yet
         self._buf = bytearray(_READ_SIZE)
+        self._other = None
         self.on_deferred_error = None  # called with each error reply among them
 
     # -- connection ---------------------------------------------------------------------------
@@ -106,6 +107,7 @@ class Connection:
         self._sock = sock
         self._poller = select.poll()  # (not select.select: no limit on the fd number)
         self._poller.register(sock.fileno(), select.POLLIN)
+        self._other = None  # (fd, a poller of both) for wait_reply_or
         self._owed = 0
         self._reader = hiredis.Reader(replyError=_reply_error)
         hello = []
@@ -230,6 +232,26 @@ class Connection:
             reply = self._next_reply(None if timeout is None else time.monotonic() + timeout)
             self._owed -= 1
             return reply
+
+    def wait_reply_or(self, fd: int, timeout: float | None = None) -> bool:
+        """Wait until the owed reply can be read (True: ``read_reply`` takes it) or ``fd``
+        is readable (False); ReplyTimeout after ``timeout`` seconds with neither."""
+        with self._lock:
+            if self._sock is None or not self._owed:
+                raise ConnectionLost(f"no reply is owed on the connection to {redact(self.url)} "
+                                     "(it was lost)")
+            if self._reader.has_data():  # (part of) a reply read already
+                return True
+            if self._other is None or self._other[0] != fd:
+                poller = select.poll()
+                poller.register(self._sock.fileno(), select.POLLIN)
+                poller.register(fd, select.POLLIN)
+                self._other = (fd, poller)
+            ready = self._other[1].poll(None if timeout is None
+                                        else max(0, math.ceil(timeout * 1000)))
+            if not ready:
+                raise ReplyTimeout(f"no reply from {redact(self.url)} in time")
+            return not any(f == fd for f, _ in ready)
 
     def read_deferred(self, n: int | None = None) -> None:
         """Read the replies still owed for ``send_deferred`` commands (the oldest ``n``)."""

@@ -15,7 +15,9 @@ no hop through the worker process:
   process with those limits and sends it there (as it sends chunks after a crash, and every
   chunk on GPU workers, whose claims the worker makes under its GPU lock);
 - outcomes go to Redis with the complete script: fast items batched (flushed every
-  ``FLUSH_SECONDS``), a slow item's at once.
+  ``FLUSH_SECONDS``), a slow item's at once. A client on this machine gets the result message
+  straight from here first, and the script then counts the outcomes without it
+  (``miniray.inbox``).
 
 The worker supervises: it is told of every chunk (``claimed``: at once for a chunk with a
 timeout, else with the next message) and of every outcome once Redis has it (``done``), so
@@ -63,6 +65,7 @@ import types
 
 from miniray.broker import HAND_LEN, Broker, connect, parse_claim
 from miniray.config import settings
+from miniray.inbox import Sender
 from miniray.keys import Keys
 from miniray.protocol import ResultHeader, decode_chunk_head, encode_result
 from miniray.resp import ConnectionLost, NoScriptError, RedisError
@@ -161,6 +164,7 @@ class Runner:
         self.last_flush = time.monotonic()
         self.hello = hello
         self.pid = os.getpid()  # (a system call each time: once per outcome adds up)
+        self.sender = Sender()  # results to clients on this machine (see miniray.inbox)
         self.queue: collections.deque[_Work] = collections.deque()
         self.held: dict[int, _Work] = {}  # seq -> work until its final outcome is in Redis
         self.next_seq = 1 << 40  # seqs of our own claims; the worker's are small
@@ -473,6 +477,9 @@ class Runner:
                     del self.held[seq]
             msg = encode_result(ResultHeader(h["worker_id"], h["host"], self.pid, header),
                                 _dumps_batches(batches))
+            # straight to a client on this machine, then the report without it (see inbox)
+            if self.sender.send(w.spec.get("inbox"), msg):
+                msg = b""
             calls.append((job, chunks, msg))
         want = (self.target - len(self.queue)) if claim and self.claiming else 0
         self.log_send.acquire()  # lines a task printed land before its outcome

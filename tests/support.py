@@ -101,3 +101,62 @@ def miniray_descendants():
     me = psutil.Process()
     return [p for p in me.children(recursive=True) if p.is_running()
             and p.status() != psutil.STATUS_ZOMBIE]
+
+
+class SlowLink:
+    """A TCP relay to ``url``'s server that holds what its clients send for ``delay`` seconds
+    (replies pass at once): a worker behind it reports late, as over a congested network.
+    ``url`` is the relay's own, with the same password."""
+
+    def __init__(self, url, delay):
+        import socket
+        import threading
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        self.target, self.delay = (parts.hostname, parts.port), delay
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        port = self._listener.getsockname()[1]
+        self.url = url.replace(f":{parts.port}", f":{port}", 1)
+        self._socks = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                down, _ = self._listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(self.target)
+            self._socks += [down, up]
+            threading.Thread(target=self._pump, args=(down, up, self.delay), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, down, 0.0), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst, delay):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if delay:
+                    time.sleep(delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def close(self):
+        self._listener.close()
+        for s in self._socks:
+            try:
+                s.close()
+            except OSError:
+                pass

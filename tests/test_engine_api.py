@@ -240,19 +240,23 @@ print(json.dumps({"workers": len(ex.workers()), "tcp": [list(a) for a in listeni
 
 
 def test_local_cluster_dies_with_its_process_even_on_sigkill():
+    """... and the next miniray process sweeps away the directories it left (server socket,
+    config and logs, the executor's inbox), as after a notebook kernel restart."""
     code = """
 import os, sys, time, miniray
 ex = miniray.Executor()
 assert ex.submit(abs, -1).result(timeout=30) == 1
 c = miniray.local._cluster
 print(" ".join(str(p) for p in [c.server.proc.pid, *c.worker_pids()]), flush=True)
+print(c.server.dir, os.path.dirname(ex._inbox.path), flush=True)
 time.sleep(60)
 """
     env = {k: v for k, v in os.environ.items() if k not in ("MINIRAY_REDIS_URL",)}
     p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                          text=True)
     pids = [int(x) for x in p.stdout.readline().split()]
-    assert len(pids) >= 2
+    dirs = p.stdout.readline().split()
+    assert len(pids) >= 2 and len(dirs) == 2 and all(os.path.isdir(d) for d in dirs)
     p.kill()
     p.wait()
     p.stdout.close()
@@ -261,9 +265,14 @@ time.sleep(60)
         alive = [pid for pid in pids if psutil.pid_exists(pid)
                  and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
         if not alive:
-            return
+            break
         time.sleep(0.1)
-    raise AssertionError(f"still running after the owner was killed: {alive}")
+    else:
+        raise AssertionError(f"still running after the owner was killed: {alive}")
+    assert all(os.path.isdir(d) for d in dirs)  # a killed process cannot clean up
+    out = _run_script("import miniray; print(miniray.Executor().submit(abs, -2).result())")
+    assert out.returncode == 0 and out.stdout.strip() == "2", out.stderr
+    assert not any(os.path.exists(d) for d in dirs), dirs
 
 
 def test_local_cluster_started_from_a_short_lived_thread_outlives_it():
