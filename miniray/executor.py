@@ -733,11 +733,11 @@ class Executor(_BaseExecutor):
                 self._settle(ref, None, [], {-1: (err, "", None)}, True, decoded.worker, "?", 0)
             return
         header, blob = decoded
-        if direct:
-            for chunk, final in header.chunks:
-                if final:  # its process's report follows: see _await_reports
-                    with self._lock:
-                        self._direct_last[(header.worker, header.pid)] = chunk
+        if direct:  # its process's report follows: see _await_reports
+            finals = [chunk for chunk, final in header.chunks if final]
+            if finals:
+                with self._lock:
+                    self._direct_last[(header.worker, header.pid)] = finals[-1]
         refs = [self._refs.get(chunk) for chunk, _ in header.chunks]
         if not any(refs):
             return  # duplicates after a retry, or cancelled tasks

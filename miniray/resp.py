@@ -226,20 +226,21 @@ class Connection:
         (KeyboardInterrupt), the reply is still owed: the next call reads it. Nothing that
         the server sent is dropped."""
         with self._lock:
-            if self._sock is None or not self._owed:
-                raise ConnectionLost(f"no reply is owed on the connection to {redact(self.url)} "
-                                     "(it was lost)")
+            self._check_owed()
             reply = self._next_reply(None if timeout is None else time.monotonic() + timeout)
             self._owed -= 1
             return reply
+
+    def _check_owed(self) -> None:
+        if self._sock is None or not self._owed:
+            raise ConnectionLost(f"no reply is owed on the connection to {redact(self.url)} "
+                                 "(it was lost)")
 
     def wait_reply_or(self, fd: int, timeout: float | None = None) -> bool:
         """Wait until the owed reply can be read (True: ``read_reply`` takes it) or ``fd``
         is readable (False); ReplyTimeout after ``timeout`` seconds with neither."""
         with self._lock:
-            if self._sock is None or not self._owed:
-                raise ConnectionLost(f"no reply is owed on the connection to {redact(self.url)} "
-                                     "(it was lost)")
+            self._check_owed()
             if self._reader.has_data():  # (part of) a reply read already
                 return True
             if self._other is None or self._other[0] != fd:
