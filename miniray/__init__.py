@@ -32,6 +32,7 @@ _EXPORTS = {
     "MemoryLimitError": "errors",
     "TaskCrashedError": "errors",
     "WorkerLostError": "errors",
+    "JobAbandonedError": "errors",
     "JobCancelledError": "errors",
     "InitializerError": "errors",
     "TritonError": "errors",

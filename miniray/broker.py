@@ -16,7 +16,7 @@ from .errors import ConfigurationError, ServerError
 from .keys import Keys
 from .resp import Connection, NoScriptError, RedisError, ReplyError, redact
 
-__all__ = ["HAND_LEN", "Broker", "connect", "parse_claim"]
+__all__ = ["HAND_LEN", "Broker", "connect", "job_ttl", "parse_claim"]
 
 HAND_LEN = 4  # list elements of a chunk handed to a slot: job, spec, entry, frame (publish_one)
 
@@ -118,6 +118,20 @@ local function forget_waiters(wid)
     redis.call('DEL', K('wake', prefix .. slot), K('hand', prefix .. slot))
   end
 end
+local function tick(now, stall)
+  -- The server's clock as its heartbeats and reaps see it. A gap longer than ``stall`` with
+  -- neither means nobody could be heard (the server, or the whole machine, was stopped:
+  -- SIGSTOP, a suspended VM): every worker's last heartbeat moves on by the gap, so that
+  -- nobody is taken for dead for the server's own pause.
+  local last = tonumber(redis.call('GET', K('clock')) or '')
+  redis.call('SET', K('clock'), string.format('%.6f', now))
+  if last and now - last > stall then
+    local ws = redis.call('ZRANGE', K('workers'), 0, -1, 'WITHSCORES')
+    for i = 1, #ws, 2 do
+      redis.call('ZADD', K('workers'), tonumber(ws[i + 1]) + (now - last), ws[i])
+    end
+  end
+end
 local function go_idle(waiter, score)
   -- a slot about to wait: with work queued it wakes itself (its claim after the wait looks),
   -- else it registers as idle, atomically with seeing none, so the next work wakes it
@@ -179,7 +193,7 @@ if w then
   local wid, slot = string.match(w, '^(.*)/(%d+)$')
   redis.call('HSET', K('wip', wid), job .. '/' .. chunk, entry .. '@' .. slot)
   redis.call('HINCRBY', jk, 'running', items)
-  event(job, ARGV[6], 'kind', 'started', 'worker', wid, 'count', items)
+  event(job, ARGV[6], 'kind', 'started', 'worker', wid, 'count', items, 'chunks', chunk)
   redis.call('RPUSH', K('hand', w), job, m[2] or '', entry, payload)
   return 1
 end
@@ -234,9 +248,10 @@ while i <= #jobs do
     if m[2] ~= 'open' then
       redis.call('ZREM', K('jobs'), job)
     elseif redis.call('EXISTS', K('client', m[1])) == 0 then
-      -- the executor that owns the job is gone: nobody will read its results
+      -- the executor that owns the job was not heard from for its grace (it died, or it is
+      -- paused for longer): the job is given up, with the results nobody collected
       redis.call('HSET', jk, 'state', 'orphaned')
-      redis.call('DEL', K('q', job), K('tasks', job))
+      redis.call('DEL', K('q', job), K('tasks', job), K('res', m[1]))
       redis.call('ZREM', K('jobs'), job)
     else
       local fits = gpus_fit(tonumber(m[3]) or 0, tonumber(m[6]) or 0)
@@ -268,8 +283,10 @@ while i <= #jobs do
       local jk = K('job', job)
       local out = {job, spec[job]}
       local items_total = 0
+      local ids = {}
       for _, entry in ipairs(entries) do
         local chunk, nframes, items = parse(entry)
+        ids[#ids + 1] = chunk
         local frames = redis.call('HMGET', K('tasks', job), unpack(payload_fields(chunk, nframes)))
         redis.call('HSET', K('wip', wid), job .. '/' .. chunk, entry .. tag)
         out[#out + 1] = entry
@@ -279,7 +296,8 @@ while i <= #jobs do
       redis.call('HINCRBY', jk, 'queued', -items_total)
       redis.call('HINCRBY', jk, 'running', items_total)
       redis.call('ZREM', K('idle'), wid .. '/' .. (ARGV[10] or ''))  -- busy now: no wake-ups
-      event(job, ARGV[11], 'kind', 'started', 'worker', wid, 'count', items_total)
+      event(job, ARGV[11], 'kind', 'started', 'worker', wid, 'count', items_total,
+            'chunks', table.concat(ids, ','))
       return out
     end
     table.remove(tier, pick)
@@ -303,7 +321,10 @@ local wid, job = ARGV[2], ARGV[3]
 local jk = K('job', job)
 -- nil when the job is gone (it expired with its executor): nothing is counted or sent, and
 -- no key of the job is made again (it would have no TTL)
-local client = redis.call('HGET', jk, 'client')
+local meta = redis.call('HMGET', jk, 'client', 'grace')
+local client = meta[1]
+-- unread results live as long as the job would without its client (its grace), not a day
+local ttl = meta[2] or ARGV[4]
 local done, failed = 0, 0
 for i = 9, #ARGV, 4 do
   local entry = ARGV[i]
@@ -335,7 +356,7 @@ if client then
   if failed > 0 then redis.call('HINCRBY', jk, 'failed', failed) end
   if ARGV[6] ~= '' then  -- '': the message went to the client directly (miniray.inbox)
     redis.call('RPUSH', K('res', client), ARGV[6])
-    redis.call('EXPIRE', K('res', client), ARGV[4])
+    redis.call('EXPIRE', K('res', client), ttl)
   end
   event(job, ARGV[5], 'kind', failed > 0 and 'failed' or 'finished', 'worker', wid,
         'done', done, 'failed', failed)
@@ -373,16 +394,17 @@ end
 return entries
 """
 
-# ARGV: ns worker info_json ttl job1 job2 ... -> {server_time, cancelled jobs...}
+# ARGV: ns worker info_json ttl stall job1 job2 ... -> {server_time, cancelled jobs...}
 _HEARTBEAT = _PRELUDE + r"""
 local wid = ARGV[2]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+tick(now, tonumber(ARGV[5]))
 redis.call('ZADD', K('workers'), now, wid)
 redis.call('HSET', K('worker', wid), 'info', ARGV[3], 'seen', tostring(now))
 redis.call('EXPIRE', K('worker', wid), ARGV[4])
 local out = {tostring(now)}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local st = redis.call('HGET', K('job', ARGV[i]), 'state')
   if st ~= 'open' and st ~= 'closing' then out[#out + 1] = ARGV[i] end
 end
@@ -393,6 +415,7 @@ return out
 _REAP = _PRELUDE + r"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+tick(now, tonumber(ARGV[2]) / 2)
 local dead = redis.call('ZRANGEBYSCORE', K('workers'), '-inf', now - tonumber(ARGV[2]))
 local max_retries = tonumber(ARGV[3])
 for _, wid in ipairs(dead) do
@@ -440,6 +463,12 @@ redis.call('DEL', K('wip', wid), K('worker', wid))
 redis.call('ZREM', K('workers'), wid)
 return n
 """
+
+
+def job_ttl(grace: float) -> int:
+    """Seconds an open job's keys live unless its executor renews them: a minute past the
+    client's grace (``MINIRAY_CLIENT_GRACE_SECONDS``)."""
+    return max(1, round(grace)) + 60
 
 
 def parse_claim(claimed: list) -> tuple:
@@ -527,15 +556,20 @@ class Broker:
 
     # -- executor side -------------------------------------------------------------------
     def create_job(self, pipe, job: str, client: str, name: str, priority: int, spec: dict,
-                   requirements: dict, created: float) -> None:
+                   requirements: dict, created: float, grace: float = 600.0) -> None:
+        """A new open job. ``grace``: how long the cluster keeps it, and its client's unread
+        results, while it hears nothing from the client (see ``client:{client}``)."""
         k = self.keys
         fields = {
             "client": client, "name": name, "priority": priority, "state": "open",
             "created": created, "spec": json.dumps(spec), "queued": 0, "running": 0,
-            "done": 0, "failed": 0, "cancelled": 0, **requirements,
+            "done": 0, "failed": 0, "cancelled": 0, "grace": max(1, round(grace)),
+            **requirements,
         }
         pipe.command("HSET", k.job(job), *[x for kv in fields.items() for x in kv])
-        pipe.command("EXPIRE", k.job(job), 300)  # renewed by the executor while it lives
+        # renewed by the executor while it lives; outlives the client key, so that a claim
+        # finds the job of a silent client and gives it up
+        pipe.command("EXPIRE", k.job(job), job_ttl(grace))
         pipe.command("ZADD", k.jobs_all, created, job)
         pipe.command("ZREMRANGEBYRANK", k.jobs_all, 0, -1001)  # the newest 1000 jobs
 
@@ -552,8 +586,15 @@ class Broker:
     def cancel_chunk(self, job: str, entry: str) -> bool:
         return bool(self._run("cancel_chunk", [self.ns, job, entry]))
 
-    def cancel_job(self, job: str, state: str = "cancelled", maxlen: int = 10000) -> list:
-        return [e.decode() for e in self._run("cancel_job", [self.ns, job, state, maxlen]) or []]
+    def cancel_job(self, job: str, state: str = "cancelled", maxlen: int = 10000,
+                   pipe=None) -> list:
+        """Close ``job`` (``state``), dropping its queued chunks; returns their entries (none
+        when queued on ``pipe``)."""
+        args = [self.ns, job, state, maxlen]
+        if pipe is not None:
+            self._run("cancel_job", args, pipe)
+            return []
+        return [e.decode() for e in self._run("cancel_job", args) or []]
 
     # -- worker side ---------------------------------------------------------------------
     def claim(self, worker: str, max_chunks: int, name: str, host: str, free_gpus: int,
@@ -583,8 +624,16 @@ class Broker:
             args += [entry, n_done, n_failed, int(final)]
         self._run("complete", args, pipe)
 
-    def heartbeat(self, worker: str, info: dict, ttl: int, jobs=(), pipe=None):
-        return self._run("heartbeat", [self.ns, worker, json.dumps(info), ttl, *jobs], pipe)
+    def heartbeat(self, worker: str, info: dict, ttl: int, jobs=(), pipe=None,
+                  stall: float | None = None):
+        """Record a worker's heartbeat (``info``, kept ``ttl`` s); returns the server's time
+        and which of ``jobs`` are no longer open. A gap over ``stall`` seconds since anyone's
+        last heartbeat or reap is taken for a stopped server (see ``tick`` in the scripts):
+        by default half the dead timeout, which ``ttl`` is three times."""
+        if stall is None:
+            stall = ttl / 6
+        return self._run("heartbeat", [self.ns, worker, json.dumps(info), ttl, stall, *jobs],
+                         pipe)
 
     def reap(self, dead_after: float, max_retries: int, maxlen: int, ttl: int, pipe=None):
         return self._run("reap", [self.ns, dead_after, max_retries, maxlen, ttl], pipe)

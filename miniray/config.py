@@ -13,6 +13,11 @@ MINIRAY_SERVER_BIN             (search)    redis-server/valkey-server binary for
 MINIRAY_HEARTBEAT_SECONDS      1.0         how often a worker heartbeats
 MINIRAY_WORKER_DEAD_SECONDS    10.0        a worker silent this long is dead; its tasks requeue
 MINIRAY_MAX_RETRIES            1           requeues of a task whose worker died, then WorkerLostError
+MINIRAY_CLIENT_GRACE_SECONDS   600         how long the cluster keeps an executor's job while it
+                                           hears nothing from it (a paused laptop, a debugger, a
+                                           dead process); then the job is given up, with its
+                                           unread results, and the executor, if it comes back,
+                                           fails what was pending with JobAbandonedError
 MINIRAY_FUNCTION_TTL_SECONDS   86400       how long a pickled function stays in Redis unused
 MINIRAY_RESULT_TTL_SECONDS     86400       how long unread results stay in Redis
 MINIRAY_DIRECT_RESULTS         1           0: results from task processes on the client's
@@ -60,6 +65,7 @@ class Settings:
     heartbeat_seconds: float = 1.0
     worker_dead_seconds: float = 10.0
     max_retries: int = 1
+    client_grace_seconds: float = 600.0
     function_ttl_seconds: int = 86400
     result_ttl_seconds: int = 86400
     direct_results: bool = True
@@ -80,6 +86,7 @@ class Settings:
             heartbeat_seconds=_env("MINIRAY_HEARTBEAT_SECONDS", 1.0, float),
             worker_dead_seconds=_env("MINIRAY_WORKER_DEAD_SECONDS", 10.0, float),
             max_retries=_env("MINIRAY_MAX_RETRIES", 1, int),
+            client_grace_seconds=_env("MINIRAY_CLIENT_GRACE_SECONDS", 600.0, float),
             function_ttl_seconds=_env("MINIRAY_FUNCTION_TTL_SECONDS", 86400, int),
             result_ttl_seconds=_env("MINIRAY_RESULT_TTL_SECONDS", 86400, int),
             direct_results=_env("MINIRAY_DIRECT_RESULTS", 1, int) != 0,

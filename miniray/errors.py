@@ -14,6 +14,8 @@ itself has to report::
      ├── MemoryLimitError        (MemoryError)      over Limits.memory_gb; tree was killed
      ├── TaskCrashedError                           the task's process died (signal, os._exit)
      ├── WorkerLostError                            its worker died, retries were used up
+     ├── JobAbandonedError                          the cluster gave the job up: it heard
+     │                                              nothing from the executor for its grace
      ├── JobCancelledError       (CancelledError)   the job was cancelled while the task ran
      ├── InitializerError        (BrokenExecutor)   the executor's initializer raised
      ├── TritonError                                the node's Triton server is missing, not
@@ -51,6 +53,7 @@ __all__ = [
     "MemoryLimitError",
     "TaskCrashedError",
     "WorkerLostError",
+    "JobAbandonedError",
     "JobCancelledError",
     "InitializerError",
     "TritonError",
@@ -106,6 +109,12 @@ class TaskCrashedError(MinirayError):
 
 class WorkerLostError(MinirayError):
     """The worker holding the task stopped heartbeating and the retries were used up."""
+
+
+class JobAbandonedError(MinirayError):
+    """The cluster gave this executor's job up: it heard nothing from the executor for longer
+    than ``MINIRAY_CLIENT_GRACE_SECONDS`` (a laptop asleep, a process stopped in a debugger),
+    so it dropped the job's queued tasks and unread results. The executor stays usable."""
 
 
 class JobCancelledError(MinirayError, CancelledError):

@@ -34,11 +34,12 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 
 from . import observe
-from .broker import Broker, _redact, connect
+from .broker import Broker, _redact, connect, job_ttl
 from .config import settings
 from .inbox import Inbox
 from .errors import (
     ConfigurationError,
+    JobAbandonedError,
     JobCancelledError,
     MinirayError,
     RemoteTraceback,
@@ -58,7 +59,6 @@ __all__ = ["Executor", "MinirayFuture"]
 _log = logging.getLogger("miniray.executor")
 
 OK = 0
-_LIVE_TTL = 300  # seconds an open job's keys outlive its executor (renewed every heartbeat)
 
 _live_executors: "weakref.WeakSet[Executor]" = weakref.WeakSet()
 
@@ -232,6 +232,7 @@ class Executor(_BaseExecutor):
         self.redis_url = url
         self.limits, self.priority, self.env = limits, priority, dict(env or {})
         self.client_id = uuid.uuid4().hex[:12]
+        self._jobs_made = 0  # a job given up during a long pause is followed by a new one
         self.job_id = f"{self.client_id}.0"
         self.job_name = job_name or self.job_id
         self._r = connect(url)
@@ -252,6 +253,8 @@ class Executor(_BaseExecutor):
         self._demand = False  # futures wait for the results thread to deliver (MinirayFuture)
         self._closed = False
         self._ru = None  # the results thread's, for upkeep (see _results_loop)
+        self._heard = time.time()  # when the server last heard from us (see _upkeep)
+        self._events_seen = "0-0"  # the job's "started" events read so far (see _mark_running)
         self._broker = Broker(self._r, s.namespace)
         self.keys = self._broker.keys
         self._lock = threading.Lock()
@@ -286,18 +289,25 @@ class Executor(_BaseExecutor):
                 f"{state} pending={len(self._refs)} server={_redact(self.redis_url)}>")
 
     # -- job ---------------------------------------------------------------------------------
-    def _create_job(self) -> None:
+    def _create_job(self, pipe=None) -> None:
+        """Create ``self.job_id`` on the server (in ``pipe`` when given, else at once)."""
         lim = self.limits
         spec = {"timeout": lim.timeout_seconds, "memory_bytes": lim.memory_bytes,
                 "cpus": lim.cpus, "gpus": lim.gpus, "gpu_mem": lim.gpu_memory_mb,
                 "triton": lim.triton, "env": self.env, "init": self._init_sha}
         if self._inbox is not None:
             spec["inbox"] = self._inbox.address
-        pipe = self._r.pipeline()
-        pipe.command("SET", self.keys.client(self.client_id), os.getpid(), "EX", 30)
+        own = pipe is None
+        if own:
+            pipe = self._r.pipeline()
+        grace = self._settings.client_grace_seconds
+        pipe.command("SET", self.keys.client(self.client_id), os.getpid(), "EX",
+                     max(1, round(grace)))
         self._broker.create_job(pipe, self.job_id, self.client_id, self.job_name,
-                                self.priority, spec, lim.requirement_fields(), time.time())
-        pipe.execute()
+                                self.priority, spec, lim.requirement_fields(), time.time(),
+                                grace)
+        if own:
+            pipe.execute()
 
     # -- submission --------------------------------------------------------------------------
     def submit(self, fn, /, *args, **kwargs) -> MinirayFuture:
@@ -356,6 +366,7 @@ class Executor(_BaseExecutor):
             mine = [MinirayFuture(None, start + i) for i in range(len(batch))]
             for f in mine:
                 f.job = self.job_id
+            chunk._items = mine  # (they run when the chunk does: see _mark_running)
             chunk.add_done_callback(lambda c, mine=mine: _split_chunk(c, mine))
             self._enqueue(sha, start, len(batch), frames, chunk, is_map=True)
             out += mine
@@ -402,7 +413,8 @@ class Executor(_BaseExecutor):
         future._ref = ref
         now = time.monotonic()
         with self._lock:
-            if self._shutdown and not is_map:
+            if self._shutdown:  # (a map racing a shutdown stops here: what it queued
+                # before runs, or is cancelled by cancel_futures, like every other task)
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._refs[ref.chunk] = ref
             wanted = future._wanted  # a callback was added before it was sent (map_futures)
@@ -606,20 +618,34 @@ class Executor(_BaseExecutor):
     def _upkeep(self, broker: Broker) -> bool:
         """Renew this client's liveness key and its job's TTLs, reap dead workers, check the
         job. False when the executor is broken."""
-        s, k = self._settings, self.keys
+        s, k, job = self._settings, self.keys, self.job_id
         # the submissions' replies that came: an error among them breaks the executor (not
         # waiting for the rest, nor holding the submit connection: the server may hang)
         self._r.read_available()
+        grace = max(1, round(s.client_grace_seconds))
         pipe = broker.r.pipeline()
-        pipe.command("SET", k.client(self.client_id), os.getpid(), "EX", 30)
+        # our liveness key, read before it is renewed: gone means that the cluster may have
+        # given our job up (we were silent for the grace: paused, or the server was)
+        pipe.command("EXISTS", k.client(self.client_id))
+        pipe.command("SET", k.client(self.client_id), os.getpid(), "EX", grace)
         # while this executor lives its job's keys do; if it dies they expire
-        for live in (k.job(self.job_id), k.logs(self.job_id), k.events(self.job_id),
-                     k.attempts(self.job_id)):
-            pipe.command("EXPIRE", live, _LIVE_TTL)
+        for live in (k.job(job), k.logs(job), k.events(job), k.attempts(job)):
+            pipe.command("EXPIRE", live, job_ttl(grace))
         broker.reap(s.worker_dead_seconds, s.max_retries, s.event_stream_maxlen,
                     s.result_ttl_seconds, pipe=pipe)
-        pipe.command("HGET", k.job(self.job_id), "state")
-        state = pipe.execute()[-1]
+        pipe.command("HGET", k.job(job), "state")
+        started = bool(self._refs)
+        if started:  # which chunks workers took: their futures are running
+            pipe.command("XRANGE", k.events(job), "(" + self._events_seen, "+", "COUNT", 10000)
+        replies = pipe.execute()
+        now = time.time()  # (wall clock: a machine's sleep counts)
+        silent, self._heard = now - self._heard, now
+        state = replies[-2] if started else replies[-1]
+        if started:
+            self._mark_running(replies[-1])
+        if not replies[0] and (state is not None or silent >= grace / 2):
+            self._abandoned(broker, job, silent)
+            return True
         if self._submit_errors:
             self._break(ServerError(
                 f"the server at {_redact(self.redis_url)} refused a submission: "
@@ -635,6 +661,54 @@ class Executor(_BaseExecutor):
                 "fail. Start a new Executor."))
             return False
         return True
+
+    def _mark_running(self, events: list) -> None:
+        """Futures of chunks a worker took are running (``Future.running()``, and ``cancel()``
+        returns False), as with ProcessPoolExecutor once a task is handed to a worker."""
+        for entry_id, fields in events:
+            self._events_seen = entry_id.decode()
+            if fields[1] != b"started":
+                continue
+            chunks = dict(zip(fields[::2], fields[1::2])).get(b"chunks")
+            for chunk in chunks.split(b",") if chunks else ():
+                ref = self._refs.get(int(chunk))
+                if ref is not None:
+                    ref.future.set_running_or_notify_cancel_safe()
+                    for item in getattr(ref.future, "_items", ()):  # (map_futures)
+                        item.set_running_or_notify_cancel_safe()
+
+    def _abandoned(self, broker: Broker, job: str, silent: float) -> None:
+        """The cluster gave our job up (or is about to: our liveness key expired) while it
+        heard nothing from us. What was pending fails with a clear error; the executor goes
+        on with a new job."""
+        grace = self._settings.client_grace_seconds
+        with self._lock:
+            while self._flushing:  # (a send to the old job must land before it is closed)
+                self._wakeup.wait(0.1)
+            refs = list(self._refs.values())
+            self._refs.clear()
+            self._outbox.clear()
+            self._jobs_made += 1
+            self.job_id = f"{self.client_id}.{self._jobs_made}"
+            self._events_seen = "0-0"
+        pipe = broker.r.pipeline()
+        broker.cancel_job(job, "orphaned", self._settings.event_stream_maxlen, pipe=pipe)
+        pipe.command("DEL", self.keys.results(self.client_id))
+        self._create_job(pipe)
+        pipe.execute()
+        _log.warning("executor %s: the cluster gave job %s up after %.0f s of silence; %d "
+                     "pending task(s) fail", self.job_name, job, silent, len(refs))
+        err = JobAbandonedError(
+            f"the cluster gave job {job} up: it heard nothing from this executor for "
+            f"{silent:.0f} s, longer than its grace of {grace:.0f} s "
+            "(MINIRAY_CLIENT_GRACE_SECONDS). Was this process paused (a laptop asleep, a "
+            "debugger)? Its queued tasks and unread results were dropped; submit them again "
+            "(this executor goes on with a new job), or raise the grace.")
+        for ref in refs:
+            try:
+                ref.future.set_exception(err)
+            except Exception:  # (settled meanwhile: cancelled, or a result came first)
+                pass
 
     def _results_loop(self) -> None:
         s = self._settings
@@ -856,6 +930,11 @@ class Executor(_BaseExecutor):
             self._outbox.clear()
             for r in local:
                 self._refs.pop(r.chunk, None)
+            # a batch being sent now must land before the job is closed: its entries would
+            # be pushed after the cancel, into a queue nobody claims from, and never settle
+            # (the send only writes to the socket: this wait is short)
+            while self._flushing and self._broken is None:
+                self._wakeup.wait(0.1)
         entries = []
         if self._broken is None:
             try:

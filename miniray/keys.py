@@ -26,9 +26,9 @@ fn:{sha}                    string  function TTL,       executor          worker
 jobs                        zset    none                executor, claim,  claim script: ready
                                     (members removed)   reaper            jobs by priority
 jobs:all                    zset    newest 1000 kept    executor          status: every job
-job:{job}                   hash    300 s renewed while executor; claim,  workers, status, the
-                                    open, then result   complete, cancel  notebook (counters)
-                                    TTL
+job:{job}                   hash    grace + 60 s,       executor; claim,  workers, status, the
+                                    renewed while open, complete, cancel  notebook (counters)
+                                    then result TTL
 q:{job}                     list    with job            executor, reaper  claim script (LPOP)
 tasks:{job}                 hash    with job            executor          claim script (HMGET),
                                                                           worker (resends)
@@ -45,8 +45,11 @@ hand:{worker}/{slot}        list    none (popped;       publish_one       that s
                                     reaper, release,                      ahead of wake:), its
                                     the slot's worker)                    claim
 rr                          string  none                claim script      claim (fair share)
-client:{client}             string  30 s, renewed       executor          claim (orphan jobs)
-res:{client}                list    result TTL          complete, reaper  executor (BLMPOP)
+clock                       string  none                heartbeat, reap   heartbeat, reap (a gap
+                                                                          = a stopped server)
+client:{client}             string  client grace,       executor          claim (orphan jobs)
+                                    renewed
+res:{client}                list    client grace        complete, reaper  executor (BLMPOP)
 logs:{job}                  stream  as job:{job}        worker            Executor.logs, CLI
 events:{job}                stream  as job:{job}        all scripts       Executor.events
 triton:{server}:lock:{m}    string  load timeout (PX)   miniray.triton    miniray.triton, the
@@ -116,6 +119,10 @@ class Keys:
     def waiter(worker: str, slot: int) -> str:
         """A waiting slot's member of ``idle``."""
         return f"{worker}/{slot}"
+
+    @property
+    def clock(self) -> str:
+        return f"{self.ns}:clock"
 
     @property
     def idle(self) -> str:
