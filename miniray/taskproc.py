@@ -66,6 +66,7 @@ import types
 from miniray.broker import HAND_LEN, Broker, connect, parse_claim
 from miniray.config import settings
 from miniray.inbox import Sender
+from miniray.isolation import Leftovers, become_subreaper
 from miniray.keys import Keys
 from miniray.protocol import ResultHeader, decode_chunk_head, encode_result
 from miniray.resp import ConnectionLost, NoScriptError, RedisError
@@ -197,6 +198,7 @@ class Runner:
         self.registered = False  # in the idle zset, as far as we know
         self.expect_more = False  # the last claim took all it asked for (see report_and_wait)
         self.fn_key = self.broker.keys.fn
+        self.leftovers = Leftovers()  # processes a task left running (see miniray.isolation)
 
     # -- log lines ------------------------------------------------------------------------
     def log(self, stream: str, lines) -> None:
@@ -561,6 +563,7 @@ class Runner:
         else:
             self.run_chunk(w.seq, w.job, w.sha, w.skip, w.spec.get("env"), w.frames,
                            w.spec.get("init"))
+            self.leftovers.after_chunk(w.spec.get("keep_children", False))
         w.frames = None
         # time since it was taken, waiting here included: a queue that makes chunks wait
         # long is cut back, so other workers get a share of a short job
@@ -797,7 +800,11 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     fd, progress_fd = int(argv[0]), int(argv[1])
     urgent_fd = int(argv[2]) if len(argv) > 2 else -1
+    for inherited in (fd, progress_fd, urgent_fd):  # a kept daemon must not hold them open
+        if inherited >= 0:
+            os.set_inheritable(inherited, False)
     _set_pdeathsig()
+    become_subreaper()  # a task's orphans, daemons included, stay ours to kill (see isolation)
     if os.getppid() != int(os.environ.get("MINIRAY_WORKER_PID", os.getppid())):
         sys.exit(0)  # the worker died before we set the death signal
     cgroup = os.environ.pop("MINIRAY_TASK_CGROUP", "")
@@ -837,6 +844,7 @@ def main(argv=None) -> None:
     if root.level == logging.WARNING:
         root.setLevel(logging.INFO)
     runner.serve()
+    runner.leftovers.kill_all()  # kept children live as long as this process, no longer
 
 
 if __name__ == "__main__":
