@@ -25,8 +25,9 @@ when this process dies it knows what was held and what was delivered (chunks it 
 of yet are in the ``wip`` hash, tagged with the slot). Before each item the process writes
 (chunk seq, item index, start time) to a shared page, and before each chunk of its own claim
 the chunk id and job: the worker enforces timeouts from it and knows which item was running.
-stdout, stderr and ``logging`` are captured line by line into the job's log stream: a thread
-streams them while tasks run, and the rest go ahead of the outcomes they belong to.
+stdout, stderr and ``logging`` are captured line by line (``miniray.taskoutput``) into the job's
+log stream: a thread streams them while tasks run, and the rest go ahead of the outcomes they
+belong to.
 
 Worker -> task process::
     ("hello", {url, namespace, worker_id, name, host, ncpus, slot, direct, sig})  (first)
@@ -48,7 +49,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import functools
-import io
 import json
 import logging
 import mmap
@@ -70,6 +70,7 @@ from miniray.isolation import Leftovers, become_subreaper
 from miniray.keys import Keys
 from miniray.protocol import ResultHeader, decode_chunk_head, encode_result
 from miniray.resp import ConnectionLost, NoScriptError, RedisError
+from miniray.taskoutput import Capture, LogHandler, end_lines
 
 # The page shared with the worker: chunk seq and item index running now (-1: none), its
 # monotonic start time, flags the worker sets (bit 0: its Triton server is healthy), and the
@@ -86,50 +87,6 @@ def _send(conn, lock, obj) -> None:
     data = pickle.dumps(obj, protocol=5)
     with lock:
         conn.send_bytes(data)
-
-
-class _LineWriter(io.TextIOBase):
-    """A text stream that ships each complete line to the worker."""
-
-    def __init__(self, runner, name: str):
-        self.runner, self.name, self._buf = runner, name, ""
-
-    def writable(self):
-        return True
-
-    def write(self, s):
-        if not isinstance(s, str):
-            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
-        self._buf += s
-        if "\n" in self._buf:
-            *lines, self._buf = self._buf.split("\n")
-            self.runner.log(self.name, lines)
-        return len(s)
-
-    def flush(self):
-        if self._buf:
-            line, self._buf = self._buf, ""
-            self.runner.log(self.name, [line])
-
-    @property
-    def encoding(self):
-        return "utf-8"
-
-    def isatty(self):
-        return False
-
-
-class _LogHandler(logging.Handler):
-    def __init__(self, runner):
-        super().__init__()
-        self.runner = runner
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-
-    def emit(self, record):
-        try:
-            self.runner.log("logging", [self.format(record)])
-        except Exception:
-            self.handleError(record)
 
 
 class _Work:
@@ -668,7 +625,7 @@ class Runner:
                     errors[i] = _portable_exc(e, traceback.format_exc())
                 if skip:
                     done.append(i)
-            _flush_streams()
+            end_lines((sys.stdout, sys.stderr))
             idx = done if skip else range(first, len(items))
             self.add(group, seq, True, idx, values, errors, len(values) - len(errors),
                      len(errors))
@@ -763,14 +720,6 @@ def _short(obj) -> str:
     return short_repr(obj, 100)
 
 
-def _flush_streams():
-    for s in (sys.stdout, sys.stderr):
-        try:
-            s.flush()
-        except Exception:
-            pass
-
-
 def _apply_env(env):
     if not env:
         return None
@@ -837,10 +786,11 @@ def main(argv=None) -> None:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_sigint)
-    sys.stdout = _LineWriter(runner, "stdout")
-    sys.stderr = _LineWriter(runner, "stderr")
+    cap = runner.settings.log_line_max_bytes
+    sys.stdout = Capture(runner.log, "stdout", cap)
+    sys.stderr = Capture(runner.log, "stderr", cap)
     root = logging.getLogger()
-    root.addHandler(_LogHandler(runner))
+    root.addHandler(LogHandler(runner.log, cap))
     if root.level == logging.WARNING:
         root.setLevel(logging.INFO)
     runner.serve()

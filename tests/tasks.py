@@ -219,3 +219,23 @@ def fork_sleeper(i, marker, daemon=False):
     os.waitpid(pid, 0)
     return os.getpid()
 
+
+def progress_bar(n, width=20, flush=False):
+    """Write ``n`` tqdm-style ``\\r`` updates to stdout (each flushed, as tqdm does, with
+    ``flush``), then a newline; return the last state."""
+    state = ""
+    for i in range(1, n + 1):
+        state = f"{i * 100 // n:3d}%|{'#' * (i * width // n):{width}s}| {i}/{n}"
+        sys.stdout.write("\r" + state)
+        if flush:
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return state
+
+
+def long_lines(count, nbytes, tag="long"):
+    """Print ``count`` lines of ``nbytes`` bytes each (the tag first), then a short one."""
+    for i in range(count):
+        print(f"{tag}{i} " + "x" * (nbytes - len(f"{tag}{i} ")))
+    print(f"{tag} done")
+    return count

@@ -1,4 +1,5 @@
-"""What a task leaves behind: processes it started (killed unless kept)."""
+"""What a task leaves behind: processes it started (killed unless kept) and output it printed
+(cut into lines in time proportional to its bytes, each line capped)."""
 
 import uuid
 
@@ -112,3 +113,42 @@ def _gone(pid):
 def test_keep_children_must_be_a_bool():
     with pytest.raises(miniray.ConfigurationError, match="keep_children"):
         miniray.Limits(keep_children="yes")
+
+
+# -- task output -------------------------------------------------------------------------------
+def _stdout(ex, task):
+    return [x.text for x in ex.logs() if x.task == task and x.stream == "stdout"]
+
+
+@pytest.mark.parametrize("flush", [False, True], ids=["write", "write-flush"])
+def test_a_progress_bar_logs_its_last_state_not_every_update(solo, flush):
+    with solo.executor() as ex:
+        f = ex.submit(tasks.progress_bar, 40_000, flush=flush)
+        last = f.result(timeout=180)
+        lines = _stdout(ex, f.task_id)
+    assert last == "100%|####################| 40000/40000"
+    assert lines and lines[-1] == last, lines[-3:]
+    # streamed as it went, at most once a second: nowhere near one line per update
+    assert len(lines) < 1000, len(lines)
+    assert all("\r" not in t for t in lines)
+
+
+def test_a_long_line_is_capped_with_a_marker(solo):
+    with solo.executor() as ex:
+        f = ex.submit(tasks.long_lines, 1, 1 << 20)
+        assert f.result(timeout=60) == 1
+        lines = _stdout(ex, f.task_id)
+    assert lines[-1] == "long done"
+    head, sep, marker = lines[0].partition(" ... [miniray: ")
+    assert sep and head.startswith("long0 xxx") and len(head.encode()) == 65536
+    assert marker == f"{(1 << 20) - 65536} more bytes cut from this line]"
+
+
+def test_the_log_stream_is_bounded_in_bytes(cluster):
+    cluster.start_worker(name="solo", extra_env={"MINIRAY_LOG_LINE_MAX_BYTES": "4096"})
+    with cluster.executor() as ex:
+        assert ex.submit(tasks.long_lines, 200, 100_000).result(timeout=120) == 200
+        texts = [x.text for x in ex.logs()]
+    assert len(texts) == 201 and texts[-1] == "long done"
+    assert all(len(t.encode()) <= 4096 + 60 for t in texts)
+    assert sum(len(t.encode()) for t in texts) <= 201 * (4096 + 60)  # not the 20 MB printed
