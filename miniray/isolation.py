@@ -223,8 +223,11 @@ def become_subreaper() -> bool:
 class Leftovers:
     """Kills the processes a task left running, once the chunk that started them returns.
 
-    ``after_chunk`` is on the per-chunk path, so finding nothing costs one system call (a
-    ``waitid`` that reaps nothing). Left-behind processes get SIGKILL at once, parents and
+    ``after_chunk`` is on the per-chunk path: finding nothing costs one system call (a
+    ``waitid`` that reaps nothing, 2 us on a VM), so in a stream of short chunks it looks at
+    most every ``CHECK_SECONDS`` and owes the look (``owed``) until then, or until the process
+    goes idle (``settle``); a chunk that keeps its children looks at once, and first settles
+    what earlier chunks owe (their leftovers are not its to keep). Left-behind processes get SIGKILL at once, parents and
     children alike: a SIGTERM grace would hold the slot or need a timer, and a task that
     wanted its helpers to end cleanly should have ended them. Then the dead are reaped, for
     up to ``REAP_SECONDS``; one that takes longer is reaped after a later chunk.
@@ -232,10 +235,13 @@ class Leftovers:
     process ends (``kill_all``) or they exit (then they are reaped here: they are ours)."""
 
     REAP_SECONDS = 1.0
+    CHECK_SECONDS = 0.02
 
     def __init__(self):
         self.pid = os.getpid()
         self.kept: set[int] = set()
+        self.owed = False  # a chunk returned since the last look
+        self._looked = float("-inf")
         tid = threading.get_native_id()
         self._proc = os.path.exists(f"/proc/{self.pid}/task/{tid}/children")
         self._waitid = hasattr(os, "waitid")
@@ -251,8 +257,23 @@ class Leftovers:
             return False
 
     def after_chunk(self, keep: bool = False) -> int:
-        """Kill and reap what the chunk that just returned left running; how many were killed.
-        With ``keep`` the children now alive are kept instead."""
+        """Kill and reap what the chunk that just returned left running (now, or within
+        ``CHECK_SECONDS``); how many were killed. With ``keep`` the children now alive are kept."""
+        now = time.monotonic()
+        if not keep and now - self._looked < self.CHECK_SECONDS:
+            self.owed = True
+            return 0
+        return self.look(keep, now)
+
+    def settle(self) -> int:
+        """Pay a look owed (before a chunk that keeps its children; when idle, if due)."""
+        return self.look(False, time.monotonic()) if self.owed else 0
+
+    def due(self) -> bool:
+        return self.owed and time.monotonic() - self._looked >= self.CHECK_SECONDS
+
+    def look(self, keep: bool, now: float) -> int:
+        self.owed, self._looked = False, now
         if not self.any():
             self.kept.clear()
             return 0

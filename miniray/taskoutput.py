@@ -86,7 +86,8 @@ class Capture(io.TextIOBase):
 
     def finish(self):
         """End the open line (its chunk returned): ship everything written."""
-        self._take(end=True)
+        if self._parts or self._seg or self._seg_cut or self._prev is not None:
+            self._take(end=True)
 
     @property
     def encoding(self):

@@ -492,6 +492,8 @@ class Runner:
                 if self.queue and time.monotonic() - self.last_flush >= FLUSH_SECONDS:
                     self.flush()
             elif self.claiming:
+                if self.leftovers.due():  # (off the result's path: a later round if need be)
+                    self.leftovers.settle()
                 # idle: complete what is done, then wait for work and claim, in one round
                 # trip; the worker hears of the outcomes when it returns (they are safe in
                 # Redis, and a process that dies idle has nothing running to blame)
@@ -499,6 +501,7 @@ class Runner:
             elif self.pending:
                 self.flush()
             else:
+                self.leftovers.settle()  # (it may wait long for the next chunk)
                 self.from_worker()  # blocks until the worker says something
 
     def run_work(self, w: _Work) -> None:
@@ -518,9 +521,12 @@ class Runner:
         elif w.missing is not None:
             self.add(w.job, w.seq, True, None, [], {-1: (w.missing, "", os.getpid())}, 0, -1)
         else:
+            keep = w.spec.get("keep_children", False)
+            if keep:
+                self.leftovers.settle()
             self.run_chunk(w.seq, w.job, w.sha, w.skip, w.spec.get("env"), w.frames,
                            w.spec.get("init"))
-            self.leftovers.after_chunk(w.spec.get("keep_children", False))
+            self.leftovers.after_chunk(keep)
         w.frames = None
         # time since it was taken, waiting here included: a queue that makes chunks wait
         # long is cut back, so other workers get a share of a short job
