@@ -26,7 +26,7 @@ __all__ = ["MinirayMagics", "split_map_line"]
 
 _MAP_USAGE = ("%%miniray map NAME in EXPR [-o VAR] [--chunksize N] [--priority P] "
               "[--job-name S] [--timeout S] [--memory GB] [--cpus N] [--gpus N] [--gpu-memory GB] "
-              "[--triton] [--bg]")
+              "[--triton] [--keep-children] [--bg]")
 _LINE_USAGE = ("%miniray local [-n WORKERS] | connect URL | status | logs [JOB] [--tail N] | "
                "cancel [JOB] | up HOST[:SLOTS] ... | down")
 _KEEP_RUNS = 50
@@ -54,6 +54,7 @@ def _map_parser() -> _Parser:
     p.add_argument("--gpus", type=int, default=0)
     p.add_argument("--gpu-memory", type=float, metavar="GB")
     p.add_argument("--triton", action="store_true")
+    p.add_argument("--keep-children", action="store_true")
     p.add_argument("--bg", action="store_true")
     return p
 
@@ -110,7 +111,7 @@ class MinirayMagics(Magics):
 
         %%miniray map NAME in EXPR [-o VAR] [--chunksize N] [--priority P] [--job-name S]
                                     [--timeout S] [--memory GB] [--cpus N] [--gpus N]
-                                    [--gpu-memory GB] [--triton] [--bg]
+                                    [--gpu-memory GB] [--triton] [--keep-children] [--bg]
         %miniray local [-n WORKERS] | connect URL | status | logs [JOB] [--tail N]
                  | cancel [JOB] | down
         %miniray up HOST[:SLOTS] ... [--python PATH] [--install] [--slots N] [--timeout S]
@@ -137,7 +138,8 @@ class MinirayMagics(Magics):
         try:
             limits = miniray.Limits(timeout_seconds=args.timeout, memory_gb=args.memory,
                                     cpus=args.cpus, gpus=args.gpus,
-                                    gpu_memory_gb=args.gpu_memory, triton=args.triton)
+                                    gpu_memory_gb=args.gpu_memory, triton=args.triton,
+                                    keep_children=args.keep_children)
         except miniray.ConfigurationError as e:
             raise UsageError(f"%%miniray map: {e}") from None
         fn = compile_cell(cell, name, self.shell.user_ns)

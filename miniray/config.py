@@ -23,6 +23,8 @@ MINIRAY_RESULT_TTL_SECONDS     86400       how long unread results stay in Redis
 MINIRAY_DIRECT_RESULTS         1           0: results from task processes on the client's
                                            machine go through Redis too (see miniray.inbox)
 MINIRAY_LOG_STREAM_MAXLEN      10000       log lines kept per job (approximate, oldest dropped)
+MINIRAY_LOG_LINE_MAX_BYTES     65536       a longer log line is cut, with a marker saying how
+                                           many bytes were cut (see miniray.taskoutput)
 MINIRAY_EVENT_STREAM_MAXLEN    10000       task events kept per job (approximate)
 MINIRAY_KILL_GRACE_SECONDS     2.0         SIGINT -> SIGKILL grace for cancelled running tasks
 MINIRAY_TRITON_BIN             (search)    tritonserver binary for ``worker --triton`` (else PATH,
@@ -70,6 +72,7 @@ class Settings:
     result_ttl_seconds: int = 86400
     direct_results: bool = True
     log_stream_maxlen: int = 10000
+    log_line_max_bytes: int = 65536
     event_stream_maxlen: int = 10000
     kill_grace_seconds: float = 2.0
     triton_bin: str | None = None
@@ -91,6 +94,7 @@ class Settings:
             result_ttl_seconds=_env("MINIRAY_RESULT_TTL_SECONDS", 86400, int),
             direct_results=_env("MINIRAY_DIRECT_RESULTS", 1, int) != 0,
             log_stream_maxlen=_env("MINIRAY_LOG_STREAM_MAXLEN", 10000, int),
+            log_line_max_bytes=_env("MINIRAY_LOG_LINE_MAX_BYTES", 65536, int),
             event_stream_maxlen=_env("MINIRAY_EVENT_STREAM_MAXLEN", 10000, int),
             kill_grace_seconds=_env("MINIRAY_KILL_GRACE_SECONDS", 2.0, float),
             triton_bin=_env("MINIRAY_TRITON_BIN", None),

@@ -294,6 +294,7 @@ class Executor(_BaseExecutor):
         lim = self.limits
         spec = {"timeout": lim.timeout_seconds, "memory_bytes": lim.memory_bytes,
                 "cpus": lim.cpus, "gpus": lim.gpus, "gpu_mem": lim.gpu_memory_mb,
+                "keep_children": lim.keep_children,
                 "triton": lim.triton, "env": self.env, "init": self._init_sha}
         if self._inbox is not None:
             spec["inbox"] = self._inbox.address

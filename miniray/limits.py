@@ -28,9 +28,13 @@ class Limits:
     - ``nodes``: host or worker names the task may run on (any, when empty).
     - ``triton``: run only on workers with a healthy Triton Inference Server
       (``miniray worker --triton``); inside the task, ``miniray.triton.client()`` reaches it.
+    - ``keep_children``: processes a task starts and leaves running (a daemon, a server for
+      the next tasks) are kept. By default they are killed (SIGKILL) when the chunk that
+      started them returns, double-forked daemons included; kept ones live until they exit
+      or the task process ends.
 
     >>> Limits(timeout_seconds=60, memory_gb=2, cpus=1)
-    Limits(timeout_seconds=60, memory_gb=2, cpus=1, gpus=0, gpu_memory_gb=None, nodes=(), triton=False)
+    Limits(timeout_seconds=60, memory_gb=2, cpus=1, gpus=0, gpu_memory_gb=None, nodes=(), triton=False, keep_children=False)
     >>> Limits(gpu_memory_gb=4).gpus
     1
     """
@@ -42,6 +46,7 @@ class Limits:
     gpu_memory_gb: float | None = None
     nodes: tuple = field(default=())
     triton: bool = False
+    keep_children: bool = False
 
     def __post_init__(self):
         def positive(name, value, kind=(int, float)):
@@ -63,9 +68,10 @@ class Limits:
         positive("gpu_memory_gb", self.gpu_memory_gb)
         if self.gpu_memory_gb is not None and self.gpus == 0:
             object.__setattr__(self, "gpus", 1)
-        if not isinstance(self.triton, bool):
-            raise ConfigurationError(
-                f"Limits(triton={self.triton!r}) must be True or False")
+        for name in ("triton", "keep_children"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigurationError(
+                    f"Limits({name}={getattr(self, name)!r}) must be True or False")
         nodes = self.nodes
         if isinstance(nodes, str):
             nodes = (nodes,)

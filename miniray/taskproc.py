@@ -25,8 +25,9 @@ when this process dies it knows what was held and what was delivered (chunks it 
 of yet are in the ``wip`` hash, tagged with the slot). Before each item the process writes
 (chunk seq, item index, start time) to a shared page, and before each chunk of its own claim
 the chunk id and job: the worker enforces timeouts from it and knows which item was running.
-stdout, stderr and ``logging`` are captured line by line into the job's log stream: a thread
-streams them while tasks run, and the rest go ahead of the outcomes they belong to.
+stdout, stderr and ``logging`` are captured line by line (``miniray.taskoutput``) into the job's
+log stream: a thread streams them while tasks run, and the rest go ahead of the outcomes they
+belong to.
 
 Worker -> task process::
     ("hello", {url, namespace, worker_id, name, host, ncpus, slot, direct, sig})  (first)
@@ -48,7 +49,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import functools
-import io
 import json
 import logging
 import mmap
@@ -66,9 +66,11 @@ import types
 from miniray.broker import HAND_LEN, Broker, connect, parse_claim
 from miniray.config import settings
 from miniray.inbox import Sender
+from miniray.isolation import Leftovers, become_subreaper
 from miniray.keys import Keys
 from miniray.protocol import ResultHeader, decode_chunk_head, encode_result
 from miniray.resp import ConnectionLost, NoScriptError, RedisError
+from miniray.taskoutput import Capture, LogHandler, end_lines
 
 # The page shared with the worker: chunk seq and item index running now (-1: none), its
 # monotonic start time, flags the worker sets (bit 0: its Triton server is healthy), and the
@@ -85,50 +87,6 @@ def _send(conn, lock, obj) -> None:
     data = pickle.dumps(obj, protocol=5)
     with lock:
         conn.send_bytes(data)
-
-
-class _LineWriter(io.TextIOBase):
-    """A text stream that ships each complete line to the worker."""
-
-    def __init__(self, runner, name: str):
-        self.runner, self.name, self._buf = runner, name, ""
-
-    def writable(self):
-        return True
-
-    def write(self, s):
-        if not isinstance(s, str):
-            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
-        self._buf += s
-        if "\n" in self._buf:
-            *lines, self._buf = self._buf.split("\n")
-            self.runner.log(self.name, lines)
-        return len(s)
-
-    def flush(self):
-        if self._buf:
-            line, self._buf = self._buf, ""
-            self.runner.log(self.name, [line])
-
-    @property
-    def encoding(self):
-        return "utf-8"
-
-    def isatty(self):
-        return False
-
-
-class _LogHandler(logging.Handler):
-    def __init__(self, runner):
-        super().__init__()
-        self.runner = runner
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-
-    def emit(self, record):
-        try:
-            self.runner.log("logging", [self.format(record)])
-        except Exception:
-            self.handleError(record)
 
 
 class _Work:
@@ -197,6 +155,7 @@ class Runner:
         self.registered = False  # in the idle zset, as far as we know
         self.expect_more = False  # the last claim took all it asked for (see report_and_wait)
         self.fn_key = self.broker.keys.fn
+        self.leftovers = Leftovers()  # processes a task left running (see miniray.isolation)
 
     # -- log lines ------------------------------------------------------------------------
     def log(self, stream: str, lines) -> None:
@@ -533,6 +492,8 @@ class Runner:
                 if self.queue and time.monotonic() - self.last_flush >= FLUSH_SECONDS:
                     self.flush()
             elif self.claiming:
+                if self.leftovers.due():  # (off the result's path: a later round if need be)
+                    self.leftovers.settle()
                 # idle: complete what is done, then wait for work and claim, in one round
                 # trip; the worker hears of the outcomes when it returns (they are safe in
                 # Redis, and a process that dies idle has nothing running to blame)
@@ -540,6 +501,7 @@ class Runner:
             elif self.pending:
                 self.flush()
             else:
+                self.leftovers.settle()  # (it may wait long for the next chunk)
                 self.from_worker()  # blocks until the worker says something
 
     def run_work(self, w: _Work) -> None:
@@ -559,8 +521,12 @@ class Runner:
         elif w.missing is not None:
             self.add(w.job, w.seq, True, None, [], {-1: (w.missing, "", os.getpid())}, 0, -1)
         else:
+            keep = w.spec.get("keep_children", False)
+            if keep:
+                self.leftovers.settle()
             self.run_chunk(w.seq, w.job, w.sha, w.skip, w.spec.get("env"), w.frames,
                            w.spec.get("init"))
+            self.leftovers.after_chunk(keep)
         w.frames = None
         # time since it was taken, waiting here included: a queue that makes chunks wait
         # long is cut back, so other workers get a share of a short job
@@ -665,7 +631,7 @@ class Runner:
                     errors[i] = _portable_exc(e, traceback.format_exc())
                 if skip:
                     done.append(i)
-            _flush_streams()
+            end_lines((sys.stdout, sys.stderr))
             idx = done if skip else range(first, len(items))
             self.add(group, seq, True, idx, values, errors, len(values) - len(errors),
                      len(errors))
@@ -760,14 +726,6 @@ def _short(obj) -> str:
     return short_repr(obj, 100)
 
 
-def _flush_streams():
-    for s in (sys.stdout, sys.stderr):
-        try:
-            s.flush()
-        except Exception:
-            pass
-
-
 def _apply_env(env):
     if not env:
         return None
@@ -797,7 +755,11 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     fd, progress_fd = int(argv[0]), int(argv[1])
     urgent_fd = int(argv[2]) if len(argv) > 2 else -1
+    for inherited in (fd, progress_fd, urgent_fd):  # a kept daemon must not hold them open
+        if inherited >= 0:
+            os.set_inheritable(inherited, False)
     _set_pdeathsig()
+    become_subreaper()  # a task's orphans, daemons included, stay ours to kill (see isolation)
     if os.getppid() != int(os.environ.get("MINIRAY_WORKER_PID", os.getppid())):
         sys.exit(0)  # the worker died before we set the death signal
     cgroup = os.environ.pop("MINIRAY_TASK_CGROUP", "")
@@ -830,13 +792,15 @@ def main(argv=None) -> None:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_sigint)
-    sys.stdout = _LineWriter(runner, "stdout")
-    sys.stderr = _LineWriter(runner, "stderr")
+    cap = runner.settings.log_line_max_bytes
+    sys.stdout = Capture(runner.log, "stdout", cap)
+    sys.stderr = Capture(runner.log, "stderr", cap)
     root = logging.getLogger()
-    root.addHandler(_LogHandler(runner))
+    root.addHandler(LogHandler(runner.log, cap))
     if root.level == logging.WARNING:
         root.setLevel(logging.INFO)
     runner.serve()
+    runner.leftovers.kill_all()  # kept children live as long as this process, no longer
 
 
 if __name__ == "__main__":

@@ -194,3 +194,48 @@ def gate(directory, tag):
     while not os.path.exists(os.path.join(directory, "go")) and time.monotonic() < deadline:
         time.sleep(0.02)
     return cuda
+
+
+def fork_sleeper(i, marker, daemon=False):
+    """Leave a ``sleep 600`` running whose command line starts with ``marker``: a child not
+    waited for, or (``daemon``) one that double-forked into a session of its own. Returns this
+    task process's pid."""
+    import shutil
+    import subprocess
+
+    sleep = shutil.which("sleep")
+    if not daemon:
+        subprocess.Popen([marker, "600"], executable=sleep, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                os.execv(sleep, [marker, "600"])
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    return os.getpid()
+
+
+def progress_bar(n, width=20, flush=False):
+    """Write ``n`` tqdm-style ``\\r`` updates to stdout (each flushed, as tqdm does, with
+    ``flush``), then a newline; return the last state."""
+    state = ""
+    for i in range(1, n + 1):
+        state = f"{i * 100 // n:3d}%|{'#' * (i * width // n):{width}s}| {i}/{n}"
+        sys.stdout.write("\r" + state)
+        if flush:
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return state
+
+
+def long_lines(count, nbytes, tag="long"):
+    """Print ``count`` lines of ``nbytes`` bytes each (the tag first), then a short one."""
+    for i in range(count):
+        print(f"{tag}{i} " + "x" * (nbytes - len(f"{tag}{i} ")))
+    print(f"{tag} done")
+    return count
