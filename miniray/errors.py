@@ -8,6 +8,7 @@ itself has to report::
      ├── ConfigurationError      (ValueError)       a bad argument or MINIRAY_* setting
      ├── SerializationError      (TypeError)        a function, argument, result or exception
      │                                              that cannot be pickled
+     ├── PayloadTooLargeError    (ValueError)       arguments too big for the server's memory
      ├── ServerError             (ConnectionError)  the Redis server cannot be started/reached
      │    └── ServerLostError                       the server went away while work was pending
      ├── TaskTimeoutError        (TimeoutError)     over Limits.timeout_seconds; tree was killed
@@ -45,6 +46,7 @@ __all__ = [
     "MinirayError",
     "ConfigurationError",
     "SerializationError",
+    "PayloadTooLargeError",
     "ServerError",
     "ServerLostError",
     "TaskTimeoutError",
@@ -82,6 +84,11 @@ class ConfigurationError(MinirayError, ValueError):
 
 class SerializationError(MinirayError, TypeError):
     """Something that must travel between processes cannot be pickled."""
+
+
+class PayloadTooLargeError(MinirayError, ValueError):
+    """A task's arguments cannot be stored on the server (over its ``maxmemory``); nothing
+    of them was sent and the executor stays usable."""
 
 
 class ServerError(MinirayError, ConnectionError):

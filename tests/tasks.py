@@ -194,3 +194,42 @@ def gate(directory, tag):
     while not os.path.exists(os.path.join(directory, "go")) and time.monotonic() < deadline:
         time.sleep(0.02)
     return cuda
+
+
+# -- values the client cannot unpickle (tests/test_values.py) ---------------------------------
+# MINIRAY_TEST_WORKER_MODULE names a module importable only where the worker runs (a tmp dir on
+# its PYTHONPATH); MINIRAY_TEST_WORKER_SIDE is set only in the worker's environment.
+
+def _rebuild_on_worker_side(value):
+    if os.environ.get("MINIRAY_TEST_WORKER_SIDE") != "1":
+        raise RuntimeError("this value can only be rebuilt where the worker runs")
+    return value
+
+
+class WorkerSideOnly:
+    """Pickles fine anywhere; unpickling raises outside the worker's environment."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return _rebuild_on_worker_side, (self.value,)
+
+
+def mixed_values(x, worker_class_at=(), bad_reduce_at=(), worker_error_at=()):
+    """``x * 10``, except: a worker-only class's instance, a value whose rebuild raises on
+    the client, or a worker-only exception raised, at the items named."""
+    if x in worker_class_at or x in worker_error_at:
+        import importlib
+
+        mod = importlib.import_module(os.environ["MINIRAY_TEST_WORKER_MODULE"])
+        if x in worker_error_at:
+            raise mod.WorkerOnlyError(f"item {x} failed")
+        return mod.WorkerOnlyThing(x)
+    if x in bad_reduce_at:
+        return WorkerSideOnly(x)
+    return x * 10
+
+
+def make_bytes(n, fill=b"r"):
+    return fill * n
