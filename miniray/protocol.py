@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -204,22 +205,33 @@ def decode_message(msg):
 
 
 # -- the blob: values one by one -------------------------------------------------------------
-_SCALARS = frozenset((int, float, str, bytes, bool, type(None), complex, bytearray))
+# The blob is one plain pickle whose builtin values (numbers, strings, bytes, lists, dicts,
+# ...) are written by the C pickler as ever. Every other object (the pickler's
+# reducer_override is called only for those) is pickled on its own and travels as a call to
+# ``_unpack(stream, buffers)``: on the client that call unpickles it, and a failure becomes a
+# ``_Failed`` in its place instead of failing the whole blob.
 _OOB_MIN = 64 * 1024  # smaller buffers stay in the value's own stream
+_local = threading.local()  # the failures of the decode running in this thread
 
 
-def _plain(v) -> bool:
-    """True for values the client can always unpickle: builtin scalars, and short lists,
-    tuples and dicts of them (anything else could hold a class the client lacks)."""
-    t = type(v)
-    if t in _SCALARS:
-        return True
-    if t is tuple or t is list:
-        return len(v) <= 16 and all(type(x) in _SCALARS for x in v)
-    if t is dict:
-        return len(v) <= 16 and all(type(x) in _SCALARS for x in v) and all(
-            type(x) in _SCALARS for x in v.values())
-    return False
+class _Failed:
+    """What a value that could not be unpickled here leaves in its place."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _unpack(stream, buffers):
+    try:
+        return pickle.loads(stream, buffers=buffers)
+    except Exception as e:
+        failed = _Failed(e)
+        failures = getattr(_local, "failures", None)
+        if failures is not None:
+            failures.append(failed)
+        return failed
 
 
 def pack_value(obj) -> tuple:
@@ -243,38 +255,49 @@ def pack_value(obj) -> tuple:
         return cloudpickle.dumps(obj, protocol=5, buffer_callback=keep), bufs
 
 
+class _BlobPickler(pickle.Pickler):
+    def reducer_override(self, obj):
+        if obj is _unpack:
+            return NotImplemented  # (by reference, as any function)
+        try:
+            return _unpack, pack_value(obj)
+        except Exception as why:
+            if not isinstance(obj, BaseException):
+                raise
+            from .errors import SerializationError
+
+            # (a task process sends only exceptions it checked; this is for the worker's)
+            return _unpack, pack_value(SerializationError(
+                f"the task raised {type(obj).__name__}, which cannot be pickled to travel "
+                f"back ({type(why).__name__}: {why})"))
+
+
+def _dumps(obj) -> bytes:
+    f = io.BytesIO()
+    _BlobPickler(f, protocol=5).dump(obj)
+    return f.getvalue()
+
+
 def encode_batches(batches, on_unpicklable=None) -> bytes:
     """The blob of a result message: ``batches`` are ``(indices, values, errors)``, errors
     mapping an item index (-1: every item left) to ``(exception, traceback, pid)``. A value
     that cannot be pickled is handed to ``on_unpicklable(value, exc)``, whose return (an
     exception) fails that item instead (without it, pickling's error is raised)."""
-    out = []
-    for indices, values, errors in batches:
-        if type(indices) is range:
-            indices = (indices.start, indices.stop)  # (a range pickles several times slower)
-        packed = []
-        if values and not (set(map(type, values)) <= _SCALARS):
-            values = list(values)
-            positions = None
-            for k, v in enumerate(values):
-                if _plain(v):
-                    continue
-                try:
-                    values[k] = pack_value(v)
-                    packed.append(k)
-                except Exception as e:
-                    if on_unpicklable is None:
-                        raise
-                    if positions is None:
-                        positions = _positions(indices, len(values))
-                    values[k] = None
-                    errors[positions[k]] = (on_unpicklable(v, e), "", None)
-        if errors:
-            seen: dict = {}  # one exception failing many items is pickled once
-            errors = {i: (seen.get(id(exc)) or seen.setdefault(id(exc), _pack_exc(exc)), tb, pid)
-                      for i, (exc, tb, pid) in errors.items()}
-        out.append((indices, values, errors, packed))
-    return pickle.dumps(out, protocol=5)
+    batches = [((i.start, i.stop) if type(i) is range else i, v, e) for i, v, e in batches]
+    try:
+        return _dumps(batches)
+    except Exception:
+        if on_unpicklable is None:
+            raise
+    for indices, values, errors in batches:  # find the culprits; each becomes an error
+        positions = _positions(indices, len(values))
+        for k, value in enumerate(values):
+            try:
+                _dumps(value)
+            except Exception as e:
+                values[k] = None
+                errors[positions[k]] = (on_unpicklable(value, e), "", None)
+    return _dumps(batches)
 
 
 def _positions(indices, n: int) -> list:
@@ -285,22 +308,12 @@ def _positions(indices, n: int) -> list:
     return list(indices)
 
 
-def _pack_exc(exc) -> tuple:
-    try:
-        return pack_value(exc)
-    except Exception as why:  # (the task process checks its errors; a worker's own pickle)
-        from .errors import SerializationError
-
-        return pack_value(SerializationError(
-            f"the task raised {type(exc).__name__}, which cannot be pickled to travel back "
-            f"({type(why).__name__}: {why})"))
-
-
 def decode_batches(blob, host: str, starts: list) -> list:
     """``encode_batches``'s inverse: ``[(indices, values, errors)]``, ``indices`` as a range,
-    list or None. ``starts``: each batch's first task id (None: nobody waits for it, so it is
-    not unpickled). A value or exception that cannot be unpickled here fails its own item
-    with ``SerializationError``; a blob that cannot be read at all fails every item."""
+    list or None; ``starts``: each batch's first task id. A value or exception that cannot
+    be unpickled here fails its own item with ``SerializationError``; a blob that cannot be
+    read at all fails every item."""
+    _local.failures = failures = []
     try:
         if type(blob) is list:  # a message that came in parts: read across them
             batches = pickle.load(io.BufferedReader(_PartsReader(blob), 1 << 20))
@@ -313,37 +326,51 @@ def decode_batches(blob, host: str, starts: list) -> list:
             f"cannot read a result message sent by {host}: {type(e).__name__}: {e}. The "
             "notebook and the workers may run different miniray versions.")
         return [(None, [], {-1: (err, "", None)})] * len(starts)
+    finally:
+        _local.failures = None
     out = []
-    for (indices, values, errors, packed), start in zip(batches, starts):
+    for (indices, values, errors), start in zip(batches, starts):
         if type(indices) is tuple:
             indices = range(*indices)
-        if start is None:
-            out.append((indices, values, {}))
-            continue
-        positions = None
-        for k in packed:
-            try:
-                values[k] = _unpack(values[k])
-            except Exception as e:
-                if positions is None:
-                    positions = _positions(indices, len(values))
-                i = positions[k]
-                values[k] = None
-                errors[i] = (_unpickling_error("result", i, start, host, e), "", None)
-        for i, (exc, tb, pid) in list(errors.items()):
-            if type(exc) is tuple:
-                try:
-                    exc = _unpack(exc)
-                except Exception as e:
-                    exc = _unpickling_error("exception", i, start, host, e)
-                errors[i] = (exc, tb, pid)
+        if failures and start is not None:
+            _single_out(indices, values, errors, start, host)
         out.append((indices, values, errors))
     return out
 
 
-def _unpack(packed):
-    stream, buffers = packed
-    return pickle.loads(stream, buffers=buffers)
+def _single_out(indices, values, errors, start: int, host: str) -> None:
+    """Turn the items whose value (or exception) could not be unpickled into errors."""
+    positions = None
+    for k, v in enumerate(values):
+        bad = _find_failed(v)
+        if bad is not None:
+            if positions is None:
+                positions = _positions(indices, len(values))
+            i = positions[k]
+            values[k] = None
+            errors[i] = (_unpickling_error("result", i, start, host, bad.error), "", None)
+    for i, (exc, tb, pid) in list(errors.items()):
+        if type(exc) is _Failed:
+            errors[i] = (_unpickling_error("exception", i, start, host, exc.error), tb, pid)
+
+
+def _find_failed(v, depth: int = 0):
+    """The ``_Failed`` in ``v`` (in builtin containers: the only place one can be), or None."""
+    t = type(v)
+    if t is _Failed:
+        return v
+    if depth < 64:
+        if t is dict:
+            for x in v.items():
+                bad = _find_failed(x, depth + 1)
+                if bad is not None:
+                    return bad
+        elif t is list or t is tuple or t is set or t is frozenset:
+            for x in v:
+                bad = _find_failed(x, depth + 1)
+                if bad is not None:
+                    return bad
+    return None
 
 
 def _unpickling_error(what: str, i: int, start: int, host: str, e: BaseException):
