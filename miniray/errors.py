@@ -8,7 +8,8 @@ itself has to report::
      ├── ConfigurationError      (ValueError)       a bad argument or MINIRAY_* setting
      ├── SerializationError      (TypeError)        a function, argument, result or exception
      │                                              that cannot be pickled
-     ├── PayloadTooLargeError    (ValueError)       arguments too big for the server's memory
+     ├── PayloadTooLargeError    (ValueError)       arguments or results too big for the
+     │                                              server's memory (its maxmemory)
      ├── ServerError             (ConnectionError)  the Redis server cannot be started/reached
      │    └── ServerLostError                       the server went away while work was pending
      ├── TaskTimeoutError        (TimeoutError)     over Limits.timeout_seconds; tree was killed
@@ -87,8 +88,8 @@ class SerializationError(MinirayError, TypeError):
 
 
 class PayloadTooLargeError(MinirayError, ValueError):
-    """A task's arguments cannot be stored on the server (over its ``maxmemory``); nothing
-    of them was sent and the executor stays usable."""
+    """A task's arguments (at ``submit``) or results (on its future) cannot be stored on the
+    server (over its ``maxmemory``); nothing of them was sent and the executor stays usable."""
 
 
 class ServerError(MinirayError, ConnectionError):

@@ -69,6 +69,8 @@ from miniray.inbox import Sender
 from miniray.keys import Keys
 from miniray.protocol import (SMALLEST_BULK_LIMIT, ResultHeader, decode_chunk, encode_batches,
                               encode_result, part_size)
+from miniray.errors import PayloadTooLargeError
+from miniray.payloads import BIG, check_room
 from miniray.resp import ConnectionLost, NoScriptError, RedisError
 
 # The page shared with the worker: chunk seq and item index running now (-1: none), its
@@ -427,6 +429,22 @@ class Runner:
         self.fetch_functions(works)
         self.queue.extend(works)
 
+    def fit(self, blob: bytes, batches: list, chunks: list) -> tuple:
+        """A big result the server cannot hold (over its maxmemory) fails each of its items
+        with an error that says so: a refused complete would otherwise kill this process,
+        and the chunk would run again, and again."""
+        try:
+            check_room(self.r, len(blob), "results of these tasks")
+            return blob, chunks
+        except PayloadTooLargeError as e:
+            err = (e, "", self.pid)
+        for indices, values, errors in batches:
+            for k, i in enumerate(range(len(values)) if indices is None else indices):
+                values[k] = None
+                errors.setdefault(i, err)
+        return (encode_batches(batches, _unpicklable),
+                [(entry, 0, n_ok + n_err, final) for entry, n_ok, n_err, final in chunks])
+
     def part_size(self, size: int) -> int:
         """The most bytes one element of a result message may carry: what any server takes
         for a small message; for a big one, what this server takes (asked once)."""
@@ -492,6 +510,8 @@ class Runner:
                 if final:
                     del self.held[seq]
             blob = encode_batches(batches, _unpicklable)
+            if len(blob) >= BIG:
+                blob, chunks = self.fit(blob, batches, chunks)
             msg = encode_result(ResultHeader(h["worker_id"], h["host"], self.pid, header),
                                 blob, self.part_size(len(blob)))
             # straight to a client on this machine, then the report without it (see inbox)

@@ -174,9 +174,9 @@ def test_values_over_the_servers_bulk_limit_travel_in_parts(tmp_path, monkeypatc
             assert ex.submit(tasks.square, 3).result(timeout=60) == 9
 
 
-def test_arguments_the_server_cannot_hold_fail_at_submit(tmp_path, monkeypatch):
-    """Over the server's maxmemory: the submit raises, naming the size and the limit; the
-    executor stays usable."""
+def test_values_the_server_cannot_hold_fail_clearly(tmp_path, monkeypatch):
+    """Over the server's maxmemory: the submit raises, naming the size and the limit; a result
+    fails its future the same way; the executor stays usable."""
     with _small_server(tmp_path, monkeypatch, "maxmem") as (srv, r):
         with miniray.Executor(redis_url=srv.url) as ex:
             assert ex.submit(tasks.square, 2).result(timeout=60) == 4
@@ -188,6 +188,10 @@ def test_arguments_the_server_cannot_hold_fail_at_submit(tmp_path, monkeypatch):
             text = str(info.value)
             assert "5.0 MiB" in text and "maxmemory" in text, text
             assert ex.submit(tasks.square, 3).result(timeout=60) == 9
+            # a result it cannot hold fails its future, promptly; the task is not run again
+            exc = ex.submit(tasks.make_bytes, 5 * MB).exception(timeout=60)
+            assert isinstance(exc, PayloadTooLargeError), repr(exc)
+            assert "5.0 MiB" in str(exc) and "maxmemory" in str(exc), str(exc)
             assert list(ex.map(tasks.square, range(5), timeout=60)) == [0, 1, 4, 9, 16]
 
 
