@@ -216,9 +216,12 @@ class WorkerSideOnly:
         return _rebuild_on_worker_side, (self.value,)
 
 
-def mixed_values(x, worker_class_at=(), bad_reduce_at=(), worker_error_at=()):
-    """``x * 10``, except: a worker-only class's instance, a value whose rebuild raises on
-    the client, or a worker-only exception raised, at the items named."""
+def mixed_values(x, worker_class_at=(), bad_reduce_at=(), worker_error_at=(), nested_at=()):
+    """``x * 10``, except: a worker-only class's instance (alone, or deep in a dict of
+    lists), a value whose rebuild raises on the client, or a worker-only exception raised,
+    at the items named."""
+    if x in nested_at:
+        return {"ok": [1, 2], "deep": [[x, mixed_values(x, worker_class_at=(x,))]]}
     if x in worker_class_at or x in worker_error_at:
         import importlib
 

@@ -61,12 +61,12 @@ def test_a_value_the_client_cannot_unpickle_fails_only_its_item(worker_only):
     with worker_only.executor() as ex:
         futures = ex.map_futures(
             lambda x: tasks.mixed_values(x, worker_class_at=(3,), bad_reduce_at=(5,),
-                                         worker_error_at=(6,)),
+                                         worker_error_at=(6,), nested_at=(1,)),
             range(8), chunksize=8)
         for i, f in enumerate(futures):
             exc = f.exception(timeout=60)
-            if i == 3:
-                _check_item_error(exc, 3, 3, f"No module named '{_MODULE}'")
+            if i in (1, 3):  # (1: inside a dict of lists)
+                _check_item_error(exc, i, i, f"No module named '{_MODULE}'")
             elif i == 5:
                 _check_item_error(exc, 5, 5, "can only be rebuilt where the worker runs")
             elif i == 6:  # the task's own exception: its traceback still comes along
