@@ -26,6 +26,7 @@ _EXPORTS = {
     "MinirayError": "errors",
     "ConfigurationError": "errors",
     "SerializationError": "errors",
+    "PayloadTooLargeError": "errors",
     "ServerError": "errors",
     "ServerLostError": "errors",
     "TaskTimeoutError": "errors",

@@ -313,11 +313,13 @@ go_idle(ARGV[2], ARGV[3])
 return 1
 """
 
-# ARGV: ns worker job ttl maxlen msg waiter score, then (entry n_done n_failed final) per
-#   chunk; waiter: "" or a slot about to wait, which goes idle after the outcomes (go_idle:
-#   one script where two would cost a call each)
+# ARGV: ns worker job ttl maxlen nparts waiter score, then the result message's nparts
+#   elements (protocol.encode_result: several when it is big), then (entry n_done n_failed
+#   final) per chunk; waiter: "" or a slot about to wait, which goes idle after the outcomes
+#   (go_idle: one script where two would cost a call each)
 _COMPLETE = _PRELUDE + r"""
 local wid, job = ARGV[2], ARGV[3]
+local nparts = tonumber(ARGV[6])
 local jk = K('job', job)
 -- nil when the job is gone (it expired with its executor): nothing is counted or sent, and
 -- no key of the job is made again (it would have no TTL)
@@ -326,7 +328,7 @@ local client = meta[1]
 -- unread results live as long as the job would without its client (its grace), not a day
 local ttl = meta[2] or ARGV[4]
 local done, failed = 0, 0
-for i = 9, #ARGV, 4 do
+for i = 9 + nparts, #ARGV, 4 do
   local entry = ARGV[i]
   local chunk, nframes, items = parse(entry)
   local counts = true
@@ -354,8 +356,9 @@ if client then
   redis.call('HINCRBY', jk, 'running', -(done + failed))
   if done > 0 then redis.call('HINCRBY', jk, 'done', done) end
   if failed > 0 then redis.call('HINCRBY', jk, 'failed', failed) end
-  if ARGV[6] ~= '' then  -- '': the message went to the client directly (miniray.inbox)
-    redis.call('RPUSH', K('res', client), ARGV[6])
+  if nparts > 0 then  -- 0: the message went to the client directly (miniray.inbox)
+    -- one push: a message's parts stay together in the list
+    redis.call('RPUSH', K('res', client), unpack(ARGV, 9, 8 + nparts))
     redis.call('EXPIRE', K('res', client), ttl)
   end
   event(job, ARGV[5], 'kind', failed > 0 and 'failed' or 'finished', 'worker', wid,
@@ -614,12 +617,13 @@ class Broker:
         self._run("idle", [self.ns, waiter, repr(time.time())], pipe)
 
     def complete(self, pipe, worker: str, job: str, chunks: list, ttl: int, maxlen: int,
-                 msg: bytes, idle: str = "") -> None:
+                 msg: list, idle: str = "") -> None:
         """Report finished items: ``chunks`` is [(entry, n_done, n_failed, final)]; ``msg``
-        goes to the client's results (b"": it went there past the server, see
-        ``miniray.inbox``). With ``idle`` (a waiter) that slot then goes idle, as ``idle``
-        would have it."""
-        args = [self.ns, worker, job, ttl, maxlen, msg, idle, repr(time.time()) if idle else ""]
+        (the elements of one result message, see ``protocol.encode_result``) goes to the
+        client's results ([]: it went there past the server, see ``miniray.inbox``). With
+        ``idle`` (a waiter) that slot then goes idle, as ``idle`` would have it."""
+        args = [self.ns, worker, job, ttl, maxlen, len(msg), idle,
+                repr(time.time()) if idle else "", *msg]
         for entry, n_done, n_failed, final in chunks:
             args += [entry, n_done, n_failed, int(final)]
         self._run("complete", args, pipe)

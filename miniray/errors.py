@@ -8,6 +8,8 @@ itself has to report::
      ├── ConfigurationError      (ValueError)       a bad argument or MINIRAY_* setting
      ├── SerializationError      (TypeError)        a function, argument, result or exception
      │                                              that cannot be pickled
+     ├── PayloadTooLargeError    (ValueError)       arguments or results too big for the
+     │                                              server's memory (its maxmemory)
      ├── ServerError             (ConnectionError)  the Redis server cannot be started/reached
      │    └── ServerLostError                       the server went away while work was pending
      ├── TaskTimeoutError        (TimeoutError)     over Limits.timeout_seconds; tree was killed
@@ -47,6 +49,7 @@ __all__ = [
     "MinirayError",
     "ConfigurationError",
     "SerializationError",
+    "PayloadTooLargeError",
     "ServerError",
     "ServerLostError",
     "TaskTimeoutError",
@@ -85,6 +88,11 @@ class ConfigurationError(MinirayError, ValueError):
 
 class SerializationError(MinirayError, TypeError):
     """Something that must travel between processes cannot be pickled."""
+
+
+class PayloadTooLargeError(MinirayError, ValueError):
+    """A task's arguments (at ``submit``) or results (on its future) cannot be stored on the
+    server (over its ``maxmemory``); nothing of them was sent and the executor stays usable."""
 
 
 class ServerError(MinirayError, ConnectionError):

@@ -43,7 +43,6 @@ from .errors import (
     JobCancelledError,
     MinirayError,
     RemoteTraceback,
-    SerializationError,
     ServerError,
     ServerLostError,
     WorkerLostError,
@@ -51,8 +50,9 @@ from .errors import (
 from .keys import Keys
 from .limits import Limits
 from .resp import Connection, ConnectionLost, NoScriptError, RedisError
-from .protocol import LostChunk, decode_message, encode_chunk_head
-from .serialization import dumps, dumps_call, dumps_function, loads
+from . import payloads
+from .protocol import Assembler, LostChunk, decode_batches, decode_message, encode_chunk
+from .serialization import dumps, dumps_call, dumps_function
 
 __all__ = ["Executor", "MinirayFuture"]
 
@@ -250,6 +250,7 @@ class Executor(_BaseExecutor):
         self._read_owed = False  # a BLMPOP was sent whose reply nobody has read yet
         self._undelivered: list = []  # result messages popped and not delivered yet
         self._undelivered_direct: list = []  # the same from the inbox (delivered first)
+        self._parts = Assembler()  # a big result message's parts popped so far
         self._demand = False  # futures wait for the results thread to deliver (MinirayFuture)
         self._closed = False
         self._ru = None  # the results thread's, for upkeep (see _results_loop)
@@ -409,7 +410,12 @@ class Executor(_BaseExecutor):
         return sha
 
     def _enqueue(self, sha, start, count, frames, future, is_map) -> None:
-        frames[0] = encode_chunk_head(sha, start, count) + frames[0]
+        size = len(frames[0]) if len(frames) == 1 else sum(map(len, frames))
+        part = payloads.SMALL_PART
+        if size >= payloads.BIG:  # (asks the server: only big payloads pay for it)
+            payloads.check_room(self._r, size, "arguments")
+            part = payloads.big_part_size(self._r)
+        frames = encode_chunk(sha, start, count, frames, part)
         ref = _Ref(next(self._chunk_ids), start, count, future, is_map, frames, sha)
         future._ref = ref
         now = time.monotonic()
@@ -476,6 +482,9 @@ class Executor(_BaseExecutor):
                 pipe.command("EXPIRE", k.fn(sha), s.function_ttl_seconds)
                 self._fn_fresh[sha] = now
         live = [ref for ref in batch if not ref.future.cancelled()]
+        big = [ref for ref in live if sum(map(len, ref.frames)) >= payloads.BIG]
+        if big:
+            live = [ref for ref in live if ref not in big]
         if len(live) == 1 and len(live[0].frames) == 1 and len(live[0].frames[0]) <= _HAND_MAX:
             # a lone small chunk (a submit): one script stores it and hands it straight to
             # the slot that went idle last, if one waits (no claim to look for it)
@@ -497,6 +506,42 @@ class Executor(_BaseExecutor):
             ref.sent = True
             ref.frames = None  # the payload lives in Redis now
         pipe.send_deferred()
+        for ref in big:
+            self._send_big(ref)
+
+    def _send_big(self, ref: _Ref) -> None:
+        """Store and publish one big chunk, waiting for the replies: a server that cannot
+        hold it (maxmemory) fails this chunk's future, not the executor. One transaction:
+        stored and queued, or nothing."""
+        s, k, job = self._settings, self.keys, self.job_id
+        size = sum(map(len, ref.frames))
+        fields = []
+        for i, frame in enumerate(ref.frames):
+            fields += (Keys.payload_field(ref.chunk, i), frame)
+        pipe = self._r.pipeline()
+        pipe.command("MULTI")
+        pipe.command("HSET", k.tasks(job), *fields)
+        pipe.command("RPUSH", k.queue(job), ref.entry)
+        self._broker.publish(pipe, job, self.priority, 1, ref.count, s.event_stream_maxlen)
+        pipe.command("EXEC")
+        replies = pipe.execute(raise_on_error=False)
+        ref.frames = None
+        done = replies[-1]
+        refused = next((r for r in replies[:-1] if isinstance(r, RedisError)), None)
+        if isinstance(done, RedisError) or refused is not None:  # nothing was applied
+            with self._lock:
+                self._refs.pop(ref.chunk, None)
+            try:
+                ref.future.set_exception(payloads.refused(size, "task's arguments",
+                                                          refused or done))
+            except Exception:  # cancelled meanwhile
+                pass
+            return
+        ref.sent = True
+        if isinstance(done[-1], NoScriptError):  # stored and queued; its wake-up is owed
+            self._broker.load_scripts()
+            self._broker.publish(None, job, self.priority, 1, ref.count,
+                                 s.event_stream_maxlen)
 
     def _withdraw(self, ref: _Ref) -> bool:
         """Take a chunk back before any worker claims it; False if one already has."""
@@ -697,6 +742,7 @@ class Executor(_BaseExecutor):
         pipe.command("DEL", self.keys.results(self.client_id))
         self._create_job(pipe)
         pipe.execute()
+        self._parts = Assembler()  # (a big message cut short by that DEL is not waited for)
         _log.warning("executor %s: the cluster gave job %s up after %.0f s of silence; %d "
                      "pending task(s) fail", self.job_name, job, silent, len(refs))
         err = JobAbandonedError(
@@ -795,6 +841,10 @@ class Executor(_BaseExecutor):
 
     def _deliver(self, msg: bytes, direct: bool = False) -> None:
         """Settle what a result message says (``direct``: it came to the inbox)."""
+        if not direct:  # a big message comes in parts (see protocol.encode_result)
+            msg = self._parts.feed(msg)
+            if msg is None:
+                return
         if msg == b"S":
             return  # shutdown's wake-up call
         decoded = decode_message(msg)
@@ -816,17 +866,13 @@ class Executor(_BaseExecutor):
         refs = [self._refs.get(chunk) for chunk, _ in header.chunks]
         if not any(refs):
             return  # duplicates after a retry, or cancelled tasks
-        try:
-            batches = loads([blob])
-        except Exception as e:
-            err = SerializationError(
-                f"cannot unpickle a result sent by {header.host}: {type(e).__name__}: {e}. "
-                "Is its type importable here?")
-            batches = [(None, [], {-1: (err, "", header.pid)})] * len(refs)
+        if isinstance(blob, Exception):  # another protocol version: fail what it was for
+            batches = [(None, [], {-1: (blob, "", header.pid)})] * len(refs)
+        else:  # a value that cannot be unpickled here fails only its own item
+            batches = decode_batches(blob, header.host,
+                                     [None if ref is None else ref.start for ref in refs])
         for ref, (_, final), (indices, values, errors) in zip(refs, header.chunks, batches):
             if ref is not None:
-                if type(indices) is tuple:  # (start, stop): see taskproc._dumps_batches
-                    indices = range(*indices)
                 self._settle(ref, indices, values, errors, final, header.worker, header.host,
                              header.pid)
 

@@ -3,38 +3,73 @@
 A *chunk* is the unit that travels: one ``submit`` or ``chunksize`` items of a ``map``. Its
 payload is a list of frames (stored as fields of ``tasks:{job}``)::
 
-    frame 0   = CHUNK_HEAD (version, fn sha256, first task index, item count) + pickle stream
+    frame 0   = CHUNK_HEAD (version, fn sha256, first task index, item count, layout) +
+                pickle stream
     frame 1.. = out-of-band pickle buffers (large arrays), never copied into frame 0
 
 The fixed-size head lets a worker learn the function and the task range without unpickling
-user data. A *result message* (list ``res:{client}``) is ``b"R"`` + u32 header length + pickled
-:class:`ResultHeader` + a blob written by the task process: the pickled list of
-``(indices, values, errors)`` batches, one per chunk in the header (``indices``: None, a list,
-or ``(start, stop)``; see ``taskproc``). The reaper's Lua writes ``b"L" job "|" chunk "|"
-worker`` for a chunk lost with its worker.
+user data. No stored field may exceed the server's ``proto-max-bulk-len`` (512 MB by
+default), so a frame bigger than ``part_size`` travels as several fields: the head then
+says how many fields make each frame (its *layout*), is a field of its own, and the worker
+joins each frame's fields back (``decode_chunk``).
+
+A *result message* (list ``res:{client}``) is ``b"R"`` + version + u32 header length +
+pickled :class:`ResultHeader` + a blob written by ``encode_batches``: a plain pickle of
+``(indices, values, errors, packed)`` batches, one per chunk in the header (``indices``:
+None, a list, or ``(start, stop)``; see ``taskproc``). Values of plain builtin types travel
+inline; any other value (its position in ``packed``), and every exception, is pickled on its
+own inside the blob (``(stream, buffers)``, protocol 5), so the client unpickles it alone and
+a value it cannot unpickle (a class missing here) fails only its own item
+(``decode_batches``). A message bigger than a part goes as several list elements, pushed by
+one script call: ``b"M"`` + u32 count of the parts that follow + the message's first bytes,
+then the parts (``Assembler`` puts them back together). The reaper's Lua writes ``b"L" job
+"|" chunk "|" worker`` for a chunk lost with its worker.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 import struct
+import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "PART_MAX",
+    "DEFAULT_BULK_LIMIT",
+    "SMALLEST_BULK_LIMIT",
+    "part_size",
     "ChunkHead",
-    "encode_chunk_head",
-    "decode_chunk_head",
+    "encode_chunk",
+    "decode_chunk",
     "ResultHeader",
     "encode_result",
+    "encode_batches",
+    "decode_batches",
     "decode_message",
+    "Assembler",
     "LostChunk",
 ]
 
-PROTOCOL_VERSION = 2  # 2: contiguous result indices travel as (start, stop)
-_HEAD = struct.Struct("!B32sQI")  # version, sha256 digest, first task index, item count
+# 3: frames split into parts (a layout in the chunk head), result messages in parts, values
+#    pickled one by one, a version byte in result messages
+PROTOCOL_VERSION = 3
+_HEAD = struct.Struct("!B32sQII")  # version, sha256 digest, first task index, item count,
+#                                    frames in the layout that follows (0: one field a frame)
 _U32 = struct.Struct("!I")
+_RES = struct.Struct("!BI")  # after b"R": version, header length
+
+PART_MAX = 256 * 1024 * 1024  # bytes: the most one stored field or list element carries
+DEFAULT_BULK_LIMIT = 512 * 1024 * 1024  # the server's proto-max-bulk-len, unless it says
+SMALLEST_BULK_LIMIT = 1024 * 1024  # Redis and Valkey accept no lower proto-max-bulk-len
+
+
+def part_size(bulk_limit: int | None) -> int:
+    """The most bytes one field may carry under a server whose ``proto-max-bulk-len`` is
+    ``bulk_limit`` (None: unknown, e.g. CONFIG refused: the default's)."""
+    return max(4096, min(PART_MAX, (bulk_limit or DEFAULT_BULK_LIMIT) - 4096))
 
 
 class ChunkHead(NamedTuple):  # a tuple: made for every chunk a worker takes
@@ -43,23 +78,50 @@ class ChunkHead(NamedTuple):  # a tuple: made for every chunk a worker takes
     count: int
 
 
-def encode_chunk_head(fn_sha: str, start: int, count: int) -> bytes:
-    return _HEAD.pack(PROTOCOL_VERSION, bytes.fromhex(fn_sha), start, count)
+def encode_chunk(fn_sha: str, start: int, count: int, frames: list,
+                 part: int = PART_MAX) -> list:
+    """The fields to store for a chunk of ``frames`` (see ``serialization.dumps``): the head
+    in front of frame 0, and as they are; a frame bigger than ``part`` is cut into views
+    (no copy) and the head, a field of its own then, says how many fields each frame has."""
+    digest = bytes.fromhex(fn_sha)
+    if len(frames[0]) + _HEAD.size <= part and all(len(f) <= part for f in frames[1:]):
+        return [_HEAD.pack(PROTOCOL_VERSION, digest, start, count, 0) + frames[0], *frames[1:]]
+    fields, counts = [], []
+    for f in frames:
+        view = memoryview(f).cast("B")
+        pieces = [view[i : i + part] for i in range(0, view.nbytes, part)] or [b""]
+        counts.append(len(pieces))
+        fields += pieces
+    counts[0] += 1  # the head is frame 0's first field
+    head = _HEAD.pack(PROTOCOL_VERSION, digest, start, count, len(frames))
+    return [head + struct.pack(f"!{len(counts)}I", *counts), *fields]
 
 
-def decode_chunk_head(frame0) -> tuple[ChunkHead, memoryview]:
-    """Split frame 0 into its head and the pickle stream (a view, not a copy)."""
-    view = memoryview(frame0)
-    version, digest, start, count = _HEAD.unpack_from(view)
-    if version != PROTOCOL_VERSION:
+def decode_chunk(fields: list) -> tuple[ChunkHead, list]:
+    """A chunk's head and its frames (frame 0: the pickle stream) from its stored fields:
+    views where a frame is one field, joined (one copy) where it was cut into several."""
+    view = memoryview(fields[0])
+    if view[0] != PROTOCOL_VERSION:
         from .errors import MinirayError
 
         raise MinirayError(
-            f"task encoded with protocol {version}, this worker speaks {PROTOCOL_VERSION}: "
+            f"task encoded with protocol {view[0]}, this worker speaks {PROTOCOL_VERSION}: "
             "the notebook and the workers run different miniray versions; install the same "
             "version on both"
         )
-    return ChunkHead(digest.hex(), start, count), view[_HEAD.size :]
+    _, digest, start, count, n = _HEAD.unpack_from(view)
+    head = ChunkHead(digest.hex(), start, count)
+    if not n:
+        return head, [view[_HEAD.size :], *fields[1:]]
+    counts = struct.unpack_from(f"!{n}I", view, _HEAD.size)
+    frames, at = [], 0
+    for c in counts:
+        group = list(fields[at : at + c])
+        if at == 0:
+            group[0] = view[_HEAD.size + 4 * n :]
+        at += c
+        frames.append(group[0] if len(group) == 1 else b"".join(group))
+    return head, frames
 
 
 class ResultHeader(NamedTuple):  # a tuple: decoded for every result message
@@ -76,19 +138,269 @@ class LostChunk:
     worker: str
 
 
-def encode_result(header: ResultHeader, blob: bytes) -> bytes:
+def encode_result(header: ResultHeader, blob: bytes, part: int = PART_MAX) -> list:
+    """The list elements of one result message: one, or (bigger than ``part``) several that
+    the client's ``Assembler`` joins; pushed together by one script call."""
     head = pickle.dumps(tuple(header), protocol=5)
-    return b"".join((b"R", _U32.pack(len(head)), head, blob))
+    prefix = b"R" + _RES.pack(PROTOCOL_VERSION, len(head)) + head
+    if len(prefix) + len(blob) <= part:
+        return [prefix + blob]
+    view = memoryview(blob).cast("B")
+    pieces = [view[i : i + part] for i in range(0, view.nbytes, part)]
+    return [b"M" + _U32.pack(len(pieces)) + prefix, *pieces]
 
 
-def decode_message(msg: bytes):
-    """Return ``(ResultHeader, blob view)`` or a :class:`LostChunk`."""
+class Assembler:
+    """Puts result messages that came in parts back together (one per reader: parts pushed
+    by one script call are consecutive in the list, but one pop may end among them)."""
+
+    __slots__ = ("parts", "left")
+
+    def __init__(self):
+        self.parts: list = []
+        self.left = 0
+
+    def feed(self, element):
+        """The message ``element`` completes (``bytes``, or a list of parts), else None."""
+        if self.left:
+            self.parts.append(memoryview(element))
+            self.left -= 1
+            if self.left:
+                return None
+            parts, self.parts = self.parts, []
+            return parts
+        if element[:1] == b"M":
+            (self.left,) = _U32.unpack_from(element, 1)
+            self.parts = [memoryview(element)[5:]]
+            return None
+        return element
+
+
+def decode_message(msg):
+    """Return ``(ResultHeader, blob)`` or a :class:`LostChunk`; ``msg`` is one element, or
+    the parts ``Assembler`` gathered (the blob is then a list of views)."""
+    parts = None
+    if type(msg) is list:
+        parts, msg = msg[1:], msg[0]
     tag = msg[:1]
     if tag == b"R":
-        (n,) = _U32.unpack_from(msg, 1)
-        header = ResultHeader._make(pickle.loads(msg[5 : 5 + n]))
-        return header, memoryview(msg)[5 + n :]
+        version, n = _RES.unpack_from(msg, 1)
+        at = 1 + _RES.size
+        if version == 0:  # protocol 2 had no version byte (its u32 length starts with 0)
+            (n,), at = _U32.unpack_from(msg, 1), 1 + _U32.size
+        header = ResultHeader._make(pickle.loads(msg[at : at + n]))
+        if version != PROTOCOL_VERSION:
+            from .errors import MinirayError
+
+            return header, MinirayError(
+                f"{header.host} sent a result in protocol {version}, this client speaks "
+                f"{PROTOCOL_VERSION}: the notebook and the workers run different miniray "
+                "versions; install the same version on both")
+        rest = memoryview(msg)[at + n :]
+        return header, rest if parts is None else [rest, *parts]
     if tag == b"L":
-        job, chunk, worker = msg[1:].decode().split("|", 2)
+        job, chunk, worker = bytes(msg[1:]).decode().split("|", 2)
         return LostChunk(job, int(chunk), worker)
-    raise ValueError(f"unknown result message tag {tag!r}")
+    raise ValueError(f"unknown result message tag {bytes(tag)!r}")
+
+
+# -- the blob: values one by one -------------------------------------------------------------
+# The blob is one plain pickle whose builtin values (numbers, strings, bytes, lists, dicts,
+# ...) are written by the C pickler as ever. Every other object (the pickler's
+# reducer_override is called only for those) is pickled on its own and travels as a call to
+# ``_unpack(stream, buffers)``: on the client that call unpickles it, and a failure becomes a
+# ``_Failed`` in its place instead of failing the whole blob.
+_OOB_MIN = 64 * 1024  # smaller buffers stay in the value's own stream
+_local = threading.local()  # the failures of the decode running in this thread
+
+
+class _Failed:
+    """What a value that could not be unpickled here leaves in its place."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _unpack(stream, buffers):
+    try:
+        return pickle.loads(stream, buffers=buffers)
+    except Exception as e:
+        failed = _Failed(e)
+        failures = getattr(_local, "failures", None)
+        if failures is not None:
+            failures.append(failed)
+        return failed
+
+
+def pack_value(obj) -> tuple:
+    """``obj`` pickled on its own: ``(stream, buffers)``; large buffers stay PickleBuffers,
+    which the blob's pickler writes once (no copy into the stream first). Raises what
+    pickling raises (cloudpickle covers local classes and lambdas)."""
+    bufs: list = []
+
+    def keep(buf):
+        if buf.raw().nbytes < _OOB_MIN:
+            return True
+        bufs.append(buf)
+        return False
+
+    try:
+        return pickle.dumps(obj, protocol=5, buffer_callback=keep), bufs
+    except Exception:
+        import cloudpickle
+
+        bufs.clear()
+        return cloudpickle.dumps(obj, protocol=5, buffer_callback=keep), bufs
+
+
+class _BlobPickler(pickle.Pickler):
+    def reducer_override(self, obj):
+        if obj is _unpack:
+            return NotImplemented  # (by reference, as any function)
+        try:
+            return _unpack, pack_value(obj)
+        except Exception as why:
+            if not isinstance(obj, BaseException):
+                raise
+            from .errors import SerializationError
+
+            # (a task process sends only exceptions it checked; this is for the worker's)
+            return _unpack, pack_value(SerializationError(
+                f"the task raised {type(obj).__name__}, which cannot be pickled to travel "
+                f"back ({type(why).__name__}: {why})"))
+
+
+def _dumps(obj) -> bytes:
+    f = io.BytesIO()
+    _BlobPickler(f, protocol=5).dump(obj)
+    return f.getvalue()
+
+
+def encode_batches(batches, on_unpicklable=None) -> bytes:
+    """The blob of a result message: ``batches`` are ``(indices, values, errors)``, errors
+    mapping an item index (-1: every item left) to ``(exception, traceback, pid)``. A value
+    that cannot be pickled is handed to ``on_unpicklable(value, exc)``, whose return (an
+    exception) fails that item instead (without it, pickling's error is raised)."""
+    batches = [((i.start, i.stop) if type(i) is range else i, v, e) for i, v, e in batches]
+    try:
+        return _dumps(batches)
+    except Exception:
+        if on_unpicklable is None:
+            raise
+    for indices, values, errors in batches:  # find the culprits; each becomes an error
+        positions = _positions(indices, len(values))
+        for k, value in enumerate(values):
+            try:
+                _dumps(value)
+            except Exception as e:
+                values[k] = None
+                errors[positions[k]] = (on_unpicklable(value, e), "", None)
+    return _dumps(batches)
+
+
+def _positions(indices, n: int) -> list:
+    if indices is None:
+        return list(range(n))
+    if type(indices) is tuple:
+        return list(range(*indices))
+    return list(indices)
+
+
+def decode_batches(blob, host: str, starts: list) -> list:
+    """``encode_batches``'s inverse: ``[(indices, values, errors)]``, ``indices`` as a range,
+    list or None; ``starts``: each batch's first task id. A value or exception that cannot
+    be unpickled here fails its own item with ``SerializationError``; a blob that cannot be
+    read at all fails every item."""
+    _local.failures = failures = []
+    try:
+        if type(blob) is list:  # a message that came in parts: read across them
+            batches = pickle.load(io.BufferedReader(_PartsReader(blob), 1 << 20))
+        else:
+            batches = pickle.loads(blob)
+    except Exception as e:
+        from .errors import SerializationError
+
+        err = SerializationError(
+            f"cannot read a result message sent by {host}: {type(e).__name__}: {e}. The "
+            "notebook and the workers may run different miniray versions.")
+        return [(None, [], {-1: (err, "", None)})] * len(starts)
+    finally:
+        _local.failures = None
+    out = []
+    for (indices, values, errors), start in zip(batches, starts):
+        if type(indices) is tuple:
+            indices = range(*indices)
+        if failures and start is not None:
+            _single_out(indices, values, errors, start, host)
+        out.append((indices, values, errors))
+    return out
+
+
+def _single_out(indices, values, errors, start: int, host: str) -> None:
+    """Turn the items whose value (or exception) could not be unpickled into errors."""
+    positions = None
+    for k, v in enumerate(values):
+        bad = _find_failed(v)
+        if bad is not None:
+            if positions is None:
+                positions = _positions(indices, len(values))
+            i = positions[k]
+            values[k] = None
+            errors[i] = (_unpickling_error("result", i, start, host, bad.error), "", None)
+    for i, (exc, tb, pid) in list(errors.items()):
+        if type(exc) is _Failed:
+            errors[i] = (_unpickling_error("exception", i, start, host, exc.error), tb, pid)
+
+
+def _find_failed(v, depth: int = 0):
+    """The ``_Failed`` in ``v`` (in builtin containers: the only place one can be), or None."""
+    t = type(v)
+    if t is _Failed:
+        return v
+    if depth < 64:
+        if t is dict:
+            for x in v.items():
+                bad = _find_failed(x, depth + 1)
+                if bad is not None:
+                    return bad
+        elif t is list or t is tuple or t is set or t is frozenset:
+            for x in v:
+                bad = _find_failed(x, depth + 1)
+                if bad is not None:
+                    return bad
+    return None
+
+
+def _unpickling_error(what: str, i: int, start: int, host: str, e: BaseException):
+    from .errors import SerializationError
+
+    item = "every item left" if i < 0 else f"item {i}"
+    task = f"task {start}" if i < 0 else f"task {start + i}"
+    return SerializationError(
+        f"cannot unpickle the {what} of {item} ({task}) sent by {host}: "
+        f"{type(e).__name__}: {e}. Is its type importable here? Install (or put on "
+        "sys.path) the module that defines it, in the notebook as on the workers.")
+
+
+class _PartsReader(io.RawIOBase):
+    """The parts of a message read as one stream (no join: a big value is copied once,
+    into itself)."""
+
+    def __init__(self, parts: list):
+        self.parts, self.i, self.at = [memoryview(p).cast("B") for p in parts], 0, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self.i < len(self.parts):
+            part = self.parts[self.i]
+            n = min(len(b), part.nbytes - self.at)
+            if n > 0:
+                b[:n] = part[self.at : self.at + n]
+                self.at += n
+                return n
+            self.i, self.at = self.i + 1, 0
+        return 0

@@ -39,9 +39,9 @@ Task process -> worker::
     ("done", [(seq, final, indices, n_ok, n_err)])     outcomes now in Redis
     ("handoff", job, spec json, [(entry, frames)])      claimed, but needs other limits
 
-``indices`` is a range, a list, or None for "every item not reported yet"; in the result
-blob that goes to the client a range travels as ``(start, stop)`` (a range pickles several
-times slower), and ``errors`` maps an item index to ``(exception, traceback, pid)``.
+``indices`` is a range, a list, or None for "every item not reported yet"; ``errors`` maps
+an item index to ``(exception, traceback, pid)``. The result message that goes to the client
+is ``protocol.encode_result``'s (values one by one, in parts when big).
 """
 
 from __future__ import annotations
@@ -68,7 +68,10 @@ from miniray.config import settings
 from miniray.inbox import Sender
 from miniray.isolation import Leftovers, become_subreaper
 from miniray.keys import Keys
-from miniray.protocol import ResultHeader, decode_chunk_head, encode_result
+from miniray.protocol import (SMALLEST_BULK_LIMIT, ResultHeader, decode_chunk, encode_batches,
+                              encode_result, part_size)
+from miniray.errors import PayloadTooLargeError
+from miniray.payloads import BIG, check_room
 from miniray.resp import ConnectionLost, NoScriptError, RedisError
 from miniray.taskoutput import Capture, LogHandler, end_lines
 
@@ -156,6 +159,7 @@ class Runner:
         self.expect_more = False  # the last claim took all it asked for (see report_and_wait)
         self.fn_key = self.broker.keys.fn
         self.leftovers = Leftovers()  # processes a task left running (see miniray.isolation)
+        self.bulk_limit = None  # the server's proto-max-bulk-len, asked for a big result
 
     # -- log lines ------------------------------------------------------------------------
     def log(self, stream: str, lines) -> None:
@@ -370,9 +374,9 @@ class Runner:
             seq = self.next_seq
             self.next_seq += 1
             try:
-                head, body = decode_chunk_head(frames[0])
-                w = _Work(seq, job, entry, chunk, head.fn_sha, head.start, head.count,
-                          [body, *frames[1:]], spec)
+                head, frames = decode_chunk(frames)
+                w = _Work(seq, job, entry, chunk, head.fn_sha, head.start, head.count, frames,
+                          spec)
             except Exception as e:  # a different protocol version: fail the chunk
                 w = _Work(seq, job, entry, chunk, None, 0, 0, None, spec)
                 w.missing = e
@@ -383,6 +387,36 @@ class Runner:
             self.tell_worker()
         self.fetch_functions(works)
         self.queue.extend(works)
+
+    def fit(self, blob: bytes, batches: list, chunks: list) -> tuple:
+        """A big result the server cannot hold (over its maxmemory) fails each of its items
+        with an error that says so: a refused complete would otherwise kill this process,
+        and the chunk would run again, and again."""
+        try:
+            check_room(self.r, len(blob), "results of these tasks")
+            return blob, chunks
+        except PayloadTooLargeError as e:
+            err = (e, "", self.pid)
+        for indices, values, errors in batches:
+            for k, i in enumerate(range(len(values)) if indices is None else indices):
+                values[k] = None
+                errors.setdefault(i, err)
+        return (encode_batches(batches, _unpicklable),
+                [(entry, 0, n_ok + n_err, final) for entry, n_ok, n_err, final in chunks])
+
+    def part_size(self, size: int) -> int:
+        """The most bytes one element of a result message may carry: what any server takes
+        for a small message; for a big one, what this server takes (asked once)."""
+        if size < SMALLEST_BULK_LIMIT - 8192:
+            return SMALLEST_BULK_LIMIT - 4096
+        if self.bulk_limit is None:
+            try:
+                got = self.redis(lambda pipe: pipe.command("CONFIG", "GET",
+                                                           "proto-max-bulk-len"))
+                self.bulk_limit = int(got[0][1]) if got and got[0] else 0
+            except (RedisError, ValueError, IndexError):  # CONFIG refused: assume the default
+                self.bulk_limit = 0
+        return part_size(self.bulk_limit or None)
 
     def fits(self, spec: dict) -> bool:
         mem, ncpus, ngpus = self.hello["sig"]
@@ -434,11 +468,14 @@ class Runner:
                 notes.append((seq, final, indices, n_ok, n_err))
                 if final:
                     del self.held[seq]
+            blob = encode_batches(batches, _unpicklable)
+            if len(blob) >= BIG:
+                blob, chunks = self.fit(blob, batches, chunks)
             msg = encode_result(ResultHeader(h["worker_id"], h["host"], self.pid, header),
-                                _dumps_batches(batches))
+                                blob, self.part_size(len(blob)))
             # straight to a client on this machine, then the report without it (see inbox)
-            if self.sender.send(w.spec.get("inbox"), msg):
-                msg = b""
+            if len(msg) == 1 and self.sender.send(w.spec.get("inbox"), msg[0]):
+                msg = []
             calls.append((job, chunks, msg))
         want = (self.target - len(self.queue)) if claim and self.claiming else 0
         self.log_send.acquire()  # lines a task printed land before its outcome
@@ -649,41 +686,13 @@ class Runner:
         batches.append((indices, values, errors))
 
 
-def _dumps_batches(batches) -> bytes:
-    # Plain pickle first: results are mostly plain data, and the C pickler is several times
-    # faster on small objects. Classes from the notebook pickle by reference, which is right:
-    # the notebook that reads them defines them. cloudpickle covers the rest (local classes,
-    # lambdas); only if that fails too is the culprit looked for.
-    batches = [((i.start, i.stop) if type(i) is range else i, v, e) for i, v, e in batches]
-    try:
-        return pickle.dumps(batches, protocol=5)
-    except Exception:
-        pass
-    import cloudpickle
+def _unpicklable(value, e: Exception):
+    """The error that takes the place of a result that cannot be pickled to travel back."""
+    from miniray.errors import SerializationError
 
-    try:
-        return cloudpickle.dumps(batches, protocol=5)
-    except Exception:
-        pass
-    for indices, values, errors in batches:  # find the culprits; each becomes an error
-        if type(indices) is tuple:
-            indices = range(*indices)
-        positions = list(indices) if indices is not None else []
-        for k, value in enumerate(values):
-            i = positions[k] if k < len(positions) else k
-            if i in errors:
-                continue
-            try:
-                cloudpickle.dumps(value, protocol=5)
-            except Exception as e:
-                from miniray.errors import SerializationError
-
-                values[k] = None
-                errors[i] = (SerializationError(
-                    f"the task's result {_short(value)} cannot be pickled to travel back: "
-                    f"{type(e).__name__}: {e}. Return plain data (or make the type "
-                    "picklable)."), "", os.getpid())
-    return cloudpickle.dumps(batches, protocol=5)
+    return SerializationError(
+        f"the task's result {_short(value)} cannot be pickled to travel back: "
+        f"{type(e).__name__}: {e}. Return plain data (or make the type picklable).")
 
 
 def _function_globals(fn):

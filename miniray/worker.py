@@ -27,7 +27,6 @@ import collections
 import json
 import logging
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -52,7 +51,7 @@ from .errors import (
 from .isolation import memory_cgroup_support
 from .resp import Connection, ConnectionLost, NoScriptError, RedisError
 from .keys import Keys
-from .protocol import ResultHeader, decode_chunk_head, encode_result
+from .protocol import ResultHeader, decode_chunk, encode_batches, encode_result
 from .taskslot import TaskProcess
 
 __all__ = ["Worker", "main"]
@@ -269,10 +268,10 @@ class _Slot(threading.Thread):
         spec = json.loads(spec_raw) if spec_raw else {}
         got = []
         for entry, chunk_id, frames in chunks:
-            head, body = decode_chunk_head(frames[0])
+            head, frames = decode_chunk(frames)
             self.seq += 1
             got.append(_Chunk(job, entry, chunk_id, self.seq, head.fn_sha, head.start,
-                              head.count, [body, *frames[1:]], spec))
+                              head.count, frames, spec))
         init = spec.get("init")
         missing = self.w.functions_missing({c.sha for c in got} | ({init} if init else set()),
                                            self.r)
@@ -445,7 +444,7 @@ class _Slot(threading.Thread):
     def fail_chunk(self, c: _Chunk, exc: BaseException, tb: str = "") -> None:
         left = [i for i in range(c.count) if i not in c.delivered]
         errors = {i: (exc, tb, os.getpid()) for i in left}
-        blob = pickle.dumps([(left, [None] * len(left), errors)], protocol=5)
+        blob = encode_batches([(left, [None] * len(left), errors)])
         c.delivered.update(left)
         self.inflight.pop(c.seq, None)
         self.report(c.job, [(c, True, 0, len(left))], blob)
@@ -470,7 +469,7 @@ class _Slot(threading.Thread):
                 c = None  # the job is gone (cancelled or closed): nothing to report to
         if c is not None and idx >= 0 and idx not in c.delivered:
             exc = self._death_error(c, reason, oom, how)
-            blob = pickle.dumps([([idx], [None], {idx: (exc, "", proc.pid)})], protocol=5)
+            blob = encode_batches([([idx], [None], {idx: (exc, "", proc.pid)})])
             c.delivered.add(idx)
             done = len(c.delivered) == c.count
             if done:
@@ -516,9 +515,8 @@ class _Slot(threading.Thread):
         frames = self.r.execute("HMGET", self.w.keys.tasks(c.job), *fields)
         if any(f is None for f in frames):
             return False
-        head, body = decode_chunk_head(frames[0])
+        head, c.frames = decode_chunk(frames)
         c.sha, c.start, c.count = head.fn_sha, head.start, head.count
-        c.frames = [body, *frames[1:]]
         init = c.spec.get("init")
         return not self.w.functions_missing({c.sha} | ({init} if init else set()), self.r)
 

@@ -239,3 +239,45 @@ def long_lines(count, nbytes, tag="long"):
         print(f"{tag}{i} " + "x" * (nbytes - len(f"{tag}{i} ")))
     print(f"{tag} done")
     return count
+
+
+# -- values the client cannot unpickle (tests/test_values.py) ---------------------------------
+# MINIRAY_TEST_WORKER_MODULE names a module importable only where the worker runs (a tmp dir on
+# its PYTHONPATH); MINIRAY_TEST_WORKER_SIDE is set only in the worker's environment.
+
+def _rebuild_on_worker_side(value):
+    if os.environ.get("MINIRAY_TEST_WORKER_SIDE") != "1":
+        raise RuntimeError("this value can only be rebuilt where the worker runs")
+    return value
+
+
+class WorkerSideOnly:
+    """Pickles fine anywhere; unpickling raises outside the worker's environment."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return _rebuild_on_worker_side, (self.value,)
+
+
+def mixed_values(x, worker_class_at=(), bad_reduce_at=(), worker_error_at=(), nested_at=()):
+    """``x * 10``, except: a worker-only class's instance (alone, or deep in a dict of
+    lists), a value whose rebuild raises on the client, or a worker-only exception raised,
+    at the items named."""
+    if x in nested_at:
+        return {"ok": [1, 2], "deep": [[x, mixed_values(x, worker_class_at=(x,))]]}
+    if x in worker_class_at or x in worker_error_at:
+        import importlib
+
+        mod = importlib.import_module(os.environ["MINIRAY_TEST_WORKER_MODULE"])
+        if x in worker_error_at:
+            raise mod.WorkerOnlyError(f"item {x} failed")
+        return mod.WorkerOnlyThing(x)
+    if x in bad_reduce_at:
+        return WorkerSideOnly(x)
+    return x * 10
+
+
+def make_bytes(n, fill=b"r"):
+    return fill * n

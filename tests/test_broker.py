@@ -161,7 +161,7 @@ def test_outcomes_of_a_job_that_is_gone_leave_no_key_behind(server):
     k = b.keys
     b.r.execute("DEL", k.job(job), k.events(job))  # what the TTLs do when the executor is gone
     pipe = b.r.pipeline()
-    b.complete(pipe, "cpu", job, [(entry, 1, 0, True)], 60, 100, b"R...", idle="cpu/0")
+    b.complete(pipe, "cpu", job, [(entry, 1, 0, True)], 60, 100, [b"R..."], idle="cpu/0")
     pipe.execute()
     assert b.r.execute("EXISTS", k.job(job), k.events(job), k.results("c"), k.tasks(job)) == 0
     assert b.r.execute("HLEN", k.wip("cpu")) == 0
