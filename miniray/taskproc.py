@@ -600,7 +600,11 @@ class Runner:
             fn = pickle.loads(self.functions[init])  # its own globals, fresh for this job
             g = _function_globals(fn)
             before = dict(g) if g is not None else {}
+            self.leftovers.settle()  # (what earlier chunks left is not the initializer's)
             fn()
+            # what the initializer starts (a model server, a pool) serves the job's tasks in
+            # this process: it is kept, as with ProcessPoolExecutor, until the process ends
+            self.leftovers.look(True, time.monotonic())
             if g is not None:
                 names = {k: v for k, v in g.items() if k not in before or before[k] is not v}
                 if names:

@@ -220,6 +220,11 @@ def fork_sleeper(i, marker, daemon=False):
     return os.getpid()
 
 
+def start_helper_process(marker):
+    """An initializer that starts a long-lived helper process (a model server, say)."""
+    fork_sleeper(0, marker)
+
+
 def progress_bar(n, width=20, flush=False):
     """Write ``n`` tqdm-style ``\\r`` updates to stdout (each flushed, as tqdm does, with
     ``flush``), then a newline; return the last state."""

@@ -1,6 +1,7 @@
 """What a task leaves behind: processes it started (killed unless kept) and output it printed
 (cut into lines in time proportional to its bytes, each line capped)."""
 
+import functools
 import uuid
 
 import psutil
@@ -87,6 +88,23 @@ def test_keep_children_keeps_them_past_the_task(solo):
         assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in kept)
     finally:
         _kill(_sleepers(marker) + _sleepers(other))
+
+
+def test_what_the_initializer_starts_serves_the_jobs_tasks(solo):
+    """A helper process started by the initializer is the job's, not a task's leftover."""
+    marker = f"miniray-helper-{uuid.uuid4().hex[:10]}"
+    leftover = f"miniray-leftover-{uuid.uuid4().hex[:10]}"
+    try:
+        with solo.executor(initializer=functools.partial(tasks.start_helper_process,
+                                                         marker)) as ex:
+            pids = set(ex.map(tasks.fork_sleeper, range(20), [leftover] * 20))
+            wait_for(lambda: not _sleepers(leftover), timeout=60,
+                     what="the tasks' own sleepers to be killed")
+            helpers = _sleepers(marker)
+            assert len(helpers) == 1 and {p.ppid() for p in helpers} == pids, helpers
+            assert helpers[0].status() != psutil.STATUS_ZOMBIE
+    finally:
+        _kill(_sleepers(marker) + _sleepers(leftover))
 
 
 def test_kept_children_end_with_the_task_process(solo):
