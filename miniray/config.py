@@ -19,7 +19,8 @@ MINIRAY_CLIENT_GRACE_SECONDS   600         how long the cluster keeps an executo
                                            unread results, and the executor, if it comes back,
                                            fails what was pending with JobAbandonedError
 MINIRAY_FUNCTION_TTL_SECONDS   86400       how long a pickled function stays in Redis unused
-MINIRAY_RESULT_TTL_SECONDS     86400       how long unread results stay in Redis
+MINIRAY_RESULT_TTL_SECONDS     86400       how long a finished job's counters, logs and events
+                                           stay in Redis (unread results: the client's grace)
 MINIRAY_DIRECT_RESULTS         1           0: results from task processes on the client's
                                            machine go through Redis too (see miniray.inbox)
 MINIRAY_LOG_STREAM_MAXLEN      10000       log lines kept per job (approximate, oldest dropped)
