@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import logging
 import os
 import pickle
@@ -50,9 +49,10 @@ from .errors import (
     TaskTimeoutError,
 )
 from .isolation import memory_cgroup_support
+from .jobspec import chunk_head, parse_spec
 from .resp import Connection, ConnectionLost, NoScriptError, RedisError
 from .keys import Keys
-from .protocol import ResultHeader, decode_chunk_head, encode_result
+from .protocol import ResultHeader, encode_result
 from .taskslot import TaskProcess
 
 __all__ = ["Worker", "main"]
@@ -74,6 +74,7 @@ class _Chunk:
     frames: list  # the pickle stream (head stripped) and its out-of-band buffers
     spec: dict  # the job's limits and env
     delivered: set = field(default_factory=set)
+    bad: BaseException | None = None  # its job's data in Redis is malformed: it fails
 
 
 class _Slot(threading.Thread):
@@ -244,7 +245,7 @@ class _Slot(threading.Thread):
                                         slot=self.index, register=True,
                                         maxlen=w.settings.event_stream_maxlen)
             if claimed:
-                spec = json.loads(claimed[1]) if claimed[1] else {}
+                spec = _spec(claimed[0].decode(), claimed[1])[0]  # (bad: take fails it)
                 if spec.get("gpus"):
                     mb = spec.get("gpu_mem") or 0
                     got = w.gpu_pool.acquire(spec["gpus"], mb, prefer=self.last_gpus)
@@ -266,18 +267,22 @@ class _Slot(threading.Thread):
 
     def take(self, job: str, spec_raw, chunks: list) -> None:
         """Chunks (entry, chunk id, frames) for ``pending``: claimed here or handed over."""
-        spec = json.loads(spec_raw) if spec_raw else {}
+        spec, bad = _spec(job, spec_raw)
         got = []
         for entry, chunk_id, frames in chunks:
-            head, body = decode_chunk_head(frames[0])
             self.seq += 1
-            got.append(_Chunk(job, entry, chunk_id, self.seq, head.fn_sha, head.start,
-                              head.count, [body, *frames[1:]], spec))
+            c = _Chunk(job, entry, chunk_id, self.seq, None, 0, Keys.parse_entry(entry)[2],
+                       None, spec, bad=bad)
+            if bad is None:
+                _decode(c, frames)
+            got.append(c)
         init = spec.get("init")
-        missing = self.w.functions_missing({c.sha for c in got} | ({init} if init else set()),
-                                           self.r)
+        missing = self.w.functions_missing({c.sha for c in got if c.sha} |
+                                           ({init} if init else set()), self.r)
         for c in got:
-            if c.sha in missing or init in missing:
+            if c.bad is not None:
+                self.pending.append(c)  # dispatch fails it, in its turn
+            elif c.sha in missing or init in missing:
                 self.fail_chunk(c, MinirayError(
                     f"the function of job {c.job} is no longer in Redis (it expired after "
                     f"MINIRAY_FUNCTION_TTL_SECONDS or the server restarted); submit again"))
@@ -303,9 +308,9 @@ class _Slot(threading.Thread):
         batch = []
         while self.pending:
             c = self.pending[0]
-            if c.job in self.cancelled_jobs:
+            if c.job in self.cancelled_jobs or c.bad is not None:
                 self.pending.popleft()
-                self.fail_chunk(c, _cancelled(c.job))
+                self.fail_chunk(c, c.bad or _cancelled(c.job))
                 continue
             key = self.key_for(c.spec)
             if self.proc is not None and self.proc.key != key:
@@ -424,12 +429,15 @@ class _Slot(threading.Thread):
             self.w.tasks_done += n
         elif kind == "claimed":
             _, job, spec_raw, notes = msg
-            spec = json.loads(spec_raw) if spec_raw else {}
+            spec = _spec(job, spec_raw)[0]  # (bad: the process fails those chunks itself)
             for seq, entry, chunk, start, count in notes:
                 self.inflight[seq] = _Chunk(job, entry, chunk, seq, None, start, count, None,
                                             spec)
         elif kind == "handoff":  # claimed by the process, but needs a process of its own
             _, job, spec_raw, chunks = msg
+            # it paused itself: if these chunks fail here (cancelled, malformed) rather than
+            # go to another process, dispatch must resume it, or the slot claims no more
+            self.proc.paused = True
             self.take(job, spec_raw, [(e, Keys.parse_entry(e)[0], f) for e, f in chunks])
 
     def report(self, job: str, done: list, blob: bytes) -> None:
@@ -501,12 +509,11 @@ class _Slot(threading.Thread):
             job, _, chunk = field.rpartition("/")
             if not value.endswith(tag) or (job, int(chunk)) in known:
                 continue
-            spec_raw = self.r.execute("HGET", self.w.keys.job(job), "spec")
+            spec, bad = _spec(job, self.r.execute("HGET", self.w.keys.job(job), "spec"))
             entry = value[: -len(tag)]
             self.seq += 1
-            c = _Chunk(job, entry, int(chunk), self.seq, None, 0, 0, None,
-                       json.loads(spec_raw) if spec_raw else {})
-            out.append(c)
+            out.append(_Chunk(job, entry, int(chunk), self.seq, None, 0,
+                              Keys.parse_entry(entry)[2], None, spec, bad=bad))
         return out
 
     def load_frames(self, c: _Chunk) -> bool:
@@ -516,9 +523,8 @@ class _Slot(threading.Thread):
         frames = self.r.execute("HMGET", self.w.keys.tasks(c.job), *fields)
         if any(f is None for f in frames):
             return False
-        head, body = decode_chunk_head(frames[0])
-        c.sha, c.start, c.count = head.fn_sha, head.start, head.count
-        c.frames = [body, *frames[1:]]
+        if c.bad is not None or not _decode(c, frames):
+            return True  # (dispatch fails it)
         init = c.spec.get("init")
         return not self.w.functions_missing({c.sha} | ({init} if init else set()), self.r)
 
@@ -551,6 +557,26 @@ class _Slot(threading.Thread):
         s = self.w.settings
         self.broker.complete(pipe, self.w.worker_id, job, chunks, s.result_ttl_seconds,
                              s.event_stream_maxlen, msg)
+
+
+def _spec(job: str, raw) -> tuple:
+    """(the job's spec, None), or ({}, the error its chunks fail with) when it is malformed."""
+    try:
+        return parse_spec(raw, job), None
+    except MinirayError as e:
+        return {}, e
+
+
+def _decode(c: _Chunk, frames: list) -> bool:
+    """Fill in the chunk from its payload's head; False (and ``c.bad``) when it has none."""
+    try:
+        head, body = chunk_head(c.job, c.entry, c.chunk, frames[0])
+    except MinirayError as e:  # another protocol version, or garbage
+        c.bad = e
+        return False
+    c.sha, c.start, c.count = head.fn_sha, head.start, head.count
+    c.frames = [body, *frames[1:]]
+    return True
 
 
 def _cancelled(job: str) -> JobCancelledError:
