@@ -13,6 +13,8 @@ MINIRAY_SERVER_BIN             (search)    redis-server/valkey-server binary for
 MINIRAY_HEARTBEAT_SECONDS      1.0         how often a worker heartbeats
 MINIRAY_WORKER_DEAD_SECONDS    10.0        a worker silent this long is dead; its tasks requeue
 MINIRAY_MAX_RETRIES            1           requeues of a task whose worker died, then WorkerLostError
+MINIRAY_SERVER_GONE_SECONDS    300         a worker that cannot reach its server this long
+                                           exits with status 75, for its supervisor to restart
 MINIRAY_FUNCTION_TTL_SECONDS   86400       how long a pickled function stays in Redis unused
 MINIRAY_RESULT_TTL_SECONDS     86400       how long unread results stay in Redis
 MINIRAY_DIRECT_RESULTS         1           0: results from task processes on the client's
@@ -60,6 +62,7 @@ class Settings:
     heartbeat_seconds: float = 1.0
     worker_dead_seconds: float = 10.0
     max_retries: int = 1
+    server_gone_seconds: float = 300.0
     function_ttl_seconds: int = 86400
     result_ttl_seconds: int = 86400
     direct_results: bool = True
@@ -80,6 +83,7 @@ class Settings:
             heartbeat_seconds=_env("MINIRAY_HEARTBEAT_SECONDS", 1.0, float),
             worker_dead_seconds=_env("MINIRAY_WORKER_DEAD_SECONDS", 10.0, float),
             max_retries=_env("MINIRAY_MAX_RETRIES", 1, int),
+            server_gone_seconds=_env("MINIRAY_SERVER_GONE_SECONDS", 300.0, float),
             function_ttl_seconds=_env("MINIRAY_FUNCTION_TTL_SECONDS", 86400, int),
             result_ttl_seconds=_env("MINIRAY_RESULT_TTL_SECONDS", 86400, int),
             direct_results=_env("MINIRAY_DIRECT_RESULTS", 1, int) != 0,

@@ -17,7 +17,9 @@ process holds and what it delivered, kills it past a timeout or a cancel's grace
 death to the futures, and sends what it held (payloads read back from Redis) to a fresh one.
 On a GPU worker the slot thread claims instead, one chunk at a time under the GPU lock, and
 sends chunks to its process. The heartbeat thread reports telemetry, reaps dead workers and
-passes cancels on.
+passes cancels on. The main thread only watches: a signal (its handler sets a flag and writes
+to a pipe) or the parent's death ends the worker, and so does a server gone longer than
+MINIRAY_SERVER_GONE_SECONDS (every thread retries a lost one with backoff until then).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import collections
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import sys
@@ -37,6 +40,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from . import gpu as gpu_mod
+from .backoff import Backoff
 from .broker import HAND_LEN, Broker, _redact, connect, parse_claim
 from .config import settings
 from .errors import (
@@ -59,6 +63,7 @@ __all__ = ["Worker", "main"]
 
 log = logging.getLogger("miniray.worker")
 _FN_CACHE = 256
+_RELEASE_WAIT = 10.0  # seconds a leaving worker waits for the server to take its work back
 _SPARES = 2  # processes of other limits a slot keeps (see _Slot.park)
 
 
@@ -190,17 +195,20 @@ class _Slot(threading.Thread):
 
     # -- main loop ---------------------------------------------------------------------------
     def run(self) -> None:
+        backoff = Backoff()
         try:
             while not self.w.stopping.is_set():
                 try:
                     self.step()
+                    backoff.tries = 0
                 except ConnectionLost as e:
                     if not self.w.server_gone(e):
-                        time.sleep(0.2)
+                        self.w.stopping.wait(backoff.next())
                 except NoScriptError:  # the server restarted and lost our scripts
                     self.broker.load_scripts()
         except Exception:  # a bug must not leave the worker half-alive
             log.exception("slot %d failed; stopping the worker", self.index)
+            self.w.failed = True
             self.w.stop()
         finally:
             for proc in self.all_procs():
@@ -634,6 +642,14 @@ class Worker:
         self.keys = self.broker.keys
         self.slots: list[_Slot] = []
         self._server_lost_since: float | None = None
+        self.gave_up: str | None = None  # why the worker stopped trying to reach its server
+        self.failed = False  # a thread of the worker failed (a bug): exit non-zero
+        # A signal handler only sets `signalled` and writes a byte here (no lock: a second
+        # signal during the first's handling must not deadlock); the main thread waits on it.
+        self.signalled = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self.isolation = memory_cgroup_support()[0] or "rlimit"
 
     def new_client(self, wait: float = 0.0) -> Connection:
@@ -705,19 +721,48 @@ class Worker:
         }
 
     def server_gone(self, error: Exception) -> bool:
-        """Note a lost connection; True (and stop) once it has been gone too long."""
+        """Note a lost connection; True (and stop) once it has been gone longer than
+        MINIRAY_SERVER_GONE_SECONDS. Until then every thread retries with ``Backoff``: a
+        restarted server gets its workers back without anyone restarting them."""
         now = time.monotonic()
         if self._server_lost_since is None:
             self._server_lost_since = now
             log.warning("lost the server at %s: %s; retrying", _redact(self.url), error)
-        if now - self._server_lost_since > max(5.0, 3 * self.settings.heartbeat_seconds):
-            log.error("the server at %s is gone; worker %s exits", _redact(self.url), self.name)
+        limit = self.settings.server_gone_seconds
+        if now - self._server_lost_since > limit:
+            if self.gave_up is None:
+                self.gave_up = (
+                    f"the server at {_redact(self.url)} has been unreachable for {limit:g} s "
+                    f"(MINIRAY_SERVER_GONE_SECONDS) ({error}); worker {self.name} exits for its "
+                    "supervisor to restart it. Start the server again, or check the address")
+                log.error("%s", self.gave_up)
             self.stop()
             return True
         return False
 
     def stop(self) -> None:
         self.stopping.set()
+        self.wake()
+
+    def on_signal(self, signum, frame) -> None:
+        """SIGTERM/SIGINT (and the parent's death): note it; the main thread stops."""
+        self.signalled = signum
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:  # full (it will wake anyway) or closed
+            pass
+
+    def nap(self, seconds: float) -> None:
+        """Sleep up to ``seconds``; a signal or ``stop`` ends it at once."""
+        select.select([self._wake_r], [], [], seconds)
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except OSError:
+            pass
 
     def run(self) -> int:
         s = self.settings
@@ -733,22 +778,44 @@ class Worker:
             slot.start()
         log.info("worker %s: %d slot(s), GPUs %s, server %s", self.name, self.nslots,
                  self.gpu_ids or "none", _redact(self.url))
-        next_beat = time.monotonic()
+        # the main thread only watches (signals, the parent), so it never waits on a server
+        # that hangs: a SIGTERM then still ends the worker in bounded time
+        threading.Thread(target=self.beat, name="miniray-heartbeat", daemon=True).start()
         while not self.stopping.is_set():
+            if self.signalled:
+                log.info("worker %s: %s; handing its work back and exiting", self.name,
+                         signal.Signals(self.signalled).name)
+                break
             if self.parent_pid and os.getppid() != self.parent_pid:
                 log.warning("the process that started this worker is gone; exiting")
                 break
+            self.nap(min(1.0, s.heartbeat_seconds))
+        self.shutdown()
+        return 1 if self.failed else 75 if self.gave_up else 0
+
+    def beat(self) -> None:
+        """The heartbeat thread: telemetry, cancels, reaping; retries a lost server."""
+        s = self.settings
+        backoff = Backoff()
+        next_beat = time.monotonic()
+        while not self.stopping.is_set():
             try:
                 self.heartbeat()
                 self.broker.reap(s.worker_dead_seconds, s.max_retries, s.event_stream_maxlen,
                                  s.result_ttl_seconds)
                 self._server_lost_since = None
+                backoff.tries = 0
+                next_beat += s.heartbeat_seconds
             except ConnectionLost as e:
                 if self.server_gone(e):
-                    break
-            next_beat += s.heartbeat_seconds
+                    return
+                next_beat = time.monotonic() + backoff.next()
+            except Exception:  # a bug must not leave the worker without a heartbeat
+                log.exception("the heartbeat failed; stopping the worker")
+                self.failed = True
+                self.stop()
+                return
             self.stopping.wait(max(0.0, next_beat - time.monotonic()))
-        return self.shutdown()
 
     def heartbeat(self) -> None:
         s = self.settings
@@ -779,12 +846,15 @@ class Worker:
         deadline = time.monotonic() + 0.1
         for slot in self.slots:
             slot.join(timeout=max(0.0, deadline - time.monotonic()))
-        try:
-            n = self.broker.release(self.worker_id)
-            if n:
-                log.info("handed %d unfinished chunk(s) back to the queue", n)
-        except RedisError as e:
-            log.warning("could not hand chunks back (the server is gone?): %s", e)
+        if self.gave_up is None:
+            # in a thread: a server that hangs must not hold the exit (the reaper then
+            # requeues what this worker held, once its heartbeat is old)
+            t = threading.Thread(target=self._release, daemon=True)
+            t.start()
+            t.join(_RELEASE_WAIT)
+            if t.is_alive():
+                log.warning("the server did not take this worker's chunks back within %g s; "
+                            "they run again once it reaps this worker", _RELEASE_WAIT)
         if self.triton is not None:
             self.triton.stop()
         try:
@@ -792,6 +862,14 @@ class Worker:
         except Exception:
             pass
         return 0
+
+    def _release(self) -> None:
+        try:
+            n = self.broker.release(self.worker_id)
+            if n:
+                log.info("handed %d unfinished chunk(s) back to the queue", n)
+        except RedisError as e:
+            log.warning("could not hand chunks back (the server is gone?): %s", e)
 
 
 def _check_url_security(url: str) -> None:
@@ -861,17 +939,17 @@ def main(argv=None) -> int:
         print(f"miniray worker: {e}", file=sys.stderr)
         return 2
 
-    def on_term(signum, frame):
-        worker.stop()
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGTERM, worker.on_signal)
+    signal.signal(signal.SIGINT, worker.on_signal)
     try:
-        return worker.run()
+        code = worker.run()
     except Exception:
         traceback.print_exc()
         worker.shutdown()
         return 1
+    if worker.gave_up:
+        print(f"miniray worker: {worker.gave_up}", file=sys.stderr)
+    return code
 
 
 def _die_with_parent() -> None:

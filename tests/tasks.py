@@ -194,3 +194,11 @@ def gate(directory, tag):
     while not os.path.exists(os.path.join(directory, "go")) and time.monotonic() < deadline:
         time.sleep(0.02)
     return cuda
+
+
+def record_pid_then_sleep(path, seconds, value=None):
+    """Append this task process's pid to ``path`` (one line per run), sleep, return ``value``."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+    return value

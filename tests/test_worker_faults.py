@@ -1,4 +1,4 @@
-"""A worker survives poison jobs: what it finds in Redis for a job cannot crash it.
+"""A worker survives what it can: poison jobs, signal storms, a lost or paused server.
 
 Real server, real worker processes, real signals; the data in Redis is damaged by hand, as an
 older client, a person with redis-cli or a corrupted store would leave it.
@@ -6,9 +6,14 @@ older client, a person with redis-cli or a corrupted store would leave it.
 
 import functools
 import json
+import os
 import pickle
+import signal
+import subprocess
+import sys
 import time
 
+import psutil
 import pytest
 
 import tasks
@@ -17,7 +22,7 @@ from miniray.errors import MinirayError, SerializationError
 from miniray.keys import Keys
 from miniray.protocol import encode_chunk_head
 from miniray.serialization import dumps_function
-from support import wait_for
+from support import wait_for, worker_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -174,3 +179,213 @@ def test_a_malformed_function_fails_its_tasks_and_the_worker_goes_on(solo, tmp_p
             assert "function" in str(exc) and "another miniray version" in str(exc), exc
     r.close()
     _alive_and_serving(solo, worker_id)
+
+
+# -- clean deaths ------------------------------------------------------------------------------
+def _gone(pid):
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _first_run(runs):
+    wait_for(lambda: runs.exists() and runs.read_text().strip(), what="the task to start")
+    return int(runs.read_text().split()[0])
+
+
+@pytest.mark.parametrize("signals", [2, 300], ids=["twice", "storm"])
+def test_sigterms_during_a_task_end_the_worker_which_hands_the_task_back(cluster, tmp_path,
+                                                                          signals):
+    """The handler only notes the signal: a second one while the first is handled (or a
+    storm of them) cannot deadlock the worker."""
+    victim = cluster.start_worker(name="victim")
+    runs = tmp_path / "runs"
+    with cluster.executor() as ex:
+        f = ex.submit(tasks.record_pid_then_sleep, str(runs), 2.0, "ran")
+        task = _first_run(runs)
+        for _ in range(signals):
+            try:
+                os.kill(victim.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                break
+        try:
+            code = victim.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            victim.kill()
+            pytest.fail(f"the worker hung after {signals} SIGTERMs: "
+                        + victim.log_path.read_text()[-2000:])
+        assert code == 0, victim.log_path.read_text()[-2000:]
+        wait_for(lambda: _gone(task), what=f"task process {task} to be gone")
+        cluster.start_worker(name="heir")
+        assert f.result(timeout=60) == "ran"  # handed back, and run again elsewhere
+    assert len(runs.read_text().split()) == 2
+
+
+def test_a_worker_whose_parent_is_killed_exits(cluster, tmp_path):
+    script = ("import os, subprocess, sys, time\n"
+              "p = subprocess.Popen([sys.executable, '-m', 'miniray.worker', '--name', 'orphan',"
+              " '--parent-pid', str(os.getpid())])\n"
+              "print(p.pid, flush=True)\n"
+              "time.sleep(300)\n")
+    with open(tmp_path / "orphan.log", "ab") as log:
+        parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                  stderr=log, env=worker_env(cluster.url, cluster.namespace))
+    try:
+        worker = int(parent.stdout.readline())
+        cluster.wait_workers(1)
+        runs = tmp_path / "runs"
+        ex = cluster.executor()
+        ex.submit(tasks.record_pid_then_sleep, str(runs), 60)
+        task = _first_run(runs)
+        parent.kill()
+        parent.wait()
+        wait_for(lambda: _gone(worker) and _gone(task), timeout=60,
+                 what="the orphaned worker and its task process to exit")
+        ex.shutdown(wait=False, cancel_futures=True)  # (no worker is left to run it)
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+
+
+# -- a lost, restarted or paused server --------------------------------------------------------
+class _OwnServer:
+    """A server of the test's own (it kills, restarts or pauses it) and one worker on it."""
+
+    def __init__(self, tmp_path, monkeypatch, env=None):
+        from miniray.server import ServerProcess
+
+        self.srv = ServerProcess(tcp=True)
+        self.ns = "own"
+        monkeypatch.setenv("MINIRAY_NAMESPACE", self.ns)
+        self.log_path = tmp_path / "worker.log"
+        with open(self.log_path, "ab") as log:
+            self.worker = subprocess.Popen(
+                [sys.executable, "-m", "miniray.worker", "--name", "survivor"],
+                env=worker_env(self.srv.url, self.ns, env), stdout=log, stderr=log)
+
+    def log(self):
+        return self.log_path.read_text()[-3000:]
+
+    def close(self):
+        self.srv.close()
+        if self.worker.poll() is None:
+            self.worker.terminate()
+            try:
+                self.worker.wait(30)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+
+
+@pytest.fixture
+def own(tmp_path, monkeypatch):
+    made = []
+
+    def make(env=None):
+        made.append(_OwnServer(tmp_path, monkeypatch, env))
+        return made[-1]
+
+    yield make
+    for o in made:
+        o.close()
+
+
+def _wait_registered(o):
+    from miniray import observe
+    from miniray.keys import Keys as K
+
+    def registered():
+        r = connect(o.srv.url)
+        try:
+            return len(observe.list_workers(r, K(o.ns))) == 1
+        finally:
+            r.close()
+
+    wait_for(registered, timeout=30, what="the worker to register")
+
+
+def test_a_server_down_for_a_while_gets_the_same_worker_back(own):
+    """Down longer than a heartbeat or two (workers used to give up after 5 s), then back on
+    the same port: the worker reconnects, with backoff, and serves a new executor."""
+    import miniray
+
+    o = own()
+    _wait_registered(o)
+    from miniray.server import ServerProcess
+
+    port, password = o.srv.port, o.srv.password
+    o.srv.close()
+    time.sleep(12)  # the outage (no assertion is timed)
+    o.srv = ServerProcess(port=port, password=password)
+    with miniray.Executor(redis_url=o.srv.url) as ex:
+        assert ex.submit(tasks.square, 5).result(timeout=60) == 25
+        assert list(ex.map(tasks.square, range(4), timeout=60)) == [0, 1, 4, 9]
+    assert o.worker.poll() is None, o.log()
+    _wait_registered(o)
+
+
+def test_a_server_gone_for_good_makes_the_worker_exit_non_zero(own, tmp_path):
+    """After MINIRAY_SERVER_GONE_SECONDS the worker gives up: it exits non-zero (a supervisor
+    restarts it), says why on stderr, and leaves no task process behind."""
+    import miniray
+
+    o = own({"MINIRAY_SERVER_GONE_SECONDS": "3"})
+    _wait_registered(o)
+    runs = tmp_path / "runs"
+    ex = miniray.Executor(redis_url=o.srv.url)
+    ex.submit(tasks.record_pid_then_sleep, str(runs), 120)
+    task = _first_run(runs)
+    o.srv.proc.kill()
+    o.srv.proc.wait()
+    try:
+        code = o.worker.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the worker did not give up on a server gone for good: " + o.log())
+    assert code not in (0, None), o.log()
+    assert "MINIRAY_SERVER_GONE_SECONDS" in o.log()
+    wait_for(lambda: _gone(task), what=f"task process {task} to be gone")
+    ex.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.mark.timeout(180)
+def test_a_server_paused_for_forty_seconds_keeps_its_worker(own):
+    import miniray
+
+    o = own()
+    _wait_registered(o)
+    os.kill(o.srv.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(40)  # the pause (no assertion is timed)
+    finally:
+        os.kill(o.srv.proc.pid, signal.SIGCONT)
+    with miniray.Executor(redis_url=o.srv.url) as ex:
+        assert ex.submit(tasks.square, 5).result(timeout=60) == 25
+    assert o.worker.poll() is None, o.log()
+
+
+def test_sigterm_ends_a_worker_whose_server_hangs(own, tmp_path):
+    """A server that stops answering (SIGSTOP) holds every Redis call; the worker's main
+    thread makes none, so SIGTERM still ends the worker and its task process."""
+    import miniray
+
+    o = own()
+    _wait_registered(o)
+    runs = tmp_path / "runs"
+    ex = miniray.Executor(redis_url=o.srv.url)
+    ex.submit(tasks.record_pid_then_sleep, str(runs), 120)
+    task = _first_run(runs)
+    os.kill(o.srv.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(3)  # a heartbeat or two go out and wait for the server
+        o.worker.send_signal(signal.SIGTERM)
+        o.worker.send_signal(signal.SIGTERM)
+        try:
+            o.worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("SIGTERM did not end a worker whose server hangs: " + o.log())
+        wait_for(lambda: _gone(task), what=f"task process {task} to be gone")
+    finally:
+        os.kill(o.srv.proc.pid, signal.SIGCONT)
+    ex.shutdown(wait=False, cancel_futures=True)
