@@ -80,6 +80,7 @@ JOB_BYTES = 96
 PAGE_SIZE = PROGRESS.size + JOB_BYTES
 FLUSH_SECONDS = 0.02
 _MAX_TARGET = 64
+_SEQ = (list, tuple)  # what a chunk's arguments may travel in
 
 
 def _send(conn, lock, obj) -> None:
@@ -604,11 +605,11 @@ class Runner:
         except Exception as e:
             raise bad_payload(job, "a task's arguments", e) from e
         count = self.held[seq].count
-        if kind == "s" and len(payload) == 2 and type(payload[0]) is tuple \
+        if kind == "s" and len(payload) == 2 and type(payload[0]) in _SEQ \
                 and type(payload[1]) is dict and count == 1:
             return [payload[0]], payload[1], True
         # "m": tuples of arguments; "m1": one argument each (map over one iterable)
-        if kind in ("m", "m1") and len(payload) == 1 and type(payload[0]) is list \
+        if kind in ("m", "m1") and len(payload) == 1 and type(payload[0]) in _SEQ \
                 and len(payload[0]) == count:
             return payload[0], None, kind == "m"
         raise malformed(job, f"a chunk's arguments are {_short((kind, *payload))}, not the "
