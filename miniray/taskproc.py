@@ -49,7 +49,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import functools
-import json
 import logging
 import mmap
 import os
@@ -65,11 +64,13 @@ import types
 
 from miniray.broker import HAND_LEN, Broker, connect, parse_claim
 from miniray.config import settings
+from miniray.errors import MinirayError
 from miniray.inbox import Sender
 from miniray.isolation import Leftovers, become_subreaper
+from miniray.jobspec import bad_payload, chunk_head, malformed, parse_spec
 from miniray.keys import Keys
-from miniray.protocol import (SMALLEST_BULK_LIMIT, ResultHeader, decode_chunk, encode_batches,
-                              encode_result, part_size)
+from miniray.protocol import (SMALLEST_BULK_LIMIT, ResultHeader, encode_batches, encode_result,
+                              part_size)
 from miniray.errors import PayloadTooLargeError
 from miniray.payloads import BIG, check_room
 from miniray.resp import ConnectionLost, NoScriptError, RedisError
@@ -84,6 +85,7 @@ JOB_BYTES = 96
 PAGE_SIZE = PROGRESS.size + JOB_BYTES
 FLUSH_SECONDS = 0.02
 _MAX_TARGET = 64
+_SEQ = (list, tuple)  # what a chunk's arguments may travel in
 
 
 def _send(conn, lock, obj) -> None:
@@ -358,9 +360,12 @@ class Runner:
         job, spec_raw, chunks = parse_claim(claimed)
         if want and len(chunks) >= want:
             self.expect_more = True  # it took all it asked for: more is likely queued
-        spec = self.specs.get(spec_raw)
+        spec, bad = self.specs.get(spec_raw), None
         if spec is None:
-            spec = self.specs[spec_raw] = json.loads(spec_raw) if spec_raw else {}
+            try:
+                spec = self.specs[spec_raw] = parse_spec(spec_raw, job)
+            except MinirayError as e:  # every chunk fails with it; nothing runs
+                spec, bad = {}, e
         if not self.fits(spec):  # another job's limits: a process of their own runs it
             self.claiming = False
             # after the notes still waiting (outcomes the worker must hear of: it changes
@@ -374,11 +379,15 @@ class Runner:
             seq = self.next_seq
             self.next_seq += 1
             try:
-                head, frames = decode_chunk(frames)
+                if bad is not None:
+                    raise bad
+                head, frames = chunk_head(job, entry, chunk, frames)
                 w = _Work(seq, job, entry, chunk, head.fn_sha, head.start, head.count, frames,
                           spec)
-            except Exception as e:  # a different protocol version: fail the chunk
-                w = _Work(seq, job, entry, chunk, None, 0, 0, None, spec)
+            except MinirayError as e:  # another protocol version, or garbage: it fails
+                # (its item count from the queue entry: the failure counts every item)
+                w = _Work(seq, job, entry, chunk, None, 0, Keys.parse_entry(entry)[2], None,
+                          spec)
                 w.missing = e
             works.append(w)
             notes.append((seq, entry, chunk, w.start, w.count))
@@ -583,11 +592,31 @@ class Runner:
         key = (group, sha) if names else sha
         fn = self.loaded.get(key)
         if fn is None:
-            fn = self.loaded[key] = pickle.loads(self.functions[sha])
+            fn = self.loaded[key] = _load_function(group, sha, self.functions[sha])
             g = _by_value_globals(fn) if names else None
             if g is not None:
                 g.update(names)
         return fn
+
+    def arguments(self, job, seq, frames) -> tuple:
+        """A chunk's ``(items, kwargs, star)``; an error that says so when its payload is not
+        one this version writes (all of the chunk fails: not this process)."""
+        try:
+            kind, *payload = pickle.loads(frames[0], buffers=frames[1:])
+        except ImportError:  # a module the worker lacks: the user's error, as it is
+            raise
+        except Exception as e:
+            raise bad_payload(job, "a task's arguments", e) from e
+        count = self.held[seq].count
+        if kind == "s" and len(payload) == 2 and type(payload[0]) in _SEQ \
+                and type(payload[1]) is dict and count == 1:
+            return [payload[0]], payload[1], True
+        # "m": tuples of arguments; "m1": one argument each (map over one iterable)
+        if kind in ("m", "m1") and len(payload) == 1 and type(payload[0]) in _SEQ \
+                and len(payload[0]) == count:
+            return payload[0], None, kind == "m"
+        raise malformed(job, f"a chunk's arguments are {_short((kind, *payload))}, not the "
+                        f"{count} item(s) its head announces")
 
     def initialize(self, group, init) -> None:
         """Run the job's initializer once in this process; remember how it went, and the
@@ -597,7 +626,7 @@ class Runner:
         if group in self.initialized:
             return
         try:
-            fn = pickle.loads(self.functions[init])  # its own globals, fresh for this job
+            fn = _load_function(group, init, self.functions[init])  # own globals, fresh
             g = _function_globals(fn)
             before = dict(g) if g is not None else {}
             self.leftovers.settle()  # (what earlier chunks left is not the initializer's)
@@ -633,15 +662,11 @@ class Runner:
                         self.add(group, seq, True, None, [], {-1: failed}, 0, -1)
                         return
                 fn = self.function(sha, group)
-                kind, *payload = pickle.loads(frames[0], buffers=frames[1:])
+                items, kwargs, star = self.arguments(group, seq, frames)
             except BaseException as e:  # the whole chunk fails the same way
                 err = _portable_exc(e, traceback.format_exc())
                 self.add(group, seq, True, None, [], {-1: err}, 0, -1)
                 return
-            if kind == "s":
-                items, kwargs, star = [payload[0]], payload[1], True
-            else:  # "m": tuples of arguments; "m1": one argument each (map over one iterable)
-                items, kwargs, star = payload[0], None, kind == "m"
             values, errors, done = [], {}, []
             append, prog_i, prog_t = values.append, self.prog_i, self.prog_t
             first = 0
@@ -697,6 +722,15 @@ def _unpicklable(value, e: Exception):
     return SerializationError(
         f"the task's result {_short(value)} cannot be pickled to travel back: "
         f"{type(e).__name__}: {e}. Return plain data (or make the type picklable).")
+
+
+def _load_function(job, sha, data):
+    try:
+        return pickle.loads(data)
+    except ImportError:  # a module the worker lacks: the user's error, as it is
+        raise
+    except Exception as e:
+        raise bad_payload(job, f"its function (fn:{sha[:12]}...)", e) from e
 
 
 def _function_globals(fn):

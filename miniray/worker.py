@@ -17,16 +17,18 @@ process holds and what it delivered, kills it past a timeout or a cancel's grace
 death to the futures, and sends what it held (payloads read back from Redis) to a fresh one.
 On a GPU worker the slot thread claims instead, one chunk at a time under the GPU lock, and
 sends chunks to its process. The heartbeat thread reports telemetry, reaps dead workers and
-passes cancels on.
+passes cancels on. The main thread only watches: a signal (its handler sets a flag and writes
+to a pipe) or the parent's death ends the worker, and so does a server gone longer than
+MINIRAY_SERVER_GONE_SECONDS (every thread retries a lost one with backoff until then).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import json
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -37,6 +39,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from . import gpu as gpu_mod
+from .backoff import Backoff
 from .broker import HAND_LEN, Broker, _redact, connect, parse_claim
 from .config import settings
 from .errors import (
@@ -49,15 +52,17 @@ from .errors import (
     TaskTimeoutError,
 )
 from .isolation import memory_cgroup_support
+from .jobspec import chunk_head, parse_spec
 from .resp import Connection, ConnectionLost, NoScriptError, RedisError
 from .keys import Keys
-from .protocol import ResultHeader, decode_chunk, encode_batches, encode_result
+from .protocol import ResultHeader, encode_batches, encode_result
 from .taskslot import TaskProcess
 
 __all__ = ["Worker", "main"]
 
 log = logging.getLogger("miniray.worker")
 _FN_CACHE = 256
+_RELEASE_WAIT = 10.0  # seconds a leaving worker waits for the server to take its work back
 _SPARES = 2  # processes of other limits a slot keeps (see _Slot.park)
 
 
@@ -73,6 +78,7 @@ class _Chunk:
     frames: list  # the pickle stream (head stripped) and its out-of-band buffers
     spec: dict  # the job's limits and env
     delivered: set = field(default_factory=set)
+    bad: BaseException | None = None  # its job's data in Redis is malformed: it fails
 
 
 class _Slot(threading.Thread):
@@ -188,17 +194,20 @@ class _Slot(threading.Thread):
 
     # -- main loop ---------------------------------------------------------------------------
     def run(self) -> None:
+        backoff = Backoff()
         try:
             while not self.w.stopping.is_set():
                 try:
                     self.step()
+                    backoff.tries = 0
                 except ConnectionLost as e:
                     if not self.w.server_gone(e):
-                        time.sleep(0.2)
+                        self.w.stopping.wait(backoff.next())
                 except NoScriptError:  # the server restarted and lost our scripts
                     self.broker.load_scripts()
         except Exception:  # a bug must not leave the worker half-alive
             log.exception("slot %d failed; stopping the worker", self.index)
+            self.w.failed = True
             self.w.stop()
         finally:
             for proc in self.all_procs():
@@ -243,7 +252,7 @@ class _Slot(threading.Thread):
                                         slot=self.index, register=True,
                                         maxlen=w.settings.event_stream_maxlen)
             if claimed:
-                spec = json.loads(claimed[1]) if claimed[1] else {}
+                spec = _spec(claimed[0].decode(), claimed[1])[0]  # (bad: take fails it)
                 if spec.get("gpus"):
                     mb = spec.get("gpu_mem") or 0
                     got = w.gpu_pool.acquire(spec["gpus"], mb, prefer=self.last_gpus)
@@ -265,18 +274,22 @@ class _Slot(threading.Thread):
 
     def take(self, job: str, spec_raw, chunks: list) -> None:
         """Chunks (entry, chunk id, frames) for ``pending``: claimed here or handed over."""
-        spec = json.loads(spec_raw) if spec_raw else {}
+        spec, bad = _spec(job, spec_raw)
         got = []
         for entry, chunk_id, frames in chunks:
-            head, frames = decode_chunk(frames)
             self.seq += 1
-            got.append(_Chunk(job, entry, chunk_id, self.seq, head.fn_sha, head.start,
-                              head.count, frames, spec))
+            c = _Chunk(job, entry, chunk_id, self.seq, None, 0, Keys.parse_entry(entry)[2],
+                       None, spec, bad=bad)
+            if bad is None:
+                _decode(c, frames)
+            got.append(c)
         init = spec.get("init")
-        missing = self.w.functions_missing({c.sha for c in got} | ({init} if init else set()),
-                                           self.r)
+        missing = self.w.functions_missing({c.sha for c in got if c.sha} |
+                                           ({init} if init else set()), self.r)
         for c in got:
-            if c.sha in missing or init in missing:
+            if c.bad is not None:
+                self.pending.append(c)  # dispatch fails it, in its turn
+            elif c.sha in missing or init in missing:
                 self.fail_chunk(c, MinirayError(
                     f"the function of job {c.job} is no longer in Redis (it expired after "
                     f"MINIRAY_FUNCTION_TTL_SECONDS or the server restarted); submit again"))
@@ -302,9 +315,9 @@ class _Slot(threading.Thread):
         batch = []
         while self.pending:
             c = self.pending[0]
-            if c.job in self.cancelled_jobs:
+            if c.job in self.cancelled_jobs or c.bad is not None:
                 self.pending.popleft()
-                self.fail_chunk(c, _cancelled(c.job))
+                self.fail_chunk(c, c.bad or _cancelled(c.job))
                 continue
             key = self.key_for(c.spec)
             if self.proc is not None and self.proc.key != key:
@@ -423,12 +436,15 @@ class _Slot(threading.Thread):
             self.w.tasks_done += n
         elif kind == "claimed":
             _, job, spec_raw, notes = msg
-            spec = json.loads(spec_raw) if spec_raw else {}
+            spec = _spec(job, spec_raw)[0]  # (bad: the process fails those chunks itself)
             for seq, entry, chunk, start, count in notes:
                 self.inflight[seq] = _Chunk(job, entry, chunk, seq, None, start, count, None,
                                             spec)
         elif kind == "handoff":  # claimed by the process, but needs a process of its own
             _, job, spec_raw, chunks = msg
+            # it paused itself: if these chunks fail here (cancelled, malformed) rather than
+            # go to another process, dispatch must resume it, or the slot claims no more
+            self.proc.paused = True
             self.take(job, spec_raw, [(e, Keys.parse_entry(e)[0], f) for e, f in chunks])
 
     def report(self, job: str, done: list, blob: bytes) -> None:
@@ -500,12 +516,11 @@ class _Slot(threading.Thread):
             job, _, chunk = field.rpartition("/")
             if not value.endswith(tag) or (job, int(chunk)) in known:
                 continue
-            spec_raw = self.r.execute("HGET", self.w.keys.job(job), "spec")
+            spec, bad = _spec(job, self.r.execute("HGET", self.w.keys.job(job), "spec"))
             entry = value[: -len(tag)]
             self.seq += 1
-            c = _Chunk(job, entry, int(chunk), self.seq, None, 0, 0, None,
-                       json.loads(spec_raw) if spec_raw else {})
-            out.append(c)
+            out.append(_Chunk(job, entry, int(chunk), self.seq, None, 0,
+                              Keys.parse_entry(entry)[2], None, spec, bad=bad))
         return out
 
     def load_frames(self, c: _Chunk) -> bool:
@@ -515,8 +530,8 @@ class _Slot(threading.Thread):
         frames = self.r.execute("HMGET", self.w.keys.tasks(c.job), *fields)
         if any(f is None for f in frames):
             return False
-        head, c.frames = decode_chunk(frames)
-        c.sha, c.start, c.count = head.fn_sha, head.start, head.count
+        if c.bad is not None or not _decode(c, frames):
+            return True  # (dispatch fails it)
         init = c.spec.get("init")
         return not self.w.functions_missing({c.sha} | ({init} if init else set()), self.r)
 
@@ -549,6 +564,25 @@ class _Slot(threading.Thread):
         s = self.w.settings
         self.broker.complete(pipe, self.w.worker_id, job, chunks, s.result_ttl_seconds,
                              s.event_stream_maxlen, msg)
+
+
+def _spec(job: str, raw) -> tuple:
+    """(the job's spec, None), or ({}, the error its chunks fail with) when it is malformed."""
+    try:
+        return parse_spec(raw, job), None
+    except MinirayError as e:
+        return {}, e
+
+
+def _decode(c: _Chunk, frames: list) -> bool:
+    """Fill in the chunk from its payload's head; False (and ``c.bad``) when it has none."""
+    try:
+        head, c.frames = chunk_head(c.job, c.entry, c.chunk, frames)
+    except MinirayError as e:  # another protocol version, or garbage
+        c.bad = e
+        return False
+    c.sha, c.start, c.count = head.fn_sha, head.start, head.count
+    return True
 
 
 def _cancelled(job: str) -> JobCancelledError:
@@ -606,6 +640,14 @@ class Worker:
         self.keys = self.broker.keys
         self.slots: list[_Slot] = []
         self._server_lost_since: float | None = None
+        self.gave_up: str | None = None  # why the worker stopped trying to reach its server
+        self.failed = False  # a thread of the worker failed (a bug): exit non-zero
+        # A signal handler only sets `signalled` and writes a byte here (no lock: a second
+        # signal during the first's handling must not deadlock); the main thread waits on it.
+        self.signalled = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self.isolation = memory_cgroup_support()[0] or "rlimit"
 
     def new_client(self, wait: float = 0.0) -> Connection:
@@ -677,19 +719,48 @@ class Worker:
         }
 
     def server_gone(self, error: Exception) -> bool:
-        """Note a lost connection; True (and stop) once it has been gone too long."""
+        """Note a lost connection; True (and stop) once it has been gone longer than
+        MINIRAY_SERVER_GONE_SECONDS. Until then every thread retries with ``Backoff``: a
+        restarted server gets its workers back without anyone restarting them."""
         now = time.monotonic()
         if self._server_lost_since is None:
             self._server_lost_since = now
             log.warning("lost the server at %s: %s; retrying", _redact(self.url), error)
-        if now - self._server_lost_since > max(5.0, 3 * self.settings.heartbeat_seconds):
-            log.error("the server at %s is gone; worker %s exits", _redact(self.url), self.name)
+        limit = self.settings.server_gone_seconds
+        if now - self._server_lost_since > limit:
+            if self.gave_up is None:
+                self.gave_up = (
+                    f"the server at {_redact(self.url)} has been unreachable for {limit:g} s "
+                    f"(MINIRAY_SERVER_GONE_SECONDS) ({error}); worker {self.name} exits for its "
+                    "supervisor to restart it. Start the server again, or check the address")
+                log.error("%s", self.gave_up)
             self.stop()
             return True
         return False
 
     def stop(self) -> None:
         self.stopping.set()
+        self.wake()
+
+    def on_signal(self, signum, frame) -> None:
+        """SIGTERM/SIGINT (and the parent's death): note it; the main thread stops."""
+        self.signalled = signum
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except OSError:  # full (it will wake anyway) or closed
+            pass
+
+    def nap(self, seconds: float) -> None:
+        """Sleep up to ``seconds``; a signal or ``stop`` ends it at once."""
+        select.select([self._wake_r], [], [], seconds)
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except OSError:
+            pass
 
     def run(self) -> int:
         s = self.settings
@@ -705,22 +776,44 @@ class Worker:
             slot.start()
         log.info("worker %s: %d slot(s), GPUs %s, server %s", self.name, self.nslots,
                  self.gpu_ids or "none", _redact(self.url))
-        next_beat = time.monotonic()
+        # the main thread only watches (signals, the parent), so it never waits on a server
+        # that hangs: a SIGTERM then still ends the worker in bounded time
+        threading.Thread(target=self.beat, name="miniray-heartbeat", daemon=True).start()
         while not self.stopping.is_set():
+            if self.signalled:
+                log.info("worker %s: %s; handing its work back and exiting", self.name,
+                         signal.Signals(self.signalled).name)
+                break
             if self.parent_pid and os.getppid() != self.parent_pid:
                 log.warning("the process that started this worker is gone; exiting")
                 break
+            self.nap(min(1.0, s.heartbeat_seconds))
+        self.shutdown()
+        return 1 if self.failed else 75 if self.gave_up else 0
+
+    def beat(self) -> None:
+        """The heartbeat thread: telemetry, cancels, reaping; retries a lost server."""
+        s = self.settings
+        backoff = Backoff()
+        next_beat = time.monotonic()
+        while not self.stopping.is_set():
             try:
                 self.heartbeat()
                 self.broker.reap(s.worker_dead_seconds, s.max_retries, s.event_stream_maxlen,
                                  s.result_ttl_seconds)
                 self._server_lost_since = None
+                backoff.tries = 0
+                next_beat += s.heartbeat_seconds
             except ConnectionLost as e:
                 if self.server_gone(e):
-                    break
-            next_beat += s.heartbeat_seconds
+                    return
+                next_beat = time.monotonic() + backoff.next()
+            except Exception:  # a bug must not leave the worker without a heartbeat
+                log.exception("the heartbeat failed; stopping the worker")
+                self.failed = True
+                self.stop()
+                return
             self.stopping.wait(max(0.0, next_beat - time.monotonic()))
-        return self.shutdown()
 
     def heartbeat(self) -> None:
         s = self.settings
@@ -751,12 +844,15 @@ class Worker:
         deadline = time.monotonic() + 0.1
         for slot in self.slots:
             slot.join(timeout=max(0.0, deadline - time.monotonic()))
-        try:
-            n = self.broker.release(self.worker_id)
-            if n:
-                log.info("handed %d unfinished chunk(s) back to the queue", n)
-        except RedisError as e:
-            log.warning("could not hand chunks back (the server is gone?): %s", e)
+        if self.gave_up is None:
+            # in a thread: a server that hangs must not hold the exit (the reaper then
+            # requeues what this worker held, once its heartbeat is old)
+            t = threading.Thread(target=self._release, daemon=True)
+            t.start()
+            t.join(_RELEASE_WAIT)
+            if t.is_alive():
+                log.warning("the server did not take this worker's chunks back within %g s; "
+                            "they run again once it reaps this worker", _RELEASE_WAIT)
         if self.triton is not None:
             self.triton.stop()
         try:
@@ -764,6 +860,14 @@ class Worker:
         except Exception:
             pass
         return 0
+
+    def _release(self) -> None:
+        try:
+            n = self.broker.release(self.worker_id)
+            if n:
+                log.info("handed %d unfinished chunk(s) back to the queue", n)
+        except RedisError as e:
+            log.warning("could not hand chunks back (the server is gone?): %s", e)
 
 
 def _check_url_security(url: str) -> None:
@@ -833,17 +937,17 @@ def main(argv=None) -> int:
         print(f"miniray worker: {e}", file=sys.stderr)
         return 2
 
-    def on_term(signum, frame):
-        worker.stop()
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGTERM, worker.on_signal)
+    signal.signal(signal.SIGINT, worker.on_signal)
     try:
-        return worker.run()
+        code = worker.run()
     except Exception:
         traceback.print_exc()
         worker.shutdown()
         return 1
+    if worker.gave_up:
+        print(f"miniray worker: {worker.gave_up}", file=sys.stderr)
+    return code
 
 
 def _die_with_parent() -> None:

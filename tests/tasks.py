@@ -286,3 +286,11 @@ def mixed_values(x, worker_class_at=(), bad_reduce_at=(), worker_error_at=(), ne
 
 def make_bytes(n, fill=b"r"):
     return fill * n
+
+
+def record_pid_then_sleep(path, seconds, value=None):
+    """Append this task process's pid to ``path`` (one line per run), sleep, return ``value``."""
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+    return value

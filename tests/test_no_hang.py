@@ -15,7 +15,7 @@ import pytest
 
 import miniray
 import tasks
-from support import ROOT, TESTS, wait_for, worker_env
+from support import wait_for, worker_env
 from miniray.broker import connect
 from miniray.keys import Keys
 
