@@ -101,6 +101,8 @@ def decode_chunk(fields: list) -> tuple[ChunkHead, list]:
     """A chunk's head and its frames (frame 0: the pickle stream) from its stored fields:
     views where a frame is one field, joined (one copy) where it was cut into several."""
     view = memoryview(fields[0])
+    if view.nbytes < _HEAD.size:
+        raise ValueError(f"{view.nbytes} bytes, shorter than a chunk's head ({_HEAD.size})")
     if view[0] != PROTOCOL_VERSION:
         from .errors import MinirayError
 

@@ -20,7 +20,7 @@ import tasks
 from miniray.broker import connect
 from miniray.errors import MinirayError, SerializationError
 from miniray.keys import Keys
-from miniray.protocol import encode_chunk_head
+from miniray.protocol import encode_chunk
 from miniray.serialization import dumps_function
 from support import wait_for, worker_env
 
@@ -140,7 +140,7 @@ def test_a_malformed_payload_fails_its_chunk_and_the_worker_goes_on(solo, tmp_pa
         futures = ex.map_futures(tasks.square, range(4), chunksize=2)
         futures.append(ex.submit(tasks.square, 5))
         def head(n):
-            return encode_chunk_head(sha, 0, n)
+            return encode_chunk(sha, 0, n, [b""])[0]  # the head alone
 
         frame0 = {"short": lambda n: b"junk",
                   "version": lambda n: b"\x63" + head(n)[1:] + pickle.dumps(("m1", [1] * n)),
