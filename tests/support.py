@@ -1,5 +1,6 @@
 """Helpers shared by the engine tests (paths, worker environment, a cluster of real workers)."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -95,6 +96,42 @@ class Cluster:
                 p.kill()
                 p.wait()
 
+
+
+@contextlib.contextmanager
+def own_server(tmp_path, monkeypatch, ns, workers=1, **config):
+    """A server of the test's own (it may kill, stop or restrict it: ``config`` is CONFIG
+    SET on it, ``proto_max_bulk_len="1mb"`` say) and ``workers`` workers on it, in namespace
+    ``ns``; yields the ``ServerProcess``."""
+    from miniray.broker import connect
+    from miniray.server import ServerProcess
+
+    srv = ServerProcess(tcp=True)
+    if config:
+        r = connect(srv.url)
+        for name, value in config.items():
+            r.execute("CONFIG", "SET", name.replace("_", "-"), value)
+        r.close()
+    monkeypatch.setenv("MINIRAY_NAMESPACE", ns)
+    logs = [open(tmp_path / f"{ns}-w{i}.log", "ab") for i in range(workers)]
+    procs = [subprocess.Popen([sys.executable, "-m", "miniray.worker", "--name", f"{ns}{i}"],
+                              env=worker_env(srv.url, ns), stdout=log, stderr=log)
+             for i, log in enumerate(logs)]
+    srv.workers = procs
+    try:
+        yield srv
+    finally:
+        srv.close()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
 
 
 def miniray_descendants():

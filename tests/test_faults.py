@@ -1,6 +1,5 @@
 """Fault injection against real workers: task errors, crashes, limits, lost workers and servers."""
 
-import contextlib
 import functools
 import os
 import signal
@@ -15,7 +14,7 @@ import pytest
 
 import miniray
 import tasks
-from support import ROOT, TESTS, wait_for as _wait_for, worker_env
+from support import ROOT, TESTS, own_server, wait_for as _wait_for, worker_env
 from miniray.keys import Keys
 from miniray.errors import (
     MemoryLimitError,
@@ -240,31 +239,8 @@ def test_departed_workers_leave_no_wake_ups_behind(fast_reaping):
 
 
 # -- lost server -------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _own_server(tmp_path, monkeypatch, ns):
-    """A server of the test's own (it kills or stops it) and one worker on it."""
-    from miniray.server import ServerProcess
-
-    srv = ServerProcess(tcp=True)
-    monkeypatch.setenv("MINIRAY_NAMESPACE", ns)
-    log = open(tmp_path / "worker.log", "ab")
-    worker = subprocess.Popen([sys.executable, "-m", "miniray.worker", "--name", ns],
-                              env=worker_env(srv.url, ns), stdout=log, stderr=log)
-    try:
-        yield srv
-    finally:
-        srv.close()
-        worker.terminate()
-        try:
-            worker.wait(15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-        log.close()
-
-
 def test_server_killed_fails_pending_futures(tmp_path, monkeypatch):
-    with _own_server(tmp_path, monkeypatch, "lostsrv") as srv:
+    with own_server(tmp_path, monkeypatch, "lostsrv") as srv:
         ex = miniray.Executor(redis_url=srv.url)
         futures = [ex.submit(tasks.sleep_then, 30, i) for i in range(4)]
         time.sleep(0.5)
@@ -281,7 +257,7 @@ def test_a_hung_server_does_not_hold_result_past_its_timeout(tmp_path, monkeypat
     """A server that stops answering (SIGSTOP): submit does not wait, result(timeout) still
     returns at its deadline; once the server answers again the results arrive, nothing lost.
     A task already running on this machine delivers meanwhile (straight to the client)."""
-    with _own_server(tmp_path, monkeypatch, "hung") as srv, \
+    with own_server(tmp_path, monkeypatch, "hung") as srv, \
             miniray.Executor(redis_url=srv.url) as ex:
         assert ex.submit(tasks.square, 2).result(timeout=30) == 4
         runs = tmp_path / "runs.txt"

@@ -15,7 +15,7 @@ import pytest
 
 import miniray
 import tasks
-from support import wait_for, worker_env
+from support import own_server, wait_for, worker_env
 from miniray.broker import connect
 from miniray.keys import Keys
 
@@ -161,40 +161,22 @@ def test_a_server_paused_for_forty_seconds_loses_nothing_and_reaps_nobody(tmp_pa
     """SIGSTOP the server for 40 s (past the dead timeout and the old 30 s client key):
     on SIGCONT no worker is taken for dead, the job is not given up, every future settles
     with its result and the counters are exact."""
-    from miniray.server import ServerProcess
-
-    srv = ServerProcess(tcp=True)
-    ns = "paused"
-    monkeypatch.setenv("MINIRAY_NAMESPACE", ns)
-    logs = [open(tmp_path / f"w{i}.log", "ab") for i in range(2)]
-    workers = [subprocess.Popen([sys.executable, "-m", "miniray.worker", "--name", f"w{i}"],
-                                env=worker_env(srv.url, ns), stdout=log, stderr=log)
-               for i, log in enumerate(logs)]
-    try:
-        with miniray.Executor(redis_url=srv.url) as ex:
-            wait_for(lambda: len(ex.workers()) == 2, what="two workers")
-            ids = {w["id"] for w in ex.workers()}
-            futures = [ex.submit(tasks.sleep_then, 1.0, i) for i in range(8)]
-            wait_for(lambda: ex.progress()["running"] >= 2, what="both workers busy")
-            _pause(srv.proc.pid, 40)
-            assert [f.result(timeout=60) for f in futures] == list(range(8))
-            kinds = {e.kind for e in ex.events()}
-            assert not kinds & {"retried", "lost"}, kinds
-            wait_for(lambda: ex.progress()["running"] == 0, what="nothing left running")
-            p = ex.progress()
-            assert (p["done"], p["failed"], p["queued"]) == (8, 0, 0), p
-            assert {w["id"] for w in ex.workers()} == ids
-            assert ex.submit(tasks.square, 6).result(timeout=30) == 36
-        assert all(w.poll() is None for w in workers), "a worker exited"
-    finally:
-        srv.close()
-        for w in workers:
-            w.terminate()
-        for w in workers:
-            try:
-                w.wait(15)
-            except subprocess.TimeoutExpired:
-                w.kill()
+    with own_server(tmp_path, monkeypatch, "paused", workers=2) as srv, \
+            miniray.Executor(redis_url=srv.url) as ex:
+        wait_for(lambda: len(ex.workers()) == 2, what="two workers")
+        ids = {w["id"] for w in ex.workers()}
+        futures = [ex.submit(tasks.sleep_then, 1.0, i) for i in range(8)]
+        wait_for(lambda: ex.progress()["running"] >= 2, what="both workers busy")
+        _pause(srv.proc.pid, 40)
+        assert [f.result(timeout=60) for f in futures] == list(range(8))
+        kinds = {e.kind for e in ex.events()}
+        assert not kinds & {"retried", "lost"}, kinds
+        wait_for(lambda: ex.progress()["running"] == 0, what="nothing left running")
+        p = ex.progress()
+        assert (p["done"], p["failed"], p["queued"]) == (8, 0, 0), p
+        assert {w["id"] for w in ex.workers()} == ids
+        assert ex.submit(tasks.square, 6).result(timeout=30) == 36
+        assert all(w.poll() is None for w in srv.workers), "a worker exited"
 
 
 # -- shutdown ----------------------------------------------------------------------------------

@@ -5,8 +5,6 @@ a worker-only class), and values bigger than the server takes in one piece (its
 ``submit`` with the sizes named, and the executor goes on."""
 
 import os
-import subprocess
-import sys
 import textwrap
 from contextlib import contextmanager
 
@@ -17,7 +15,7 @@ import miniray
 import tasks
 from miniray import protocol
 from miniray.errors import PayloadTooLargeError, SerializationError
-from support import ROOT, TESTS, wait_for, worker_env
+from support import ROOT, TESTS, own_server, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -128,30 +126,16 @@ MB = 1024 * 1024
 
 @contextmanager
 def _small_server(tmp_path, monkeypatch, ns, **config):
-    """A server of the test's own, with ``config`` set (CONFIG SET), and one worker on it."""
+    """A server of the test's own with ``config`` set (see ``support.own_server``), one
+    worker on it, and a connection to it."""
     from miniray.broker import connect
-    from miniray.server import ServerProcess
 
-    srv = ServerProcess(tcp=True)
-    r = connect(srv.url)
-    for name, value in config.items():
-        r.execute("CONFIG", "SET", name.replace("_", "-"), value)
-    monkeypatch.setenv("MINIRAY_NAMESPACE", ns)
-    log = open(tmp_path / "worker.log", "ab")
-    worker = subprocess.Popen([sys.executable, "-m", "miniray.worker", "--name", ns],
-                              env=worker_env(srv.url, ns), stdout=log, stderr=log)
-    try:
-        yield srv, r
-    finally:
-        r.close()
-        srv.close()
-        worker.terminate()
+    with own_server(tmp_path, monkeypatch, ns, **config) as srv:
+        r = connect(srv.url)
         try:
-            worker.wait(15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-        log.close()
+            yield srv, r
+        finally:
+            r.close()
 
 
 def test_values_over_the_servers_bulk_limit_travel_in_parts(tmp_path, monkeypatch):
