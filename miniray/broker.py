@@ -205,12 +205,15 @@ return 1
 """
 
 # ARGV: ns worker max_chunks name host free_gpus cpus gpu_free_mb triton slot maxlen register
+#   known
 #   free_gpus: GPUs nobody holds; gpu_free_mb: "mb,mb,.." unreserved MiB per GPU that packed
 #   tasks may share ("" when none); triton: "1" when the worker's Triton server is healthy;
 #   slot: the worker's slot that claims (its wip values are tagged "entry@slot");
 #   maxlen: of the job's event stream, which gets a "started" event for what is claimed;
 #   register: "" or a score: when nothing is claimed, the slot registers in `idle` with it
-#   (atomically with finding nothing, so work published after this wakes it)
+#   (atomically with finding nothing, so work published after this wakes it);
+#   known: "" or ",job=n,job=n,...": of a job not named there the claim takes one chunk, of a
+#   named one at most n (a task process sizes what it holds by how long each job's take)
 # Returns {} or {job, spec_json, chunk, entry, frame0, frame1.., chunk, entry, ...}
 _CLAIM = _PRELUDE + r"""
 local wid, maxn = ARGV[2], tonumber(ARGV[3])
@@ -222,6 +225,7 @@ if (ARGV[8] or '') ~= '' then
 end
 local triton = ARGV[9] == '1'
 local tag = '@' .. (ARGV[10] or '')
+local known = ARGV[13] or ''
 local function gpus_fit(want, mb)
   if want == 0 then return true end
   if mb == 0 then return want <= gpus end
@@ -273,7 +277,12 @@ while i <= #jobs do
     local pick = 1
     if #tier > 1 then pick = (redis.call('INCR', K('rr')) % #tier) + 1 end
     local job = tier[pick]
-    local entries = redis.call('LPOP', K('q', job), maxn)
+    local take = maxn
+    if known ~= '' then
+      local at = string.find(known, ',' .. job .. '=', 1, true)
+      take = at and math.min(maxn, tonumber(string.match(known, '^%d+', at + #job + 2))) or 1
+    end
+    local entries = redis.call('LPOP', K('q', job), take)
     if redis.call('LLEN', K('q', job)) == 0 then
       redis.call('ZREM', K('jobs'), job)
     elseif entries then
@@ -602,15 +611,17 @@ class Broker:
     # -- worker side ---------------------------------------------------------------------
     def claim(self, worker: str, max_chunks: int, name: str, host: str, free_gpus: int,
               cpus: int, pipe=None, gpu_free_mb=(), triton: bool = False, slot: int = 0,
-              maxlen: int = 10000, register: bool = False):
+              maxlen: int = 10000, register: bool = False, known: str = ""):
         """Take up to ``max_chunks`` chunks of the best job this worker can run now (and
         record their "started" event, ``maxlen`` bounding the job's event stream). With
         ``register``, a slot that finds nothing is registered as idle in the same step, so
-        the next work published wakes it (the newest registration first)."""
+        the next work published wakes it (the newest registration first). ``known``:
+        ``",job=n,..."``, how many chunks of each job to take at most; one of any other job
+        ("": ``max_chunks`` of any job)."""
         return self._run("claim", [self.ns, worker, max_chunks, name, host, free_gpus, cpus,
                                    ",".join(map(str, gpu_free_mb)) if gpu_free_mb else "",
                                    "1" if triton else "0", slot, maxlen,
-                                   repr(time.time()) if register else ""], pipe)
+                                   repr(time.time()) if register else "", known], pipe)
 
     def idle(self, pipe, waiter: str) -> None:
         """A slot about to wait: wake itself if work is queued, else register as idle."""

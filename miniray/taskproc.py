@@ -131,7 +131,12 @@ class Runner:
         self.queue: collections.deque[_Work] = collections.deque()
         self.held: dict[int, _Work] = {}  # seq -> work until its final outcome is in Redis
         self.next_seq = 1 << 40  # seqs of our own claims; the worker's are small
-        self.target, self.avg_item = 1, 0.0  # one chunk until we know how long they take
+        # how many chunks to hold, per job: one until we know how long that job's take (a
+        # slow job after a fast one must not be hoarded here by the fast one's figure: the
+        # other workers would idle, and its queued tasks could no longer be cancelled)
+        self.target = 1  # the largest of the jobs' (what a claim may take at most)
+        self.timing: collections.OrderedDict = collections.OrderedDict()  # job -> (avg, n)
+        self.known = ""  # ",job=n,...": the claim script takes n chunks of a job, else one
         # False: paused (by the worker, or after a handoff)
         self.claiming = hello["direct"] and hello.get("claiming", True)
         self.cancelled: set = set()
@@ -349,7 +354,8 @@ class Runner:
         triton = bool(self.prog_i[3] & 1)  # the worker's Triton server is healthy
         self.broker.claim(h["worker_id"], n, h["name"], h["host"], 0, h["ncpus"], pipe=pipe,
                           triton=triton, slot=h["slot"],
-                          maxlen=self.settings.event_stream_maxlen, register=register)
+                          maxlen=self.settings.event_stream_maxlen, register=register,
+                          known=self.known)
 
     def accept(self, claimed: list, want: int = 0) -> None:
         """Take claimed chunks. The worker hears of them with the next message (with their
@@ -576,14 +582,22 @@ class Runner:
         w.frames = None
         # time since it was taken, waiting here included: a queue that makes chunks wait
         # long is cut back, so other workers get a share of a short job
-        self.learn(time.monotonic() - w.taken, w.count)
+        self.learn(w.job, time.monotonic() - w.taken, w.count)
 
-    def learn(self, seconds: float, count: int) -> None:
-        """Size the local queue so that about 50 ms of work waits here."""
+    def learn(self, job: str, seconds: float, count: int) -> None:
+        """Size the local queue so that about 50 ms of ``job``'s work waits here."""
         per_item = seconds / max(1, count)
-        self.avg_item = per_item if not self.avg_item else 0.7 * self.avg_item + 0.3 * per_item
-        chunk_time = self.avg_item * max(1, count)
-        self.target = int(min(_MAX_TARGET, max(1, 0.05 / max(chunk_time, 1e-6))))
+        timing = self.timing
+        old = timing.get(job)
+        avg = per_item if old is None else 0.7 * old[0] + 0.3 * per_item
+        chunk_time = avg * max(1, count)
+        target = int(min(_MAX_TARGET, max(1, 0.05 / max(chunk_time, 1e-6))))
+        timing[job] = (avg, target)
+        if old is None or old[1] != target:  # (the claim's table changes rarely)
+            if old is None and len(timing) > 16:
+                timing.popitem(last=False)
+            self.known = "," + "".join(f"{j}={t}," for j, (_, t) in timing.items())
+            self.target = max(t for _, t in timing.values())
 
     def function(self, sha: str, group=None):
         """The task function; for a job whose initializer set globals, a copy of its own

@@ -245,3 +245,24 @@ def test_running_turns_true_once_a_worker_has_the_task(cluster, tmp_path):
         (tmp_path / "go").touch()
         assert held.result(timeout=30) == ""
         assert behind.cancelled()
+
+
+# -- what a worker holds -------------------------------------------------------------------------
+def test_a_slow_job_after_a_fast_one_is_shared_and_cancellable(cluster):
+    """A task process sizes what it holds by each job's own timing: after thousands of fast
+    tasks, a burst of slow ones is spread over every worker (not taken whole by the first
+    that looks, on the fast job's figure), and what is still queued can be cancelled."""
+    for i in range(3):
+        cluster.start_worker(name=f"w{i}", wait=False)
+    cluster.wait_workers(3)
+    with cluster.executor() as ex:  # teaches each task process a fast job's timing
+        assert sum(ex.map(tasks.square, range(3000), chunksize=1)) == sum(
+            i * i for i in range(3000))
+    ex = cluster.executor()
+    futures = list(ex.map_futures(functools.partial(tasks.sleep_then, 1.5), range(9)))
+    wait_for(lambda: sum(f.running() for f in futures) >= 3, what="three tasks running")
+    ex.shutdown(wait=True, cancel_futures=True)
+    ran = [f for f in futures if not f.cancelled()]
+    assert len({f.worker for f in ran}) == 3, [f.worker for f in ran]
+    assert len(ran) < 9, "nothing queued was left to cancel"
+    assert [f.result() for f in ran] == [f.task_id for f in ran]
