@@ -511,34 +511,40 @@ class Executor(_BaseExecutor):
 
     def _send_big(self, ref: _Ref) -> None:
         """Store and publish one big chunk, waiting for the replies: a server that cannot
-        hold it (maxmemory) fails this chunk's future, not the executor. One transaction:
-        stored and queued, or nothing."""
+        hold it (maxmemory) fails this chunk's future, not the executor. Each part is a
+        command of its own (a transaction would hold them all at once, and a server closes
+        a client whose queued transaction passes client-query-buffer-limit, 1 GB by
+        default); the chunk is queued once every part is stored, and a refused chunk's
+        parts are deleted again."""
         s, k, job = self._settings, self.keys, self.job_id
         size = sum(map(len, ref.frames))
-        fields = []
-        for i, frame in enumerate(ref.frames):
-            fields += (Keys.payload_field(ref.chunk, i), frame)
+        names = [Keys.payload_field(ref.chunk, i) for i in range(len(ref.frames))]
         pipe = self._r.pipeline()
-        pipe.command("MULTI")
-        pipe.command("HSET", k.tasks(job), *fields)
-        pipe.command("RPUSH", k.queue(job), ref.entry)
-        self._broker.publish(pipe, job, self.priority, 1, ref.count, s.event_stream_maxlen)
-        pipe.command("EXEC")
+        for name, frame in zip(names, ref.frames):
+            pipe.command("HSET", k.tasks(job), name, frame)
         replies = pipe.execute(raise_on_error=False)
         ref.frames = None
-        done = replies[-1]
-        refused = next((r for r in replies[:-1] if isinstance(r, RedisError)), None)
-        if isinstance(done, RedisError) or refused is not None:  # nothing was applied
+        refused = next((r for r in replies if isinstance(r, RedisError)), None)
+        if refused is None:
+            pipe = self._r.pipeline()
+            pipe.command("RPUSH", k.queue(job), ref.entry)
+            self._broker.publish(pipe, job, self.priority, 1, ref.count, s.event_stream_maxlen)
+            replies = pipe.execute(raise_on_error=False)
+            refused = replies[0] if isinstance(replies[0], RedisError) else None
+        if refused is not None:
+            try:
+                self._r.execute("HDEL", k.tasks(job), *names)
+            except RedisError:
+                pass  # (they go with the job)
             with self._lock:
                 self._refs.pop(ref.chunk, None)
             try:
-                ref.future.set_exception(payloads.refused(size, "task's arguments",
-                                                          refused or done))
+                ref.future.set_exception(payloads.refused(size, "task's arguments", refused))
             except Exception:  # cancelled meanwhile
                 pass
             return
         ref.sent = True
-        if isinstance(done[-1], NoScriptError):  # stored and queued; its wake-up is owed
+        if isinstance(replies[-1], NoScriptError):  # stored and queued; its wake-up is owed
             self._broker.load_scripts()
             self._broker.publish(None, job, self.priority, 1, ref.count,
                                  s.event_stream_maxlen)

@@ -186,3 +186,18 @@ def test_an_old_result_message_fails_its_items_with_a_clear_error():
     old = b"R" + bytes([9]) + msg[2:]
     got_header, err = protocol.decode_message(old)
     assert got_header.host == "hostx" and "protocol 9" in str(err)
+
+
+@pytest.mark.timeout(300)
+def test_an_argument_over_a_gigabyte_works_on_a_default_server(tmp_path, monkeypatch):
+    """1.1 GB on a server with Redis's defaults (proto-max-bulk-len 512 MB,
+    client-query-buffer-limit 1 GB): it travels in parts, each stored by a command of its own
+    (one transaction holding them all passed the query buffer limit: the server closed the
+    connection and the executor broke)."""
+    with _small_server(tmp_path, monkeypatch, "gigabyte", proto_max_bulk_len="512mb",
+                       client_query_buffer_limit="1gb") as (srv, r):
+        arr = np.ones(int(1.1 * 2**30), dtype=np.uint8)
+        with miniray.Executor(redis_url=srv.url) as ex:
+            assert ex.submit(tasks.array_sum, arr).result(timeout=240) == arr.size
+            del arr
+            assert ex.submit(tasks.square, 3).result(timeout=60) == 9
