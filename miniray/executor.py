@@ -177,7 +177,7 @@ class _Ref:
     ``(values, errors)``; a submit's future gets the value or the exception."""
 
     __slots__ = ("chunk", "entry", "start", "count", "future", "values", "errors", "left",
-                 "is_map", "frames", "sent", "sha")
+                 "is_map", "frames", "sent", "sha", "big")
 
     def __init__(self, chunk, start, count, future, is_map, frames, sha):
         self.chunk, self.start, self.count, self.sha = chunk, start, count, sha
@@ -187,6 +187,7 @@ class _Ref:
         self.errors: dict = {}
         self.left = count
         self.sent = False
+        self.big = False  # stored part by part, waiting for the replies (see _send_big)
 
 
 class Executor(_BaseExecutor):
@@ -417,6 +418,7 @@ class Executor(_BaseExecutor):
             part = payloads.big_part_size(self._r)
         frames = encode_chunk(sha, start, count, frames, part)
         ref = _Ref(next(self._chunk_ids), start, count, future, is_map, frames, sha)
+        ref.big = size >= payloads.BIG
         future._ref = ref
         now = time.monotonic()
         with self._lock:
@@ -482,9 +484,9 @@ class Executor(_BaseExecutor):
                 pipe.command("EXPIRE", k.fn(sha), s.function_ttl_seconds)
                 self._fn_fresh[sha] = now
         live = [ref for ref in batch if not ref.future.cancelled()]
-        big = [ref for ref in live if sum(map(len, ref.frames)) >= payloads.BIG]
+        big = [ref for ref in live if ref.big]
         if big:
-            live = [ref for ref in live if ref not in big]
+            live = [ref for ref in live if not ref.big]
         if len(live) == 1 and len(live[0].frames) == 1 and len(live[0].frames[0]) <= _HAND_MAX:
             # a lone small chunk (a submit): one script stores it and hands it straight to
             # the slot that went idle last, if one waits (no claim to look for it)
@@ -985,8 +987,10 @@ class Executor(_BaseExecutor):
                 self._refs.pop(r.chunk, None)
             # a batch being sent now must land before the job is closed: its entries would
             # be pushed after the cancel, into a queue nobody claims from, and never settle
-            # (the send only writes to the socket: this wait is short)
-            while self._flushing and self._broken is None:
+            # (the send only writes to the socket: short, unless the server hangs; then its
+            # chunks are not cancelled, and run once it answers again)
+            deadline = time.monotonic() + 5.0
+            while self._flushing and self._broken is None and time.monotonic() < deadline:
                 self._wakeup.wait(0.1)
         entries = []
         if self._broken is None:

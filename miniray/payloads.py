@@ -14,7 +14,7 @@ import threading
 
 from .errors import PayloadTooLargeError
 from .protocol import SMALLEST_BULK_LIMIT, part_size
-from .resp import RedisError
+from .resp import RedisError, ReplyError
 
 __all__ = ["BIG", "SMALL_PART", "big_part_size", "check_room"]
 
@@ -33,8 +33,10 @@ def big_part_size(conn) -> int:
         try:
             got = conn.execute("CONFIG", "GET", "proto-max-bulk-len")
             limit = int(got[1]) if got else 0
-        except (RedisError, ValueError, IndexError):  # CONFIG refused: assume the default
+        except (ReplyError, ValueError, IndexError):  # CONFIG refused: assume the default
             limit = 0
+        except RedisError:  # no answer (lost, hung): the default now, ask again next time
+            return part_size(None)
         with _lock:
             _bulk_limits[conn.url] = limit
     return part_size(limit or None)

@@ -64,15 +64,13 @@ import types
 
 from miniray.broker import HAND_LEN, Broker, connect, parse_claim
 from miniray.config import settings
-from miniray.errors import MinirayError
+from miniray.errors import MinirayError, PayloadTooLargeError
 from miniray.inbox import Sender
 from miniray.isolation import Leftovers, become_subreaper
 from miniray.jobspec import bad_payload, chunk_head, malformed, parse_spec
 from miniray.keys import Keys
-from miniray.protocol import (SMALLEST_BULK_LIMIT, ResultHeader, encode_batches, encode_result,
-                              part_size)
-from miniray.errors import PayloadTooLargeError
-from miniray.payloads import BIG, check_room
+from miniray.protocol import ResultHeader, encode_batches, encode_result
+from miniray.payloads import BIG, SMALL_PART, big_part_size, check_room
 from miniray.resp import ConnectionLost, NoScriptError, RedisError
 from miniray.taskoutput import Capture, LogHandler, end_lines
 
@@ -166,7 +164,6 @@ class Runner:
         self.expect_more = False  # the last claim took all it asked for (see report_and_wait)
         self.fn_key = self.broker.keys.fn
         self.leftovers = Leftovers()  # processes a task left running (see miniray.isolation)
-        self.bulk_limit = None  # the server's proto-max-bulk-len, asked for a big result
 
     # -- log lines ------------------------------------------------------------------------
     def log(self, stream: str, lines) -> None:
@@ -422,16 +419,7 @@ class Runner:
     def part_size(self, size: int) -> int:
         """The most bytes one element of a result message may carry: what any server takes
         for a small message; for a big one, what this server takes (asked once)."""
-        if size < SMALLEST_BULK_LIMIT - 8192:
-            return SMALLEST_BULK_LIMIT - 4096
-        if self.bulk_limit is None:
-            try:
-                got = self.redis(lambda pipe: pipe.command("CONFIG", "GET",
-                                                           "proto-max-bulk-len"))
-                self.bulk_limit = int(got[0][1]) if got and got[0] else 0
-            except (RedisError, ValueError, IndexError):  # CONFIG refused: assume the default
-                self.bulk_limit = 0
-        return part_size(self.bulk_limit or None)
+        return SMALL_PART if size < BIG else big_part_size(self.r)
 
     def fits(self, spec: dict) -> bool:
         mem, ncpus, ngpus = self.hello["sig"]

@@ -349,22 +349,6 @@ def test_a_server_gone_for_good_makes_the_worker_exit_non_zero(own, tmp_path):
     ex.shutdown(wait=False, cancel_futures=True)
 
 
-@pytest.mark.timeout(180)
-def test_a_server_paused_for_forty_seconds_keeps_its_worker(own):
-    import miniray
-
-    o = own()
-    _wait_registered(o)
-    os.kill(o.srv.proc.pid, signal.SIGSTOP)
-    try:
-        time.sleep(40)  # the pause (no assertion is timed)
-    finally:
-        os.kill(o.srv.proc.pid, signal.SIGCONT)
-    with miniray.Executor(redis_url=o.srv.url) as ex:
-        assert ex.submit(tasks.square, 5).result(timeout=60) == 25
-    assert o.worker.poll() is None, o.log()
-
-
 def test_sigterm_ends_a_worker_whose_server_hangs(own, tmp_path):
     """A server that stops answering (SIGSTOP) holds every Redis call; the worker's main
     thread makes none, so SIGTERM still ends the worker and its task process."""
