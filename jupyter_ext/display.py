@@ -113,7 +113,9 @@ def errors_html(groups: list) -> str:
             f"<details><summary><b style='color:#c62828'>{html.escape(g.type)}</b> × {g.count}"
             f" on {html.escape(', '.join(g.hosts) or '?')} — items {items}</summary>"
             f"<div>traceback of item {g.first}:</div>"
-            f"<pre style='font-size:11px;max-height:240px;overflow:auto;background:#fff5f5'>"
+            "<pre style='font-size:11px;max-height:240px;overflow:auto;"
+            "background:var(--jp-rendermime-error-background,#fff5f5);"
+            "color:var(--jp-content-font-color1,inherit)'>"
             f"{html.escape(g.traceback)}</pre></details>")
     return '<div class="miniray-errors">' + "".join(rows) + "</div>"
 
@@ -186,7 +188,9 @@ class WidgetView:
         text = self.logs.text(self.filter.value or None)
         self.log_pane.value = (
             '<pre class="miniray-logs" style="font-size:11px;max-height:180px;overflow:auto;'
-            'margin:0;background:#f7f7f7;display:flex;flex-direction:column-reverse">'
+            'margin:0;background:var(--jp-layout-color2,#f7f7f7);'
+            'color:var(--jp-content-font-color1,inherit);'
+            'display:flex;flex-direction:column-reverse">'
             f"<span>{html.escape(text) or self._no_output()}</span></pre>")
 
     def _no_output(self) -> str:
