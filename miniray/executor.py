@@ -65,6 +65,7 @@ _live_executors: "weakref.WeakSet[Executor]" = weakref.WeakSet()
 
 _WAITING = ("PENDING", "RUNNING")
 _HAND_MAX = 64 * 1024  # bytes: a lone chunk up to this size goes to a waiting slot directly
+_NO_WAIT_SECONDS = 5.0  # the most shutdown(wait=False) waits for a server that hangs
 
 
 class _Waiters(list):
@@ -966,6 +967,22 @@ class Executor(_BaseExecutor):
             first = not self._shutdown
             self._shutdown = True
             self._wakeup.notify_all()
+        if wait:
+            self._tell_server(first, cancel_futures)
+        else:  # a server that hangs (SIGSTOP) must not hold a caller that does not wait, the
+            # interpreter's exit among them (atexit): what it has not heard by then, it hears
+            # from the threads left behind if it answers again
+            t = threading.Thread(target=self._tell_server, args=(first, cancel_futures),
+                                 daemon=True, name=f"miniray-shutdown-{self.client_id}")
+            t.start()
+            t.join(_NO_WAIT_SECONDS)
+        self._poke_results_thread()
+        if wait:
+            self._want_delivery()  # what is still pending must come in without a caller
+            self._flusher.join()
+            self._results.join()
+
+    def _tell_server(self, first: bool, cancel_futures: bool) -> None:
         if first and self._broken is None:
             try:  # wake the results thread so it can notice
                 self._r.execute("RPUSH", self.keys.results(self.client_id), b"S")
@@ -973,11 +990,6 @@ class Executor(_BaseExecutor):
                 pass
         if cancel_futures:
             self._cancel_queued()
-        self._poke_results_thread()
-        if wait:
-            self._want_delivery()  # what is still pending must come in without a caller
-            self._flusher.join()
-            self._results.join()
 
     def _cancel_queued(self) -> None:
         with self._lock:

@@ -180,6 +180,31 @@ def test_a_server_paused_for_forty_seconds_loses_nothing_and_reaps_nobody(tmp_pa
 
 
 # -- shutdown ----------------------------------------------------------------------------------
+_EXIT_CLIENT = """
+    import json, os, signal, time, miniray, tasks
+    ex = miniray.Executor()
+    assert ex.submit(tasks.square, 3).result(timeout=60) == 9
+    os.kill(int(os.environ["SERVER_PID"]), signal.SIGSTOP)
+    futures = [ex.submit(tasks.square, i) for i in range(100)]
+    print(json.dumps({"exiting": True}), flush=True)
+"""
+
+
+def test_a_script_whose_server_hangs_still_exits(tmp_path, monkeypatch):
+    """At exit the executor cancels what is queued (shutdown(wait=False, cancel_futures=True)):
+    a server that stopped answering (SIGSTOP) does not hold the interpreter's exit."""
+    with own_server(tmp_path, monkeypatch, "exit") as srv:
+        proc = _client(_EXIT_CLIENT, srv.url, "exit", SERVER_PID=srv.proc.pid)
+        try:
+            assert _line(proc) == {"exiting": True}
+            try:
+                assert proc.wait(60) == 0, proc.stderr.read()[-3000:]
+            except subprocess.TimeoutExpired:
+                pytest.fail("the script did not exit while its server hung")
+        finally:
+            proc.kill()
+            os.kill(srv.proc.pid, signal.SIGCONT)
+
 def test_shutdown_cancelling_a_burst_in_flight_returns_and_settles_everything(two_workers,
                                                                                 tmp_path):
     """shutdown(wait=True, cancel_futures=True) right after a burst of submits (a flusher
