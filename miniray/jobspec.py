@@ -37,6 +37,7 @@ _FIELDS = {
     "gpus": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
     "gpu_mem": (lambda v: _whole(v) and v >= 0, "a whole number of MiB >= 0"),
     "triton": (lambda v: isinstance(v, bool), "true or false"),
+    "keep_children": (lambda v: isinstance(v, bool), "true or false"),
     "env": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str)
                                                   for k, x in v.items()),
             "an object of strings"),

@@ -65,7 +65,9 @@ class _Gate:
     (json.dumps({"cpus": -1}).encode(), "'cpus'"),
     (json.dumps({"env": [1]}).encode(), "'env'"),
     (json.dumps({"memory_bytes": "lots"}).encode(), "'memory_bytes'"),
-], ids=["not-json", "not-utf8", "list", "timeout-str", "cpus-negative", "env-list", "memory"])
+    (json.dumps({"keep_children": "yes"}).encode(), "'keep_children'"),
+], ids=["not-json", "not-utf8", "list", "timeout-str", "cpus-negative", "env-list", "memory",
+        "keep-children-str"])
 def test_a_malformed_spec_fails_its_job_and_the_worker_goes_on(solo, spec, what):
     worker_id = solo.workers()[0]["id"]
     r = connect(solo.url)
