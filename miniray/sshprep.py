@@ -187,7 +187,7 @@ def _build_wheel() -> str:
                 os.path.exists(os.path.join(entry.path, "__init__.py")):
             shutil.copytree(entry.path, os.path.join(tree, entry.name), ignore=_SKIP)
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", out, tree]
-    if importlib.util.find_spec("setuptools") is not None:
+    if _setuptools_builds_wheels():
         cmd.insert(5, "--no-build-isolation")  # build offline with the setuptools we have
     proc = subprocess.run(cmd, capture_output=True, text=True)
     shutil.rmtree(tree, ignore_errors=True)
@@ -243,3 +243,19 @@ def _shell_path(path):
     if path == "~" or path.startswith("~/"):
         return "~/" + shlex.quote(path[2:] or ".")
     return shlex.quote(path)
+
+
+def _setuptools_builds_wheels() -> bool:
+    """Whether this environment's setuptools can build a wheel by itself: 70.1 and newer
+    have bdist_wheel built in, older ones need the ``wheel`` package (a new venv's setuptools
+    65 has neither: pip then builds in an isolated environment of its own)."""
+    try:
+        import setuptools
+    except ImportError:
+        return False
+    if importlib.util.find_spec("wheel") is not None:
+        return True
+    try:
+        return tuple(int(x) for x in setuptools.__version__.split(".")[:2]) >= (70, 1)
+    except ValueError:
+        return False
