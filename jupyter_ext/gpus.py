@@ -13,6 +13,8 @@ from collections import deque
 
 from miniray.observe import format_bytes, format_gpu, gpu_jobs
 
+from .theme import MUTED, PANE, RUNNING, TRACK
+
 __all__ = ["HISTORY", "GpuHistory", "gpu_row_html", "gpu_text_lines", "meter", "sparkline_svg",
            "worker_key"]
 
@@ -73,9 +75,9 @@ class GpuHistory:
         return {k: (tuple(self._util.get(k, ())), tuple(self._mem.get(k, ()))) for k in keys}
 
 
-def meter(frac: float, color: str = "#1976d2", width: int = 70) -> str:
+def meter(frac: float, color: str = RUNNING, width: int = 70) -> str:
     """A horizontal bar filled to ``frac`` (0..1), as inline HTML."""
-    return (f'<span style="display:inline-block;width:{width}px;height:8px;background:#e0e0e0;'
+    return (f'<span style="display:inline-block;width:{width}px;height:8px;background:{TRACK};'
             f'border-radius:2px;vertical-align:middle"><span style="display:block;height:8px;'
             f'width:{_clamp(frac) * 100:.0f}%;background:{color};border-radius:2px"></span></span>')
 
@@ -90,11 +92,11 @@ def sparkline_svg(values, label: str = "", color: str = _UTIL_COLOR,
     values = [_clamp(v) for v in list(values)[-maxlen:]]
     head = (f'<svg class="miniray-spark{" miniray-spark-empty" if not values else ""}" '
             f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-            'style="vertical-align:middle;background:#f5f5f5;border-radius:2px">')
+            f'style="vertical-align:middle;background:{PANE};border-radius:2px">')
     if not values:
         return (head + f"<title>{html.escape(label)}: no samples yet</title>"
                 f'<line x1="0" y1="{height - 1}" x2="{width}" y2="{height - 1}" '
-                'stroke="#bdbdbd" stroke-dasharray="2,2"/></svg>')
+                f'stroke="{MUTED}" stroke-dasharray="2,2"/></svg>')
     step, pad = width / max(1, maxlen - 1), 1.0
     points = []
     for i, v in enumerate(values):
@@ -111,7 +113,7 @@ def sparkline_svg(values, label: str = "", color: str = _UTIL_COLOR,
 
 def _holder_html(jobs: list, this_job: str | None) -> str:
     if not jobs:
-        return '<span class="miniray-gpu-holder" style="color:#9e9e9e">idle</span>'
+        return f'<span class="miniray-gpu-holder" style="color:{MUTED}">idle</span>'
     mine = this_job is not None and this_job in jobs
     codes = " ".join(f"<code>{html.escape(str(j))}</code>" for j in jobs)
     if mine:
@@ -142,7 +144,7 @@ def gpu_row_html(worker_id, g: dict, history: dict | None = None,
     if g.get("temp") is not None:
         cells.append(f"{g['temp']}°C")
     if len(cells) == 2:  # no util, memory or temperature: NVML is absent on that worker
-        cells.append('<i class="miniray-gpu-none" style="color:#9e9e9e">no telemetry</i>')
+        cells.append(f'<i class="miniray-gpu-none" style="color:{MUTED}">no telemetry</i>')
     if g.get("reserved"):  # packed tasks' reservations (Limits.gpu_memory_gb)
         cells.append(f"reserved {format_bytes(g['reserved'])}")
     return (f'<tr class="miniray-gpu" data-gpu="{html.escape(str(index))}"><td></td>'

@@ -40,17 +40,25 @@ class LogBuffer:
             if self._in_window > self.max_per_second:
                 self.dropped += 1
                 return
-            self._lines.append(line)
+            self._lines.append((self.total, line))
             if line.worker not in self.workers:
                 self.workers.append(line.worker)
             self.version += 1
 
     def lines(self, worker: str | None = None, last: int = 200) -> list:
         with self._lock:
-            lines = list(self._lines)
+            lines = [ln for _, ln in self._lines]
         if worker:
             lines = [ln for ln in lines if ln.worker == worker]
         return lines[-last:]
+
+    def tail(self, last: int = 200) -> tuple[list, int]:
+        """The last ``last`` lines as ``(sequence number, line)`` (numbers grow by one per line
+        received, so a view tells new lines from old) and how many earlier lines they leave out
+        (rotated out of the buffer, dropped by the rate limit, or just older)."""
+        with self._lock:
+            entries = list(self._lines)[-last:] if last > 0 else []
+            return entries, self.total - len(entries)
 
     def text(self, worker: str | None = None, last: int = 200) -> str:
         out = [format_line(ln) for ln in self.lines(worker, last)]

@@ -157,7 +157,7 @@ class MinirayMagics(Magics):
         try:
             run = MapRun(fn, items, redis_url=self.redis_url, job_name=job_name,
                          priority=args.priority, limits=limits, chunksize=args.chunksize,
-                         cancel_button=args.bg, start=False)
+                         cancel_button=args.bg, background=args.bg, start=False)
         except miniray.SerializationError as e:
             raise UsageError(f"%%miniray map: the cell cannot be sent to workers: {e}") from None
         self.runs = self.runs[-(_KEEP_RUNS - 1):] + [run]
@@ -181,6 +181,7 @@ class MinirayMagics(Magics):
             interrupted = True
             run.cancel()
         run.settle()
+        run.leave_snapshot()  # the live widget becomes static HTML a saved notebook keeps
         results = run.results()
         if output:
             self.shell.user_ns[output] = results

@@ -1,9 +1,10 @@
 """The counting half of the progress display (the views in ``display.py`` only render it).
 
-``MapProgress`` is fed from three sides: item futures finishing (results thread), the job's
-server-side counters and the workers' heartbeats (the updater thread; each GPU's utilisation and
-memory go into a bounded history for the sparklines). ``snapshot()`` gives a view a consistent
-copy.
+``MapProgress`` is fed from three sides: item futures finishing (results thread; with the
+engine's ``started_at``/``finished_at``/``worker``/``slot`` when the futures carry them, for the
+slowest items and the timeline), the job's server-side counters, the items seen running and the
+workers' heartbeats (the updater thread; each GPU's utilisation and memory go into a bounded
+history for the sparklines). ``snapshot()`` gives a view a consistent copy.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import traceback
 
 from .gpus import GpuHistory
 
-__all__ = ["MapProgress", "ErrorGroup", "format_exception"]
+__all__ = ["MapProgress", "ErrorGroup", "ItemTiming", "format_exception"]
+
+STRAGGLERS = 5  # how many of the longest-running (or, at the end, slowest) items are shown
+STRAGGLER_SECONDS = 1.0  # a running item is a straggler once it has run this long
 
 
 def format_exception(exc: BaseException) -> str:
@@ -45,6 +49,23 @@ class ErrorGroup:
             self.first, self.traceback = index, format_exception(exc)
 
 
+class ItemTiming(tuple):
+    """When and where one item ran, as the engine reported it (epoch seconds)."""
+
+    __slots__ = ()
+
+    def __new__(cls, index, started, finished, worker, slot, failed):
+        return super().__new__(cls, (index, started, finished, worker, slot, failed))
+
+    index = property(lambda t: t[0])
+    started = property(lambda t: t[1])
+    finished = property(lambda t: t[2])
+    worker = property(lambda t: t[3])
+    slot = property(lambda t: t[4])
+    failed = property(lambda t: t[5])
+    seconds = property(lambda t: t[2] - t[1])
+
+
 class MapProgress:
     """Counters of one map: done / failed / cancelled from the items themselves (exact),
     running / queued from the server (live), rate and ETA from the done items."""
@@ -60,15 +81,23 @@ class MapProgress:
         self.workers: list[dict] = []
         self.by_worker: dict[str, int] = {}  # worker id -> items of this map it finished
         self.gpu_history = GpuHistory()
+        self.running_since: dict[int, float] = {}  # item -> when the client saw it start
+        self.timings: list[ItemTiming] = []  # finished items the engine timed
         self.version = 0
         self._lock = threading.Lock()
 
     # -- feeding -------------------------------------------------------------------------
     def item_finished(self, index: int, exc: BaseException | None = None,
                       cancelled: bool = False, host: str | None = None,
-                      worker: str | None = None) -> bool:
-        """Count one item; True when it was the last one."""
+                      worker: str | None = None, started_at: float | None = None,
+                      finished_at: float | None = None, slot=None) -> bool:
+        """Count one item; True when it was the last one. ``started_at``/``finished_at``
+        (epoch seconds, from the engine) time it for the slowest items and the timeline."""
         with self._lock:
+            self.running_since.pop(index, None)
+            if started_at is not None and finished_at is not None and not cancelled:
+                self.timings.append(ItemTiming(index, started_at, finished_at, worker, slot,
+                                               exc is not None))
             if worker and not cancelled:
                 self.by_worker[worker] = self.by_worker.get(worker, 0) + 1
             if cancelled:
@@ -89,6 +118,14 @@ class MapProgress:
                 self.queued = counts.get("queued", 0)
                 self.version += 1
 
+    def saw_running(self, indices, now: float | None = None) -> None:
+        """These items run now (as far as the client can tell: their futures are RUNNING)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            if self.finished is None:
+                for i in indices:
+                    self.running_since.setdefault(i, now)
+
     def set_workers(self, workers: list[dict]) -> None:
         with self._lock:
             self.workers = sorted(workers, key=lambda w: (w.get("host", ""), w.get("name", "")))
@@ -101,6 +138,7 @@ class MapProgress:
                 return
             self.finished = time.monotonic()
             self.running = self.queued = 0
+            self.running_since.clear()
             if cancelled or self.cancelled:
                 self.state = "cancelled"
             else:
@@ -140,7 +178,18 @@ class MapProgress:
                 "rate": self.rate, "eta": self.eta, "fraction": self.fraction,
                 "errors": list(self.errors.values()), "workers": list(self.workers),
                 "by_worker": dict(self.by_worker), "gpu_history": self.gpu_history.snapshot(),
+                "stragglers": self._stragglers(), "timings": list(self.timings),
             }
+
+    def _stragglers(self) -> list[tuple]:
+        """``(item, seconds, still running)``: while running the items running longest, at the
+        end the slowest the engine timed (none when its futures carry no timings)."""
+        if self.finished is None:
+            now = time.time()
+            oldest = sorted(self.running_since.items(), key=lambda kv: kv[1])[:STRAGGLERS]
+            return [(i, now - t, True) for i, t in oldest if now - t >= STRAGGLER_SECONDS]
+        slowest = sorted(self.timings, key=lambda t: -t.seconds)[:STRAGGLERS]
+        return [(t.index, t.seconds, False) for t in slowest]
 
     def summary(self) -> str:
         """One line: what a terminal, nbval or a frontend without widgets shows."""

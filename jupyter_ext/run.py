@@ -1,7 +1,9 @@
 """One running ``%%miniray map``: its executor, item futures, progress model, logs and view.
 
 A ``MapRun`` is also the handle ``--bg`` returns: ``result()``, ``results()``, ``progress()``,
-``cancel()``, ``done()``, ``wait()``, ``logs()``; it displays as the live widget.
+``cancel()``, ``done()``, ``wait()``, ``logs()``; it displays as the live widget, and when the
+map ends ``leave_snapshot()`` replaces that display with the final state as static HTML (what a
+saved notebook keeps).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from concurrent.futures import wait as wait_futures
 
 import miniray
 
-from .display import make_view
+from .display import WidgetView, make_view
 from .logs import LogBuffer
 from .progress import MapProgress
 
@@ -25,6 +27,18 @@ MISSING = None
 
 _UPDATE_SECONDS = 0.1  # the view is refreshed at most ~10 times a second
 _WORKERS_SECONDS = 1.0  # heartbeats come once a second; polling faster shows nothing new
+_RUNNING_WINDOW = 512  # futures looked at per update to see which items started
+
+
+def _display_parent():
+    """The header of the request (cell) that displays now, to update that output later from
+    another thread (ipykernel routes a thread's output to whatever cell is current)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    pub = getattr(get_ipython(), "display_pub", None)
+    return getattr(pub, "parent_header", None)
 
 
 class MapRun:
@@ -36,7 +50,7 @@ class MapRun:
     """
 
     def __init__(self, fn, items, *, redis_url=None, job_name=None, priority=1, limits=None,
-                 chunksize=1, view=None, cancel_button=False, start=True):
+                 chunksize=1, view=None, cancel_button=False, start=True, background=False):
         items = list(items)
         self.executor = miniray.Executor(redis_url=redis_url, job_name=job_name,
                                          priority=priority, limits=limits)
@@ -46,6 +60,11 @@ class MapRun:
         self.log_buffer = LogBuffer()
         self.view = make_view(self.model, self.log_buffer,
                               on_cancel=self.cancel if cancel_button else None, kind=view)
+        self._background = background  # --bg: the updater thread leaves the snapshot
+        self._displays: list = []  # (DisplayHandle, parent header) of each live display
+        self._snapshot_lock = threading.Lock()
+        self._snapshot_left = False
+        self._scan_from = 0  # futures before this one have all finished
         self._finished = threading.Event()
         self._cancel_requested = False
         self._fn, self._items, self._chunksize = fn, items, chunksize
@@ -85,9 +104,11 @@ class MapRun:
     def _item_done(self, index: int, fut) -> None:
         if fut.cancelled():
             last = self.model.item_finished(index, cancelled=True)
-        else:
-            last = self.model.item_finished(index, fut.exception(), host=fut.host,
-                                            worker=fut.worker)
+        else:  # the engine's timings, where its futures carry them
+            last = self.model.item_finished(
+                index, fut.exception(), host=fut.host, worker=fut.worker,
+                started_at=getattr(fut, "started_at", None),
+                finished_at=getattr(fut, "finished_at", None), slot=getattr(fut, "slot", None))
         if last:
             self._finish()
 
@@ -102,11 +123,21 @@ class MapRun:
         self.model.finish(cancelled=self._cancel_requested)
         self._finished.set()
 
+    def _scan_running(self) -> None:
+        """Tell the model which items started (their futures turned RUNNING), looking at a
+        bounded window from the first unfinished item on: workers take items in order."""
+        futures = self.futures
+        while self._scan_from < len(futures) and futures[self._scan_from].done():
+            self._scan_from += 1
+        window = range(self._scan_from, min(len(futures), self._scan_from + _RUNNING_WINDOW))
+        self.model.saw_running([i for i in window if futures[i].running()])
+
     def _update_loop(self) -> None:
         next_workers = 0.0
         ex = self.executor
         while not self._finished.is_set():
             try:
+                self._scan_running()
                 self.model.server_counts(ex.progress())
                 if time.monotonic() >= next_workers:
                     self.model.set_workers(ex.workers())
@@ -130,6 +161,8 @@ class MapRun:
             pass
         self._render()
         self.view.finish()
+        if self._background:
+            self.leave_snapshot()
 
     def _render(self) -> None:
         try:
@@ -221,3 +254,52 @@ class MapRun:
 
     def _repr_mimebundle_(self, include=None, exclude=None):
         return self.view._repr_mimebundle_(include=include, exclude=exclude)
+
+    def _ipython_display_(self) -> None:
+        """IPython shows the run (``display(run)`` or a cell's value) through here: the live
+        widget under a display id, so ``leave_snapshot()`` can replace it; a run that has
+        left its snapshot shows that."""
+        from IPython.display import display
+
+        if not isinstance(self.view, WidgetView):
+            display(self.view._repr_mimebundle_(), raw=True)
+            return
+        with self._snapshot_lock:
+            if self._snapshot_left:
+                display(self._snapshot(), raw=True)
+                return
+            handle = display(self._repr_mimebundle_(), raw=True, display_id=True)
+            self._displays.append((handle, _display_parent()))
+
+    def _snapshot(self) -> dict:
+        from .snapshot import snapshot_bundle
+
+        return snapshot_bundle(self.model, self.log_buffer)
+
+    def leave_snapshot(self) -> None:
+        """Replace the live widget's displays with the final state as static HTML and text
+        (a saved notebook keeps that; the widget needs the running kernel). Once; after the
+        map has settled (``settle()``). A blocking map does it from the cell's thread, a
+        ``--bg`` map from its updater thread."""
+        with self._snapshot_lock:
+            if self._snapshot_left or not self._finished.is_set():
+                return
+            self._snapshot_left = True
+            displays, self._displays = self._displays, []
+        if not displays:
+            return
+        bundle = self._snapshot()
+        from IPython import get_ipython
+
+        pub = getattr(get_ipython(), "display_pub", None)
+        for handle, parent in displays:
+            token = None
+            if parent and hasattr(pub, "set_thread_parent"):
+                token = pub.set_thread_parent(parent)  # the output of the cell that displayed
+            try:
+                handle.update(bundle, raw=True)
+            except Exception:  # the kernel's channels are closing: the live widget stays
+                pass
+            finally:
+                if token is not None:
+                    pub.reset_thread_parent(token)
