@@ -72,12 +72,16 @@ def percent_done(s: dict) -> int:
 
 def bar_html(s: dict) -> str:
     """The overall bar: done, failed, cancelled and running (striped) segments, each in its
-    own colour, over the track of what is still queued."""
+    own colour, over the track of what is still queued. Once a map is cancelled, every item
+    that did not finish counts as cancelled."""
     total = max(1, s["total"])
+    counts = dict(s)
+    if s["state"] == "cancelled":  # what did not finish never will (some may still settle)
+        counts["cancelled"] = max(0, s["total"] - s["done"] - s["failed"])
     segments = []
     for key, color in (("done", DONE), ("failed", FAILED), ("cancelled", CANCELLED),
                        ("running", RUNNING)):
-        n = min(s[key], total)
+        n = min(counts[key], total)
         if not n:
             continue
         fill = (f"repeating-linear-gradient(45deg,{color} 0 4px,transparent 4px 8px)"

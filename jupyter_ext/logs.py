@@ -40,7 +40,7 @@ class LogBuffer:
             if self._in_window > self.max_per_second:
                 self.dropped += 1
                 return
-            self._lines.append((self.total, line))
+            self._lines.append((self.total - 1, line))
             if line.worker not in self.workers:
                 self.workers.append(line.worker)
             self.version += 1

@@ -95,7 +95,7 @@ def test_lane_sparklines_follow_the_heartbeats_the_display_reads():
     for t, (util, used) in enumerate([(10, 1), (50, 2), (90, 3)]):
         m.set_workers([heartbeat(float(t), util, used, job="J1")])
     v.render()
-    rows = gpu_rows(v.lanes.value)
+    rows = gpu_rows(v.parts["lanes"])
     assert set(rows) == {0, 1}
     util_svg, mem_svg = sparklines(rows[0])
     util_y = [y for _, y in points(util_svg)]
@@ -107,7 +107,7 @@ def test_lane_sparklines_follow_the_heartbeats_the_display_reads():
     assert "no telemetry" in rows[1] and "idle" in rows[1] and "<svg" not in rows[1]
     m.set_workers([heartbeat(3.0, 20, 3, job="J2")])  # another job took the GPU
     v.render()
-    row = gpu_rows(v.lanes.value)[0]
+    row = gpu_rows(v.parts["lanes"])[0]
     assert len(points(sparklines(row)[0])) == 4
     assert "miniray-gpu-mine" not in row and "job <code>J2</code>" in row
 
@@ -176,9 +176,9 @@ def test_a_gpu_worker_shows_a_lane_per_gpu_and_the_holding_job(cluster, tmp_path
         wait_for(started.exists, timeout=30, what="the GPU task to start")
         held = int(started.read_text())
         idle = 1 - held
-        wait_for(lambda: "miniray-gpu-mine" in run.view.lanes.value, timeout=30,
+        wait_for(lambda: "miniray-gpu-mine" in run.view.parts["lanes"], timeout=30,
                  what="the widget to show this map holding a GPU")
-        lanes = run.view.lanes.value
+        lanes = run.view.parts["lanes"]
         rows = gpu_rows(lanes)
         assert set(rows) == {0, 1}, lanes
         assert run.job in rows[held] and "miniray-gpu-mine" in rows[held]

@@ -55,7 +55,8 @@ def test_widget_view_renders_counts_lanes_logs_and_errors():
     m, logs = MapProgress(3, "w"), LogBuffer()
     cancelled = []
     v = WidgetView(m, logs, on_cancel=lambda: cancelled.append(1))
-    assert v.bar.max == 3 and v.bar.bar_style == "info"
+    w = v.widget
+    assert w.cancellable and w.state == "running" and w.logs == []
     m.set_workers([{"name": "gpu-box", "host": "h", "slots": 2, "busy": 1, "tasks_done": 5,
                     "cpu_percent": 50.0, "ram_used": 2**30, "ram_total": 2**32,
                     "gpus": [{"index": 0, "name": "A100", "util": 80, "mem_used": 2**30,
@@ -64,18 +65,22 @@ def test_widget_view_renders_counts_lanes_logs_and_errors():
     m.item_finished(0)
     m.item_finished(1, KeyError("k"), host="h")
     v.render()
-    assert v.bar.value == 2 and "1 done · 1 failed" in v.counts.value
-    assert "gpu-box" in v.lanes.value and "A100" in v.lanes.value and "80%" in v.lanes.value
-    assert "GPU 1" in v.lanes.value  # a GPU without telemetry is listed, its fields absent
-    assert "[gpu-box #2]! step &lt;1&gt;" in v.log_pane.value
-    assert "KeyError" in v.errors.value and "<details>" in v.errors.value
-    assert [label for label, _ in v.filter.options] == ["all workers", "gpu-box"]
-    v.cancel_button.click()
+    head = w.parts["head"]
+    assert "1 done · 1 failed" in head and "33%" in head
+    assert 'class="miniray-bar-done"' in head and 'class="miniray-bar-failed"' in head
+    lanes = w.parts["lanes"]
+    assert "gpu-box" in lanes and "A100" in lanes and "80%" in lanes
+    assert "GPU 1" in lanes  # a GPU without telemetry is listed, its fields absent
+    assert w.logs == [[0, "gpu-box", "[gpu-box #2]! step <1>", True]]
+    assert w.log_workers == ["gpu-box"] and w.log_note == ""
+    assert "KeyError" in w.parts["errors"] and "<details>" in w.parts["errors"]
+    w._handle_custom_msg({"event": "cancel"}, [])  # what the browser's Cancel button sends
     assert cancelled == [1]
     m.item_finished(2)
     m.finish()
     v.render()
-    assert v.bar.bar_style == "danger" and v.bar.value == 3
+    assert w.state == "failed" and "failed" in w.parts["head"]
+    assert w.parts["lanes"] == ""  # the map is over: no busy lanes left behind
     bundle = v._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert bundle["text/plain"].startswith("miniray map 'w' finished with errors")
@@ -87,7 +92,8 @@ def test_all_succeeded_is_green_and_text_view_is_the_fallback():
     m.item_finished(0)
     m.finish()
     v.render()
-    assert v.bar.bar_style == "success" and v.bar.description == "100%"
+    assert v.widget.state == "done" and "100%" in v.widget.parts["head"]
+    assert "--jp-success-color1" in v.widget.parts["head"]
     # outside a kernel, one function picks the text view
     t = make_view(m, LogBuffer())
     assert isinstance(t, TextView) and t._repr_mimebundle_() == {"text/plain": m.summary()}
@@ -104,11 +110,11 @@ def test_a_real_map_fills_the_widget_and_streams_logs():
     run = MapRun(work, range(40), job_name="widget-live", view="widget", chunksize=4)
     assert run.result(timeout=30) == list(range(40))
     run.settle()
-    v = run.view
-    assert v.bar.value == 40 and v.bar.bar_style == "success"
-    assert "40 done" in v.counts.value and "done" in v.title.value
-    assert "item 39 says hi" in v.log_pane.value and "#39]" in v.log_pane.value
-    assert "local-" in v.lanes.value
+    w = run.view.widget
+    assert w.state == "done" and "40 done" in w.parts["head"] and "100%" in w.parts["head"]
+    texts = [text for _, _, text, _ in w.logs]
+    assert any("#39] item 39 says hi" in t for t in texts), texts
+    assert sorted(w.log_workers) == ["local-0", "local-1"]
     # per-worker lanes count this map's items: together, every item
     assert sum(run.model.snapshot()["by_worker"].values()) == 40
 
@@ -133,13 +139,13 @@ def test_cancel_button_of_a_background_map_cancels_it():
         return x
 
     run = MapRun(slow, range(30), job_name="button", view="widget", cancel_button=True)
-    assert run.view.cancel_button.layout.display is None  # shown in --bg mode
+    assert run.view.widget.cancellable  # the button shows in --bg mode
     time.sleep(0.5)
-    run.view.cancel_button.click()
+    run.view.widget._handle_custom_msg({"event": "cancel"}, [])  # the button's message
     assert run.wait(10) and run.cancelled
     run.settle()
-    assert run.view.bar.bar_style == "warning" and "cancelled" in run.view.title.value
-    assert run.view.cancel_button.disabled
+    w = run.view.widget
+    assert w.state == "cancelled" and "cancelled" in w.parts["head"]
     assert run.results().count(None) > 0
 
 
@@ -164,11 +170,3 @@ def test_engine_map_futures_keeps_every_outcome_and_cluster_view_sees_the_job():
     assert outcomes == [1, "ValueError", 2, "ValueError", 4]
 
 
-def test_log_pane_says_when_a_finished_map_printed_nothing():
-    m = MapProgress(1, "quiet")
-    v = WidgetView(m, LogBuffer())
-    assert "(no output yet)" in v.log_pane.value
-    m.item_finished(0)
-    m.finish()
-    v.render()
-    assert "(no output)" in v.log_pane.value and "yet" not in v.log_pane.value
