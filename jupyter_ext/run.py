@@ -16,6 +16,7 @@ from concurrent.futures import wait as wait_futures
 
 import miniray
 
+from .busy import cell_parent, say_busy
 from .display import WidgetView, make_view
 from .logs import LogBuffer
 from .progress import MapProgress
@@ -80,6 +81,8 @@ class MapRun:
             return self
         self._started = True
         self.model.started = time.monotonic()
+        # a blocking map's cell: its updater keeps JupyterLab's kernel status busy (busy.py)
+        self._cell = None if self._background else cell_parent()
         # follow the logs from the first line on, before anything can print
         self._log_thread = threading.Thread(target=self._follow_logs, daemon=True,
                                             name=f"miniray-logs-{self.job}")
@@ -133,10 +136,13 @@ class MapRun:
         self.model.saw_running([i for i in window if futures[i].running()])
 
     def _update_loop(self) -> None:
-        next_workers = 0.0
+        next_workers = next_busy = 0.0
         ex = self.executor
         while not self._finished.is_set():
             try:
+                if self._cell is not None and time.monotonic() >= next_busy:
+                    say_busy(self._cell)
+                    next_busy = time.monotonic() + 1.0
                 self._scan_running()
                 self.model.server_counts(ex.progress())
                 if time.monotonic() >= next_workers:

@@ -28,7 +28,7 @@ def _logs_html(logs, job) -> str:
     note = hidden_note(hidden, job)
     return (f'<div class="miniray-logs-static" style="margin-top:4px"><b>logs</b> '
             f'<span style="color:{MUTED}">{html.escape(note)}</span>'
-            f'<pre style="font-size:11px;max-height:180px;overflow:auto;margin:2px 0;'
+            f'<pre style="font-size:11px;overflow:auto;margin:2px 0;'
             f'padding:2px 4px;font-family:{MONO};background:{PANE};color:{TEXT}">'
             f"{html.escape(text)}</pre></div>")
 

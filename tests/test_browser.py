@@ -1,9 +1,13 @@
 """End to end in a real browser: JupyterLab in headless Chromium (Debian's, driven by
-Playwright) runs a notebook with a ``%%miniray map`` over 200 items; the live widget must
-render, reach 100% and show a worker's log line. A screenshot goes to artifacts/."""
+Playwright) runs a notebook whose blocking ``%%miniray map`` streams log lines from two workers.
+While it runs: the kernel shows busy, the log pane keeps the reader's place while lines arrive,
+the worker filter works (in the browser: the kernel is busy), the dark theme reads well. When it
+ends the widget leaves a static snapshot that survives saving and reloading the page.
+Screenshots (light, dark, errors, reloaded) go to artifacts/."""
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -24,10 +28,11 @@ pytestmark = pytest.mark.timeout(180)
 
 CELLS = [
     "%load_ext miniray",
-    "%%miniray map x in range(200) -o out --chunksize 2\n"
+    "%%miniray map x in range(80) -o out\n"
     "import time\n"
-    "time.sleep(0.02)\n"
-    "print(f'item {x} is done')\n"
+    "for k in range(5):\n"
+    "    print(f'item {x} line {k}')\n"
+    "    time.sleep(0.1)\n"
     "x * 2",
     "print('total', sum(out))",
     # last, since an error stops "Run All": two items fail, the error table lists them
@@ -38,7 +43,7 @@ CELLS = [
 def _requirements():
     if not os.path.exists(CHROMIUM):
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
-    for module in ("playwright", "jupyterlab", "ipywidgets", "jupyterlab_widgets"):
+    for module in ("playwright", "jupyterlab", "ipywidgets", "jupyterlab_widgets", "anywidget"):
         try:
             __import__(module)
         except ImportError:
@@ -127,12 +132,40 @@ def lab(tmp_path):
     log.close()
 
 
-def test_widget_renders_fills_and_streams_logs_in_jupyterlab(lab):
+FIRST_VISIBLE = """pane => {
+    for (const line of pane.children)
+        if (line.offsetTop + line.offsetHeight > pane.scrollTop)
+            return [Number(line.dataset.seq), line.offsetTop - pane.scrollTop];
+    return null; }"""
+LAST_SEQ = "pane => Math.max(-1, ...[...pane.children].map(l => Number(l.dataset.seq)))"
+BUSY_STATUS_BAR = ("() => /\\| Busy/.test(document.querySelector('#jp-main-statusbar')"
+                   ".textContent)")
+RUNNING = ("() => { const s = document.querySelector('.miniray-map .miniray-state');"
+           " return s && s.textContent.trim() === 'running'; }")
+
+
+def _theme(page, name, light):
+    page.evaluate("t => window.jupyterapp.commands.execute('apputils:change-theme', {theme: t})",
+                  name)
+    page.wait_for_function(f"() => document.body.dataset.jpThemeLight === '{light}'",
+                           timeout=30_000)
+    page.wait_for_timeout(500)  # the theme's stylesheet applies
+
+
+def _luminance(page, locator, prop):
+    """0 (black) .. 1 (white) of a computed colour."""
+    rgb = locator.evaluate(f"el => getComputedStyle(el).{prop}")
+    r, g, b = [float(v) for v in re.findall(r"[\d.]+", rgb)[:3]]
+    return (0.299 * r + 0.587 * g + 0.114 * b) / 255
+
+
+def test_live_view_then_static_snapshot_in_jupyterlab(lab):
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     os.makedirs(ARTIFACTS, exist_ok=True)
-    shot = os.path.join(ARTIFACTS, "browser-miniray-widget.png")
+    shot = os.path.join(ARTIFACTS, "browser-miniray-{}.png").format
+    found = {}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -154,57 +187,105 @@ def test_widget_renders_fills_and_streams_logs_in_jupyterlab(lab):
             page.evaluate("() => { window.jupyterapp.commands.execute('runmenu:run-all'); }")
             widget = page.locator(".miniray-map").first
             widget.wait_for(timeout=60_000)
-            try:  # a look at it mid-run (best effort: the map may finish first)
-                page.wait_for_function(
-                    "() => { const c = document.querySelector('.miniray-map .miniray-counts');"
-                    " return c && /ETA/.test(c.textContent) && !/^0 done/.test(c.textContent); }",
-                    timeout=10_000)
-                page.screenshot(path=shot.replace(".png", "-running.png"))
+            pane = widget.locator(".miniray-logs")
+            pane.wait_for(timeout=30_000)  # shown once there is output
+            page.wait_for_function(
+                "() => { const p = document.querySelector('.miniray-map .miniray-logs');"
+                " return p && p.children.length >= 40 && p.scrollHeight > p.clientHeight; }",
+                timeout=30_000)
+            found["busy"] = page.locator(
+                ".jp-Notebook-ExecutionIndicator[data-status='busy']").count()
+            try:  # the status bar too (JupyterLab's subshell requests say idle: busy.py)
+                page.wait_for_function(BUSY_STATUS_BAR, timeout=5_000)
+                found["status_bar"] = "busy"
             except PlaywrightTimeout:
-                pass
+                found["status_bar"] = page.locator("#jp-main-statusbar").inner_text()
+            found["following"] = pane.evaluate(
+                "p => p.scrollHeight - p.scrollTop - p.clientHeight < 4")
+            # the reader scrolls up: new lines arrive, the line they read stays where it was
+            pane.evaluate("p => { p.scrollTop = Math.floor((p.scrollHeight - p.clientHeight) / 2); }")
+            before = pane.evaluate(FIRST_VISIBLE)
+            last = pane.evaluate(LAST_SEQ)
             page.wait_for_function(
-                "() => { const s = document.querySelector('.miniray-map .miniray-state');"
-                " return s && s.textContent.trim() === 'done'; }", timeout=90_000)
+                f"() => {{ const p = document.querySelector('.miniray-map .miniray-logs');"
+                f" return Math.max(...[...p.children].map(l => Number(l.dataset.seq)))"
+                f" >= {last + 10}; }}", timeout=30_000)
+            found["kept"] = (before, pane.evaluate(FIRST_VISIBLE))
+            found["running_while_scrolled"] = page.evaluate(RUNNING)
+            page.screenshot(path=shot("light"))
+            # pick a worker: only its lines show, while the map is still running
+            options = widget.locator(".miniray-filter option").all_inner_texts()
+            chosen = options[1]
+            widget.locator(".miniray-filter").select_option(chosen)
+            last = pane.evaluate(LAST_SEQ)
             page.wait_for_function(
-                "() => { const l = document.querySelector('.miniray-map .miniray-logs');"
-                " return l && /\\[local-\\d+ #\\d+\\] item \\d+ is done/.test(l.textContent); }",
-                timeout=30_000)
-            page.get_by_text("total 39800").wait_for(timeout=30_000)
-            counts = widget.locator(".miniray-counts").inner_text()
-            bar = widget.locator(".miniray-bar .progress-bar")
-            width = bar.evaluate("el => el.style.width")
-            bar_class = bar.get_attribute("class")
-            label = widget.locator(".miniray-bar .widget-label").inner_text()
-            logs = widget.locator(".miniray-logs").inner_text()
-            lanes = widget.locator(".miniray-lanes").inner_text()
-            failing = page.locator(".miniray-map").nth(1)
-            failing.wait_for(timeout=30_000)
-            page.wait_for_function(
-                "() => { const s = document.querySelectorAll('.miniray-map .miniray-state');"
-                " return s.length > 1 && s[1].textContent.trim() === 'failed'; }",
-                timeout=30_000)
-            failing.locator(".miniray-errors summary").first.click()
-            errors = failing.locator(".miniray-errors").inner_text()
-            failing_bar = failing.locator(".miniray-bar .progress-bar").get_attribute("class")
-            page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
-                         ).last.wait_for(timeout=30_000)
+                f"() => {{ const p = document.querySelector('.miniray-map .miniray-logs');"
+                f" return Math.max(...[...p.children].map(l => Number(l.dataset.seq)))"
+                f" >= {last + 5}; }}", timeout=30_000)
+            found["filtered"] = (chosen, pane.evaluate(
+                "p => [...p.children].map(l => l.dataset.worker + ' ' + l.textContent)"))
+            found["running_while_filtered"] = page.evaluate(RUNNING)
+            page.wait_for_function(  # past the 200 lines the widget holds
+                "() => /hidden/.test(document.querySelector('.miniray-map .miniray-log-note')"
+                ".textContent)", timeout=30_000)
+            found["note"] = widget.locator(".miniray-log-note").inner_text()
+            _theme(page, "JupyterLab Dark", "false")
             widget.scroll_into_view_if_needed()
+            page.screenshot(path=shot("dark"))
+            found["dark"] = (_luminance(page, pane, "backgroundColor"),
+                             _luminance(page, pane, "color"))
+            found["dark_running"] = page.evaluate(RUNNING)
+            # the end: the widget leaves its static snapshot
+            page.get_by_text("total 6320").wait_for(timeout=60_000)
+            snap = page.locator(".miniray-snapshot").first
+            found["snapshot"] = snap.inner_text()
+            found["dark_snapshot"] = _luminance(page, snap, "color")
+            page.wait_for_function(
+                "() => document.querySelectorAll('.miniray-snapshot').length > 1",
+                timeout=60_000)
+            failing = page.locator(".miniray-snapshot").nth(1)
+            failing.locator(".miniray-errors summary").first.click()
+            found["errors"] = failing.locator(".miniray-errors").inner_text()
+            failing.scroll_into_view_if_needed()
+            page.screenshot(path=shot("dark-errors"))
+            _theme(page, "JupyterLab Light", "true")
+            page.screenshot(path=shot("light-errors"))
+            # saved and reloaded: the snapshots are still there, no "model not found"
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']",
+                                   timeout=60_000)
+            page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+            page.wait_for_function(
+                "() => !document.querySelector('.jp-mod-dirty')", timeout=30_000)
+            page.reload()
+            page.wait_for_function(
+                "() => window.jupyterapp && document.querySelector('.jp-Notebook')",
+                timeout=60_000)
+            page.locator(".miniray-snapshot").nth(1).wait_for(timeout=60_000)
+            page.screenshot(path=shot("reloaded"))
+            found["reloaded"] = (page.locator(".miniray-snapshot").count(),
+                                 page.locator(".miniray-map").count(),
+                                 page.locator(".jp-Notebook").inner_text())
         finally:
             try:
-                page.screenshot(path=shot, full_page=False)
-                print(f"screenshot: {shot}")
-                if page.locator(".miniray-map").count() > 1:
-                    page.locator(".miniray-map").nth(1).scroll_into_view_if_needed()
-                    page.screenshot(path=shot.replace(".png", "-errors.png"))
-                    print(f"screenshot: {shot.replace('.png', '-errors.png')}")
+                page.screenshot(path=shot("last"))
             finally:
                 browser.close()
-    assert "200 done" in counts and "0 failed" in counts, counts
-    assert width == "100%", width
-    assert "success" in bar_class, bar_class
-    assert label.strip() == "100%", label
-    assert "is done" in logs, logs
-    assert "local-" in lanes, lanes
-    assert "ZeroDivisionError × 2" in errors and "items 0, 5" in errors, errors
-    assert "traceback of item 0" in errors and "division by zero" in errors, errors
-    assert "danger" in failing_bar, failing_bar
+    assert found["busy"] == 1, "the kernel should show busy while a blocking map runs"
+    assert found["status_bar"] == "busy", found["status_bar"]
+    assert found["following"], "the pane follows new lines while the reader is at the bottom"
+    (seq0, off0), (seq1, off1) = found["kept"]
+    assert seq0 == seq1 and abs(off0 - off1) <= 2, found["kept"]
+    assert found["running_while_scrolled"] and found["running_while_filtered"], found
+    chosen, lines = found["filtered"]
+    assert lines and all(ln.startswith(f"{chosen} [{chosen} #") for ln in lines), lines[:5]
+    assert "earlier line(s) hidden: %miniray logs" in found["note"], found["note"]
+    background, text = found["dark"]
+    assert background < 0.35 and text > 0.6, found["dark"]  # light on dark, readable
+    assert found["dark_snapshot"] > 0.6, found["dark_snapshot"]
+    assert "80 done · 0 failed" in found["snapshot"] and "100%" in found["snapshot"], found
+    assert "item 79 line 4" in found["snapshot"], found["snapshot"]
+    assert "ZeroDivisionError × 2" in found["errors"] and "items 0, 5" in found["errors"]
+    assert "traceback of item 0" in found["errors"] and "division by zero" in found["errors"]
+    snapshots, widgets, text = found["reloaded"]
+    assert (snapshots, widgets) == (2, 0), found["reloaded"][:2]
+    assert "model not found" not in text and "Error displaying widget" not in text
