@@ -51,7 +51,7 @@ class MapRun:
     """
 
     def __init__(self, fn, items, *, redis_url=None, job_name=None, priority=1, limits=None,
-                 chunksize=1, view=None, cancel_button=False, start=True, background=False):
+                 chunksize=1, view=None, cancel_button=False, start=True):
         items = list(items)
         self.executor = miniray.Executor(redis_url=redis_url, job_name=job_name,
                                          priority=priority, limits=limits)
@@ -61,7 +61,7 @@ class MapRun:
         self.log_buffer = LogBuffer()
         self.view = make_view(self.model, self.log_buffer,
                               on_cancel=self.cancel if cancel_button else None, kind=view)
-        self._background = background  # --bg: the updater thread leaves the snapshot
+        self._cell = None  # the cell waiting in wait(), kept "busy" in JupyterLab (busy.py)
         self._displays: list = []  # (DisplayHandle, parent header) of each live display
         self._snapshot_lock = threading.Lock()
         self._snapshot_left = False
@@ -81,8 +81,6 @@ class MapRun:
             return self
         self._started = True
         self.model.started = time.monotonic()
-        # a blocking map's cell: its updater keeps JupyterLab's kernel status busy (busy.py)
-        self._cell = None if self._background else cell_parent()
         # follow the logs from the first line on, before anything can print
         self._log_thread = threading.Thread(target=self._follow_logs, daemon=True,
                                             name=f"miniray-logs-{self.job}")
@@ -140,8 +138,9 @@ class MapRun:
         ex = self.executor
         while not self._finished.is_set():
             try:
-                if self._cell is not None and time.monotonic() >= next_busy:
-                    say_busy(self._cell)
+                cell = self._cell
+                if cell is not None and time.monotonic() >= next_busy:
+                    say_busy(cell)
                     next_busy = time.monotonic() + 1.0
                 self._scan_running()
                 self.model.server_counts(ex.progress())
@@ -167,8 +166,7 @@ class MapRun:
             pass
         self._render()
         self.view.finish()
-        if self._background:
-            self.leave_snapshot()
+        self.leave_snapshot()
 
     def _render(self) -> None:
         try:
@@ -183,12 +181,17 @@ class MapRun:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every item has finished (or ``timeout``); interruptible by Ctrl-C."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._finished.is_set():
-            step = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
-            if step <= 0:
-                return False
-            self._finished.wait(step)
-        return True
+        if threading.current_thread() is threading.main_thread():
+            self._cell = cell_parent()  # a cell blocks here: the kernel is busy with it
+        try:
+            while not self._finished.is_set():
+                step = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+                if step <= 0:
+                    return False
+                self._finished.wait(step)
+            return True
+        finally:
+            self._cell = None
 
     def settle(self, timeout: float = 5.0) -> None:
         """Wait until the view has rendered its final state (logs included)."""
@@ -284,9 +287,9 @@ class MapRun:
 
     def leave_snapshot(self) -> None:
         """Replace the live widget's displays with the final state as static HTML and text
-        (a saved notebook keeps that; the widget needs the running kernel). Once; after the
-        map has settled (``settle()``). A blocking map does it from the cell's thread, a
-        ``--bg`` map from its updater thread."""
+        (a saved notebook keeps that; the widget needs the running kernel). Once, when the map
+        has ended: the updater thread does it last, as the output of the cell that displayed
+        the run (a blocking cell waits for that in ``settle()``)."""
         with self._snapshot_lock:
             if self._snapshot_left or not self._finished.is_set():
                 return

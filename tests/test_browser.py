@@ -35,6 +35,8 @@ CELLS = [
     "    time.sleep(0.1)\n"
     "x * 2",
     "print('total', sum(out))",
+    # a --bg map shown as the cell's value: its updater thread leaves the snapshot
+    "%%miniray map x in range(6) --bg\nx",
     # last, since an error stops "Run All": two items fail, the error table lists them
     "%%miniray map x in range(10) -o bad\n1 / (x % 5)",
 ]
@@ -241,9 +243,10 @@ def test_live_view_then_static_snapshot_in_jupyterlab(lab):
             found["snapshot"] = snap.inner_text()
             found["dark_snapshot"] = _luminance(page, snap, "color")
             page.wait_for_function(
-                "() => document.querySelectorAll('.miniray-snapshot').length > 1",
+                "() => document.querySelectorAll('.miniray-snapshot').length > 2",
                 timeout=60_000)
-            failing = page.locator(".miniray-snapshot").nth(1)
+            found["bg"] = page.locator(".miniray-snapshot").nth(1).inner_text()
+            failing = page.locator(".miniray-snapshot").nth(2)
             failing.locator(".miniray-errors summary").first.click()
             found["errors"] = failing.locator(".miniray-errors").inner_text()
             failing.scroll_into_view_if_needed()
@@ -260,7 +263,7 @@ def test_live_view_then_static_snapshot_in_jupyterlab(lab):
             page.wait_for_function(
                 "() => window.jupyterapp && document.querySelector('.jp-Notebook')",
                 timeout=60_000)
-            page.locator(".miniray-snapshot").nth(1).wait_for(timeout=60_000)
+            page.locator(".miniray-snapshot").nth(2).wait_for(timeout=60_000)
             page.screenshot(path=shot("reloaded"))
             found["reloaded"] = (page.locator(".miniray-snapshot").count(),
                                  page.locator(".miniray-map").count(),
@@ -287,5 +290,6 @@ def test_live_view_then_static_snapshot_in_jupyterlab(lab):
     assert "ZeroDivisionError × 2" in found["errors"] and "items 0, 5" in found["errors"]
     assert "traceback of item 0" in found["errors"] and "division by zero" in found["errors"]
     snapshots, widgets, text = found["reloaded"]
-    assert (snapshots, widgets) == (2, 0), found["reloaded"][:2]
+    assert "6 done · 0 failed" in found["bg"], found["bg"]
+    assert (snapshots, widgets) == (3, 0), found["reloaded"][:2]
     assert "model not found" not in text and "Error displaying widget" not in text
