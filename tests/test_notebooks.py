@@ -29,7 +29,11 @@ def test_notebook_runs_and_matches_its_outputs(notebook, tmp_path):
     for var in ("MINIRAY_REDIS_URL", "MINIRAY_NAMESPACE"):
         env.pop(var, None)
     env.setdefault("MINIRAY_LOCAL_WORKERS", "2")
-    cmd = [sys.executable, "-m", "pytest", "--nbval", "--nbval-current-env",
+    # nbval applies display updates (a map's snapshot replaces its widget) as JupyterLab does
+    here = os.path.join(ROOT, "tests")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "pytest", "-p", "nbval_display_updates",
+           "--nbval", "--nbval-current-env",
            "--nbval-sanitize-with", os.path.join(ROOT, "tests", "nbval_sanitize.cfg"),
            "--nbval-cell-timeout", "60", "-p", "no:cacheprovider", "-q",
            "--rootdir", str(tmp_path), "-c", os.devnull, notebook]
