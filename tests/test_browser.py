@@ -205,7 +205,8 @@ def test_live_view_then_static_snapshot_in_jupyterlab(lab):
             found["following"] = pane.evaluate(
                 "p => p.scrollHeight - p.scrollTop - p.clientHeight < 4")
             # the reader scrolls up: new lines arrive, the line they read stays where it was
-            pane.evaluate("p => { p.scrollTop = Math.floor((p.scrollHeight - p.clientHeight) / 2); }")
+            pane.evaluate(
+                "p => { p.scrollTop = Math.floor((p.scrollHeight - p.clientHeight) / 2); }")
             before = pane.evaluate(FIRST_VISIBLE)
             last = pane.evaluate(LAST_SEQ)
             page.wait_for_function(

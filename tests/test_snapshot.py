@@ -65,4 +65,5 @@ def test_a_saved_notebook_shows_each_maps_final_state_as_static_html(tmp_path):
     assert "4 done · 2 failed" in page and "66%" in page
     assert "<details>" in page and "ZeroDivisionError" in page and "items 0, 3" in page
     assert "division by zero" in page
+    assert "logs" not in page  # it printed nothing: no empty log pane
     assert bad.outputs[-1].output_type == "error"  # the cell still raises the first error
