@@ -173,9 +173,10 @@ class WidgetView:
         parts = live_parts(s)
         w = self.widget
         with w.hold_sync():
-            if parts != self.parts:
-                self.parts = parts
-                w.parts = parts
+            for key, html_part in parts.items():
+                if self.parts.get(key) != html_part:
+                    setattr(w, key, html_part)
+            self.parts = parts
             if w.state != s["state"]:
                 w.state = s["state"]
             version = self.logs.version

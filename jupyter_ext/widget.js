@@ -1,5 +1,5 @@
 // The browser side of miniray's live map view (jupyter_ext/widget.py).
-// Python sends HTML parts and the last log lines; the log pane is drawn here, so that the
+// Python sends HTML parts (a trait each) and the last log lines; the log pane is drawn here, so that the
 // per-worker filter and the scroll position work while the kernel is busy with the map.
 
 const PARTS = ["head", "lanes", "stragglers", "errors", "timeline"];
@@ -34,9 +34,8 @@ function render({ model, el }) {
   const shown = {};
 
   function renderParts() {
-    const parts = model.get("parts") || {};
     for (const key of PARTS) {
-      const html = parts[key] || "";
+      const html = model.get(key) || "";
       if (shown[key] === html) continue;
       shown[key] = html;
       const box = $(`.miniray-part-${key}`);
@@ -115,7 +114,7 @@ function render({ model, el }) {
     model.send({ event: "cancel" });
   });
   filter.addEventListener("change", () => renderLogs(true));
-  model.on("change:parts", renderParts);
+  for (const key of PARTS) model.on(`change:${key}`, renderParts);
   model.on("change:state", renderCancel);
   model.on("change:cancellable", renderCancel);
   model.on("change:log_workers", renderFilter);
@@ -126,7 +125,7 @@ function render({ model, el }) {
   renderFilter();
   renderLogs(true);
   return () => {
-    model.off("change:parts", renderParts);
+    for (const key of PARTS) model.off(`change:${key}`, renderParts);
     model.off("change:state", renderCancel);
     model.off("change:cancellable", renderCancel);
     model.off("change:log_workers", renderFilter);

@@ -20,14 +20,19 @@ _HERE = pathlib.Path(__file__).parent
 
 
 class MapWidget(anywidget.AnyWidget):
-    """Synced state: ``parts`` (HTML of head, lanes, stragglers, errors, timeline), ``state``,
+    """Synced state: the HTML parts ``head``, ``lanes``, ``stragglers``, ``errors`` and
+    ``timeline`` (one trait each, so an update sends only what changed), ``state``,
     ``cancellable``, ``logs`` (the last lines as ``[seq, worker, text, is_stderr]``),
     ``log_workers`` (for the filter) and ``log_note`` (how many earlier lines are hidden)."""
 
     _esm = _HERE / "widget.js"
     _css = _HERE / "widget.css"
 
-    parts = traitlets.Dict().tag(sync=True)
+    head = traitlets.Unicode("").tag(sync=True)
+    lanes = traitlets.Unicode("").tag(sync=True)
+    stragglers = traitlets.Unicode("").tag(sync=True)
+    errors = traitlets.Unicode("").tag(sync=True)
+    timeline = traitlets.Unicode("").tag(sync=True)
     state = traitlets.Unicode("running").tag(sync=True)
     cancellable = traitlets.Bool(False).tag(sync=True)
     logs = traitlets.List().tag(sync=True)

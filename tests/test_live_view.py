@@ -35,12 +35,12 @@ def test_a_cancelled_map_shows_its_parts_and_never_100_percent(tmp_path):
     wait_for(lambda: run.model.done >= 2, timeout=30, what="two items done")
     run.cancel()
     run.settle()
-    s, head = run.model.snapshot(), run.view.widget.parts["head"]
+    s, head = run.model.snapshot(), run.view.widget.head
     assert s["state"] == "cancelled" and 2 <= s["done"] < 12, s
     assert 'class="miniray-bar-done"' in head and 'class="miniray-bar-cancelled"' in head
     assert f"{s['done'] * 100 // 12}%" in head and "100%" not in head
     assert "--jp-warn-color1" in head  # cancelled in its own colour
-    assert run.view.widget.parts["lanes"] == ""  # no lane left busy
+    assert run.view.widget.lanes == ""  # no lane left busy
 
 
 def test_a_lane_shows_its_workers_own_cpu_and_memory_and_the_machine_once():
@@ -67,19 +67,19 @@ def test_stragglers_while_running_then_the_slowest_or_nothing_without_timings(tm
         return fn("slow") if x == 1 else x
 
     run = MapRun(work, range(6), job_name="stragglers", view="widget")
-    wait_for(lambda: "#1</b>" in run.view.widget.parts.get("stragglers", ""), timeout=30,
+    wait_for(lambda: "#1</b>" in run.view.widget.stragglers, timeout=30,
              what="item 1 listed as running longest")
-    assert "running longest" in run.view.widget.parts["stragglers"]
+    assert "running longest" in run.view.widget.stragglers
     (tmp_path / "go").touch()
     run.wait(30)
     run.settle()
-    parts = run.view.widget.parts
+    w = run.view.widget
     timed = [f for f in run.futures if getattr(f, "started_at", None) is not None]
     if timed:  # the engine times items: the slowest are listed and drawn
-        assert "slowest items" in parts["stragglers"] and "#1</b>" in parts["stragglers"]
-        assert "item 1 took" in parts["timeline"]
+        assert "slowest items" in w.stragglers and "#1</b>" in w.stragglers
+        assert "item 1 took" in w.timeline
     else:  # nothing is made up: no slowest list, no timeline
-        assert parts["stragglers"] == "" and parts["timeline"] == ""
+        assert w.stragglers == "" and w.timeline == ""
 
 
 def test_the_timeline_has_a_row_per_worker_slot_and_a_bar_per_item():

@@ -65,22 +65,22 @@ def test_widget_view_renders_counts_lanes_logs_and_errors():
     m.item_finished(0)
     m.item_finished(1, KeyError("k"), host="h")
     v.render()
-    head = w.parts["head"]
+    head = w.head
     assert "1 done · 1 failed" in head and "33%" in head
     assert 'class="miniray-bar-done"' in head and 'class="miniray-bar-failed"' in head
-    lanes = w.parts["lanes"]
+    lanes = w.lanes
     assert "gpu-box" in lanes and "A100" in lanes and "80%" in lanes
     assert "GPU 1" in lanes  # a GPU without telemetry is listed, its fields absent
     assert w.logs == [[0, "gpu-box", "[gpu-box #2]! step <1>", True]]
     assert w.log_workers == ["gpu-box"] and w.log_note == ""
-    assert "KeyError" in w.parts["errors"] and "<details>" in w.parts["errors"]
+    assert "KeyError" in w.errors and "<details>" in w.errors
     w._handle_custom_msg({"event": "cancel"}, [])  # what the browser's Cancel button sends
     assert cancelled == [1]
     m.item_finished(2)
     m.finish()
     v.render()
-    assert w.state == "failed" and "failed" in w.parts["head"]
-    assert w.parts["lanes"] == ""  # the map is over: no busy lanes left behind
+    assert w.state == "failed" and "failed" in w.head
+    assert w.lanes == ""  # the map is over: no busy lanes left behind
     bundle = v._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert bundle["text/plain"].startswith("miniray map 'w' finished with errors")
@@ -92,8 +92,8 @@ def test_all_succeeded_is_green_and_text_view_is_the_fallback():
     m.item_finished(0)
     m.finish()
     v.render()
-    assert v.widget.state == "done" and "100%" in v.widget.parts["head"]
-    assert "--jp-success-color1" in v.widget.parts["head"]
+    assert v.widget.state == "done" and "100%" in v.widget.head
+    assert "--jp-success-color1" in v.widget.head
     # outside a kernel, one function picks the text view
     t = make_view(m, LogBuffer())
     assert isinstance(t, TextView) and t._repr_mimebundle_() == {"text/plain": m.summary()}
@@ -111,7 +111,7 @@ def test_a_real_map_fills_the_widget_and_streams_logs():
     assert run.result(timeout=30) == list(range(40))
     run.settle()
     w = run.view.widget
-    assert w.state == "done" and "40 done" in w.parts["head"] and "100%" in w.parts["head"]
+    assert w.state == "done" and "40 done" in w.head and "100%" in w.head
     texts = [text for _, _, text, _ in w.logs]
     assert any("#39] item 39 says hi" in t for t in texts), texts
     assert sorted(w.log_workers) == ["local-0", "local-1"]
@@ -145,7 +145,7 @@ def test_cancel_button_of_a_background_map_cancels_it():
     assert run.wait(10) and run.cancelled
     run.settle()
     w = run.view.widget
-    assert w.state == "cancelled" and "cancelled" in w.parts["head"]
+    assert w.state == "cancelled" and "cancelled" in w.head
     assert run.results().count(None) > 0
 
 
