@@ -1121,10 +1121,12 @@ def _decorate(exc, tb: str, task: int, job: str, worker: str, host: str, pid) ->
     """The task's own exception, with the worker's traceback chained and where it ran."""
     if not isinstance(exc, BaseException):
         exc = MinirayError(f"task {task} failed with a non-exception {exc!r}")
-    where = f"task {task} of job {job} on {host} (worker {worker}" + (
-        f", pid {pid})" if pid else ")")
+    argument = getattr(tb, "argument", None)  # a TaskTraceback's: see miniray.tracebacks
+    where = f"task {task}" + (f" (argument {argument})" if argument is not None else "") + (
+        f" of job {job} on {host} (worker {worker}") + (f", pid {pid})" if pid else ")")
     if tb:
-        cause = RemoteTraceback(f'\n"""\nTraceback from {where}:\n{tb.rstrip()}\n"""')
+        cause = RemoteTraceback(f'\n"""\nTraceback from {where}:\n{tb.rstrip()}\n"""',
+                                getattr(tb, "frames", ()), getattr(tb, "chained", ""), argument)
         exc.__cause__ = cause
     if hasattr(exc, "add_note"):
         note = f"[miniray] raised by {where}"

@@ -3,17 +3,21 @@
 Functions are pickled once and stored by content hash. Functions from ``__main__``, notebook
 cells, lambdas and closures travel by value (cloudpickle does that). Modules imported from next
 to the caller's script or notebook, rather than installed, are registered to travel by value
-too, so a worker that lacks the file still runs the task.
+too, so a worker that lacks the file still runs the task. Code objects keep their file name
+(cloudpickle writes ``<dynamic-code>``), so a task's traceback names the notebook cell or file
+its frames come from.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import sys
 import sysconfig
 import types
+from collections import ChainMap
 
 import cloudpickle
 
@@ -40,7 +44,7 @@ def dumps(obj, what: str = "value") -> list:
         return False
 
     try:
-        head = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
+        head = _cloudpickle(obj, buffer_callback=keep)
     except Exception as e:
         raise SerializationError(
             f"cannot pickle the {what} {_short(obj)}: {type(e).__name__}: {e}. "
@@ -107,7 +111,7 @@ def dumps_function(fn) -> tuple[str, bytes]:
         )
     _register_local_modules(fn)
     try:
-        data = cloudpickle.dumps(fn, protocol=5)
+        data = _cloudpickle(fn)
     except Exception as e:
         raise SerializationError(
             f"cannot pickle the function {_short(fn)}: {type(e).__name__}: {e}. "
@@ -193,3 +197,21 @@ def _code_names(code) -> set:
         if isinstance(const, types.CodeType):
             names |= _code_names(const)
     return names
+
+
+def _code_reduce(code: types.CodeType):
+    """cloudpickle's reduction of a code object, with its real ``co_filename``."""
+    make, args = cloudpickle.cloudpickle._code_reduce(code)
+    return make, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+
+class _Pickler(cloudpickle.Pickler):
+    if hasattr(cloudpickle.cloudpickle, "_code_reduce"):  # (else: cloudpickle's own names)
+        dispatch_table = ChainMap({types.CodeType: _code_reduce},
+                                  cloudpickle.Pickler.dispatch_table)
+
+
+def _cloudpickle(obj, buffer_callback=None) -> bytes:
+    with io.BytesIO() as f:
+        _Pickler(f, protocol=5, buffer_callback=buffer_callback).dump(obj)
+        return f.getvalue()
