@@ -3,17 +3,23 @@
 The body becomes ``def cell(NAME): ...`` whose last expression statement is returned (the
 value a cell would display). The names it reads from the notebook are copied into a fresh
 globals dict, so cloudpickle ships exactly those: modules by reference, functions and
-classes defined in the notebook (``__main__``) by value.
+classes defined in the notebook (``__main__``) by value. Its code carries the file name
+IPython gave the cell and the cell's own line numbers, so a task's traceback reads
+``Cell In[5], line 4`` (see ``cell_filename``).
 """
 
 from __future__ import annotations
 
 import ast
 import builtins
+import io
+import sys
+import types
 
+import cloudpickle
 from IPython.core.error import UsageError
 
-__all__ = ["compile_cell", "free_names"]
+__all__ = ["cell_filename", "check_sendable", "compile_cell", "free_names"]
 
 _FN = "__miniray_cell__"
 
@@ -29,8 +35,33 @@ def free_names(tree: ast.AST) -> set[str]:
     return names
 
 
-def compile_cell(body: str, arg: str, user_ns: dict, filename: str = "<miniray cell>"):
-    """The function ``arg -> value of the body's last expression``, with its names captured.
+def cell_filename(shell, line: str, body: str) -> str:
+    """The file name of the running ``%%miniray`` cell as IPython knows it, with the cell's
+    text in ``linecache``: a traceback through it reads ``Cell In[N], line L`` and shows the
+    line. (IPython cached the cell as the magic call it was transformed into.)"""
+    raw = f"%%miniray {line}\n{body}"
+    try:
+        return shell.compile.cache(raw, _cell_number(shell), raw_code=raw)
+    except Exception:  # not IPython's caching compiler: tracebacks just name the file
+        return "<miniray map cell>"
+
+
+def _cell_number(shell) -> int:
+    """The running cell's execution count: that of the cell code that called the magic (the
+    shell's counter already points at the next cell), else the shell's counter."""
+    known = getattr(shell.compile, "_filename_map", {})
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_code.co_filename in known:
+            return known[frame.f_code.co_filename]
+        frame = frame.f_back
+    return shell.execution_count
+
+
+def compile_cell(body: str, arg: str, user_ns: dict, filename: str = "<miniray map cell>",
+                 first_line: int = 1):
+    """The function ``arg -> value of the body's last expression``, with its names captured;
+    its code says it comes from ``filename``, the body starting at line ``first_line``.
 
     >>> f = compile_cell("y = x * k\\ny + 1", "x", {"k": 10})
     >>> f(2)
@@ -45,6 +76,7 @@ def compile_cell(body: str, arg: str, user_ns: dict, filename: str = "<miniray c
         text = (e.text or "").rstrip()
         raise UsageError(f"%%miniray map: syntax error in the cell body at {where}: {e.msg}"
                          + (f"\n    {text}" if text else "")) from None
+    ast.increment_lineno(tree, first_line - 1)
     stmts = tree.body or [ast.Pass()]
     last = stmts[-1]
     if isinstance(last, ast.Expr):
@@ -64,4 +96,54 @@ def compile_cell(body: str, arg: str, user_ns: dict, filename: str = "<miniray c
     exec(code, ns)
     func = ns.pop(_FN)
     func.__qualname__ = func.__name__ = f"miniray_map_{arg}"
+    # its frame is the cell's: tracebacks show it as IPython shows a cell's own frame
+    func.__code__ = func.__code__.replace(co_name="<module>", co_qualname="<module>")
     return func
+
+
+class _Discard(io.RawIOBase):
+    def writable(self):
+        return True
+
+    def write(self, b):
+        return len(b)
+
+
+def _pickles(obj) -> Exception | None:
+    """Why ``obj`` cannot be pickled, or None. Nothing is kept (large buffers are not even
+    copied): this walks what would be sent."""
+    try:
+        cloudpickle.Pickler(_Discard(), protocol=5, buffer_callback=lambda b: False).dump(obj)
+        return None
+    except Exception as e:
+        return e
+
+
+def check_sendable(func) -> None:
+    """Raise ``UsageError`` naming the captured variable that cannot travel to workers (a lock,
+    an open file, a socket, a generator, ...), before anything is shown or submitted."""
+    why = _pickles(func)
+    if why is None:
+        return
+    for name, value in func.__globals__.items():
+        if name in ("__name__", "__builtins__") or isinstance(value, types.ModuleType):
+            continue
+        cause = _pickles(value)
+        if cause is None:
+            continue
+        if isinstance(value, (types.FunctionType, type)):  # the culprit is inside it
+            raise UsageError(
+                f"%%miniray map: the cell uses `{name}` ({_kind(value)}), which cannot be sent "
+                f"to workers: {cause}. Create what it needs inside it (or pass that instead)")
+        raise UsageError(
+            f"%%miniray map: the cell uses `{name}` ({_kind(value)}), which cannot be sent to "
+            "workers: create it inside the cell (or pass what it needs instead)")
+    raise UsageError(f"%%miniray map: the cell cannot be sent to workers: "
+                     f"{type(why).__name__}: {why}")
+
+
+def _kind(value) -> str:
+    t = type(value)
+    if t.__module__ == "builtins":
+        return f"a {t.__qualname__}"
+    return f"a {t.__module__}.{t.__qualname__}"

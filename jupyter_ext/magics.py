@@ -18,9 +18,10 @@ from IPython.display import display
 import miniray
 from miniray.observe import ClusterView, format_gpu
 
-from .cell import compile_cell
+from .cell import cell_filename, check_sendable, compile_cell
 from .logs import format_line
 from .run import MapRun
+from .tracebacks import for_notebook, item_note
 
 __all__ = ["MinirayMagics", "split_map_line"]
 
@@ -142,7 +143,8 @@ class MinirayMagics(Magics):
                                     keep_children=args.keep_children)
         except miniray.ConfigurationError as e:
             raise UsageError(f"%%miniray map: {e}") from None
-        fn = compile_cell(cell, name, self.shell.user_ns)
+        fn = compile_cell(cell, name, self.shell.user_ns,
+                          cell_filename(self.shell, line, cell), first_line=2)
         try:
             value = eval(expr, self.shell.user_ns)
         except Exception as e:
@@ -153,6 +155,7 @@ class MinirayMagics(Magics):
         except TypeError:
             raise UsageError(f"%%miniray map: EXPR {expr!r} gives a {type(value).__name__}, "
                              "which is not iterable") from None
+        check_sendable(fn)  # at once, naming the variable: not from the widget, later
         job_name = args.job_name or f"map {name} in {expr}"[:60]
         try:
             run = MapRun(fn, items, redis_url=self.redis_url, job_name=job_name,
@@ -170,9 +173,9 @@ class MinirayMagics(Magics):
             return None
         display(run)  # before anything runs, so its text fallback is the same every time
         run.start()
-        return self._block(run, args.output)
+        return self._block(run, args.output, name, items)
 
-    def _block(self, run: MapRun, output: str | None):
+    def _block(self, run: MapRun, output: str | None, name: str = "item", items=()):
         __tracebackhide__ = True  # IPython: show the user's error, not these frames
         interrupted = False
         try:
@@ -190,9 +193,10 @@ class MinirayMagics(Magics):
             print(f"miniray: interrupted, job cancelled; the results so far are {where} "
                   "(None for items that did not finish)", file=sys.stderr)
             return None if output else results
-        err = run.first_error()
-        if err is not None:
-            raise err
+        errors = run.errors
+        if errors:
+            i = min(errors)
+            raise for_notebook(errors[i], self.shell, item_note(run, i, name, items))
         return None if output else results
 
     # -- %miniray ... ----------------------------------------------------------------------------
