@@ -122,13 +122,15 @@ def _pickles(obj) -> Exception | None:
 def check_sendable(func) -> None:
     """Raise ``UsageError`` naming the captured variable that cannot travel to workers (a lock,
     an open file, a socket, a generator, ...), before anything is shown or submitted."""
-    why = _pickles(func)
-    if why is None:
+    captured = {k: v for k, v in func.__globals__.items()
+                if k not in ("__name__", "__builtins__") and not isinstance(v, types.ModuleType)}
+    # (cloudpickle would send a file open for reading as a copy of its text, not the file)
+    has_file = any(map(_open_file, captured.values()))
+    why = None if has_file else _pickles(func)
+    if why is None and not has_file:
         return
-    for name, value in func.__globals__.items():
-        if name in ("__name__", "__builtins__") or isinstance(value, types.ModuleType):
-            continue
-        cause = _pickles(value)
+    for name, value in captured.items():
+        cause = "an open file" if _open_file(value) else _pickles(value)
         if cause is None:
             continue
         if isinstance(value, (types.FunctionType, type)):  # the culprit is inside it
@@ -142,8 +144,18 @@ def check_sendable(func) -> None:
                      f"{type(why).__name__}: {why}")
 
 
+def _open_file(value) -> bool:
+    """A file object backed by a file descriptor (not an ``io.StringIO``)."""
+    if not isinstance(value, io.IOBase):
+        return False
+    try:
+        value.fileno()
+        return True
+    except Exception:
+        return False
+
+
 def _kind(value) -> str:
     t = type(value)
-    if t.__module__ == "builtins":
-        return f"a {t.__qualname__}"
-    return f"a {t.__module__}.{t.__qualname__}"
+    name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    return f"an open file, {name}" if _open_file(value) else f"a {name}"
