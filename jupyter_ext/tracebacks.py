@@ -47,14 +47,18 @@ def fake_traceback(frames) -> types.TracebackType | None:
 
 def for_notebook(err: BaseException, shell, note: str | None = None) -> BaseException:
     """Make IPython show ``err`` (a task's exception, its ``RemoteTraceback`` chained) with the
-    user's frames only, what it was chained to in the task, and ``note`` in place of the
-    engine's "[miniray] raised by ..." note. Returns ``err``; one that cannot take the
+    user's frames only (none for miniray's own verdicts, such as a timeout), what it was
+    chained to in the task, and ``note`` in place of the engine's "[miniray] raised by ..."
+    note. Returns ``err``; one that cannot take the
     renderer (no ``__dict__``) is left as it is."""
-    remote = err.__cause__
-    if not isinstance(remote, RemoteTraceback) or getattr(err, "_miniray_rendered", False):
+    if getattr(err, "_miniray_rendered", False):
         return err
-    tb = fake_traceback(remote.frames)
-    chained = RemoteTraceback(remote.chained) if remote.chained else None
+    remote = err.__cause__
+    if isinstance(remote, RemoteTraceback):
+        tb = fake_traceback(remote.frames)
+        chained = RemoteTraceback(remote.chained) if remote.chained else None
+    else:  # miniray's own verdict (a timeout, a memory limit, a crash): no frame to show
+        tb, chained = None, remote
     if note is not None:
         notes = getattr(err, "__notes__", None)
         if isinstance(notes, list):
