@@ -23,26 +23,86 @@ class _Here(Exception):
     pass
 
 
-def _frame(filename: str, lineno: int, name: str) -> types.TracebackType | None:
-    """A traceback entry of one frame that runs at ``filename:lineno`` in ``name``."""
-    code = compile("\n" * (max(lineno, 1) - 1) + "raise __miniray_here__", filename, "exec")
-    code = code.replace(co_name=name, co_qualname=name)
+class _Unknown:
+    """An argument's value, which stayed on the worker."""
+
+    def __repr__(self):
+        return "<on the worker>"
+
+
+def _frame(filename: str, lineno: int, name: str, first: int = 0,
+           params=None) -> types.TracebackType | None:
+    """A traceback entry of one frame that runs at ``filename:lineno`` in ``name``: a function
+    defined at line ``first`` with ``params``, so that it reads ``in helper(v)``."""
+    lineno = max(lineno, 1)
+    here = {"__name__": "__miniray__", "__miniray_here__": _Here()}
+    names = [*params[0], params[1], *params[2], params[3]] if params else []
+    if params and name.isidentifier() and 1 <= first <= lineno and all(
+            p is None or str(p).isidentifier() for p in names):
+        pos, varargs, kwonly, varkw = params
+        sig = [*pos, f"*{varargs}" if varargs else ("*" if kwonly else None), *kwonly,
+               f"**{varkw}" if varkw else None]
+        source = ("\n" * (first - 1) + f"def {name}({', '.join(p for p in sig if p)}):"
+                  + ("\n" * (lineno - first) + "    " if lineno > first else " ")
+                  + "raise __miniray_here__\n")
+        run = f"{name}(*__miniray_args__, **__miniray_kwargs__)"
+        here.update(__miniray_args__=[_Unknown()] * len(pos),
+                    __miniray_kwargs__={k: _Unknown() for k in kwonly})
+    else:
+        source, run = "\n" * (lineno - 1) + "raise __miniray_here__", None
     try:
-        exec(code, {"__name__": "__miniray__", "__miniray_here__": _Here()})
+        code = compile(source, filename, "exec")
+        if run is None:
+            code = code.replace(co_name=name, co_qualname=name)
+        exec(code, here)
+        if run is not None:
+            exec(run, here)
     except _Here:
-        return sys.exc_info()[2].tb_next  # (its first entry is this function's frame)
+        tb = sys.exc_info()[2].tb_next  # (past this function's frame)
+        return tb if run is None else tb.tb_next  # (past the code that called the function)
+    except Exception:  # (an odd name or file name): the frame is left out
+        return None
     return None
 
 
 def fake_traceback(frames) -> types.TracebackType | None:
-    """A real traceback whose frames are ``frames`` (``(filename, lineno, name)``, outermost
-    first): tools that format tracebacks show them as if they had run here."""
+    """A real traceback whose frames are ``frames`` (``(filename, lineno, name[, firstlineno,
+    params])``, outermost first): tools that format tracebacks show them as if they had run
+    here."""
     tb = None
-    for filename, lineno, name in reversed(list(frames)):
-        entry = _frame(filename, lineno, name)
+    for frame in reversed(list(frames)):
+        entry = _frame(*frame)
         if entry is not None:
             tb = types.TracebackType(tb, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
     return tb
+
+
+def _stand_in(module: str, qualname: str, message: str, frames) -> BaseException:
+    """An exception that shows as the worker's (same name, message and frames)."""
+    cls = type(qualname.rpartition(".")[2], (Exception,),
+               {"__module__": module, "__qualname__": qualname, "__str__": lambda self: message})
+    return cls().with_traceback(fake_traceback(frames))
+
+
+def _chained(chain):
+    """The exception the task's was chained to, rebuilt as stand-ins: ``(exc, how)``."""
+    first = how0 = None
+    prev = None
+    for how, module, qualname, message, frames in chain:
+        exc = _stand_in(module, qualname, message, frames)
+        if prev is None:
+            first, how0 = exc, how
+        else:
+            _link(prev, exc, how)
+        prev = exc
+    return first, how0
+
+
+def _link(exc, inner, how) -> None:
+    if how == "cause":
+        exc.__cause__, exc.__suppress_context__ = inner, True
+    else:
+        exc.__cause__, exc.__context__, exc.__suppress_context__ = None, inner, False
 
 
 def for_notebook(err: BaseException, shell, note: str | None = None) -> BaseException:
@@ -56,9 +116,9 @@ def for_notebook(err: BaseException, shell, note: str | None = None) -> BaseExce
     remote = err.__cause__
     if isinstance(remote, RemoteTraceback):
         tb = fake_traceback(remote.frames)
-        chained = RemoteTraceback(remote.chained) if remote.chained else None
+        inner, how = _chained(remote.chain)
     else:  # miniray's own verdict (a timeout, a memory limit, a crash): no frame to show
-        tb, chained = None, remote
+        tb, inner, how = None, remote, "cause"
     if note is not None:
         notes = getattr(err, "__notes__", None)
         if isinstance(notes, list):
@@ -67,7 +127,9 @@ def for_notebook(err: BaseException, shell, note: str | None = None) -> BaseExce
 
     def render():
         saved = err.__cause__, err.__context__, err.__suppress_context__
-        err.__cause__, err.__context__, err.__suppress_context__ = chained, None, True
+        err.__cause__, err.__context__, err.__suppress_context__ = None, None, True
+        if inner is not None:
+            _link(err, inner, how)
         try:
             return shell.InteractiveTB.structured_traceback(type(err), err, tb)
         finally:

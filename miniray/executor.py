@@ -1126,7 +1126,7 @@ def _decorate(exc, tb: str, task: int, job: str, worker: str, host: str, pid) ->
         f" of job {job} on {host} (worker {worker}") + (f", pid {pid})" if pid else ")")
     if tb:
         cause = RemoteTraceback(f'\n"""\nTraceback from {where}:\n{tb.rstrip()}\n"""',
-                                getattr(tb, "frames", ()), getattr(tb, "chained", ""), argument)
+                                getattr(tb, "frames", ()), getattr(tb, "chain", ()), argument)
         exc.__cause__ = cause
     if hasattr(exc, "add_note"):
         note = f"[miniray] raised by {where}"

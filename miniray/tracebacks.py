@@ -4,8 +4,13 @@ The task process runs the user's function from inside miniray's own loop, so a r
 starts with frames of ``taskproc.py`` (and of cloudpickle, when a function is rebuilt). Those
 leading frames are plumbing: :func:`task_traceback` drops them and keeps the frames from the
 user's first one on. Its result is the text (a ``str``, as before) that also carries the frames
-as ``(filename, lineno, name)`` tuples, so a client can show them as if they were local (the
-notebook face rebuilds them into a real traceback that IPython formats as ``Cell In[5]``).
+as data, and the exceptions the task's exception was chained to, so a client can show them as
+if they had run there (the notebook face rebuilds them into real tracebacks that IPython
+formats as ``Cell In[5], line 4``).
+
+A frame is ``(filename, lineno, name, firstlineno, params)``: ``firstlineno`` is where its
+function starts, ``params`` is ``(positional, varargs, keyword_only, varkw)`` of its parameter
+names (``None`` for no ``*``/``**``).
 """
 
 from __future__ import annotations
@@ -26,14 +31,14 @@ _repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 6
 class TaskTraceback(str):
     """The formatted traceback of a task's exception (the user's frames, its chain too).
 
-    ``frames``: the exception's own frames, outermost first, as ``(filename, lineno, name)``;
-    ``chained``: the formatted text of the exception it was raised from or while handling
-    (``""`` if none); ``argument``: a short repr of the item it failed on (``None`` if
-    unknown).
+    ``frames``: the exception's own frames, outermost first; ``chain``: what it was raised
+    from (``"cause"``) or while handling (``"context"``), then what that one was, and so on,
+    as ``(how, module, qualname, message, frames)``; ``argument``: a short repr of the item the
+    task failed on (``None`` if unknown).
     """
 
     frames: tuple = ()
-    chained: str = ""
+    chain: tuple = ()
     argument: str | None = None
 
 
@@ -43,10 +48,17 @@ def task_traceback(exc: BaseException, argument=None, has_argument: bool = False
     te = traceback.TracebackException.from_exception(exc)
     _trim(te, set())
     out = TaskTraceback("".join(te.format()))
-    out.frames = tuple((f.filename, f.lineno, f.name) for f in te.stack)
-    inner = te.__cause__ if te.__cause__ is not None else (
-        None if te.__suppress_context__ else te.__context__)
-    out.chained = "".join(inner.format()) if inner is not None else ""
+    out.frames = _frames(exc)
+    chain, seen, e = [], {id(exc)}, exc
+    while True:
+        how, e = ("cause", e.__cause__) if e.__cause__ is not None else (
+            "context", None if e.__suppress_context__ else e.__context__)
+        if e is None or id(e) in seen:
+            break
+        seen.add(id(e))
+        t = type(e)
+        chain.append((how, t.__module__, t.__qualname__, _str(e), _frames(e)))
+    out.chain = tuple(chain)
     out.argument = short_item(argument) if has_argument else None
     return out
 
@@ -60,6 +72,13 @@ def short_item(value) -> str:
         return f"<{type(value).__name__}>"
 
 
+def _str(e: BaseException) -> str:
+    try:
+        return str(e)
+    except Exception:
+        return f"<{type(e).__name__}: str() failed>"
+
+
 def _internal(filename: str) -> bool:
     global _internal_dirs
     if not _internal_dirs:  # (on the first failure: a task process starts without cloudpickle)
@@ -68,6 +87,26 @@ def _internal(filename: str) -> bool:
         _internal_dirs = tuple(os.path.dirname(os.path.abspath(f)) + os.sep
                                for f in (cloudpickle.__file__, __file__))
     return os.path.abspath(filename).startswith(_internal_dirs)
+
+
+def _frames(exc: BaseException) -> tuple:
+    frames = [(f.f_code, lineno) for f, lineno in traceback.walk_tb(exc.__traceback__)]
+    while frames and _internal(frames[0][0].co_filename):
+        frames.pop(0)
+    return tuple((code.co_filename, lineno, code.co_name, code.co_firstlineno, _params(code))
+                 for code, lineno in frames)
+
+
+def _params(code) -> tuple:
+    names, n = code.co_varnames, code.co_argcount
+    kw = code.co_kwonlyargcount
+    i = n + kw
+    varargs = varkw = None
+    if code.co_flags & 0x04:  # CO_VARARGS
+        varargs, i = names[i], i + 1
+    if code.co_flags & 0x08:  # CO_VARKEYWORDS
+        varkw = names[i]
+    return names[:n], varargs, names[n:n + kw], varkw
 
 
 def _trim(te: traceback.TracebackException, seen: set) -> None:

@@ -102,6 +102,35 @@ def test_an_error_in_the_cell_body_itself_shows_its_line(kernel):
         assert internal not in text, (internal, text)
 
 
+def test_an_exception_raised_from_another_shows_both_with_their_lines(kernel):
+    n, out = kernel.run("%%miniray map x in [{'a': 1}, {'b': 2}]\n"
+                        "try:\n"
+                        "    x['a']\n"
+                        "except KeyError as e:\n"
+                        "    raise RuntimeError('no a') from e\n")
+    text = error_text(out)
+    assert re.search(rf"KeyError +Traceback \(most recent call last\)\nCell In\[{n}\], line 3"
+                     r"\n(.*\n)*----> 3     x\['a'\]\n(.*\n)*KeyError: 'a'\n\n"
+                     r"The above exception was the direct cause of the following exception:\n\n"
+                     rf"RuntimeError +Traceback \(most recent call last\)\nCell In\[{n}\], line 5"
+                     r"\n(.*\n)*----> 5     raise RuntimeError\('no a'\) from e\n\n"
+                     r"RuntimeError: no a\n\[miniray\] item 1 of 2 \(x = \{'b': 2\}\)", text), text
+    for internal in _INTERNAL:
+        assert internal not in text, (internal, text)
+
+
+def test_a_timeout_shows_no_frames_of_miniray(kernel):
+    _, out = kernel.run("%%miniray map seconds in [0.1, 60] --timeout 1\n"
+                        "import time\n"
+                        "time.sleep(seconds)\n")
+    text = error_text(out)
+    assert re.search(r"TaskTimeoutError: task ran longer than its limit of 1 s.*\n"
+                     r"\[miniray\] item 1 of 2 \(seconds = 60\) failed on worker", text), text
+    assert "Cell In" not in text and "File " not in text, text
+    for internal in _INTERNAL:
+        assert internal not in text, (internal, text)
+
+
 @pytest.mark.parametrize("setup, name, kind", [
     ("import threading\nthing = threading.Lock()", "thing", "a _thread.lock"),
     ("thing = open(__import__('os').devnull)", "thing", "an open file, _io.TextIOWrapper"),
