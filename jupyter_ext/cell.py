@@ -19,7 +19,7 @@ import types
 import cloudpickle
 from IPython.core.error import UsageError
 
-__all__ = ["cell_filename", "check_sendable", "compile_cell", "free_names"]
+__all__ = ["cell_filename", "check_items", "check_sendable", "compile_cell", "free_names"]
 
 _FN = "__miniray_cell__"
 
@@ -142,6 +142,18 @@ def check_sendable(func) -> None:
             "workers: create it inside the cell (or pass what it needs instead)")
     raise UsageError(f"%%miniray map: the cell cannot be sent to workers: "
                      f"{type(why).__name__}: {why}")
+
+
+def check_items(items: list, expr: str) -> None:
+    """Raise ``UsageError`` naming the first item of EXPR that cannot travel to workers."""
+    if _pickles(items) is None and not any(map(_open_file, items)):
+        return
+    for i, value in enumerate(items):
+        if _open_file(value) or _pickles(value) is not None:
+            raise UsageError(
+                f"%%miniray map: item {i} of {expr} is {_kind(value)}, which cannot be sent to "
+                "workers: make EXPR give plain data (a path, not an open file; the arguments "
+                "to build an object, not the object)")
 
 
 def _open_file(value) -> bool:

@@ -18,10 +18,10 @@ from IPython.display import display
 import miniray
 from miniray.observe import ClusterView, format_gpu
 
-from .cell import cell_filename, check_sendable, compile_cell
+from .cell import cell_filename, check_items, check_sendable, compile_cell
 from .logs import format_line
 from .run import MapRun
-from .tracebacks import for_notebook, item_note
+from .tracebacks import item_error
 
 __all__ = ["MinirayMagics", "split_map_line"]
 
@@ -156,6 +156,7 @@ class MinirayMagics(Magics):
             raise UsageError(f"%%miniray map: EXPR {expr!r} gives a {type(value).__name__}, "
                              "which is not iterable") from None
         check_sendable(fn)  # at once, naming the variable: not from the widget, later
+        check_items(items, expr)
         job_name = args.job_name or f"map {name} in {expr}"[:60]
         try:
             run = MapRun(fn, items, redis_url=self.redis_url, job_name=job_name,
@@ -163,6 +164,7 @@ class MinirayMagics(Magics):
                          cancel_button=args.bg, start=False)
         except miniray.SerializationError as e:
             raise UsageError(f"%%miniray map: the cell cannot be sent to workers: {e}") from None
+        run.item_name = name  # (its errors say "item 3 of 10 (x = 7)")
         self.runs = self.runs[-(_KEEP_RUNS - 1):] + [run]
         if args.bg:
             if not args.output:
@@ -195,8 +197,7 @@ class MinirayMagics(Magics):
             return None if output else results
         errors = run.errors
         if errors:
-            i = min(errors)
-            raise for_notebook(errors[i], self.shell, item_note(run, i, name, items))
+            raise item_error(run, min(errors), name, items)
         return None if output else results
 
     # -- %miniray ... ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import types
 from miniray.errors import RemoteTraceback
 from miniray.tracebacks import short_item
 
-__all__ = ["fake_traceback", "for_notebook", "item_note"]
+__all__ = ["fake_traceback", "for_notebook", "item_error"]
 
 
 class _Here(Exception):
@@ -143,13 +143,20 @@ def for_notebook(err: BaseException, shell, note: str | None = None) -> BaseExce
     return err
 
 
-def item_note(run, index: int, name: str, items) -> str:
-    """``[miniray] item 3 of 10 (x = 7) failed on worker local-0, host h``."""
+def item_error(run, index: int, name: str | None = None, items=()) -> BaseException:
+    """Item ``index``'s exception of ``run`` (a ``MapRun``), ready to raise in the notebook:
+    the user's frames, and a note ``[miniray] item 3 of 10 (x = 7) failed on worker local-0,
+    host h`` (``name``: the map's variable; ``items``: its values, else the worker's repr)."""
+    err = run.errors[index]
     value = short_item(items[index]) if index < len(items) else getattr(
-        getattr(run.errors.get(index), "__cause__", None), "argument", None)
+        err.__cause__, "argument", None)
     fut = run.futures[index]
     where = ", ".join(p for p in (f"worker {fut.worker}" if fut.worker else "",
                                   f"host {fut.host}" if fut.host else "") if p)
-    return (f"[miniray] item {index} of {len(run.futures)}"
-            + (f" ({name} = {value})" if value is not None else "")
-            + " failed" + (f" on {where}" if where else ""))
+    what = "" if value is None else f" ({name} = {value})" if name else f" ({value})"
+    note = (f"[miniray] item {index} of {len(run.futures)}{what} failed"
+            + (f" on {where}" if where else ""))
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    return err if shell is None else for_notebook(err, shell, note)

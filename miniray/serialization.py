@@ -47,11 +47,29 @@ def dumps(obj, what: str = "value") -> list:
         head = _cloudpickle(obj, buffer_callback=keep)
     except Exception as e:
         raise SerializationError(
-            f"cannot pickle the {what} {_short(obj)}: {type(e).__name__}: {e}. "
+            f"cannot pickle {_culprit(obj, what)}: {type(e).__name__}: {e}. "
             "Everything a task takes or returns travels between processes with cloudpickle; "
             "pass plain data, or create the object inside the task."
         ) from e
     return [head, *buffers]
+
+
+def _culprit(obj, what: str) -> str:
+    """What in ``obj`` cannot be pickled: for a call's or a map chunk's arguments (tagged as
+    ``dumps_call`` and ``Executor.map`` tag them), the argument or item itself."""
+    if what == "arguments" and type(obj) is tuple and obj and obj[0] in ("s", "m", "m1"):
+        if obj[0] == "s":
+            _, args, kwargs = obj
+            named = [(f"argument {i}", a) for i, a in enumerate(args)] + [
+                (f"keyword argument {k}=", v) for k, v in kwargs.items()]
+        else:
+            named = [("the item" if obj[0] == "m1" else "the arguments", v) for v in obj[1]]
+        for name, value in named:
+            try:
+                _cloudpickle(value, buffer_callback=lambda b: False)
+            except Exception:
+                return f"{name} {_short(value)}"
+    return f"the {what} {_short(obj)}"
 
 
 def dumps_call(args: tuple, kwargs: dict) -> list:
@@ -113,12 +131,41 @@ def dumps_function(fn) -> tuple[str, bytes]:
     try:
         data = _cloudpickle(fn)
     except Exception as e:
+        culprit = _captured_culprit(fn)
         raise SerializationError(
-            f"cannot pickle the function {_short(fn)}: {type(e).__name__}: {e}. "
+            f"cannot pickle the function {_short(fn)}"
+            + (f": it uses {culprit}" if culprit else "") + f" ({type(e).__name__}: {e}). "
             "It probably closes over something that cannot travel (a lock, an open file, a "
             "connection); create that inside the function instead."
         ) from e
     return hashlib.sha256(data).hexdigest(), data
+
+
+def _captured_culprit(fn) -> str | None:
+    """The name and type of what ``fn`` closes over or reads from its globals that cannot be
+    pickled (the likely reason the function cannot be)."""
+    code, glb = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
+    if code is None or glb is None:
+        return None
+    names = list(zip(code.co_freevars, fn.__closure__ or ()))
+    names = [(n, c.cell_contents) for n, c in names if _has_contents(c)]
+    names += [(n, glb[n]) for n in sorted(_code_names(code)) if n in glb]
+    for name, value in names:
+        if isinstance(value, types.ModuleType):
+            continue
+        try:
+            _cloudpickle(value, buffer_callback=lambda b: False)
+        except Exception:
+            return f"`{name}` (a {type(value).__module__}.{type(value).__qualname__})"
+    return None
+
+
+def _has_contents(cell) -> bool:
+    try:
+        cell.cell_contents
+        return True
+    except ValueError:
+        return False
 
 
 def _installed_prefixes() -> tuple:

@@ -119,6 +119,18 @@ def test_an_exception_raised_from_another_shows_both_with_their_lines(kernel):
         assert internal not in text, (internal, text)
 
 
+def test_a_bg_maps_result_shows_the_cells_line(kernel):
+    n, _ = kernel.run("%%miniray map x in range(5) --bg -o handle\n"
+                      "1 / (x - 3)\n")
+    _, out = kernel.run("handle.wait(60)\nhandle.result()")
+    text = error_text(out)
+    assert re.search(rf"Cell In\[{n}\], line 2\n(.*\n)*----> 2 1 / \(x - 3\)\n\n"
+                     r"ZeroDivisionError: division by zero\n"
+                     r"\[miniray\] item 3 of 5 \(x = 3\) failed", text), text
+    for internal in _INTERNAL + ("run.py",):
+        assert internal not in text, (internal, text)
+
+
 def test_a_timeout_shows_no_frames_of_miniray(kernel):
     _, out = kernel.run("%%miniray map seconds in [0.1, 60] --timeout 1\n"
                         "import time\n"

@@ -74,6 +74,8 @@ def test_usage_errors_submit_nothing(shell):
         ("map x in range(3) --timeout -1", "x", "timeout_seconds"),
         ("map x range(3)", "x", "expected %%miniray map NAME in EXPR"),
         ("reduce x in range(3)", "x", "expected %%miniray map"),
+        ("map x in [1, __import__('threading').Lock()]", "x",
+         "item 1 of .* is a _thread.lock, which cannot be sent to workers"),
     ]
     for line, body, message in cases:
         with pytest.raises(UsageError, match=message.replace("(", r"\(")):
