@@ -90,6 +90,30 @@ def split_map_line(line: str) -> tuple[str, str, str]:
     return name, rest.strip(), ""
 
 
+def _despite_interrupts(step, tries: int = 3) -> None:
+    """Run ``step`` (bounded: a cancel, a settle) to its end although the user may press
+    Interrupt again meanwhile: an interrupt must not leave a map half cancelled."""
+    for _ in range(tries):
+        try:
+            step()
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+def _interrupted(run: MapRun, output: str | None, results: list) -> KeyboardInterrupt:
+    """What an interrupted map re-raises, so that "Run All" stops there as with any
+    interrupted cell; shown as its one line (no frames of miniray or IPython)."""
+    done = sum(r is not None for r in results)
+    where = (f"the {done} result(s) so far are in {output} (None for the items that did not "
+             "finish)" if output else
+             "use -o VAR to keep the results of an interrupted map")
+    err = KeyboardInterrupt(f"miniray map {run.name!r} (job {run.job}) cancelled by the "
+                            f"interrupt; {where}")
+    err._render_traceback_ = lambda: [f"KeyboardInterrupt: {err}"]
+    return err
+
+
 def _redact(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
@@ -179,17 +203,15 @@ class MinirayMagics(Magics):
             run.wait()
         except KeyboardInterrupt:  # the kernel interrupt is the cancel path of a blocking map
             interrupted = True
-            run.cancel()
-        run.settle()
+        if interrupted:
+            _despite_interrupts(run.cancel)
+        _despite_interrupts(run.settle)
         results = run.results()
         if output:
             self.shell.user_ns[output] = results
         print(run.summary())
         if interrupted:
-            where = f"in {output}" if output else "as the cell's value"
-            print(f"miniray: interrupted, job cancelled; the results so far are {where} "
-                  "(None for items that did not finish)", file=sys.stderr)
-            return None if output else results
+            raise _interrupted(run, output, results)
         err = run.first_error()
         if err is not None:
             raise err
