@@ -104,10 +104,15 @@ def _despite_interrupts(step, tries: int = 3) -> None:
 def _interrupted(run: MapRun, output: str | None, results: list) -> KeyboardInterrupt:
     """What an interrupted map re-raises, so that "Run All" stops there as with any
     interrupted cell; shown as its one line (no frames of miniray or IPython)."""
-    done = sum(r is not None for r in results)
-    where = (f"the {done} result(s) so far are in {output} (None for the items that did not "
-             "finish)" if output else
-             "use -o VAR to keep the results of an interrupted map")
+    if results is None:
+        where = "it was still submitting its items; nothing was kept"
+    elif output:
+        done = sum(r is not None for r in results)
+        where = (f"the {done} result(s) so far are in {output} (None for the items that did "
+                 "not finish)")
+    else:
+        where = "use -o VAR to keep the results of an interrupted map"
+
     err = KeyboardInterrupt(f"miniray map {run.name!r} (job {run.job}) cancelled by the "
                             f"interrupt; {where}")
     err._render_traceback_ = lambda: [f"KeyboardInterrupt: {err}"]
@@ -193,7 +198,10 @@ class MinirayMagics(Magics):
             run.start()
             return None
         display(run)  # before anything runs, so its text fallback is the same every time
-        run.start()
+        try:
+            run.start()
+        except KeyboardInterrupt:  # while the items were being submitted
+            raise _interrupted(run, args.output, None) from None
         return self._block(run, args.output)
 
     def _block(self, run: MapRun, output: str | None):

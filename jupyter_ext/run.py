@@ -68,9 +68,14 @@ class MapRun:
         fn, items, self._fn, self._items = self._fn, self._items, None, None
         try:
             self.futures = self.executor.map_futures(fn, items, chunksize=self._chunksize)
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):  # interrupted while submitting: what was
+                self._cancel_requested = True     # sent is cancelled, running items too
+                self.executor.cancel()
             self.executor.shutdown(wait=False, cancel_futures=True)
             self._finish()
+            self._render()
+            self.view.finish()
             raise
         if not self.futures:
             self._finish()
@@ -153,8 +158,9 @@ class MapRun:
 
     def settle(self, timeout: float = 5.0) -> None:
         """Wait until the view has rendered its final state (logs included)."""
-        if self._started:
-            self._updater.join(timeout)
+        updater = getattr(self, "_updater", None)  # (none when submitting failed)
+        if updater is not None:
+            updater.join(timeout)
 
     def cancel(self) -> int:
         """Cancel the job: queued items are dropped, running ones interrupted (SIGINT, then

@@ -1088,7 +1088,7 @@ class Executor(_BaseExecutor):
         s, k, job = self._settings, self.keys, self.job_id
         try:
             pipe = self._r.pipeline()
-            if self._broken is None:
+            if self._broken is None and not self._job_cancelled:  # (a cancelled job stays so)
                 self._await_reports()  # marked done after its last outcome has landed
                 pipe.command("HSET", k.job(job), "state", "done")
             for key in (k.job(job), k.logs(job), k.events(job), k.attempts(job)):

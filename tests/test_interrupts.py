@@ -125,7 +125,27 @@ def test_kernel_interrupt_cancels_the_map_keeps_the_cluster_and_stops_run_all(ke
     out = kernel.run("%%miniray map x in range(6) -o again\nx * 3\n")
     assert kernel.run("print(again)")["stream"].strip() == "[0, 3, 6, 9, 12, 15]"
     status = kernel.run("%miniray status")["stream"]
-    assert "map x in range(40)" in status, status  # the job history survived
+    line = [ln for ln in status.splitlines() if "map x in range(40)" in ln]
+    assert line and "cancelled" in line[0], status  # the job history survived, as it ended
+
+
+def test_an_interrupt_while_a_big_map_is_submitted_leaves_nothing_behind(kernel):
+    first = kernel.send("%%miniray map x in range(300000) -o big\nx")
+    sent = []
+
+    def interrupt_at_once(out):  # the view is displayed just before the items are sent
+        if out["data"] and not sent:
+            sent.append(True)
+            kernel.km.interrupt_kernel()
+
+    out = kernel.collect(first, timeout=90, on_output=interrupt_at_once)
+    ename, tb = out["error"]
+    assert ename == "KeyboardInterrupt" and "cancelled by the interrupt" in tb, tb
+    assert "Traceback" not in tb and "executor.py" not in tb, tb
+    # the cluster serves the next map, and the line magics still work on the cancelled run
+    assert kernel.run("%%miniray map x in range(3)\nx")["data"][-1]["text/plain"] == "[0, 1, 2]"
+    kernel.run("%miniray status")
+    kernel.run("%miniray cancel")
 
 
 _SCRIPT = textwrap.dedent("""
