@@ -190,3 +190,26 @@ def test_ctrl_c_in_a_script_cancels_the_maps_running_tasks_and_keeps_the_executo
     lines = out.split("\n")
     assert "interrupted" in lines and "next 32" in lines and "same-server True" in lines, \
         (out, err)
+
+
+def test_the_local_cluster_still_dies_with_a_killed_kernel():
+    """In their own sessions, the server and workers no longer share the kernel's signals,
+    but they still end with it, even when it is SIGKILLed (parent-death signal)."""
+    import psutil
+
+    pytest.importorskip("ipykernel")
+    k = Kernel()
+    try:
+        k.run("%load_ext miniray\n%miniray local -n 2")
+        pids = [int(p) for p in k.run(
+            "from miniray import local as _l\n"
+            "print(_l._cluster.server.proc.pid, *_l._cluster.worker_pids())")["stream"].split()]
+        server = psutil.Process(pids[0]).children()  # the shim exec'd into the server itself
+        procs = [psutil.Process(p) for p in pids] + server
+        # the kernel alone (not its group): no atexit, no shutdown, nothing signals the rest
+        os.kill(k.km.provisioner.process.pid, signal.SIGKILL)
+        gone, alive = psutil.wait_procs(procs, timeout=30)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        k.kc.stop_channels()
+        k.km.shutdown_kernel(now=True)
