@@ -79,7 +79,7 @@ class Checklist:
     def fail(self, host, step, error):
         with self._lock:
             self.hosts[host].error = error
-        self._set(host, step, "failed", str(error).split("\n")[0])
+        self._set(host, step, "failed", str(error))  # all of it: the fix is often last
 
     def _set(self, host, name, state, detail):
         now = time.monotonic()
@@ -121,8 +121,9 @@ class Checklist:
                 t = f" {s.seconds:.1f}s" if s.seconds is not None and s.state == "ok" else ""
                 cells.append(f"[{_MARK[s.state]}] {s.name}{t}")
             line = f"{h.host:<{width}}  {h.state:<8}  " + "  ".join(cells)
-            if h.reason:
-                line += f"\n{'':<{width}}  -> {h.reason}"
+            if h.reason:  # every line of it, indented under the host
+                pad = " " * (width + 5)
+                line += f"\n{'':<{width}}  -> " + h.reason.replace("\n", "\n" + pad)
             lines.append(line)
         return "\n".join(lines) or "(no hosts)"
 
@@ -139,11 +140,13 @@ class Checklist:
             cells = []
             for s in h.steps.values():
                 t = f" {s.seconds:.1f}s" if s.seconds is not None else ""
-                tip = html.escape(s.detail, quote=True)
+                # a failed step's detail is the reason row below: not twice
+                tip = "" if s.state == "failed" else html.escape(s.detail, quote=True)
                 cells.append(f'<td title="{tip}" style="color:{_COLOR[s.state]}">'
                              f"{html.escape(s.state)}{t}</td>")
-            reason = (f'<tr><td></td><td colspan="{len(STEPS)}" style="color:#c62828">'
-                      f"{html.escape(h.reason)}</td></tr>" if h.reason else "")
+            reason = (f'<tr><td></td><td colspan="{len(STEPS)}" style="color:#c62828; '
+                      f'white-space:pre-wrap; text-align:left">{html.escape(h.reason)}</td></tr>'
+                      if h.reason else "")
             rows.append(f"<tr><td><b>{html.escape(h.host)}</b></td>{''.join(cells)}</tr>{reason}")
         return (f"<table><thead><tr><th>host</th>{head}</tr></thead>"
                 f"<tbody>{''.join(rows)}</tbody></table>")

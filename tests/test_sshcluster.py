@@ -245,7 +245,7 @@ def test_killed_notebook_leaves_no_remote_worker(lab, home):
 
 def test_ssh_up_command(lab, home):
     env = dict(os.environ, PYTHONPATH=TESTS)
-    proc = subprocess.Popen([sys.executable, "-m", "miniray.cli", "ssh-up", "h1:2",
+    proc = subprocess.Popen([sys.executable, "-m", "miniray.cli", "ssh-up", "h1=2",
                              "--python", sys.executable], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -270,12 +270,19 @@ def test_ssh_up_command(lab, home):
 
 
 def test_parse_hosts_and_checklist_text():
-    got = parse_hosts(["gpu1:8", "me@gpu2", "me@h:2222:4", "ssh://me@h:2200"], python="/py")
+    got = parse_hosts(["gpu1=8", "me@gpu2", "me@h:2222=4", "ssh://me@h:2200", "gpu3:22",
+                       "[::1]:2201=2"], slots=3, python="/py")
     assert [(n.host, n.user, n.port, n.slots, n.python) for n in got] == [
-        ("gpu1", None, 22, 8, "/py"), ("gpu2", "me", 22, None, "/py"),
-        ("h", "me", 2222, 4, "/py"), ("h", "me", 2200, None, "/py")]
-    with pytest.raises(miniray.ConfigurationError, match="ssh://me@h:2222"):
-        parse_hosts(["me@h:2222"])
+        ("gpu1", None, 22, 8, "/py"), ("gpu2", "me", 22, 3, "/py"),
+        ("h", "me", 2222, 4, "/py"), ("h", "me", 2200, 3, "/py"), ("gpu3", None, 22, 3, "/py"),
+        ("::1", None, 2201, 2, "/py")]
+    # HOST:N is the port, never N slots; the old HOST:PORT:SLOTS says what to write instead
+    with pytest.raises(miniray.ConfigurationError, match=r"write me@h:2222=4 for 4 slots"):
+        parse_hosts(["me@h:2222:4"])
+    for bad, why in [("h=0", "at least 1 slot"), ("h:70000", "not a TCP port"),
+                     ("a b", "cannot read the host"), ("me@", "cannot read the host")]:
+        with pytest.raises(miniray.ConfigurationError, match=why):
+            parse_hosts([bad])
     c = Checklist(["a", "b"])
     c.begin("a", "connected")
     c.done("a", "connected", "10.0.0.1:22")
