@@ -146,7 +146,9 @@ def connect(host, user=None, port=None, *, known_hosts=None, accept_new_host_key
                            "agent and the host's authorized_keys", host) from e
     except paramiko.BadHostKeyException as e:
         client.close()
-        raise SSHHostKeyError(_changed_key_message(where, e, files[0]), host) from e
+        name = (info["hostname"] if info["port"] == 22
+                else f"[{info['hostname']}]:{info['port']}")  # as known_hosts spells it
+        raise SSHHostKeyError(_changed_key_message(where, name, e, files[0]), host) from e
     except (OSError, socket.timeout, paramiko.SSHException, EOFError) as e:
         client.close()
         raise SSHUnreachableError(f"cannot reach SSH server {where}: {e}; check the host name, "
@@ -154,12 +156,12 @@ def connect(host, user=None, port=None, *, known_hosts=None, accept_new_host_key
     return client
 
 
-def _changed_key_message(where, e, path):
+def _changed_key_message(where, name, e, path):
     return (f"the host key of {where} has CHANGED: known_hosts has {e.expected_key.get_name()} "
-            f"{e.expected_key.fingerprint} for {e.hostname}, the host sent {e.key.get_name()} "
+            f"{e.expected_key.fingerprint} for {name}, the host sent {e.key.get_name()} "
             f"{e.key.fingerprint}. The host was reinstalled, or someone is intercepting the "
             "connection: check the new key with the host's owner, then remove the old one with "
-            f"`ssh-keygen -R '{e.hostname}' -f {path}` and connect again "
+            f"`ssh-keygen -R '{name}' -f {path}` and connect again "
             "(--accept-new-host-keys records a new key, never a changed one)")
 
 
@@ -172,8 +174,8 @@ def _RejectUnknown(where, host, path, ssh_cmd):
                 f"the host key of {where} ({key.get_name()} {key.fingerprint}) is not in "
                 f"known_hosts ({path}), so the host cannot be told from an impostor. If it is "
                 f"the host you mean, record its key: run `{ssh_cmd}` once and answer yes, or "
-                "pass --accept-new-host-keys (%miniray up) / accept_new_host_keys=True (SSHCluster), "
-                f"which records it in {path}", host)
+                "pass --accept-new-host-keys (%miniray up) / accept_new_host_keys=True "
+                f"(SSHCluster), which records it in {path}", host)
 
     return RejectUnknown()
 
