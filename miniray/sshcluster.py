@@ -135,6 +135,7 @@ class SSHCluster:
         except BaseException as e:
             if isinstance(e, SSHError):
                 e.status = self.status
+            self.status.stop()
             self.close()
             raise
         return self

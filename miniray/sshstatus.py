@@ -39,11 +39,14 @@ class HostStatus:
     steps: dict = field(default_factory=lambda: {s: Step(s) for s in STEPS})
     error: BaseException | None = None
     worker: str | None = None  # the worker's name in the cluster once started
+    stopped: bool = False  # the startup failed elsewhere and this host was stopped with it
 
     @property
     def state(self) -> str:
         if self.error is not None or any(s.state == "failed" for s in self.steps.values()):
             return "failed"
+        if self.stopped:
+            return "stopped"
         if all(s.state in ("ok", "skipped") for s in self.steps.values()):
             return "ready"
         return "starting"
@@ -97,6 +100,12 @@ class Checklist:
                 self.callback(host, step)
             except Exception:  # a watcher's bug must not break startup
                 log.exception("SSHCluster status callback failed")
+
+    def stop(self):
+        """The startup failed: hosts that did not fail were stopped with it (state "stopped")."""
+        with self._lock:
+            for h in self.hosts.values():
+                h.stopped = True
 
     def running_step(self, host):
         """The step ``host`` is on now (to mark it failed), else the first pending one."""
