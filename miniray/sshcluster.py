@@ -390,6 +390,12 @@ def main(argv=None):
     p.add_argument("--install", action="store_true", help="install this miniray on hosts "
                    "whose versions differ")
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("-i", "--identity", action="append", metavar="FILE", help="a private key "
+                   "to log in with, like ssh -i (repeatable)")
+    p.add_argument("--known-hosts", metavar="FILE", help="check host keys against FILE "
+                   "instead of ~/.ssh/known_hosts (ssh -o UserKnownHostsFile=FILE)")
+    p.add_argument("--accept-new-host-keys", action="store_true", help="trust and record the "
+                   "key of a host not seen before (ssh -o StrictHostKeyChecking=accept-new)")
     args = p.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -401,9 +407,12 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     try:
         cluster = SSHCluster(nodes, install=args.install, timeout=args.timeout,
+                             connect_kwargs={"key_filename": args.identity} if args.identity
+                             else None, known_hosts=args.known_hosts,
+                             accept_new_host_keys=args.accept_new_host_keys,
                              callback=lambda host, step: print(
                                  f"{host}: {step.name} {step.state} {step.detail}", flush=True))
-    except SSHError as e:
+    except (SSHError, ConfigurationError) as e:
         print(f"miniray ssh-up: {e}", file=sys.stderr)
         return 2
     print(cluster.status, flush=True)
