@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, quote, unquote, urlparse
 
 from . import ssh, sshprep
 from .channels.cluster import NodeConfig
-from .errors import ConfigurationError, SSHClusterError, SSHError
+from .errors import ConfigurationError, SSHClusterError, SSHError, SSHUnreachableError
 from .sshhosts import _URL_PROMPT, HOST_FORMS, parse_hosts
 from .sshstatus import Checklist
 
@@ -183,11 +183,19 @@ class SSHCluster:
         cfg = h.cfg
         self.status.begin(h.label, "connected")
         recorded = []
-        h.client = ssh.connect(cfg.host, cfg.user, None if cfg.port == 22 else cfg.port,
-                               **self._host_keys, **self.connect_kwargs,
-                               on_new_host_key=lambda name, key, path: recorded.append(
-                                   f"; new host key {key.get_name()} {key.fingerprint} "
-                                   f"recorded in {path}"))
+        try:
+            h.client = ssh.connect(cfg.host, cfg.user, None if cfg.port == 22 else cfg.port,
+                                   **self._host_keys, **self.connect_kwargs,
+                                   on_new_host_key=lambda name, key, path: recorded.append(
+                                       f"; new host key {key.get_name()} {key.fingerprint} "
+                                       f"recorded in {path}"))
+        except SSHUnreachableError as e:
+            if cfg.port == 22 or cfg.port >= 1024:
+                raise
+            # `%miniray up gpu1:8` once meant 8 slots: a small port is worth a word
+            raise SSHUnreachableError(f"{e} (in {h.label}, {cfg.port} is the SSH port; for "
+                                      f"{cfg.port} slots write {cfg.host}={cfg.port})",
+                                      e.host) from e
         peer = h.client.get_transport().getpeername()
         self.status.done(h.label, "connected", f"{peer[0]}:{peer[1]}" + "".join(recorded))
         self.status.begin(h.label, "checked")

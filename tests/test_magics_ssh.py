@@ -103,6 +103,10 @@ def test_a_bad_host_is_a_usage_error_naming_it(lab, shell, capsys):
     assert gone(lab, "h1")
     with pytest.raises(UsageError, match="HOST:PORT:SLOTS is no longer read.*h1:22=4"):
         shell.run_line_magic("miniray", "up h1:22:4")
+    with pytest.raises(UsageError, match=r"failed \(h1:8\)"):  # HOST:N is a port, not slots
+        shell.run_line_magic("miniray", "up h1:8")
+    out = capsys.readouterr().out
+    assert "Unable to connect to port 8" in out and "for 8 slots write h1=8" in out, out
 
 
 def test_help_prints_every_option(shell, capsys):
