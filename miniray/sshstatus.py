@@ -156,7 +156,10 @@ class Checklist:
             reason = (f'<tr><td></td><td colspan="{len(STEPS)}" style="color:#c62828; '
                       f'white-space:pre-wrap; text-align:left">{html.escape(h.reason)}</td></tr>'
                       if h.reason else "")
-            rows.append(f"<tr><td><b>{html.escape(h.host)}</b></td>{''.join(cells)}</tr>{reason}")
+            note = (f' <span style="color:{_COLOR["skipped"]}">(stopped)</span>'
+                    if h.state == "stopped" else "")
+            rows.append(f"<tr><td><b>{html.escape(h.host)}</b>{note}</td>{''.join(cells)}</tr>"
+                        f"{reason}")
         return (f"<table><thead><tr><th>host</th>{head}</tr></thead>"
                 f"<tbody>{''.join(rows)}</tbody></table>")
 

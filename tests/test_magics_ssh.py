@@ -181,3 +181,5 @@ def test_a_failure_is_shown_once(lab, shell, monkeypatch, kind):
     assert "UsageError: %miniray up: 1 of 2 host(s) failed (nobody)" in cap.stderr, cap.stderr
     assert "check the host name, port and that sshd is running" in seen  # all of it
     assert magics(shell)._ssh is None
+    if views:  # the host that was fine is marked as stopped with the rest
+        assert "<b>h1</b> <span" in views[0].widget.value and "(stopped)" in seen

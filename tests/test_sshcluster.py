@@ -137,6 +137,9 @@ def test_connect_kwargs_are_paramikos_connect_keywords(lab, home):
                        match=r"'look_for_key' is not a keyword of paramiko's SSHClient.connect "
                              r"\(did you mean 'look_for_keys'\?\); it takes .*passphrase"):
         miniray.SSHCluster(nodes("h1"), connect_kwargs={"look_for_key": False})
+    with pytest.raises(miniray.ConfigurationError) as info:  # a secret stays out of messages
+        miniray.SSHCluster(nodes("h1"), connect_kwargs={"passphrase": "s3cret", "pasword": "x"})
+    assert "'pasword'" in str(info.value) and "s3cret" not in str(info.value)
     with pytest.raises(miniray.ConfigurationError, match="'port' comes from the host.*host:port"):
         miniray.SSHCluster(nodes("h1"), connect_kwargs={"port": 2222})
     with pytest.raises(miniray.ConfigurationError, match="/no/such/key does not exist"):
