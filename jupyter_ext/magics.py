@@ -28,7 +28,7 @@ _MAP_USAGE = ("%%miniray map NAME in EXPR [-o VAR] [--chunksize N] [--priority P
               "[--job-name S] [--timeout S] [--memory GB] [--cpus N] [--gpus N] [--gpu-memory GB] "
               "[--triton] [--keep-children] [--bg]")
 _LINE_USAGE = ("%miniray local [-n WORKERS] | connect URL | status | logs [JOB] [--tail N] | "
-               "cancel [JOB] | up HOST[:SLOTS] ... | down")
+               "cancel [JOB] | up HOST ... (--help) | down")
 _KEEP_RUNS = 50
 
 
@@ -143,7 +143,8 @@ class MinirayMagics(Magics):
                                     [--gpu-memory GB] [--triton] [--keep-children] [--bg]
         %miniray local [-n WORKERS] | connect URL | status | logs [JOB] [--tail N]
                  | cancel [JOB] | down
-        %miniray up HOST[:SLOTS] ... [--python PATH] [--install] [--slots N] [--timeout S]
+        %miniray up HOST[=SLOTS] ... [-n SLOTS] [--python PATH] [--install] [--timeout S]
+                 [-i FILE] [--known-hosts FILE] [--accept-new-host-keys]  (--help: more)
         """
         __tracebackhide__ = True
         if cell is None:
@@ -275,21 +276,21 @@ class MinirayMagics(Magics):
 
     def _cmd_up(self, rest):
         __tracebackhide__ = True
-        from .ssh import UP_USAGE, start_ssh_cluster
+        from .ssh import start_ssh_cluster, up_parser
 
-        p = _Parser(prog="%miniray up", usage=UP_USAGE, add_help=False)
-        p.add_argument("hosts", nargs="+")
-        p.add_argument("--python")
-        p.add_argument("--install", action="store_true")
-        p.add_argument("--slots", type=int)
-        p.add_argument("--timeout", type=float, default=60.0)
+        p = up_parser()
+        if "-h" in rest or "--help" in rest:
+            print(p.format_help())
+            return
         args = p.parse_args(rest)
         if args.slots is not None and args.slots < 1:
             raise UsageError("%miniray up: --slots must be >= 1")
         if self._ssh is not None:
             raise UsageError("%miniray up: SSH workers are already up; %miniray down first")
         cluster, _ = start_ssh_cluster(args.hosts, slots=args.slots, python=args.python,
-                                       install=args.install, timeout=args.timeout)
+                                       install=args.install, timeout=args.timeout,
+                                       identity=args.identity, known_hosts=args.known_hosts,
+                                       accept_new_host_keys=args.accept_new_host_keys)
         self._drop_view()  # like %miniray connect: later maps and %miniray status go there
         self._ssh, self.redis_url = cluster, cluster.url
         hosts = ", ".join(cluster.status.hosts)
