@@ -29,7 +29,7 @@ _MAP_USAGE = ("%%miniray map NAME in EXPR [-o VAR] [--chunksize N] [--priority P
               "[--job-name S] [--timeout S] [--memory GB] [--cpus N] [--gpus N] [--gpu-memory GB] "
               "[--triton] [--keep-children] [--bg]")
 _LINE_USAGE = ("%miniray local [-n WORKERS] | connect URL | status | logs [JOB] [--tail N] | "
-               "cancel [JOB] | up HOST[:SLOTS] ... | down")
+               "cancel [JOB] | up HOST ... (--help) | down")
 _KEEP_RUNS = 50
 
 
@@ -91,6 +91,35 @@ def split_map_line(line: str) -> tuple[str, str, str]:
     return name, rest.strip(), ""
 
 
+def _despite_interrupts(step, tries: int = 3) -> None:
+    """Run ``step`` (bounded: a cancel, a settle) to its end although the user may press
+    Interrupt again meanwhile: an interrupt must not leave a map half cancelled."""
+    for _ in range(tries):
+        try:
+            step()
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+def _interrupted(run: MapRun, output: str | None, results: list) -> KeyboardInterrupt:
+    """What an interrupted map re-raises, so that "Run All" stops there as with any
+    interrupted cell; shown as its one line (no frames of miniray or IPython)."""
+    if results is None:
+        where = "it was still submitting its items; nothing was kept"
+    elif output:
+        done = sum(r is not None for r in results)
+        where = (f"the {done} result(s) so far are in {output} (None for the items that did "
+                 "not finish)")
+    else:
+        where = "use -o VAR to keep the results of an interrupted map"
+
+    err = KeyboardInterrupt(f"miniray map {run.name!r} (job {run.job}) cancelled by the "
+                            f"interrupt; {where}")
+    err._render_traceback_ = lambda: [f"KeyboardInterrupt: {err}"]
+    return err
+
+
 def _redact(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
@@ -115,7 +144,8 @@ class MinirayMagics(Magics):
                                     [--gpu-memory GB] [--triton] [--keep-children] [--bg]
         %miniray local [-n WORKERS] | connect URL | status | logs [JOB] [--tail N]
                  | cancel [JOB] | down
-        %miniray up HOST[:SLOTS] ... [--python PATH] [--install] [--slots N] [--timeout S]
+        %miniray up HOST[=SLOTS] ... [-n SLOTS] [--python PATH] [--install] [--timeout S]
+                 [-i FILE] [--known-hosts FILE] [--accept-new-host-keys]  (--help: more)
         """
         __tracebackhide__ = True
         if cell is None:
@@ -174,7 +204,10 @@ class MinirayMagics(Magics):
             run.start()
             return None
         display(run)  # before anything runs, so its text fallback is the same every time
-        run.start()
+        try:
+            run.start()
+        except KeyboardInterrupt:  # while the items were being submitted
+            raise _interrupted(run, args.output, None) from None
         return self._block(run, args.output, name, items)
 
     def _block(self, run: MapRun, output: str | None, name: str = "item", items=()):
@@ -184,17 +217,15 @@ class MinirayMagics(Magics):
             run.wait()
         except KeyboardInterrupt:  # the kernel interrupt is the cancel path of a blocking map
             interrupted = True
-            run.cancel()
-        run.settle()
+        if interrupted:
+            _despite_interrupts(run.cancel)
+        _despite_interrupts(run.settle)
         results = run.results()
         if output:
             self.shell.user_ns[output] = results
         print(run.summary())
         if interrupted:
-            where = f"in {output}" if output else "as the cell's value"
-            print(f"miniray: interrupted, job cancelled; the results so far are {where} "
-                  "(None for items that did not finish)", file=sys.stderr)
-            return None if output else results
+            raise _interrupted(run, output, results)
         errors = run.errors
         if errors:
             raise item_error(run, min(errors), name, items)
@@ -250,21 +281,21 @@ class MinirayMagics(Magics):
 
     def _cmd_up(self, rest):
         __tracebackhide__ = True
-        from .ssh import UP_USAGE, start_ssh_cluster
+        from .ssh import start_ssh_cluster, up_parser
 
-        p = _Parser(prog="%miniray up", usage=UP_USAGE, add_help=False)
-        p.add_argument("hosts", nargs="+")
-        p.add_argument("--python")
-        p.add_argument("--install", action="store_true")
-        p.add_argument("--slots", type=int)
-        p.add_argument("--timeout", type=float, default=60.0)
+        p = up_parser()
+        if "-h" in rest or "--help" in rest:
+            print(p.format_help())
+            return
         args = p.parse_args(rest)
         if args.slots is not None and args.slots < 1:
             raise UsageError("%miniray up: --slots must be >= 1")
         if self._ssh is not None:
             raise UsageError("%miniray up: SSH workers are already up; %miniray down first")
         cluster, _ = start_ssh_cluster(args.hosts, slots=args.slots, python=args.python,
-                                       install=args.install, timeout=args.timeout)
+                                       install=args.install, timeout=args.timeout,
+                                       identity=args.identity, known_hosts=args.known_hosts,
+                                       accept_new_host_keys=args.accept_new_host_keys)
         self._drop_view()  # like %miniray connect: later maps and %miniray status go there
         self._ssh, self.redis_url = cluster, cluster.url
         hosts = ", ".join(cluster.status.hosts)

@@ -71,9 +71,14 @@ class MapRun:
         fn, items, self._fn, self._items = self._fn, self._items, None, None
         try:
             self.futures = self.executor.map_futures(fn, items, chunksize=self._chunksize)
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):  # interrupted while submitting: what was
+                self._cancel_requested = True     # sent is cancelled, running items too
+                self.executor.cancel()
             self.executor.shutdown(wait=False, cancel_futures=True)
             self._finish()
+            self._render()
+            self.view.finish()
             raise
         if not self.futures:
             self._finish()
