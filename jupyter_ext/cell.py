@@ -72,7 +72,8 @@ def compile_cell(body: str, arg: str, user_ns: dict, filename: str = "<miniray m
     try:
         tree = ast.parse(body, filename=filename, mode="exec")
     except SyntaxError as e:
-        where = f"line {e.lineno}" + (f", column {e.offset}" if e.offset else "")
+        where = f"line {(e.lineno or 1) + first_line - 1}" + (
+            f", column {e.offset}" if e.offset else "")
         text = (e.text or "").rstrip()
         raise UsageError(f"%%miniray map: syntax error in the cell body at {where}: {e.msg}"
                          + (f"\n    {text}" if text else "")) from None

@@ -66,6 +66,8 @@ def test_usage_errors_submit_nothing(shell):
     before = len(magics(shell).runs)
     cases = [
         ("map x in range(3)", "y = (", "syntax error"),
+        # the line in the cell (the %%miniray line is line 1)
+        ("map x in range(3)", "a = 1\ny = (", "syntax error in the cell body at line 3"),
         ("map x in range(3) --bogus 1", "x", "unrecognized arguments"),
         ("map x in no_such_name", "x", "cannot evaluate EXPR"),
         ("map x in 5", "x", "not iterable"),
