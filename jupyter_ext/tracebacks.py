@@ -109,8 +109,8 @@ def for_notebook(err: BaseException, shell, note: str | None = None) -> BaseExce
     """Make IPython show ``err`` (a task's exception, its ``RemoteTraceback`` chained) with the
     user's frames only (none for miniray's own verdicts, such as a timeout), what it was
     chained to in the task, and ``note`` in place of the engine's "[miniray] raised by ..."
-    note. Returns ``err``; one that cannot take the
-    renderer (no ``__dict__``) is left as it is."""
+    note. Returns ``err`` (one without a ``__dict__`` cannot take the renderer: it shows as
+    Python shows it)."""
     if getattr(err, "_miniray_rendered", False):
         return err
     remote = err.__cause__
