@@ -69,7 +69,8 @@ def test_remote_traceback_keeps_the_users_frames_only(one_worker):
     exc = info.value
     text = str(exc.__cause__)
     assert re.search(r'File ".*tests/tasks\.py", line \d+, in raise_value_error\n'
-                     r'    raise ValueError\(f"bad item \{x\}"\)\nValueError: bad item 3', text), text
+                     r'    raise ValueError\(f"bad item \{x\}"\)\n'
+                     r'ValueError: bad item 3', text), text
     for internal in ("taskproc", "cloudpickle", "<dynamic-code>", "miniray/"):
         assert internal not in text, (internal, text)
     # the frames as data, for a frontend to show as its own, and the item it failed on
