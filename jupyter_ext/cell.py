@@ -19,6 +19,8 @@ import types
 import cloudpickle
 from IPython.core.error import UsageError
 
+from .tracebacks import rename
+
 __all__ = ["cell_filename", "check_items", "check_sendable", "compile_cell", "free_names"]
 
 _FN = "__miniray_cell__"
@@ -98,8 +100,19 @@ def compile_cell(body: str, arg: str, user_ns: dict, filename: str = "<miniray m
     func = ns.pop(_FN)
     func.__qualname__ = func.__name__ = f"miniray_map_{arg}"
     # its frame is the cell's: tracebacks show it as IPython shows a cell's own frame
-    func.__code__ = func.__code__.replace(co_name="<module>", co_qualname="<module>")
+    func.__code__ = _unnest(rename(func.__code__, "<module>"), f"{_FN}.<locals>.")
     return func
+
+
+def _unnest(code: types.CodeType, prefix: str) -> types.CodeType:
+    """``code`` whose nested functions' qualified names lose ``prefix``: a lambda in the cell
+    reads ``<lambda>``, as in any cell, not ``__miniray_cell__.<locals>.<lambda>``."""
+    consts = tuple(_unnest(c, prefix) if isinstance(c, types.CodeType) else c
+                   for c in code.co_consts)
+    qualname = getattr(code, "co_qualname", None)
+    if qualname is None:  # (Python < 3.11)
+        return code.replace(co_consts=consts)
+    return code.replace(co_consts=consts, co_qualname=qualname.removeprefix(prefix))
 
 
 class _Discard(io.RawIOBase):

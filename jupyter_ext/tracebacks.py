@@ -16,7 +16,7 @@ import types
 from miniray.errors import RemoteTraceback
 from miniray.tracebacks import short_item
 
-__all__ = ["fake_traceback", "for_notebook", "item_error"]
+__all__ = ["fake_traceback", "for_notebook", "item_error", "rename"]
 
 
 class _Here(Exception):
@@ -35,6 +35,7 @@ def _frame(filename: str, lineno: int, name: str, first: int = 0,
     """A traceback entry of one frame that runs at ``filename:lineno`` in ``name``: a function
     defined at line ``first`` with ``params``, so that it reads ``in helper(v)``."""
     lineno = max(lineno, 1)
+    qualname, name = name, name.rpartition(".")[2]
     here = {"__name__": "__miniray__", "__miniray_here__": _Here()}
     names = [*params[0], params[1], *params[2], params[3]] if params else []
     if params and name.isidentifier() and 1 <= first <= lineno and all(
@@ -53,9 +54,10 @@ def _frame(filename: str, lineno: int, name: str, first: int = 0,
     try:
         code = compile(source, filename, "exec")
         if run is None:
-            code = code.replace(co_name=name, co_qualname=name)
+            code = rename(code, name, qualname)
         exec(code, here)
         if run is not None:
+            here[name].__code__ = rename(here[name].__code__, name, qualname)
             exec(run, here)
     except _Here:
         tb = sys.exc_info()[2].tb_next  # (past this function's frame)
@@ -63,6 +65,13 @@ def _frame(filename: str, lineno: int, name: str, first: int = 0,
     except Exception:  # (an odd name or file name): the frame is left out
         return None
     return None
+
+
+def rename(code: types.CodeType, name: str, qualname: str | None = None) -> types.CodeType:
+    """``code`` with another name (and qualified name, which Python 3.11+ has)."""
+    if hasattr(code, "co_qualname"):
+        return code.replace(co_name=name, co_qualname=qualname or name)
+    return code.replace(co_name=name)
 
 
 def fake_traceback(frames) -> types.TracebackType | None:
@@ -124,6 +133,11 @@ def for_notebook(err: BaseException, shell, note: str | None = None) -> BaseExce
         if isinstance(notes, list):
             notes[:] = [n for n in notes if not str(n).startswith("[miniray] raised by")]
             notes.append(note)
+        elif notes is None:  # (Python < 3.11: no add_note, but IPython shows __notes__)
+            try:
+                err.__notes__ = [note]
+            except (AttributeError, TypeError):
+                pass
 
     def render():
         saved = err.__cause__, err.__context__, err.__suppress_context__

@@ -8,8 +8,8 @@ as data, and the exceptions the task's exception was chained to, so a client can
 if they had run there (the notebook face rebuilds them into real tracebacks that IPython
 formats as ``Cell In[5], line 4``).
 
-A frame is ``(filename, lineno, name, firstlineno, params)``: ``firstlineno`` is where its
-function starts, ``params`` is ``(positional, varargs, keyword_only, varkw)`` of its parameter
+A frame is ``(filename, lineno, name, firstlineno, params)``: ``name`` is its function's
+qualified name (``Model.predict``), ``firstlineno`` where the function starts, ``params`` is ``(positional, varargs, keyword_only, varkw)`` of its parameter
 names (``None`` for no ``*``/``**``).
 """
 
@@ -93,7 +93,8 @@ def _frames(exc: BaseException) -> tuple:
     frames = [(f.f_code, lineno) for f, lineno in traceback.walk_tb(exc.__traceback__)]
     while frames and _internal(frames[0][0].co_filename):
         frames.pop(0)
-    return tuple((code.co_filename, lineno, code.co_name, code.co_firstlineno, _params(code))
+    return tuple((code.co_filename, lineno, getattr(code, "co_qualname", code.co_name),
+                  code.co_firstlineno, _params(code))
                  for code, lineno in frames)
 
 

@@ -77,7 +77,7 @@ def test_a_failing_item_shows_the_cells_lines_not_miniray_frames(kernel):
     # the map cell's line 4 (the %%miniray line is line 1), with its source, then the helper's
     # line 3 in the cell that defined it, as IPython shows a local error
     assert re.search(rf"Cell In\[{map_cell}\], line 4\n(.*\n)*----> 4 helper\(x\) \+ b", text), text
-    assert re.search(rf"Cell In\[{helper_cell}\], line 3, in helper\b(.*\n)*"
+    assert re.search(rf"Cell In\[{helper_cell}\], line 3, in helper\(v\)\n(.*\n)*"
                      r"----> 3\s+raise ValueError", text), text
     assert text.index(f"Cell In[{map_cell}]") < text.index(f"Cell In[{helper_cell}]")
     # the user's exception last, with the item that failed, its value and where it ran
