@@ -84,7 +84,7 @@ def test_usage_errors_submit_nothing(shell):
             cell(shell, line, body)
     assert len(magics(shell).runs) == before
     for line, message in [("", "usage"), ("frobnicate", "unknown command"),
-                          ("up gpu1:5000", "5000 slots"), ("up", "required: hosts"),
+                          ("up gpu1=0", "at least 1 slot"), ("up", "required: HOST"),
                           ("local -n 0", "at least 1"), ("logs no-such-job", "no job named")]:
         with pytest.raises(UsageError, match=message):
             shell.run_line_magic("miniray", line)
