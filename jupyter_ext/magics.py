@@ -18,9 +18,10 @@ from IPython.display import display
 import miniray
 from miniray.observe import ClusterView, format_gpu
 
-from .cell import compile_cell
+from .cell import cell_filename, check_items, check_sendable, compile_cell
 from .logs import format_line
 from .run import MapRun
+from .tracebacks import item_error
 
 __all__ = ["MinirayMagics", "split_map_line"]
 
@@ -172,7 +173,8 @@ class MinirayMagics(Magics):
                                     keep_children=args.keep_children)
         except miniray.ConfigurationError as e:
             raise UsageError(f"%%miniray map: {e}") from None
-        fn = compile_cell(cell, name, self.shell.user_ns)
+        fn = compile_cell(cell, name, self.shell.user_ns,
+                          cell_filename(self.shell, line, cell), first_line=2)
         try:
             value = eval(expr, self.shell.user_ns)
         except Exception as e:
@@ -183,6 +185,8 @@ class MinirayMagics(Magics):
         except TypeError:
             raise UsageError(f"%%miniray map: EXPR {expr!r} gives a {type(value).__name__}, "
                              "which is not iterable") from None
+        check_sendable(fn)  # at once, naming the variable: not from the widget, later
+        check_items(items, expr)
         job_name = args.job_name or f"map {name} in {expr}"[:60]
         try:
             run = MapRun(fn, items, redis_url=self.redis_url, job_name=job_name,
@@ -190,6 +194,7 @@ class MinirayMagics(Magics):
                          cancel_button=args.bg, start=False)
         except miniray.SerializationError as e:
             raise UsageError(f"%%miniray map: the cell cannot be sent to workers: {e}") from None
+        run.item_name = name  # (its errors say "item 3 of 10 (x = 7)")
         self.runs = self.runs[-(_KEEP_RUNS - 1):] + [run]
         if args.bg:
             if not args.output:
@@ -203,9 +208,9 @@ class MinirayMagics(Magics):
             run.start()
         except KeyboardInterrupt:  # while the items were being submitted
             raise _interrupted(run, args.output, None) from None
-        return self._block(run, args.output)
+        return self._block(run, args.output, name, items)
 
-    def _block(self, run: MapRun, output: str | None):
+    def _block(self, run: MapRun, output: str | None, name: str = "item", items=()):
         __tracebackhide__ = True  # IPython: show the user's error, not these frames
         interrupted = False
         try:
@@ -221,9 +226,9 @@ class MinirayMagics(Magics):
         print(run.summary())
         if interrupted:
             raise _interrupted(run, output, results)
-        err = run.first_error()
-        if err is not None:
-            raise err
+        errors = run.errors
+        if errors:
+            raise item_error(run, min(errors), name, items)
         return None if output else results
 
     # -- %miniray ... ----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from .busy import cell_parent, say_busy
 from .display import WidgetView, make_view
 from .logs import LogBuffer
 from .progress import MapProgress
+from .tracebacks import item_error
 
 __all__ = ["MapRun", "MISSING"]
 
@@ -49,6 +50,8 @@ class MapRun:
     >>> run.result()                                                  # doctest: +SKIP
     [0, 2, 4, ...]
     """
+
+    item_name: str | None = None  # the map's variable (``x``), which its errors name
 
     def __init__(self, fn, items, *, redis_url=None, job_name=None, priority=1, limits=None,
                  chunksize=1, view=None, cancel_button=False, start=True):
@@ -88,9 +91,15 @@ class MapRun:
         fn, items, self._fn, self._items = self._fn, self._items, None, None
         try:
             self.futures = self.executor.map_futures(fn, items, chunksize=self._chunksize)
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, KeyboardInterrupt):  # interrupted while submitting: what was
+                self._cancel_requested = True     # sent is cancelled, running items too
+                self.executor.cancel()
             self.executor.shutdown(wait=False, cancel_futures=True)
             self._finish()
+            self._render()
+            self.view.finish()
+            self.leave_snapshot()  # no updater will: the cell leaves it
             raise
         if not self.futures:
             self._finish()
@@ -195,8 +204,9 @@ class MapRun:
 
     def settle(self, timeout: float = 5.0) -> None:
         """Wait until the view has rendered its final state (logs included)."""
-        if self._started:
-            self._updater.join(timeout)
+        updater = getattr(self, "_updater", None)  # (none when submitting failed)
+        if updater is not None:
+            updater.join(timeout)
 
     def cancel(self) -> int:
         """Cancel the job: queued items are dropped, running ones interrupted (SIGINT, then
@@ -238,9 +248,9 @@ class MapRun:
         type, the worker's traceback chained) or ``CancelledError`` if it was cancelled."""
         if not self.wait(timeout):
             raise FuturesTimeout(f"map {self.name!r} still running after {timeout}s")
-        err = self.first_error()
-        if err is not None:
-            raise err
+        errors = self.errors
+        if errors:  # shown with the user's frames, naming the item
+            raise item_error(self, min(errors), self.item_name)
         if self.cancelled:
             raise CancelledError(f"map {self.name!r} was cancelled; .results() has what finished")
         return self.results()

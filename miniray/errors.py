@@ -210,12 +210,17 @@ class RemoteTraceback(Exception):
     """Carries the worker's formatted traceback; set as ``__cause__`` of a task's exception.
 
     Its ``str`` is the traceback text, so Python and IPython print the worker's frames under
-    "The above exception was the direct cause of the following exception".
+    "The above exception was the direct cause of the following exception". For a task's
+    exception it also has the frames as data, so a frontend can show them as local ones:
+    ``frames`` (the user's frames, outermost first), ``chain`` (what the exception was raised
+    from or while handling) and ``argument`` (a short repr of the item the task failed on, or
+    None), as ``miniray.tracebacks.TaskTraceback`` describes them.
     """
 
-    def __init__(self, tb: str):
+    def __init__(self, tb: str, frames=(), chain=(), argument: str | None = None):
         super().__init__(tb)
         self.tb = tb
+        self.frames, self.chain, self.argument = tuple(frames), tuple(chain), argument
 
     def __str__(self) -> str:
         return self.tb

@@ -273,6 +273,7 @@ class Executor(_BaseExecutor):
         self._fn_fresh: dict[str, float] = {}  # sha -> when its TTL was last renewed
         self._shutdown = False
         self._broken: BaseException | None = None
+        self._job_cancelled = False  # cancel(): the next submission starts a new job
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         self._init_sha = (self._function(functools.partial(initializer, *initargs))
@@ -386,6 +387,36 @@ class Executor(_BaseExecutor):
             raise ServerLostError(f"this executor is broken: {self._broken}")
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        if self._job_cancelled:
+            self._renew_job()
+
+    def _renew_job(self) -> None:
+        """After a cancel, new work goes to a new job (a cancelled job takes no more tasks);
+        until then ``progress()`` keeps showing the cancelled one."""
+        with self._lock:
+            if not self._job_cancelled:
+                return
+            while self._flushing:  # (a send to the old job lands before the switch)
+                self._wakeup.wait(0.1)
+            self._job_cancelled = False
+            self._jobs_made += 1
+            self.job_id = f"{self.client_id}.{self._jobs_made}"
+            self._events_seen = "0-0"
+        self._create_job()
+
+    def _interrupt_map(self, pending: list) -> None:
+        """Ctrl-C while a ``map`` is read: its queued chunks are withdrawn and, when nothing
+        else of this executor is pending, the job is cancelled, which also stops its running
+        tasks (SIGINT, then killed); the executor stays usable (a new job takes later work).
+        With other futures of this executor pending, the map's running chunks finish."""
+        mine = {id(f) for f in pending}
+        with self._lock:
+            others = any(id(r.future) not in mine for r in self._refs.values())
+        if others:
+            for f in pending:
+                f.cancel()
+        else:
+            self.cancel()
 
     def _function(self, fn) -> str:
         """The function's content hash; it is pickled once per executor (LRU of 128).
@@ -1022,7 +1053,8 @@ class Executor(_BaseExecutor):
 
     def cancel(self) -> int:
         """Cancel the whole job now: queued tasks are dropped and running ones interrupted
-        (SIGINT, then killed). Their futures are cancelled. Returns how many were pending."""
+        (SIGINT, then killed). Their futures are cancelled. Returns how many were pending.
+        The executor stays usable: what is submitted next runs as a new job."""
         with self._lock:
             refs = list(self._refs.values())
             self._outbox.clear()
@@ -1033,6 +1065,7 @@ class Executor(_BaseExecutor):
             self._broker.cancel_job(self.job_id, "cancelled", self._settings.event_stream_maxlen)
         except RedisError:
             pass
+        self._job_cancelled = True
         for r in refs:
             _cancel(r.future)
         self._wake_reader()
@@ -1040,6 +1073,7 @@ class Executor(_BaseExecutor):
 
     def _cancelled_elsewhere(self) -> None:
         """The job was cancelled by someone else (``miniray cancel``): cancel its futures."""
+        self._job_cancelled = True
         with self._lock:
             refs = list(self._refs.values())
             self._outbox.clear()
@@ -1054,7 +1088,7 @@ class Executor(_BaseExecutor):
         s, k, job = self._settings, self.keys, self.job_id
         try:
             pipe = self._r.pipeline()
-            if self._broken is None:
+            if self._broken is None and not self._job_cancelled:  # (a cancelled job stays so)
                 self._await_reports()  # marked done after its last outcome has landed
                 pipe.command("HSET", k.job(job), "state", "done")
             for key in (k.job(job), k.logs(job), k.events(job), k.attempts(job)):
@@ -1121,10 +1155,12 @@ def _decorate(exc, tb: str, task: int, job: str, worker: str, host: str, pid) ->
     """The task's own exception, with the worker's traceback chained and where it ran."""
     if not isinstance(exc, BaseException):
         exc = MinirayError(f"task {task} failed with a non-exception {exc!r}")
-    where = f"task {task} of job {job} on {host} (worker {worker}" + (
-        f", pid {pid})" if pid else ")")
+    argument = getattr(tb, "argument", None)  # a TaskTraceback's: see miniray.tracebacks
+    where = f"task {task}" + (f" (argument {argument})" if argument is not None else "") + (
+        f" of job {job} on {host} (worker {worker}") + (f", pid {pid})" if pid else ")")
     if tb:
-        cause = RemoteTraceback(f'\n"""\nTraceback from {where}:\n{tb.rstrip()}\n"""')
+        cause = RemoteTraceback(f'\n"""\nTraceback from {where}:\n{tb.rstrip()}\n"""',
+                                getattr(tb, "frames", ()), getattr(tb, "chain", ()), argument)
         exc.__cause__ = cause
     if hasattr(exc, "add_note"):
         note = f"[miniray] raised by {where}"
@@ -1167,6 +1203,11 @@ def _ordered_results(futures: list, deadline: float | None):
                     values, errors = f.result()
                 else:
                     values, errors = f.result(max(0.0, deadline - time.monotonic()))
+            except KeyboardInterrupt:
+                futures.append(f)
+                if f._executor is not None:
+                    f._executor._interrupt_map(futures)
+                raise
             except BaseException:
                 futures.append(f)  # still pending (timeout): cancelled below
                 raise

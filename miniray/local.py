@@ -2,7 +2,9 @@
 
 ``miniray.Executor()`` with no address starts it on first use; ``miniray.init()`` starts it
 explicitly; it is torn down by ``miniray.shutdown()`` or at interpreter exit. Workers die with
-this process even when it is killed (parent-death signal and a parent-pid check).
+this process even when it is killed (parent-death signal and a parent-pid check), and run in
+their own sessions, so an interrupt of this process (Ctrl-C, the Jupyter kernel's interrupt,
+which signals the kernel's whole process group) reaches none of them.
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ class LocalCluster:
              "--name", f"local-{i}", "--cpu-offset", str(i), "--parent-pid", str(os.getpid())],
             env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
             close_fds=True,
+            # its own session, as the server's: an interrupt of this process (Ctrl-C in a
+            # terminal, Jupyter's SIGINT to the kernel's process group) cancels work, it
+            # never stops the cluster; the worker dies with this process all the same
+            # (parent-death signal and the --parent-pid check)
+            start_new_session=True,
         )
 
     def _watch(self) -> None:

@@ -3,17 +3,21 @@
 Functions are pickled once and stored by content hash. Functions from ``__main__``, notebook
 cells, lambdas and closures travel by value (cloudpickle does that). Modules imported from next
 to the caller's script or notebook, rather than installed, are registered to travel by value
-too, so a worker that lacks the file still runs the task.
+too, so a worker that lacks the file still runs the task. Code objects keep their file name
+(cloudpickle writes ``<dynamic-code>``), so a task's traceback names the notebook cell or file
+its frames come from.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import sys
 import sysconfig
 import types
+from collections import ChainMap
 
 import cloudpickle
 
@@ -40,14 +44,32 @@ def dumps(obj, what: str = "value") -> list:
         return False
 
     try:
-        head = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
+        head = _cloudpickle(obj, buffer_callback=keep)
     except Exception as e:
         raise SerializationError(
-            f"cannot pickle the {what} {_short(obj)}: {type(e).__name__}: {e}. "
+            f"cannot pickle {_culprit(obj, what)}: {type(e).__name__}: {e}. "
             "Everything a task takes or returns travels between processes with cloudpickle; "
             "pass plain data, or create the object inside the task."
         ) from e
     return [head, *buffers]
+
+
+def _culprit(obj, what: str) -> str:
+    """What in ``obj`` cannot be pickled: for a call's or a map chunk's arguments (tagged as
+    ``dumps_call`` and ``Executor.map`` tag them), the argument or item itself."""
+    if what == "arguments" and type(obj) is tuple and obj and obj[0] in ("s", "m", "m1"):
+        if obj[0] == "s":
+            _, args, kwargs = obj
+            named = [(f"argument {i}", a) for i, a in enumerate(args)] + [
+                (f"keyword argument {k}=", v) for k, v in kwargs.items()]
+        else:
+            named = [("the item" if obj[0] == "m1" else "the arguments", v) for v in obj[1]]
+        for name, value in named:
+            try:
+                _cloudpickle(value, buffer_callback=lambda b: False)
+            except Exception:
+                return f"{name} {_short(value)}"
+    return f"the {what} {_short(obj)}"
 
 
 def dumps_call(args: tuple, kwargs: dict) -> list:
@@ -107,14 +129,43 @@ def dumps_function(fn) -> tuple[str, bytes]:
         )
     _register_local_modules(fn)
     try:
-        data = cloudpickle.dumps(fn, protocol=5)
+        data = _cloudpickle(fn)
     except Exception as e:
+        culprit = _captured_culprit(fn)
         raise SerializationError(
-            f"cannot pickle the function {_short(fn)}: {type(e).__name__}: {e}. "
+            f"cannot pickle the function {_short(fn)}"
+            + (f": it uses {culprit}" if culprit else "") + f" ({type(e).__name__}: {e}). "
             "It probably closes over something that cannot travel (a lock, an open file, a "
             "connection); create that inside the function instead."
         ) from e
     return hashlib.sha256(data).hexdigest(), data
+
+
+def _captured_culprit(fn) -> str | None:
+    """The name and type of what ``fn`` closes over or reads from its globals that cannot be
+    pickled (the likely reason the function cannot be)."""
+    code, glb = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
+    if code is None or glb is None:
+        return None
+    names = list(zip(code.co_freevars, fn.__closure__ or ()))
+    names = [(n, c.cell_contents) for n, c in names if _has_contents(c)]
+    names += [(n, glb[n]) for n in sorted(_code_names(code)) if n in glb]
+    for name, value in names:
+        if isinstance(value, types.ModuleType):
+            continue
+        try:
+            _cloudpickle(value, buffer_callback=lambda b: False)
+        except Exception:
+            return f"`{name}` (a {type(value).__module__}.{type(value).__qualname__})"
+    return None
+
+
+def _has_contents(cell) -> bool:
+    try:
+        cell.cell_contents
+        return True
+    except ValueError:
+        return False
 
 
 def _installed_prefixes() -> tuple:
@@ -193,3 +244,21 @@ def _code_names(code) -> set:
         if isinstance(const, types.CodeType):
             names |= _code_names(const)
     return names
+
+
+def _code_reduce(code: types.CodeType):
+    """cloudpickle's reduction of a code object, with its real ``co_filename``."""
+    make, args = cloudpickle.cloudpickle._code_reduce(code)
+    return make, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+
+class _Pickler(cloudpickle.Pickler):
+    if hasattr(cloudpickle.cloudpickle, "_code_reduce"):  # (else: cloudpickle's own names)
+        dispatch_table = ChainMap({types.CodeType: _code_reduce},
+                                  cloudpickle.Pickler.dispatch_table)
+
+
+def _cloudpickle(obj, buffer_callback=None) -> bytes:
+    with io.BytesIO() as f:
+        _Pickler(f, protocol=5, buffer_callback=buffer_callback).dump(obj)
+        return f.getvalue()

@@ -114,6 +114,10 @@ class ServerProcess:
                  conf_path],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE, close_fds=True,
+                # its own session: a terminal's Ctrl-C or Jupyter's interrupt (SIGINT to the
+                # kernel's whole process group) must not stop the server; it still dies
+                # with its parent (the shim's parent-death signal)
+                start_new_session=True,
             )
         except OSError as e:
             raise ServerError(f"cannot start {self.binary}: {e}") from None

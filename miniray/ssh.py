@@ -5,14 +5,20 @@ sorted into three errors that name the host: ``SSHAuthError`` (we reached it, it
 credentials), ``SSHHostKeyError`` (unknown or changed host key) and ``SSHUnreachableError``.
 """
 
+import difflib
 import getpass
+import inspect
+import logging
 import os
 import queue
 import socket
 import threading
 from collections import deque
 
-from .errors import SSHAuthError, SSHError, SSHHostKeyError, SSHUnreachableError
+from .errors import (ConfigurationError, SSHAuthError, SSHError, SSHHostKeyError,
+                     SSHUnreachableError)
+
+log = logging.getLogger("miniray.ssh")
 
 
 def _paramiko():
@@ -40,51 +46,109 @@ def resolve_host(host, user=None, port=None, config_path="~/.ssh/config"):
         "user": user or cfg.get("user") or getpass.getuser(),
         "port": int(port or cfg.get("port") or 22),
         "key_filenames": [k for k in keys if os.path.exists(k)],
-        "known_hosts": os.path.expanduser(known.split()[0]) if known else None,
+        "known_hosts": [os.path.expanduser(k) for k in known.split()] if known else [],
         "proxycommand": cfg.get("proxycommand"),
     }
 
 
-def connect(host, user=None, port=None, *, key_filename=None, known_hosts=None, timeout=10.0,
-            config_path="~/.ssh/config", accept_unknown_host=False):
+# miniray sets these from the host ("user@host:port", NodeConfig, ~/.ssh/config)
+_FROM_HOST = ("hostname", "port", "username")
+_GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
+
+
+def connect_keywords():
+    """The keywords of paramiko's ``SSHClient.connect`` that ``connect_kwargs`` may hold."""
+    params = inspect.signature(_paramiko().SSHClient.connect).parameters
+    return [n for n in params if n not in ("self",) + _FROM_HOST]
+
+
+def check_connect_kwargs(kwargs):
+    """Raise ``ConfigurationError`` naming a keyword paramiko's ``SSHClient.connect`` does not
+    take (or one miniray sets from the host), and a key file that does not exist."""
+    allowed = connect_keywords()
+    for k in kwargs:
+        if k in _FROM_HOST:
+            raise ConfigurationError(
+                f"connect_kwargs: {k!r} comes from the host: write it as user@host:port (or "
+                "NodeConfig(user=..., port=...), or User/Port in ~/.ssh/config)")
+        if k not in allowed:
+            near = difflib.get_close_matches(k, allowed, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigurationError(
+                f"connect_kwargs: {k!r} is not a keyword of paramiko's SSHClient.connect{hint}; "
+                f"it takes {', '.join(allowed)}")
+    for path in _key_files(kwargs.get("key_filename")):
+        if not os.path.isfile(path):
+            raise ConfigurationError(f"the identity (key) file {path} does not exist; give the "
+                                     "path of a private key, e.g. ~/.ssh/id_ed25519")
+
+
+def _key_files(key_filename):
+    files = [key_filename] if isinstance(key_filename, (str, os.PathLike)) else key_filename
+    return [os.path.expanduser(os.fspath(k)) for k in files or ()]
+
+
+def connect(host, user=None, port=None, *, known_hosts=None, accept_new_host_keys=False,
+            config_path="~/.ssh/config", on_new_host_key=None, **connect_kwargs):
     """Open a ``paramiko.SSHClient`` to ``host`` honouring ~/.ssh/config, the agent and keys.
 
-    Unknown host keys are refused (``SSHHostKeyError``) unless ``accept_unknown_host=True``;
-    ``known_hosts`` adds a known_hosts file to the system one.
+    ``connect_kwargs`` are paramiko's ``SSHClient.connect`` keywords (``key_filename``,
+    ``look_for_keys``, ``allow_agent``, ``passphrase``, ``timeout`` (default 10 s), ...); key
+    files given there are tried before ~/.ssh/config's IdentityFile. Host keys are checked as
+    OpenSSH does: against /etc/ssh/ssh_known_hosts and the user's file, ``known_hosts`` (else
+    the config's UserKnownHostsFile, else ~/.ssh/known_hosts). An unknown host key is refused
+    (``SSHHostKeyError``) unless ``accept_new_host_keys=True`` (OpenSSH's
+    ``StrictHostKeyChecking=accept-new``), which records it in that file and calls
+    ``on_new_host_key(name, key, path)``; a changed key is always refused.
     """
     paramiko = _paramiko()
+    check_connect_kwargs(connect_kwargs)
     info = resolve_host(host, user, port, config_path)
     where = f"{info['user']}@{host}" + (f" ({info['hostname']}:{info['port']})"
                                        if info["hostname"] != host or info["port"] != 22 else "")
+    files = [os.path.expanduser(known_hosts)] if known_hosts else (
+        info["known_hosts"] or [os.path.expanduser("~/.ssh/known_hosts")])
     client = paramiko.SSHClient()
-    client.load_system_host_keys()
-    for path in (info["known_hosts"], known_hosts):
-        if path and os.path.exists(path):
+    if os.path.exists(_GLOBAL_KNOWN_HOSTS):
+        client.load_system_host_keys(_GLOBAL_KNOWN_HOSTS)
+    for path in files:
+        if os.path.exists(path):
             client.load_host_keys(path)
-    if accept_unknown_host:
-        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    ssh_cmd = "ssh" + (f" -p {port}" if port else "") + (
+        f" -o UserKnownHostsFile={known_hosts}" if known_hosts else "") + (
+        f" {user}@{host}" if user else f" {host}")
+    if accept_new_host_keys:
+        client.set_missing_host_key_policy(_AcceptNew(files[0], on_new_host_key))
     else:
-        client.set_missing_host_key_policy(_RejectUnknown(where, host))
-    keys = ([key_filename] if isinstance(key_filename, str) else list(key_filename or []))
-    keys += info["key_filenames"]
-    sock = paramiko.ProxyCommand(info["proxycommand"]) if info["proxycommand"] else None
+        client.set_missing_host_key_policy(_RejectUnknown(where, host, files[0], ssh_cmd))
+    kwargs = dict(connect_kwargs)
+    kwargs.setdefault("timeout", 10.0)
+    kwargs.setdefault("banner_timeout", kwargs["timeout"])
+    kwargs.setdefault("auth_timeout", kwargs["timeout"])
+    keys = _key_files(kwargs.pop("key_filename", None)) + info["key_filenames"]
+    if "sock" not in kwargs and info["proxycommand"]:
+        kwargs["sock"] = paramiko.ProxyCommand(info["proxycommand"])
     try:
         client.connect(info["hostname"], port=info["port"], username=info["user"],
-                       key_filename=keys or None, timeout=timeout, banner_timeout=timeout,
-                       auth_timeout=timeout, allow_agent=True, look_for_keys=True, sock=sock)
+                       key_filename=keys or None, **kwargs)
     except SSHError:
         client.close()
         raise
+    except paramiko.PasswordRequiredException as e:
+        client.close()
+        raise SSHAuthError(f"SSH authentication to {where} failed: a private key is encrypted "
+                           f"({e}); add it to the ssh agent (ssh-add FILE) or pass "
+                           "connect_kwargs={'passphrase': ...}", host) from e
     except paramiko.AuthenticationException as e:
         client.close()
         raise SSHAuthError(f"SSH authentication to {where} failed ({e}); check the key "
-                           "(IdentityFile, key_filename=), the ssh agent and the host's "
-                           "authorized_keys", host) from e
+                           "(-i FILE, IdentityFile in ~/.ssh/config, key_filename=), the ssh "
+                           "agent and the host's authorized_keys", host) from e
     except paramiko.BadHostKeyException as e:
         client.close()
-        raise SSHHostKeyError(f"the host key of {where} does not match known_hosts: the host was "
-                              "reinstalled or someone is intercepting; verify it, then remove the "
-                              "old key with ssh-keygen -R", host) from e
+        name = (info["hostname"] if info["port"] == 22
+                else f"[{info['hostname']}]:{info['port']}")  # as known_hosts spells it
+        raise SSHHostKeyError(_changed_key_message(where, name, e, files[0]), host) from e
     except (OSError, socket.timeout, paramiko.SSHException, EOFError) as e:
         client.close()
         raise SSHUnreachableError(f"cannot reach SSH server {where}: {e}; check the host name, "
@@ -92,16 +156,59 @@ def connect(host, user=None, port=None, *, key_filename=None, known_hosts=None, 
     return client
 
 
-def _RejectUnknown(where, host):
+def _changed_key_message(where, name, e, path):
+    return (f"the host key of {where} has CHANGED: known_hosts has {e.expected_key.get_name()} "
+            f"{e.expected_key.fingerprint} for {name}, the host sent {e.key.get_name()} "
+            f"{e.key.fingerprint}. The host was reinstalled, or someone is intercepting the "
+            "connection: check the new key with the host's owner, then remove the old one with "
+            f"`ssh-keygen -R '{name}' -f {path}` and connect again "
+            "(--accept-new-host-keys records a new key, never a changed one)")
+
+
+def _RejectUnknown(where, host, path, ssh_cmd):
     paramiko = _paramiko()
 
     class RejectUnknown(paramiko.MissingHostKeyPolicy):
         def missing_host_key(self, client, hostname, key):
             raise SSHHostKeyError(
-                f"host key of {where} ({key.get_name()}) is not in known_hosts; connect once with "
-                "`ssh` to record it, pass known_hosts=, or accept_unknown_host=True", host)
+                f"the host key of {where} ({key.get_name()} {key.fingerprint}) is not in "
+                f"known_hosts ({path}), so the host cannot be told from an impostor. If it is "
+                f"the host you mean, record its key: run `{ssh_cmd}` once and answer yes, or "
+                "pass --accept-new-host-keys (%miniray up) / accept_new_host_keys=True "
+                f"(SSHCluster), which records it in {path}", host)
 
     return RejectUnknown()
+
+
+_record_lock = threading.Lock()
+
+
+def _AcceptNew(path, on_new):
+    """OpenSSH's ``StrictHostKeyChecking=accept-new``: an unknown host's key is trusted and
+    appended to ``path``; a changed key still fails (paramiko raises BadHostKeyException
+    before it asks the policy)."""
+    paramiko = _paramiko()
+
+    class AcceptNew(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(self, client, hostname, key):
+            line = paramiko.hostkeys.HostKeyEntry([hostname], key).to_line()
+            with _record_lock:
+                os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+                sep = ""
+                if os.path.exists(path) and os.path.getsize(path):
+                    with open(path, "rb") as f:
+                        f.seek(-1, os.SEEK_END)
+                        sep = "" if f.read(1) == b"\n" else "\n"
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                with os.fdopen(fd, "a") as f:
+                    f.write(sep + line)
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            log.info("recorded the new host key of %s (%s %s) in %s", hostname,
+                     key.get_name(), key.fingerprint, path)
+            if on_new is not None:
+                on_new(hostname, key, path)
+
+    return AcceptNew()
 
 
 class RemoteCommand:

@@ -32,8 +32,8 @@ from urllib.parse import parse_qs, quote, unquote, urlparse
 
 from . import ssh, sshprep
 from .channels.cluster import NodeConfig
-from .errors import ConfigurationError, SSHClusterError, SSHError
-from .sshhosts import _URL_PROMPT, node_from_string, parse_hosts
+from .errors import ConfigurationError, SSHClusterError, SSHError, SSHUnreachableError
+from .sshhosts import _URL_PROMPT, HOST_FORMS, parse_hosts
 from .sshstatus import Checklist
 
 __all__ = ["SSHCluster", "NodeConfig", "parse_hosts"]
@@ -64,9 +64,15 @@ class SSHCluster:
     ...     ex = cluster.executor()
     ...     print(list(ex.map(socket.gethostname, range(4))))
 
-    ``hosts``: ``"name"``, ``"user@name"``, ``"user@name:port"`` or ``NodeConfig``s (per-host
-    ``slots``, ``python``, ``gpus``, ``env`` win over the arguments). ``connect_kwargs`` go to
-    ``miniray.ssh.connect`` (``key_filename=``, ``known_hosts=``, ``timeout=``, ...).
+    ``hosts``: ``"name"``, ``"user@name"``, ``"user@name:port"``, ``"ssh://user@name:port"``,
+    any of them with ``=SLOTS`` (``"gpu1=8"``), or ``NodeConfig``s (per-host ``slots``,
+    ``python``, ``gpus``, ``env`` win over the arguments); ``name:N`` is always SSH port N.
+    ``connect_kwargs`` are paramiko's ``SSHClient.connect`` keywords, as in Fabric
+    (``key_filename``, ``look_for_keys``, ``allow_agent``, ``passphrase``, ``timeout``, ...);
+    an unknown one is a ``ConfigurationError``. Host keys are checked against
+    ``known_hosts`` (default: ~/.ssh/config's UserKnownHostsFile, else ~/.ssh/known_hosts);
+    ``accept_new_host_keys=True`` trusts and records the key of a host never seen before
+    (OpenSSH's ``StrictHostKeyChecking=accept-new``); a changed key is always refused.
     ``install=True`` installs this miniray into a venv on hosts whose versions differ.
     ``redis_url`` joins an existing server on this machine instead of starting a private one.
     ``callback(host, step)`` follows the startup checklist (``.status``) step by step.
@@ -75,16 +81,16 @@ class SSHCluster:
 
     def __init__(self, hosts, slots=None, python=None, gpus=None, install=False,
                  connect_kwargs=None, *, env=None, redis_url=None, callback=None,
-                 install_dir="~/.cache/miniray", timeout=60.0, start=True):
-        if isinstance(hosts, (str, NodeConfig)):
-            hosts = [hosts]
-        nodes = [h if isinstance(h, NodeConfig) else node_from_string(h, "port")
-                 for h in hosts]
-        if not nodes:
+                 install_dir="~/.cache/miniray", timeout=60.0, start=True, known_hosts=None,
+                 accept_new_host_keys=False):
+        self.nodes = parse_hosts(hosts, slots, python, gpus, env)
+        if not self.nodes:
             raise ConfigurationError("SSHCluster needs at least one host")
-        self.nodes = parse_hosts(nodes, slots, python, gpus, env)
         self.install, self.install_dir, self.timeout = install, install_dir, timeout
         self.connect_kwargs = dict(connect_kwargs or {})
+        ssh.check_connect_kwargs(self.connect_kwargs)
+        self._host_keys = {"known_hosts": known_hosts,
+                           "accept_new_host_keys": accept_new_host_keys}
         self._hosts = {}
         for n in self.nodes:
             label = n.host if n.port == 22 else f"{n.host}:{n.port}"
@@ -129,6 +135,7 @@ class SSHCluster:
         except BaseException as e:
             if isinstance(e, SSHError):
                 e.status = self.status
+            self.status.stop()
             self.close()
             raise
         return self
@@ -175,11 +182,22 @@ class SSHCluster:
     def _connect_and_check(self, h):
         cfg = h.cfg
         self.status.begin(h.label, "connected")
-        kwargs = {"timeout": 10.0, **self.connect_kwargs}
-        h.client = ssh.connect(cfg.host, cfg.user, None if cfg.port == 22 else cfg.port,
-                               **kwargs)
+        recorded = []
+        try:
+            h.client = ssh.connect(cfg.host, cfg.user, None if cfg.port == 22 else cfg.port,
+                                   **self._host_keys, **self.connect_kwargs,
+                                   on_new_host_key=lambda name, key, path: recorded.append(
+                                       f"; new host key {key.get_name()} {key.fingerprint} "
+                                       f"recorded in {path}"))
+        except SSHUnreachableError as e:
+            if cfg.port == 22 or cfg.port >= 1024:
+                raise
+            # `%miniray up gpu1:8` once meant 8 slots: a small port is worth a word
+            raise SSHUnreachableError(f"{e} (in {h.label}, {cfg.port} is the SSH port; for "
+                                      f"{cfg.port} slots write {cfg.host}={cfg.port})",
+                                      e.host) from e
         peer = h.client.get_transport().getpeername()
-        self.status.done(h.label, "connected", f"{peer[0]}:{peer[1]}")
+        self.status.done(h.label, "connected", f"{peer[0]}:{peer[1]}" + "".join(recorded))
         self.status.begin(h.label, "checked")
         h.versions = sshprep.probe(h.client, h.python, h.label)
         v = h.versions
@@ -194,8 +212,10 @@ class SSHCluster:
         python_differs = any(w == "Python" for _, p in found.values() for w, _, _ in p)
         if found and (not self.install or python_differs):
             err = sshprep.preflight_error(found, local, self.install)
-            for label in found:
-                self.status.fail(label, "installed" if self.install else "checked", err)
+            for label in found:  # each host's row gets its own mismatches and the fix
+                self.status.fail(label, "installed" if self.install else "checked",
+                                 sshprep.preflight_error({label: found[label]}, local,
+                                                         self.install))
             raise err
         todo = [self._hosts[label] for label in found]
         for h in self._hosts.values():
@@ -364,32 +384,43 @@ def _raise_for(errors):
 
 
 def main(argv=None):
-    """``miniray ssh-up HOST[:SLOTS] ...``: workers on SSH hosts until Ctrl-C."""
+    """``miniray ssh-up HOST[=SLOTS] ...``: workers on SSH hosts until Ctrl-C."""
     import argparse
     import signal
 
     p = argparse.ArgumentParser(prog="miniray ssh-up", description="start miniray workers on "
                                 "SSH hosts, tunnelled to a private server here, until Ctrl-C")
-    p.add_argument("hosts", nargs="+", help="HOST, USER@HOST, HOST:SLOTS, HOST:PORT:SLOTS or "
-                   "ssh://USER@HOST:PORT")
-    p.add_argument("--slots", type=int, default=None, help="tasks at once per host "
-                   "(default: its cores)")
+    p.add_argument("hosts", nargs="+", help=HOST_FORMS.replace("%", "%%"))
+    p.add_argument("-n", "--slots", type=int, default=None, help="tasks at once on each host "
+                   "without =SLOTS (default: its cores)")
     p.add_argument("--python", default=None, help="Python on the hosts (default python3)")
     p.add_argument("--gpus", default=None, help="GPU indices each worker owns, e.g. 0,1")
     p.add_argument("--install", action="store_true", help="install this miniray on hosts "
                    "whose versions differ")
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("-i", "--identity", action="append", metavar="FILE", help="a private key "
+                   "to log in with, like ssh -i (repeatable)")
+    p.add_argument("--known-hosts", metavar="FILE", help="check host keys against FILE "
+                   "instead of ~/.ssh/known_hosts (ssh -o UserKnownHostsFile=FILE)")
+    p.add_argument("--accept-new-host-keys", action="store_true", help="trust and record the "
+                   "key of a host not seen before (ssh -o StrictHostKeyChecking=accept-new)")
     args = p.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    nodes = parse_hosts(args.hosts, args.slots, args.python, args.gpus)
+    try:
+        nodes = parse_hosts(args.hosts, args.slots, args.python, args.gpus)
+    except ConfigurationError as e:
+        p.error(str(e))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     try:
         cluster = SSHCluster(nodes, install=args.install, timeout=args.timeout,
+                             connect_kwargs={"key_filename": args.identity} if args.identity
+                             else None, known_hosts=args.known_hosts,
+                             accept_new_host_keys=args.accept_new_host_keys,
                              callback=lambda host, step: print(
                                  f"{host}: {step.name} {step.state} {step.detail}", flush=True))
-    except SSHError as e:
+    except (SSHError, ConfigurationError) as e:
         print(f"miniray ssh-up: {e}", file=sys.stderr)
         return 2
     print(cluster.status, flush=True)

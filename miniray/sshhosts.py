@@ -15,45 +15,60 @@ import sys
 from .channels.cluster import NodeConfig
 from .errors import ConfigurationError
 
-__all__ = ["NodeConfig", "parse_hosts", "node_from_string", "remote_main"]
+__all__ = ["HOST_FORMS", "NodeConfig", "parse_hosts", "node_from_string", "remote_main"]
 
 _URL_PROMPT = "MINIRAY_REDIS_URL?"  # printed (echo off) by remote_main, with its pid
-_HOST_RE = re.compile(r"^(?:ssh://)?(?:(?P<user>[^@/:]+)@)?(?P<host>\[[^\]]+\]|[^@:/]+)"
-                      r"(?::(?P<a>\d+))?(?::(?P<b>\d+))?$")
+_HOST_RE = re.compile(r"^(?:ssh://)?(?:(?P<user>[^@/:=\[\]\s]+)@)?"
+                      r"(?P<host>\[[^\]\s]+\]|[^@:/=\[\]\s]+)(?::(?P<port>\d+))?"
+                      r"(?::(?P<extra>\d+))?(?:=(?P<slots>\d+))?$")
+HOST_FORMS = ("HOST, USER@HOST, USER@HOST:PORT or ssh://USER@HOST:PORT (PORT is the SSH port, "
+              "22 by default), each optionally followed by =SLOTS (tasks at once on that host)")
 
 
-def node_from_string(spec, colon_means):
-    m = _HOST_RE.match(spec.strip())
+def node_from_string(spec):
+    """``"me@gpu1:2222=8"`` -> ``NodeConfig("gpu1", user="me", port=2222, slots=8)``.
+
+    ``HOST:N`` is always SSH port N (as in ``ssh://`` URLs and Fabric); slots are ``HOST=N``.
+    """
+    text = spec.strip()
+    m = _HOST_RE.match(text)
     if not m:
-        raise ConfigurationError(f"cannot read the host {spec!r}: write HOST, USER@HOST, "
-                                 "USER@HOST:PORT (SSHCluster) or HOST:SLOTS (%miniray up)")
-    host, user, a, b = m["host"].strip("[]"), m["user"], m["a"], m["b"]
-    port, slots = 22, None
-    if b is not None:  # HOST:PORT:SLOTS
-        port, slots = int(a), int(b)
-    elif a is not None:
-        if spec.startswith("ssh://") or colon_means == "port":
-            port = int(a)
-        else:
-            slots = int(a)
-            if slots > 1024:
-                raise ConfigurationError(
-                    f"{spec!r}: {slots} slots? In `%miniray up`, HOST:N means N slots; for an "
-                    f"SSH port write ssh://{spec} or HOST:PORT:SLOTS")
+        raise ConfigurationError(f"cannot read the host {spec!r}: write {HOST_FORMS}, "
+                                 "e.g. gpu1, me@gpu1:2222 or gpu1=8")
+    if m["extra"] is not None:
+        hostport = text.rsplit(":", 1)[0]
+        raise ConfigurationError(
+            f"{spec!r}: HOST:PORT:SLOTS is no longer read (HOST:N is the SSH port); write "
+            f"{hostport}={m['extra']} for {m['extra']} slots on port {m['port']}")
+    host, user = m["host"].strip("[]"), m["user"]
+    port = int(m["port"]) if m["port"] is not None else 22
+    if not 0 < port < 65536:
+        raise ConfigurationError(f"{spec!r}: port {port} is not a TCP port (1-65535)")
+    slots = int(m["slots"]) if m["slots"] is not None else None
+    if slots is not None and slots < 1:
+        raise ConfigurationError(f"{spec!r}: a host needs at least 1 slot, not {slots}")
     return NodeConfig(host, user=user, port=port, slots=slots)
 
 
 def parse_hosts(specs, slots=None, python=None, gpus=None, env=None):
-    """The command-line/magic host syntax: ``HOST``, ``USER@HOST``, ``HOST:SLOTS``,
-    ``HOST:PORT:SLOTS`` or ``ssh://USER@HOST:PORT``; returns ``NodeConfig``s.
+    """Hosts as users type them, for ``SSHCluster``, ``%miniray up`` and ``miniray ssh-up``:
+    ``HOST``, ``USER@HOST``, ``USER@HOST:PORT`` or ``ssh://USER@HOST:PORT``, each optionally
+    with ``=SLOTS``; ``NodeConfig``s pass through. Per-host values win over the arguments.
 
-    >>> [(n.host, n.user, n.port, n.slots) for n in parse_hosts(["gpu1:8", "ssh://me@h:2222"])]
+    >>> [(n.host, n.user, n.port, n.slots) for n in parse_hosts(["gpu1=8", "me@h:2222"])]
     [('gpu1', None, 22, 8), ('h', 'me', 2222, None)]
     """
+    if isinstance(specs, (str, NodeConfig)):
+        specs = [specs]
     nodes = []
     for spec in specs:
-        n = (dataclasses.replace(spec) if isinstance(spec, NodeConfig)
-             else node_from_string(spec, "slots"))
+        if isinstance(spec, NodeConfig):
+            n = dataclasses.replace(spec)
+        elif isinstance(spec, str):
+            n = node_from_string(spec)
+        else:
+            raise ConfigurationError(f"a host is a string ({HOST_FORMS}) or a NodeConfig, "
+                                     f"not {type(spec).__name__} {spec!r}")
         n.slots = n.slots if n.slots is not None else slots
         n.python = n.python or python
         n.gpus = n.gpus if n.gpus is not None else gpus

@@ -39,11 +39,14 @@ class HostStatus:
     steps: dict = field(default_factory=lambda: {s: Step(s) for s in STEPS})
     error: BaseException | None = None
     worker: str | None = None  # the worker's name in the cluster once started
+    stopped: bool = False  # the startup failed elsewhere and this host was stopped with it
 
     @property
     def state(self) -> str:
         if self.error is not None or any(s.state == "failed" for s in self.steps.values()):
             return "failed"
+        if self.stopped:
+            return "stopped"
         if all(s.state in ("ok", "skipped") for s in self.steps.values()):
             return "ready"
         return "starting"
@@ -79,7 +82,7 @@ class Checklist:
     def fail(self, host, step, error):
         with self._lock:
             self.hosts[host].error = error
-        self._set(host, step, "failed", str(error).split("\n")[0])
+        self._set(host, step, "failed", str(error))  # all of it: the fix is often last
 
     def _set(self, host, name, state, detail):
         now = time.monotonic()
@@ -97,6 +100,12 @@ class Checklist:
                 self.callback(host, step)
             except Exception:  # a watcher's bug must not break startup
                 log.exception("SSHCluster status callback failed")
+
+    def stop(self):
+        """The startup failed: hosts that did not fail were stopped with it (state "stopped")."""
+        with self._lock:
+            for h in self.hosts.values():
+                h.stopped = True
 
     def running_step(self, host):
         """The step ``host`` is on now (to mark it failed), else the first pending one."""
@@ -121,8 +130,9 @@ class Checklist:
                 t = f" {s.seconds:.1f}s" if s.seconds is not None and s.state == "ok" else ""
                 cells.append(f"[{_MARK[s.state]}] {s.name}{t}")
             line = f"{h.host:<{width}}  {h.state:<8}  " + "  ".join(cells)
-            if h.reason:
-                line += f"\n{'':<{width}}  -> {h.reason}"
+            if h.reason:  # every line of it, indented under the host
+                pad = " " * (width + 5)
+                line += f"\n{'':<{width}}  -> " + h.reason.replace("\n", "\n" + pad)
             lines.append(line)
         return "\n".join(lines) or "(no hosts)"
 
@@ -139,12 +149,17 @@ class Checklist:
             cells = []
             for s in h.steps.values():
                 t = f" {s.seconds:.1f}s" if s.seconds is not None else ""
-                tip = html.escape(s.detail, quote=True)
+                # a failed step's detail is the reason row below: not twice
+                tip = "" if s.state == "failed" else html.escape(s.detail, quote=True)
                 cells.append(f'<td title="{tip}" style="color:{_COLOR[s.state]}">'
                              f"{html.escape(s.state)}{t}</td>")
-            reason = (f'<tr><td></td><td colspan="{len(STEPS)}" style="color:#c62828">'
-                      f"{html.escape(h.reason)}</td></tr>" if h.reason else "")
-            rows.append(f"<tr><td><b>{html.escape(h.host)}</b></td>{''.join(cells)}</tr>{reason}")
+            reason = (f'<tr><td></td><td colspan="{len(STEPS)}" style="color:#c62828; '
+                      f'white-space:pre-wrap; text-align:left">{html.escape(h.reason)}</td></tr>'
+                      if h.reason else "")
+            note = (f' <span style="color:{_COLOR["skipped"]}">(stopped)</span>'
+                    if h.state == "stopped" else "")
+            rows.append(f"<tr><td><b>{html.escape(h.host)}</b>{note}</td>{''.join(cells)}</tr>"
+                        f"{reason}")
         return (f"<table><thead><tr><th>host</th>{head}</tr></thead>"
                 f"<tbody>{''.join(rows)}</tbody></table>")
 

@@ -59,7 +59,6 @@ import struct
 import sys
 import threading
 import time
-import traceback
 import types
 
 from miniray.broker import HAND_LEN, Broker, connect, parse_claim
@@ -73,6 +72,7 @@ from miniray.protocol import ResultHeader, encode_batches, encode_result
 from miniray.payloads import BIG, SMALL_PART, big_part_size, check_room
 from miniray.resp import ConnectionLost, NoScriptError, RedisError
 from miniray.taskoutput import Capture, LogHandler, end_lines
+from miniray.tracebacks import task_traceback
 
 # The page shared with the worker: chunk seq and item index running now (-1: none), its
 # monotonic start time, flags the worker sets (bit 0: its Triton server is healthy), and the
@@ -648,7 +648,7 @@ class Runner:
                 f"the executor's initializer raised {type(e).__name__}: {_short(e)}, so no "
                 "task of this job can run in this process; fix the initializer and submit "
                 "again (its traceback is chained below)")
-            self.initialized[group] = _portable_exc(err, traceback.format_exc())
+            self.initialized[group] = _portable_exc(err, task_traceback(e))
 
     def run_chunk(self, seq, group, sha, skip, env, frames, init=None) -> None:
         self.seq = seq
@@ -666,7 +666,7 @@ class Runner:
                 fn = self.function(sha, group)
                 items, kwargs, star = self.arguments(group, seq, frames)
             except BaseException as e:  # the whole chunk fails the same way
-                err = _portable_exc(e, traceback.format_exc())
+                err = _portable_exc(e, task_traceback(e))
                 self.add(group, seq, True, None, [], {-1: err}, 0, -1)
                 return
             values, errors, done = [], {}, []
@@ -696,7 +696,7 @@ class Runner:
                         append(fn(*args))
                 except BaseException as e:  # SystemExit and KeyboardInterrupt fail the item too
                     append(None)
-                    errors[i] = _portable_exc(e, traceback.format_exc())
+                    errors[i] = _portable_exc(e, task_traceback(e, args, not star))
                 if skip:
                     done.append(i)
             end_lines((sys.stdout, sys.stderr))
@@ -753,7 +753,8 @@ def _by_value_globals(fn):
 
 
 def _portable_exc(e: BaseException, tb: str):
-    """(exception, traceback text), with an exception that survives a pickle round trip."""
+    """(exception, traceback), with an exception that survives a pickle round trip; ``tb``
+    is a ``TaskTraceback`` (text that also carries the user's frames)."""
     import cloudpickle
 
     try:

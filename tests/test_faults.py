@@ -2,6 +2,7 @@
 
 import functools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +59,24 @@ def test_task_exception_comes_back_as_itself(one_worker):
     assert "pid " in note, info
     with pytest.raises(tasks.CustomError):
         f.result()
+
+
+def test_remote_traceback_keeps_the_users_frames_only(one_worker):
+    """In a terminal the chained traceback shows the task's own lines, not miniray's loop."""
+    with one_worker.executor() as ex:
+        with pytest.raises(ValueError) as info:
+            list(ex.map(tasks.raise_value_error, range(6)))
+    exc = info.value
+    text = str(exc.__cause__)
+    assert re.search(r'File ".*tests/tasks\.py", line \d+, in raise_value_error\n'
+                     r'    raise ValueError\(f"bad item \{x\}"\)\n'
+                     r'ValueError: bad item 3', text), text
+    for internal in ("taskproc", "cloudpickle", "<dynamic-code>", "miniray/"):
+        assert internal not in text, (internal, text)
+    # the frames as data, for a frontend to show as its own, and the item it failed on
+    (frame,) = exc.__cause__.frames
+    assert frame[0].endswith("tests/tasks.py") and frame[2] == "raise_value_error", frame
+    assert "[miniray] raised by task 3 (argument 3) of job" in "\n".join(exc.__notes__)
 
 
 # -- crashes -----------------------------------------------------------------------------------
@@ -306,7 +325,10 @@ def test_unpicklable_argument_and_function_fail_at_submit(one_worker):
         with pytest.raises(SerializationError) as info:
             ex.submit(tasks.identity, lock)
         assert isinstance(info.value, TypeError)
-        with pytest.raises(SerializationError):
+        assert "cannot pickle argument 0 <unlocked _thread.lock" in str(info.value)
+        with pytest.raises(SerializationError, match="cannot pickle the item <unlocked"):
+            ex.map(tasks.identity, [1, lock])
+        with pytest.raises(SerializationError, match=r"it uses `lock` \(a _thread.lock\)"):
             ex.submit(lambda: lock)
         assert ex.submit(tasks.square, 4).result(timeout=30) == 16
 

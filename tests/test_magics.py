@@ -66,6 +66,8 @@ def test_usage_errors_submit_nothing(shell):
     before = len(magics(shell).runs)
     cases = [
         ("map x in range(3)", "y = (", "syntax error"),
+        # the line in the cell (the %%miniray line is line 1)
+        ("map x in range(3)", "a = 1\ny = (", "syntax error in the cell body at line 3"),
         ("map x in range(3) --bogus 1", "x", "unrecognized arguments"),
         ("map x in no_such_name", "x", "cannot evaluate EXPR"),
         ("map x in 5", "x", "not iterable"),
@@ -74,13 +76,15 @@ def test_usage_errors_submit_nothing(shell):
         ("map x in range(3) --timeout -1", "x", "timeout_seconds"),
         ("map x range(3)", "x", "expected %%miniray map NAME in EXPR"),
         ("reduce x in range(3)", "x", "expected %%miniray map"),
+        ("map x in [1, __import__('threading').Lock()]", "x",
+         "item 1 of .* is a _thread.lock, which cannot be sent to workers"),
     ]
     for line, body, message in cases:
         with pytest.raises(UsageError, match=message.replace("(", r"\(")):
             cell(shell, line, body)
     assert len(magics(shell).runs) == before
     for line, message in [("", "usage"), ("frobnicate", "unknown command"),
-                          ("up gpu1:5000", "5000 slots"), ("up", "required: hosts"),
+                          ("up gpu1=0", "at least 1 slot"), ("up", "required: HOST"),
                           ("local -n 0", "at least 1"), ("logs no-such-job", "no job named")]:
         with pytest.raises(UsageError, match=message):
             shell.run_line_magic("miniray", line)
@@ -129,7 +133,9 @@ def test_interrupt_cancels_the_job_and_keeps_results_so_far(shell, kernel_sigint
     helper.start()
     t0 = time.monotonic()
     try:
-        cell(shell, "map x in range(40) -o part", "import time\ntime.sleep(0.3)\nx")
+        # it re-raises the interrupt ("Run All" stops there) after storing the partial results
+        with pytest.raises(KeyboardInterrupt, match="so far are in part"):
+            cell(shell, "map x in range(40) -o part", "import time\ntime.sleep(0.3)\nx")
     finally:
         stop.set()
         helper.join()

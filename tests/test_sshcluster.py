@@ -124,6 +124,28 @@ def test_connection_errors_name_the_host(lab, home):
     assert not lab.miniray_processes("h1")
 
 
+def test_connect_kwargs_are_paramikos_connect_keywords(lab, home):
+    # badkey's ~/.ssh/config key is refused; the key given here is tried first and works,
+    # with paramiko's own look_for_keys/allow_agent (the keywords Fabric passes through)
+    kwargs = {"key_filename": [str(lab.root / "client_key")], "look_for_keys": False,
+              "allow_agent": False, "timeout": 20}
+    with miniray.SSHCluster(nodes("badkey"), slots=1, connect_kwargs=kwargs) as cluster:
+        assert cluster.status.ready, str(cluster.status)
+        with cluster.executor() as ex:
+            assert ex.submit(where, 7).result(timeout=30)[2] == 7
+    with pytest.raises(miniray.ConfigurationError,
+                       match=r"'look_for_key' is not a keyword of paramiko's SSHClient.connect "
+                             r"\(did you mean 'look_for_keys'\?\); it takes .*passphrase"):
+        miniray.SSHCluster(nodes("h1"), connect_kwargs={"look_for_key": False})
+    with pytest.raises(miniray.ConfigurationError) as info:  # a secret stays out of messages
+        miniray.SSHCluster(nodes("h1"), connect_kwargs={"passphrase": "s3cret", "pasword": "x"})
+    assert "'pasword'" in str(info.value) and "s3cret" not in str(info.value)
+    with pytest.raises(miniray.ConfigurationError, match="'port' comes from the host.*host:port"):
+        miniray.SSHCluster(nodes("h1"), connect_kwargs={"port": 2222})
+    with pytest.raises(miniray.ConfigurationError, match="/no/such/key does not exist"):
+        miniray.SSHCluster(nodes("h1"), connect_kwargs={"key_filename": "/no/such/key"})
+
+
 def test_version_mismatch_lists_every_host_and_the_fix(lab, home, tmp_path):
     # a real other Python: the system one, without cloudpickle or miniray
     system = "/usr/bin/python3"
@@ -245,7 +267,7 @@ def test_killed_notebook_leaves_no_remote_worker(lab, home):
 
 def test_ssh_up_command(lab, home):
     env = dict(os.environ, PYTHONPATH=TESTS)
-    proc = subprocess.Popen([sys.executable, "-m", "miniray.cli", "ssh-up", "h1:2",
+    proc = subprocess.Popen([sys.executable, "-m", "miniray.cli", "ssh-up", "h1=2",
                              "--python", sys.executable], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -270,18 +292,30 @@ def test_ssh_up_command(lab, home):
 
 
 def test_parse_hosts_and_checklist_text():
-    got = parse_hosts(["gpu1:8", "me@gpu2", "me@h:2222:4", "ssh://me@h:2200"], python="/py")
+    got = parse_hosts(["gpu1=8", "me@gpu2", "me@h:2222=4", "ssh://me@h:2200", "gpu3:22",
+                       "[::1]:2201=2"], slots=3, python="/py")
     assert [(n.host, n.user, n.port, n.slots, n.python) for n in got] == [
-        ("gpu1", None, 22, 8, "/py"), ("gpu2", "me", 22, None, "/py"),
-        ("h", "me", 2222, 4, "/py"), ("h", "me", 2200, None, "/py")]
-    with pytest.raises(miniray.ConfigurationError, match="ssh://me@h:2222"):
-        parse_hosts(["me@h:2222"])
+        ("gpu1", None, 22, 8, "/py"), ("gpu2", "me", 22, 3, "/py"),
+        ("h", "me", 2222, 4, "/py"), ("h", "me", 2200, 3, "/py"), ("gpu3", None, 22, 3, "/py"),
+        ("::1", None, 2201, 2, "/py")]
+    # HOST:N is the port, never N slots; the old HOST:PORT:SLOTS says what to write instead
+    with pytest.raises(miniray.ConfigurationError, match=r"write me@h:2222=4 for 4 slots"):
+        parse_hosts(["me@h:2222:4"])
+    for bad, why in [("h=0", "at least 1 slot"), ("h:70000", "not a TCP port"),
+                     ("a b", "cannot read the host"), ("me@", "cannot read the host")]:
+        with pytest.raises(miniray.ConfigurationError, match=why):
+            parse_hosts([bad])
     c = Checklist(["a", "b"])
     c.begin("a", "connected")
     c.done("a", "connected", "10.0.0.1:22")
-    c.fail("b", "connected", SSHUnreachableError("cannot reach b", "b"))
-    text = str(c)
-    assert "[x] connected" in text and "-> connected: cannot reach b" in text
+    c.fail("b", "connected", SSHUnreachableError("cannot reach b:\n  <refused>\nFix: start sshd",
+                                                 "b"))
+    text = str(c)  # the whole reason, its later lines indented under the host
+    assert "[x] connected" in text and ("\n      -> connected: cannot reach b:\n"
+                                        "           <refused>\n         Fix: start sshd") in text
+    page = c._repr_html_()
+    assert "white-space:pre-wrap" in page and page.count("Fix: start sshd") == 1, page
+    assert "cannot reach b:\n  &lt;refused&gt;\nFix: start sshd" in page
     assert not c.ready and c.hosts["b"].state == "failed"
     assert sshprep.mismatches({"python": "3.10.1", "cloudpickle": None, "miniray": "0.1.0"},
                               {"python": "3.11.7", "cloudpickle": "3.1.2", "miniray": "0.1.0"}

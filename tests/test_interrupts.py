@@ -1,0 +1,215 @@
+"""An interrupt cancels the work, never the cluster: in a real kernel interrupted the way
+JupyterLab does it (jupyter_client sends SIGINT to the kernel's whole process group), and in a
+plain script that gets a terminal's Ctrl-C (SIGINT to its process group)."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class Kernel:
+    """A real ipykernel and what each execution printed, displayed and raised."""
+
+    def __init__(self):
+        from jupyter_client.manager import start_new_kernel
+
+        self.km, self.kc = start_new_kernel(kernel_name="python3")
+
+    def send(self, code: str) -> str:
+        return self.kc.execute(code)
+
+    def collect(self, msg_id: str, timeout: float = 60.0, on_output=None) -> dict:
+        """Outputs of one execution until its kernel goes idle, and its reply."""
+        out = {"stream": "", "data": [], "error": None}
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no idle after {timeout}s; so far: {out}")
+            try:
+                msg = self.kc.get_iopub_msg(timeout=min(left, 1.0))
+            except Exception:  # queue.Empty
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream":
+                out["stream"] += content["text"]
+            elif kind in ("display_data", "execute_result", "update_display_data"):
+                out["data"].append(content["data"])
+            elif kind == "error":
+                out["error"] = (content["ename"],
+                                "\n".join(_ANSI.sub("", ln) for ln in content["traceback"]))
+            elif kind == "status" and content["execution_state"] == "idle":
+                break
+            if on_output is not None:
+                on_output(out)
+        out["reply"] = self.kc.get_shell_msg(timeout=30)
+        while out["reply"]["parent_header"].get("msg_id") != msg_id:
+            out["reply"] = self.kc.get_shell_msg(timeout=30)
+        return out
+
+    def run(self, code: str, timeout: float = 60.0) -> dict:
+        out = self.collect(self.send(code), timeout)
+        assert out["error"] is None, out["error"]
+        return out
+
+    def close(self) -> None:
+        try:
+            self.run("%miniray down", timeout=30)
+        finally:
+            self.kc.stop_channels()
+            self.km.shutdown_kernel(now=True)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    pytest.importorskip("ipykernel")
+    pytest.importorskip("jupyter_client")
+    k = Kernel()
+    k.run("%load_ext miniray\n%miniray local -n 2")
+    yield k
+    k.close()
+
+
+def _cluster_pids(kernel) -> tuple:
+    out = kernel.run("from miniray import local as _l\n"
+                     "print(_l._cluster.server.proc.pid, _l._cluster.server_alive(), "
+                     "sorted(_l._cluster.worker_pids()))")
+    return out["stream"].strip()
+
+
+def test_kernel_interrupt_cancels_the_map_keeps_the_cluster_and_stops_run_all(kernel):
+    before = _cluster_pids(kernel)
+    assert " True " in before
+    # "Run All": the map cell and the next one are queued together
+    first = kernel.send("%%miniray map x in range(40) -o part\nimport time\ntime.sleep(0.5)\nx")
+    second = kernel.send("ran_after_the_interrupt = True")
+    t0 = [None]
+
+    def interrupt_once_running(out):  # the widget is up: the map is running
+        if t0[0] is None and out["data"]:
+            t0[0] = time.monotonic()
+        if t0[0] is not None and time.monotonic() - t0[0] > 2.5 and not out.get("sent"):
+            out["sent"] = True
+            kernel.km.interrupt_kernel()
+
+    out = kernel.collect(first, timeout=90, on_output=interrupt_once_running)
+    assert out["error"] is not None, out
+    ename, tb = out["error"]
+    assert ename == "KeyboardInterrupt"
+    assert "cancelled by the interrupt" in tb and "so far are in part" in tb
+    for internal in ("magics.py", "run_cell_magic", "Traceback"):
+        assert internal not in tb, tb
+    assert out["reply"]["content"]["status"] == "error"
+    # the next queued cell was not run, as after any interrupted cell
+    after = kernel.collect(second, timeout=30)
+    assert after["reply"]["content"]["status"] == "aborted"
+    # the partial results were kept
+    got = kernel.run("print(len(part), sum(v is not None for v in part), "
+                     "all(v is None or v == i for i, v in enumerate(part)))")["stream"].split()
+    assert got[0] == "40" and 0 < int(got[1]) < 40 and got[2] == "True", got
+    # the very same server and workers (not a restarted cluster) serve the next map
+    assert _cluster_pids(kernel) == before
+    out = kernel.run("%%miniray map x in range(6) -o again\nx * 3\n")
+    assert kernel.run("print(again)")["stream"].strip() == "[0, 3, 6, 9, 12, 15]"
+    status = kernel.run("%miniray status")["stream"]
+    line = [ln for ln in status.splitlines() if "map x in range(40)" in ln]
+    assert line and "cancelled" in line[0], status  # the job history survived, as it ended
+
+
+def test_an_interrupt_while_a_big_map_is_submitted_leaves_nothing_behind(kernel):
+    first = kernel.send("%%miniray map x in range(300000) -o big\nx")
+    sent = []
+
+    def interrupt_at_once(out):  # the view is displayed just before the items are sent
+        if out["data"] and not sent:
+            sent.append(True)
+            kernel.km.interrupt_kernel()
+
+    out = kernel.collect(first, timeout=90, on_output=interrupt_at_once)
+    ename, tb = out["error"]
+    assert ename == "KeyboardInterrupt" and "cancelled by the interrupt" in tb, tb
+    assert "Traceback" not in tb and "executor.py" not in tb, tb
+    # the cluster serves the next map, and the line magics still work on the cancelled run
+    assert kernel.run("%%miniray map x in range(3)\nx")["data"][-1]["text/plain"] == "[0, 1, 2]"
+    kernel.run("%miniray status")
+    kernel.run("%miniray cancel")
+
+
+_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    import miniray
+
+    cluster = miniray.init(workers=2)
+    server = cluster.server.proc.pid
+    ex = miniray.Executor()
+    print("ready", flush=True)
+    try:
+        for _ in ex.map(time.sleep, [60] * 8):
+            pass
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    # running tasks of the map were stopped too: the workers are free again
+    f = ex.submit(pow, 2, 5)
+    print("next", f.result(timeout=45), flush=True)
+    print("same-server", cluster.server_alive() and cluster.server.proc.pid == server,
+          flush=True)
+    ex.shutdown()
+""")
+
+
+def test_ctrl_c_in_a_script_cancels_the_maps_running_tasks_and_keeps_the_executor(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("MINIRAY_REDIS_URL", None)
+    # its own process group, as a job in a terminal: Ctrl-C signals the whole group
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(2.0)  # both workers hold a 60 s task by now
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, err
+    lines = out.split("\n")
+    assert "interrupted" in lines and "next 32" in lines and "same-server True" in lines, \
+        (out, err)
+
+
+def test_the_local_cluster_still_dies_with_a_killed_kernel():
+    """In their own sessions, the server and workers no longer share the kernel's signals,
+    but they still end with it, even when it is SIGKILLed (parent-death signal)."""
+    import psutil
+
+    pytest.importorskip("ipykernel")
+    k = Kernel()
+    try:
+        k.run("%load_ext miniray\n%miniray local -n 2")
+        pids = [int(p) for p in k.run(
+            "from miniray import local as _l\n"
+            "print(_l._cluster.server.proc.pid, *_l._cluster.worker_pids())")["stream"].split()]
+        server = psutil.Process(pids[0]).children()  # the shim exec'd into the server itself
+        procs = [psutil.Process(p) for p in pids] + server
+        # the kernel alone (not its group): no atexit, no shutdown, nothing signals the rest
+        os.kill(k.km.provisioner.process.pid, signal.SIGKILL)
+        gone, alive = psutil.wait_procs(procs, timeout=30)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        k.kc.stop_channels()
+        k.km.shutdown_kernel(now=True)
