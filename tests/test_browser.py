@@ -35,8 +35,9 @@ CELLS = [
     "    time.sleep(0.1)\n"
     "x * 2",
     "print('total', sum(out))",
-    # a --bg map shown as the cell's value: its updater thread leaves the snapshot
-    "%%miniray map x in range(6) --bg\nx",
+    # a --bg map shown as the cell's value, cancelled with its button: its updater thread
+    # leaves the snapshot
+    "%%miniray map x in range(40) --bg\nimport time\ntime.sleep(0.5)\nx",
     # last, since an error stops "Run All": two items fail, the error table lists them
     "%%miniray map x in range(10) -o bad\n1 / (x % 5)",
 ]
@@ -243,6 +244,8 @@ def test_live_view_then_static_snapshot_in_jupyterlab(lab):
             snap = page.locator(".miniray-snapshot").first
             found["snapshot"] = snap.inner_text()
             found["dark_snapshot"] = _luminance(page, snap, "color")
+            cancel = page.locator(".miniray-map .miniray-cancel").first  # the --bg map's
+            cancel.click(timeout=30_000)
             page.wait_for_function(
                 "() => document.querySelectorAll('.miniray-snapshot').length > 2",
                 timeout=60_000)
@@ -291,6 +294,6 @@ def test_live_view_then_static_snapshot_in_jupyterlab(lab):
     assert "ZeroDivisionError × 2" in found["errors"] and "items 0, 5" in found["errors"]
     assert "traceback of item 0" in found["errors"] and "division by zero" in found["errors"]
     snapshots, widgets, text = found["reloaded"]
-    assert "6 done · 0 failed" in found["bg"], found["bg"]
+    assert "cancelled" in found["bg"] and "40 done" not in found["bg"], found["bg"]
     assert (snapshots, widgets) == (3, 0), found["reloaded"][:2]
     assert "model not found" not in text and "Error displaying widget" not in text
