@@ -173,6 +173,42 @@ def _cancel(fut: Future) -> bool:
     return True
 
 
+def _force_cancel(fut: Future) -> bool:
+    """Cancel ``fut`` even if it runs (its job was cancelled: the task is interrupted)."""
+    with fut._condition:
+        if fut._state == "RUNNING":
+            fut._state = "PENDING"
+    return _cancel(fut)
+
+
+def _failures(errors) -> int:
+    """How many of these item errors are failures (a cancelled job's are cancellations)."""
+    return sum(1 for e in errors if not isinstance(e, JobCancelledError))
+
+
+def _cancel_ref(ref: "_Ref") -> None:
+    """Cancel a chunk's future; the items of a ``map_futures`` chunk that had delivered
+    keep their outcome."""
+    items = getattr(ref.future, "_items", None)
+    values = ref.values
+    if items is not None and values is not None:
+        errors = ref.errors or {}
+        for i, v in enumerate(values):
+            if v is _MISSING:
+                continue
+            try:
+                if i in errors:
+                    if isinstance(errors[i], JobCancelledError):
+                        _force_cancel(items[i])
+                    else:
+                        items[i].set_exception(errors[i])
+                else:
+                    items[i].set_result(v)
+            except Exception:  # (settled meanwhile)
+                pass
+    _force_cancel(ref.future)
+
+
 class _Ref:
     """Client-side state of one chunk in flight. A map chunk's future gets
     ``(values, errors)``; a submit's future gets the value or the exception."""
@@ -267,6 +303,12 @@ class Executor(_BaseExecutor):
         self._last_submit = 0.0
         self._refs: dict[int, _Ref] = {}
         self._next_task = 0  # task ids: submit order, and a map item's position
+        # this job's items that ended done and failed (the rest of its items, once all have
+        # ended, were cancelled): the client settles every item, so its tally is the one
+        # written to the job's counters when it ends (see _final_counts)
+        self._tally = [0, 0]
+        self._n_items = 0  # this job's items submitted
+        self._cancelled_job = False  # cancel() or `miniray cancel`: the job stays "cancelled"
         self._chunk_ids = itertools.count()
         self._functions: collections.OrderedDict = collections.OrderedDict()  # id -> (fn, sha)
         self._fn_upload: dict[str, bytes] = {}  # pickled functions not yet in Redis
@@ -427,6 +469,7 @@ class Executor(_BaseExecutor):
                 # before runs, or is cancelled by cancel_futures, like every other task)
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._refs[ref.chunk] = ref
+            self._n_items += count
             wanted = future._wanted  # a callback was added before it was sent (map_futures)
             # A lone submit is sent from here (no thread hand-off on the latency path); a
             # burst queues for the flusher thread, which sends it in a few pipelines.
@@ -541,6 +584,7 @@ class Executor(_BaseExecutor):
                 pass  # (they go with the job)
             with self._lock:
                 self._refs.pop(ref.chunk, None)
+                self._tally[1] += ref.count
             try:
                 ref.future.set_exception(payloads.refused(size, "task's arguments", refused))
             except Exception:  # cancelled meanwhile
@@ -746,6 +790,7 @@ class Executor(_BaseExecutor):
             self._jobs_made += 1
             self.job_id = f"{self.client_id}.{self._jobs_made}"
             self._events_seen = "0-0"
+            self._tally, self._n_items = [0, 0], 0
         pipe = broker.r.pipeline()
         broker.cancel_job(job, "orphaned", self._settings.event_stream_maxlen, pipe=pipe)
         pipe.command("DEL", self.keys.results(self.client_id))
@@ -896,9 +941,14 @@ class Executor(_BaseExecutor):
             errors = {i: err for i in indices}
         for i, (exc, tb, epid) in errors.items():
             errors[i] = _decorate(exc, tb, ref.start + i, self.job_id, worker, host, epid or pid)
+        tally = self._tally
         if not ref.is_map:
             if ref.left and (values or errors):
                 ref.left = 0
+                if not errors:
+                    tally[0] += 1
+                elif not isinstance(errors[0], JobCancelledError):
+                    tally[1] += 1
                 self._complete(ref, (1, errors[0]) if errors else (OK, values[0]), worker, host)
         else:
             vals = ref.values
@@ -906,6 +956,9 @@ class Executor(_BaseExecutor):
                 vals[indices.start:indices.stop] = values  # the common case: one slice
                 ref.left -= len(indices)
                 ref.errors.update(errors)
+                tally[0] += len(indices) - len(errors)
+                if errors:
+                    tally[1] += _failures(errors.values())
             else:
                 for k, i in enumerate(indices):
                     if vals[i] is _MISSING:
@@ -913,6 +966,9 @@ class Executor(_BaseExecutor):
                         ref.left -= 1
                         if i in errors:
                             ref.errors[i] = errors[i]
+                            tally[1] += _failures((errors[i],))
+                        else:
+                            tally[0] += 1
             if ref.left <= 0:
                 self._complete(ref, (OK, (vals, ref.errors)), worker, host)
         if ref.left <= 0:
@@ -1022,33 +1078,53 @@ class Executor(_BaseExecutor):
 
     def cancel(self) -> int:
         """Cancel the whole job now: queued tasks are dropped and running ones interrupted
-        (SIGINT, then killed). Their futures are cancelled. Returns how many were pending."""
-        with self._lock:
-            refs = list(self._refs.values())
-            self._outbox.clear()
-            self._refs.clear()
-            self._wakeup.notify_all()
-        self._poke_results_thread()
+        (SIGINT, then killed). Their futures are cancelled, running ones included (what a
+        ``map_futures`` chunk delivered before stays in its items' futures); the job's
+        counters then say what the futures say. Returns how many chunks were pending."""
         try:
             self._broker.cancel_job(self.job_id, "cancelled", self._settings.event_stream_maxlen)
         except RedisError:
             pass
-        for r in refs:
-            _cancel(r.future)
-        self._wake_reader()
-        return len(refs)
+        return self._cancel_pending()
 
     def _cancelled_elsewhere(self) -> None:
         """The job was cancelled by someone else (``miniray cancel``): cancel its futures."""
+        self._cancel_pending()
+
+    def _cancel_pending(self) -> int:
+        """Every future not settled yet ends cancelled (after the job was cancelled on the
+        server: no outcome is counted there after that); then the job's counters are set to
+        this client's tally, which every reader (``progress()``, ``miniray status``) shows."""
         with self._lock:
+            self._cancelled_job = True
             refs = list(self._refs.values())
             self._outbox.clear()
             self._refs.clear()
             self._wakeup.notify_all()
         self._poke_results_thread()
-        for r in refs:
-            _cancel(r.future)
         self._wake_reader()
+        # a reader delivering a message now finishes it first (it holds refs it looked up)
+        deadline = time.monotonic() + 2.0
+        while self._reader not in (None, threading.get_ident()) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        for r in refs:
+            _cancel_ref(r)
+        if self._broken is None:
+            try:
+                pipe = self._r.pipeline()
+                pipe.command("HSET", self.keys.job(self.job_id), *self._final_counts())
+                pipe.execute()
+            except RedisError:
+                pass
+        return len(refs)
+
+    def _final_counts(self) -> list:
+        """The job's counters as this client's futures say, for HSET: every item submitted
+        has ended (done, failed, or else cancelled)."""
+        done, failed = self._tally
+        total = self._n_items
+        return ["done", done, "failed", failed, "cancelled", max(0, total - done - failed),
+                "running", 0, "queued", 0]
 
     def _close_job(self) -> None:
         s, k, job = self._settings, self.keys, self.job_id
@@ -1056,7 +1132,12 @@ class Executor(_BaseExecutor):
             pipe = self._r.pipeline()
             if self._broken is None:
                 self._await_reports()  # marked done after its last outcome has landed
-                pipe.command("HSET", k.job(job), "state", "done")
+                # every item has ended: the counters say what the futures say (see
+                # _final_counts); a cancelled job stays "cancelled"
+                fields = self._final_counts()
+                if not self._cancelled_job:
+                    fields += ["state", "done", "finished", repr(time.time())]
+                pipe.command("HSET", k.job(job), *fields)
             for key in (k.job(job), k.logs(job), k.events(job), k.attempts(job)):
                 pipe.command("EXPIRE", key, s.result_ttl_seconds)
             pipe.command("DEL", k.queue(job), k.tasks(job), k.client(self.client_id),
@@ -1137,15 +1218,18 @@ def _split_chunk(chunk: Future, items: list) -> None:
     """Hand a finished map chunk's outcome to its items' futures (``map_futures``)."""
     if chunk.cancelled():
         for f in items:
-            _cancel(f)
+            _force_cancel(f)  # (running ones too: the job was cancelled)
         return
     exc = chunk.exception()
     values, errors = (None, None) if exc is not None else chunk.result()
     for i, f in enumerate(items):
         f.worker, f.host = chunk.worker, chunk.host
         try:
-            if exc is not None or i in errors:
-                f.set_exception(exc if exc is not None else errors[i])
+            err = exc if exc is not None else errors.get(i) if errors else None
+            if isinstance(err, JobCancelledError):  # interrupted by the job's cancel
+                _force_cancel(f)
+            elif err is not None:
+                f.set_exception(err)
             else:
                 f.set_result(values[i])
         except Exception:  # the item's future was cancelled meanwhile

@@ -712,9 +712,21 @@ class Runner:
             self.idx = -1
 
     def add(self, group, seq, final, indices, values, errors, n_ok, n_err) -> None:
+        if errors:
+            for i, (exc, tb, pid) in errors.items():
+                if type(exc) is _CancelInterrupt:  # the item was cancelled, it did not fail
+                    from miniray.errors import JobCancelledError
+
+                    errors[i] = (JobCancelledError(
+                        f"job {group} was cancelled while this task was running"), "", pid)
         heads, batches = self.pending.setdefault(group, ([], []))
         heads.append((seq, final, indices, n_ok, n_err))
         batches.append((indices, values, errors))
+
+
+class _CancelInterrupt(KeyboardInterrupt):
+    """Raised in a task by its worker's SIGINT (its job was cancelled): a KeyboardInterrupt,
+    so that the task's ``except Exception`` lets it through; reported as JobCancelledError."""
 
 
 def _unpicklable(value, e: Exception):
@@ -838,7 +850,7 @@ def main(argv=None) -> None:
 
     def on_sigint(signum, frame):  # the worker interrupts a task of a cancelled job
         if runner.in_task:  # (elsewhere it is dropped: the kill after the grace follows)
-            raise KeyboardInterrupt
+            raise _CancelInterrupt
 
     signal.signal(signal.SIGINT, on_sigint)
     cap = runner.settings.log_line_max_bytes
