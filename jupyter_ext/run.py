@@ -1,7 +1,7 @@
 """One running ``%%miniray map``: its executor, item futures, progress model, logs and view.
 
 A ``MapRun`` is also the handle ``--bg`` returns: ``result()``, ``results()``, ``progress()``,
-``cancel()``, ``done()``, ``wait()``, ``logs()``; it displays as the live widget.
+``cancel()``, ``done()``, ``wait()``, ``logs()``, ``timings()``; it displays as the live widget.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import CancelledError
+from typing import NamedTuple
 from concurrent.futures import TimeoutError as FuturesTimeout
 from concurrent.futures import wait as wait_futures
 
@@ -18,13 +19,24 @@ from .display import make_view
 from .logs import LogBuffer
 from .progress import MapProgress
 
-__all__ = ["MapRun", "MISSING"]
+__all__ = ["MapRun", "MISSING", "Timing"]
 
 #: what ``results()`` puts in place of an item that failed or never ran (cancelled)
 MISSING = None
 
 _UPDATE_SECONDS = 0.1  # the view is refreshed at most ~10 times a second
 _WORKERS_SECONDS = 1.0  # heartbeats come once a second; polling faster shows nothing new
+
+
+class Timing(NamedTuple):
+    """When and where one item ran: epoch seconds measured on its worker (``slot``: the
+    worker's slot index; an item ends where the slot's next item starts)."""
+
+    item: int
+    worker: str
+    slot: int | None
+    start: float
+    end: float
 
 
 class MapRun:
@@ -208,6 +220,15 @@ class MapRun:
         s = self.model.snapshot()
         return {k: s[k] for k in ("state", "total", "done", "failed", "cancelled", "running",
                                   "queued", "rate", "eta", "elapsed")}
+
+    def timings(self) -> list:
+        """``Timing(item, worker, slot, start, end)`` of every finished item (done or failed),
+        in item order: for stragglers, per-slot timelines, a DataFrame
+        (``pandas.DataFrame(run.timings())``). Items that were cancelled or whose task
+        process died have none."""
+        return [Timing(i, f.worker, f.slot, f.started_at, f.finished_at)
+                for i, f in enumerate(self.futures)
+                if f.done() and not f.cancelled() and f.started_at is not None]
 
     def logs(self, worker: str | None = None, last: int = 200) -> list:
         """The latest captured log lines (``miniray.LogLine``) of this map."""

@@ -51,7 +51,8 @@ from .keys import Keys
 from .limits import Limits
 from .resp import Connection, ConnectionLost, NoScriptError, RedisError
 from . import payloads
-from .protocol import Assembler, LostChunk, decode_batches, decode_message, encode_chunk
+from .protocol import (Assembler, LostChunk, decode_batches, decode_message, encode_chunk,
+                       item_times)
 from .serialization import dumps, dumps_call, dumps_function
 
 __all__ = ["Executor", "MinirayFuture"]
@@ -86,7 +87,11 @@ class _Waiters(list):
 
 
 class MinirayFuture(Future):
-    """A ``concurrent.futures.Future`` that knows its task: ``task_id``, ``job``, ``host``.
+    """A ``concurrent.futures.Future`` that knows its task: ``task_id``, ``job``; once it
+    has run, ``worker`` (its id), ``host`` and ``slot`` (the worker's slot index; None for an
+    outcome the worker itself reported, e.g. a crash), and ``started_at``/``finished_at``
+    (epoch seconds on the worker's clock, for a ``submit`` and each ``map_futures`` item;
+    None when unknown: a crash, a cancel, a plain ``map``'s chunk).
 
     A thread that waits in ``result()`` or ``exception()`` reads the results itself while no
     other thread does (no hand-off from a results thread on the latency path); callbacks,
@@ -104,6 +109,8 @@ class MinirayFuture(Future):
         self.job = executor.job_id if executor is not None else None
         self.worker = None
         self.host = None
+        self.slot = None
+        self.started_at = self.finished_at = None
 
     def _want(self) -> None:
         """Someone will wait for this future without reading results: the executor's results
@@ -921,16 +928,18 @@ class Executor(_BaseExecutor):
         if not any(refs):
             return  # duplicates after a retry, or cancelled tasks
         if isinstance(blob, Exception):  # another protocol version: fail what it was for
-            batches = [(None, [], {-1: (blob, "", header.pid)})] * len(refs)
+            batches = [(None, [], {-1: (blob, "", header.pid)}, None)] * len(refs)
         else:  # a value that cannot be unpickled here fails only its own item
             batches = decode_batches(blob, header.host,
                                      [None if ref is None else ref.start for ref in refs])
-        for ref, (_, final), (indices, values, errors) in zip(refs, header.chunks, batches):
+        for ref, (_, final), (indices, values, errors, times) in zip(refs, header.chunks,
+                                                                     batches):
             if ref is not None:
                 self._settle(ref, indices, values, errors, final, header.worker, header.host,
-                             header.pid)
+                             header.pid, times, header.slot)
 
-    def _settle(self, ref: _Ref, indices, values, errors, final, worker, host, pid) -> None:
+    def _settle(self, ref: _Ref, indices, values, errors, final, worker, host, pid,
+                times=None, slot=None) -> None:
         if -1 in errors:  # one error for every item not delivered yet
             err = errors.pop(-1)
             if ref.is_map:
@@ -949,6 +958,10 @@ class Executor(_BaseExecutor):
                     tally[0] += 1
                 elif not isinstance(errors[0], JobCancelledError):
                     tally[1] += 1
+                fut = ref.future
+                fut.slot = slot
+                if times is not None:
+                    fut.started_at, fut.finished_at = (item_times(times, 1) or [(None, None)])[0]
                 self._complete(ref, (1, errors[0]) if errors else (OK, values[0]), worker, host)
         else:
             vals = ref.values
@@ -969,6 +982,9 @@ class Executor(_BaseExecutor):
                             tally[1] += _failures((errors[i],))
                         else:
                             tally[0] += 1
+            items = getattr(ref.future, "_items", None)
+            if items is not None:  # map_futures: each item's future says where and when
+                _place(items, indices, worker, host, slot, item_times(times, len(values)))
             if ref.left <= 0:
                 self._complete(ref, (OK, (vals, ref.errors)), worker, host)
         if ref.left <= 0:
@@ -1214,6 +1230,17 @@ def _decorate(exc, tb: str, task: int, job: str, worker: str, host: str, pid) ->
     return exc
 
 
+def _place(items: list, indices, worker, host, slot, times) -> None:
+    """Tell the futures of a ``map_futures`` chunk's items that came in where they ran and,
+    when known, when (``times``: (start, end) per index, see ``protocol.item_times``)."""
+    for k, i in enumerate(indices):
+        f = items[i]
+        if f.worker is None:  # (the first outcome of an item is the one it keeps)
+            f.worker, f.host, f.slot = worker, host, slot
+            if times is not None:
+                f.started_at, f.finished_at = times[k]
+
+
 def _split_chunk(chunk: Future, items: list) -> None:
     """Hand a finished map chunk's outcome to its items' futures (``map_futures``)."""
     if chunk.cancelled():
@@ -1223,7 +1250,8 @@ def _split_chunk(chunk: Future, items: list) -> None:
     exc = chunk.exception()
     values, errors = (None, None) if exc is not None else chunk.result()
     for i, f in enumerate(items):
-        f.worker, f.host = chunk.worker, chunk.host
+        if f.worker is None:
+            f.worker, f.host = chunk.worker, chunk.host
         try:
             err = exc if exc is not None else errors.get(i) if errors else None
             if isinstance(err, JobCancelledError):  # interrupted by the job's cancel

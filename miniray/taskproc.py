@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+from array import array
 import functools
 import logging
 import mmap
@@ -409,7 +410,7 @@ class Runner:
             return blob, chunks
         except PayloadTooLargeError as e:
             err = (e, "", self.pid)
-        for indices, values, errors in batches:
+        for indices, values, errors, _ in batches:
             for k, i in enumerate(range(len(values)) if indices is None else indices):
                 values[k] = None
                 errors.setdefault(i, err)
@@ -474,7 +475,8 @@ class Runner:
             blob = encode_batches(batches, _unpicklable)
             if len(blob) >= BIG:
                 blob, chunks = self.fit(blob, batches, chunks)
-            msg = encode_result(ResultHeader(h["worker_id"], h["host"], self.pid, header),
+            msg = encode_result(ResultHeader(h["worker_id"], h["host"], self.pid, header,
+                                             h["slot"]),
                                 blob, self.part_size(len(blob)))
             # straight to a client on this machine, then the report without it (see inbox)
             if len(msg) == 1 and self.sender.send(w.spec.get("inbox"), msg[0]):
@@ -671,6 +673,11 @@ class Runner:
                 return
             values, errors, done = [], {}, []
             append, prog_i, prog_t = values.append, self.prog_i, self.prog_t
+            # each item's start (monotonic), for its timing: the wall clock's offset goes
+            # with them (see protocol.item_times); an item ends where the next one starts
+            offset = time.time() - monotonic()
+            starts = [offset]
+            mark = starts.append
             first = 0
             prog_i[0] = seq
             for i, args in enumerate(items):
@@ -679,14 +686,19 @@ class Runner:
                 now = monotonic()
                 if now - self.last_flush >= FLUSH_SECONDS and values:
                     idx = done if skip else range(first, i)
+                    mark(now)
                     self.add(group, seq, False, idx, values, errors,
-                             len(values) - len(errors), len(errors))
+                             len(values) - len(errors), len(errors), starts)
                     prog_i[1] = -1  # between items: a death now is not this item's fault
                     self.flush()
                     values, errors, done, first = [], {}, [], i
                     append = values.append
+                    starts = [offset]
+                    mark = starts.append
+                    now = monotonic()  # (the flush was neither item's time)
                 self.idx = prog_i[1] = i
                 prog_t[2] = now
+                mark(now)
                 try:
                     if not star:
                         append(fn(args))
@@ -699,10 +711,11 @@ class Runner:
                     errors[i] = _portable_exc(e, traceback.format_exc())
                 if skip:
                     done.append(i)
+            mark(monotonic())
             end_lines((sys.stdout, sys.stderr))
             idx = done if skip else range(first, len(items))
             self.add(group, seq, True, idx, values, errors, len(values) - len(errors),
-                     len(errors))
+                     len(errors), starts)
         finally:
             prog_i = self.prog_i
             prog_i[0] = prog_i[1] = -1
@@ -711,7 +724,10 @@ class Runner:
             _restore_env(saved)
             self.idx = -1
 
-    def add(self, group, seq, final, indices, values, errors, n_ok, n_err) -> None:
+    def add(self, group, seq, final, indices, values, errors, n_ok, n_err,
+            times=None) -> None:
+        """Queue outcomes for the next flush; ``times``: the wall-clock offset, each value's
+        start and the last one's end (see ``protocol.item_times``)."""
         if errors:
             for i, (exc, tb, pid) in errors.items():
                 if type(exc) is _CancelInterrupt:  # the item was cancelled, it did not fail
@@ -721,7 +737,8 @@ class Runner:
                         f"job {group} was cancelled while this task was running"), "", pid)
         heads, batches = self.pending.setdefault(group, ([], []))
         heads.append((seq, final, indices, n_ok, n_err))
-        batches.append((indices, values, errors))
+        batches.append((indices, values, errors,
+                        array("d", times).tobytes() if times is not None else None))
 
 
 class _CancelInterrupt(KeyboardInterrupt):

@@ -450,7 +450,7 @@ class _Slot(threading.Thread):
         lines up with the blob's batches."""
         w = self.w
         header = ResultHeader(w.worker_id, w.host, os.getpid(),
-                              [(c.chunk, final) for c, final, _, _ in done])
+                              [(c.chunk, final) for c, final, _, _ in done], self.index)
         chunks = [(c.entry, n_ok, n_err, final) for c, final, n_ok, n_err in done]
         self.out.append((self._complete, (job, chunks, encode_result(header, blob))))
 
