@@ -1172,7 +1172,8 @@ class Executor(_BaseExecutor):
 
     # -- observation (the notebook face uses these) ------------------------------------------
     def progress(self) -> dict:
-        """Counters of this job: queued, running, done, failed, cancelled, state."""
+        """This job's item counters (queued, running, done, failed, cancelled), ``state``,
+        ``status`` (in words) and more: see ``miniray.observe.job_progress``."""
         self._await_reports()
         return observe.job_progress(self._r, self.keys, self.job_id)
 

@@ -40,7 +40,8 @@ Task process -> worker::
     ("handoff", job, spec json, [(entry, frames)])      claimed, but needs other limits
 
 ``indices`` is a range, a list, or None for "every item not reported yet"; ``errors`` maps
-an item index to ``(exception, traceback, pid)``. The result message that goes to the client
+an item index to ``(exception, traceback, pid)``; each batch of outcomes carries its items'
+start times (one ``list.append`` per item; see ``protocol.item_times``). The result message that goes to the client
 is ``protocol.encode_result``'s (values one by one, in parts when big).
 """
 
