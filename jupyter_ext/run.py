@@ -26,6 +26,17 @@ MISSING = None
 
 _UPDATE_SECONDS = 0.1  # the view is refreshed at most ~10 times a second
 _WORKERS_SECONDS = 1.0  # heartbeats come once a second; polling faster shows nothing new
+_IDLE_WAIT_SECONDS = 4.0  # after a cancel: the most the view waits for the lanes to go idle
+
+
+def _without_job(worker: dict, job: str) -> dict:
+    """A heartbeat with the slots it shows on ``job`` idle (the job has ended)."""
+    jobs = worker.get("jobs") or []
+    mine = sum(1 for j in jobs if j == job)
+    if not mine:
+        return worker
+    return {**worker, "busy": max(0, worker.get("busy", 0) - mine),
+            "jobs": [j for j in jobs if j != job]}
 
 
 class Timing(NamedTuple):
@@ -136,10 +147,22 @@ class MapRun:
         while self._log_thread.is_alive() and time.monotonic() < deadline:
             self._render()
             self._log_thread.join(_UPDATE_SECONDS)
-        try:  # the heartbeats after the last item show the workers idle again
-            self.model.set_workers(ex.workers())
-        except Exception:
-            pass
+        # the lanes end as the workers are now: after a cancel, the heartbeats that show the
+        # interrupted tasks gone (a few seconds at most); every item has ended, so a slot a
+        # heartbeat still shows on this map (sent before its last item ended) is idle
+        deadline = time.monotonic() + (_IDLE_WAIT_SECONDS if self._cancel_requested else 0)
+        while True:
+            try:
+                workers = ex.workers()
+            except Exception:
+                break
+            if time.monotonic() >= deadline or not any(self.job in (w.get("jobs") or ())
+                                                       for w in workers):
+                self.model.set_workers([_without_job(w, self.job) for w in workers])
+                break
+            self.model.set_workers(workers)
+            self._render()
+            time.sleep(_WORKERS_SECONDS / 4)
         self._render()
         self.view.finish()
 

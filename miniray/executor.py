@@ -1097,6 +1097,12 @@ class Executor(_BaseExecutor):
         (SIGINT, then killed). Their futures are cancelled, running ones included (what a
         ``map_futures`` chunk delivered before stays in its items' futures); the job's
         counters then say what the futures say. Returns how many chunks were pending."""
+        with self._lock:
+            self._cancelled_job = True
+            self._outbox.clear()  # nothing more is sent; a batch being sent lands first
+            deadline = time.monotonic() + 5.0
+            while self._flushing and self._broken is None and time.monotonic() < deadline:
+                self._wakeup.wait(0.1)
         try:
             self._broker.cancel_job(self.job_id, "cancelled", self._settings.event_stream_maxlen)
         except RedisError:

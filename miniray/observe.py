@@ -12,7 +12,7 @@ counters, so ``Executor.progress()``, ``miniray status`` and the notebook's widg
 or the job was given up: ``orphaned``, its client went silent) or cancelled.
 
 A worker's heartbeat (``list_workers``) has: ``name``, ``host``, ``pid``, ``slots``, ``busy``
-(slots running a task now), ``tasks_done`` (items this worker finished, counted as each
+(slots running a task now), ``jobs`` (the job of each busy slot), ``tasks_done`` (items this worker finished, counted as each
 outcome is recorded), ``started`` (epoch seconds), ``cpus``; the machine's ``cpu_percent``,
 ``ram_used`` and ``ram_total``; the worker's own ``proc_cpu_percent`` (the worker process and
 its task processes, 100 = one core busy) and ``proc_rss`` (their resident memory, bytes);

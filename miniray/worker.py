@@ -690,7 +690,8 @@ class Worker:
     def info(self) -> dict:
         import psutil
 
-        busy = sum(1 for s in self.slots if s.running_job())
+        running = [job for job in (s.running_job() for s in self.slots) if job]
+        busy = len(running)
         gpus = gpu_mod.telemetry(self.gpu_ids)
         for slot in self.slots:  # which job holds each GPU (from its claim to its end)
             job, task = slot.running()
@@ -710,7 +711,7 @@ class Worker:
         proc_cpu, proc_rss = self.usage.sample()  # (its task processes are its children)
         return {
             "name": self.name, "host": self.host, "pid": os.getpid(), "slots": self.nslots,
-            "busy": busy, "started": self.started,
+            "busy": busy, "jobs": sorted(running), "started": self.started,
             "cpu_percent": psutil.cpu_percent(None), "cpus": self.ncpus,
             "ram_used": mem.used, "ram_total": mem.total,
             "proc_cpu_percent": round(proc_cpu, 1), "proc_rss": proc_rss,

@@ -50,8 +50,9 @@ def test_readers_agree_after_a_map_with_failures(two_workers):
     run = MapRun(tasks.fail_every, range(24), job_name="some fail", chunksize=3, view="text")
     try:
         run.wait(60)
-        run.settle()
+        run.settle(timeout=30)
         expected = {"done": 18, "failed": 6, "cancelled": 0, "running": 0, "queued": 0}
+        assert [w["busy"] for w in run.model.snapshot()["workers"]] == [0, 0]
         assert _futures(run) == expected
         readers, job = _readers(run, view)
         assert all(counts == expected for counts in readers.values()), readers
@@ -79,13 +80,15 @@ def test_a_cancelled_map_counts_its_interrupted_items_as_cancelled(two_workers, 
         done, pending = cf.wait(run.futures, timeout=30)
         assert not pending, [f._state for f in pending]
         run.wait(30)
-        run.settle()
+        run.settle(timeout=30)
         expected = {"done": 2, "failed": 0, "cancelled": 8, "running": 0, "queued": 0}
         assert _futures(run) == expected
         assert run.results()[:2] == [None, None] and not run.errors
         readers, job = _readers(run, view)
         assert all(counts == expected for counts in readers.values()), readers
         assert job["status"] == "cancelled" and run.progress()["state"] == "cancelled"
+        # the widget's lanes end idle, as the workers are
+        assert [w["busy"] for w in run.model.snapshot()["workers"]] == [0, 0]
         wait_for(lambda: all(w["busy"] == 0 for w in view.workers()), timeout=30,
                  what="the workers' lanes to go idle")
         run.executor.shutdown()
