@@ -604,8 +604,9 @@ class Runner:
         return fn
 
     def arguments(self, job, seq, frames) -> tuple:
-        """A chunk's ``(items, kwargs, star)``; an error that says so when its payload is not
-        one this version writes (all of the chunk fails: not this process)."""
+        """A chunk's ``(items, kwargs, star, timed)``; an error that says so when its payload
+        is not one this version writes (all of the chunk fails: not this process). ``timed``:
+        its items' timings are wanted (a submit's, a ``map_futures`` chunk's)."""
         try:
             kind, *payload = pickle.loads(frames[0], buffers=frames[1:])
         except ImportError:  # a module the worker lacks: the user's error, as it is
@@ -615,11 +616,12 @@ class Runner:
         count = self.held[seq].count
         if kind == "s" and len(payload) == 2 and type(payload[0]) in _SEQ \
                 and type(payload[1]) is dict and count == 1:
-            return [payload[0]], payload[1], True
-        # "m": tuples of arguments; "m1": one argument each (map over one iterable)
-        if kind in ("m", "m1") and len(payload) == 1 and type(payload[0]) in _SEQ \
+            return [payload[0]], payload[1], True, True
+        # "m": tuples of arguments; "m1": one argument each (map over one iterable); "m1t":
+        # the same, timed
+        if kind in ("m", "m1", "m1t") and len(payload) == 1 and type(payload[0]) in _SEQ \
                 and len(payload[0]) == count:
-            return payload[0], None, kind == "m"
+            return payload[0], None, kind == "m", kind == "m1t"
         raise malformed(job, f"a chunk's arguments are {_short((kind, *payload))}, not the "
                         f"{count} item(s) its head announces")
 
@@ -667,7 +669,7 @@ class Runner:
                         self.add(group, seq, True, None, [], {-1: failed}, 0, -1)
                         return
                 fn = self.function(sha, group)
-                items, kwargs, star = self.arguments(group, seq, frames)
+                items, kwargs, star, timed = self.arguments(group, seq, frames)
             except BaseException as e:  # the whole chunk fails the same way
                 err = _portable_exc(e, traceback.format_exc())
                 self.add(group, seq, True, None, [], {-1: err}, 0, -1)
@@ -689,7 +691,7 @@ class Runner:
                     idx = done if skip else range(first, i)
                     mark(now)
                     self.add(group, seq, False, idx, values, errors,
-                             len(values) - len(errors), len(errors), starts)
+                             len(values) - len(errors), len(errors), timed and starts)
                     prog_i[1] = -1  # between items: a death now is not this item's fault
                     self.flush()
                     values, errors, done, first = [], {}, [], i
@@ -699,7 +701,8 @@ class Runner:
                     now = monotonic()  # (the flush was neither item's time)
                 self.idx = prog_i[1] = i
                 prog_t[2] = now
-                mark(now)
+                if timed:
+                    mark(now)
                 try:
                     if not star:
                         append(fn(args))
@@ -716,7 +719,7 @@ class Runner:
             end_lines((sys.stdout, sys.stderr))
             idx = done if skip else range(first, len(items))
             self.add(group, seq, True, idx, values, errors, len(values) - len(errors),
-                     len(errors), starts)
+                     len(errors), timed and starts)
         finally:
             prog_i = self.prog_i
             prog_i[0] = prog_i[1] = -1
@@ -738,8 +741,7 @@ class Runner:
                         f"job {group} was cancelled while this task was running"), "", pid)
         heads, batches = self.pending.setdefault(group, ([], []))
         heads.append((seq, final, indices, n_ok, n_err))
-        batches.append((indices, values, errors,
-                        array("d", times).tobytes() if times is not None else None))
+        batches.append((indices, values, errors, array("d", times).tobytes() if times else None))
 
 
 class _CancelInterrupt(KeyboardInterrupt):
