@@ -49,6 +49,8 @@ from .errors import (
 )
 from .keys import Keys
 from .limits import Limits
+from .outcomes import MISSING, cancel_future as _cancel, cancel_ref as _cancel_ref
+from .outcomes import failures as _failures, force_cancel as _force_cancel, place as _place
 from .resp import Connection, ConnectionLost, NoScriptError, RedisError
 from . import payloads
 from .protocol import (Assembler, LostChunk, decode_batches, decode_message, encode_chunk,
@@ -161,59 +163,11 @@ class MinirayFuture(Future):
                 self._state = "RUNNING"
 
 
-_MISSING = object()
+_MISSING = MISSING  # a map chunk's item not delivered yet
 
 
 def _deref(held):
     return held() if isinstance(held, weakref.ref) else held
-
-
-def _cancel(fut: Future) -> bool:
-    """Cancel ``fut`` and tell its waiters: ``wait()`` and ``as_completed()`` only hear of a
-    cancellation through ``set_running_or_notify_cancel``, as executors do it."""
-    if not Future.cancel(fut):
-        return False
-    with fut._condition:
-        notified = fut._state == "CANCELLED_AND_NOTIFIED"
-    if not notified:
-        fut.set_running_or_notify_cancel()
-    return True
-
-
-def _force_cancel(fut: Future) -> bool:
-    """Cancel ``fut`` even if it runs (its job was cancelled: the task is interrupted)."""
-    with fut._condition:
-        if fut._state == "RUNNING":
-            fut._state = "PENDING"
-    return _cancel(fut)
-
-
-def _failures(errors) -> int:
-    """How many of these item errors are failures (a cancelled job's are cancellations)."""
-    return sum(1 for e in errors if not isinstance(e, JobCancelledError))
-
-
-def _cancel_ref(ref: "_Ref") -> None:
-    """Cancel a chunk's future; the items of a ``map_futures`` chunk that had delivered
-    keep their outcome."""
-    items = getattr(ref.future, "_items", None)
-    values = ref.values
-    if items is not None and values is not None:
-        errors = ref.errors or {}
-        for i, v in enumerate(values):
-            if v is _MISSING:
-                continue
-            try:
-                if i in errors:
-                    if isinstance(errors[i], JobCancelledError):
-                        _force_cancel(items[i])
-                    else:
-                        items[i].set_exception(errors[i])
-                else:
-                    items[i].set_result(v)
-            except Exception:  # (settled meanwhile)
-                pass
-    _force_cancel(ref.future)
 
 
 class _Ref:
@@ -1236,17 +1190,6 @@ def _decorate(exc, tb: str, task: int, job: str, worker: str, host: str, pid) ->
         if note not in (getattr(exc, "__notes__", None) or ()):
             exc.add_note(note)
     return exc
-
-
-def _place(items: list, indices, worker, host, slot, times) -> None:
-    """Tell the futures of a ``map_futures`` chunk's items that came in where they ran and,
-    when known, when (``times``: (start, end) per index, see ``protocol.item_times``)."""
-    for k, i in enumerate(indices):
-        f = items[i]
-        if f.worker is None:  # (the first outcome of an item is the one it keeps)
-            f.worker, f.host, f.slot = worker, host, slot
-            if times is not None:
-                f.started_at, f.finished_at = times[k]
 
 
 def _split_chunk(chunk: Future, items: list) -> None:
