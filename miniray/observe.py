@@ -189,7 +189,7 @@ def format_status(workers: list, jobs: list, now: float | None = None) -> str:
         created, finished = j.get("created"), j.get("finished")
         duration = None if not created else (finished or now) - created
         name = repr(j["name"])
-        jrows.append([j["job"], name if len(name) <= 40 else name[:38] + "…'", status,
+        jrows.append([j["job"], name if len(name) <= 40 else name[:38] + "…" + name[0], status,
                       j["queued"], j["running"], j["done"], j["failed"], j["cancelled"],
                       _local_time(created, now), format_duration(duration)])
     out.append(f"jobs: {len(jobs)}")
