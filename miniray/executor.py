@@ -112,7 +112,26 @@ class MinirayFuture(Future):
         self.worker = None
         self.host = None
         self.slot = None
-        self.started_at = self.finished_at = None
+        self._times = None  # the worker's timing: its bytes, read on demand, or (start, end)
+
+    @property
+    def started_at(self) -> float | None:
+        """When the task started on its worker (epoch seconds on its clock), or None."""
+        return self._when()[0]
+
+    @property
+    def finished_at(self) -> float | None:
+        """When the task ended on its worker (epoch seconds on its clock), or None."""
+        return self._when()[1]
+
+    def _when(self) -> tuple:
+        t = self._times
+        if t is None:
+            return None, None
+        if type(t) is bytes:  # (decoded when asked: not on every result's path)
+            pairs = item_times(t, 1)
+            t = self._times = pairs[0] if pairs else (None, None)
+        return t
 
     def _want(self) -> None:
         """Someone will wait for this future without reading results: the executor's results
@@ -914,9 +933,7 @@ class Executor(_BaseExecutor):
                 elif not isinstance(errors[0], JobCancelledError):
                     tally[1] += 1
                 fut = ref.future
-                fut.slot = slot
-                if times is not None:
-                    fut.started_at, fut.finished_at = (item_times(times, 1) or [(None, None)])[0]
+                fut.slot, fut._times = slot, times
                 self._complete(ref, (1, errors[0]) if errors else (OK, values[0]), worker, host)
         else:
             vals = ref.values

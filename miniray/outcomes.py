@@ -69,4 +69,4 @@ def place(items: list, indices, worker, host, slot, times) -> None:
         if f.worker is None:  # (the first outcome of an item is the one it keeps)
             f.worker, f.host, f.slot = worker, host, slot
             if times is not None:
-                f.started_at, f.finished_at = times[k]
+                f._times = times[k]  # (start, end): see MinirayFuture.started_at

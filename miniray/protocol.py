@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from array import array
 import struct
 import threading
 from dataclasses import dataclass
@@ -323,8 +324,6 @@ def item_times(times, n: int):
     seconds, one per value; None when the batch has none (or not ``n``)."""
     if not times:
         return None
-    from array import array
-
     t = array("d")
     t.frombytes(times)
     if len(t) != n + 2:
