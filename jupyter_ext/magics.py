@@ -16,7 +16,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
 
 import miniray
-from miniray.observe import ClusterView, format_gpu
+from miniray.observe import ClusterView
 
 from .cell import cell_filename, check_items, check_sendable, compile_cell
 from .logs import format_line
@@ -305,21 +305,7 @@ class MinirayMagics(Magics):
     def _cmd_status(self, rest):
         if rest:
             raise UsageError("usage: %miniray status")
-        view = self._cluster()
-        workers, jobs = view.workers(), view.jobs()
-        names = {j["job"]: j["name"] for j in jobs}  # the GPU lines name their holding jobs
-        print(f"workers: {len(workers)}")
-        for w in sorted(workers, key=lambda w: w.get("name", "")):
-            gpus = w.get("gpus") or []
-            print(f"  {w.get('name')}  host={w.get('host')}  busy={w.get('busy', 0)}/"
-                  f"{w.get('slots')}  tasks_done={w.get('tasks_done', 0)}"
-                  f"  gpus={len(gpus) or 'none'}")
-            for g in gpus:
-                print(f"      {format_gpu(g, names)}")
-        print(f"jobs: {len(jobs)}")
-        for j in jobs:
-            print(f"  {j['name']!r}  state={j['state']}  done={j['done']} failed={j['failed']} "
-                  f"running={j['running']} queued={j['queued']} cancelled={j['cancelled']}")
+        print(self._cluster().status())  # the text of `miniray status` (observe.format_status)
 
     def _find_run(self, job):
         for run in reversed(self.runs):

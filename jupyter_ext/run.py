@@ -1,9 +1,9 @@
 """One running ``%%miniray map``: its executor, item futures, progress model, logs and view.
 
 A ``MapRun`` is also the handle ``--bg`` returns: ``result()``, ``results()``, ``progress()``,
-``cancel()``, ``done()``, ``wait()``, ``logs()``; it displays as the live widget, and when the
-map ends ``leave_snapshot()`` replaces that display with the final state as static HTML (what a
-saved notebook keeps).
+``cancel()``, ``done()``, ``wait()``, ``logs()``, ``timings()``; it displays as the live
+widget, and when the map ends ``leave_snapshot()`` replaces that display with the final state
+as static HTML (what a saved notebook keeps).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import time
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FuturesTimeout
 from concurrent.futures import wait as wait_futures
+from typing import NamedTuple
 
 import miniray
 
@@ -22,7 +23,7 @@ from .logs import LogBuffer
 from .progress import MapProgress
 from .tracebacks import item_error
 
-__all__ = ["MapRun", "MISSING"]
+__all__ = ["MapRun", "MISSING", "Timing"]
 
 #: what ``results()`` puts in place of an item that failed or never ran (cancelled)
 MISSING = None
@@ -41,6 +42,29 @@ def _display_parent():
         return None
     pub = getattr(get_ipython(), "display_pub", None)
     return getattr(pub, "parent_header", None)
+
+_IDLE_WAIT_SECONDS = 4.0  # after a cancel: the most the view waits for the lanes to go idle
+
+
+def _without_job(worker: dict, job: str) -> dict:
+    """A heartbeat with the slots it shows on ``job`` idle (the job has ended)."""
+    jobs = worker.get("jobs") or []
+    mine = sum(1 for j in jobs if j == job)
+    if not mine:
+        return worker
+    return {**worker, "busy": max(0, worker.get("busy", 0) - mine),
+            "jobs": [j for j in jobs if j != job]}
+
+
+class Timing(NamedTuple):
+    """When and where one item ran: epoch seconds measured on its worker (``slot``: the
+    worker's slot index; an item ends where the slot's next item starts)."""
+
+    item: int
+    worker: str
+    slot: int | None
+    start: float
+    end: float
 
 
 class MapRun:
@@ -169,10 +193,22 @@ class MapRun:
         while self._log_thread.is_alive() and time.monotonic() < deadline:
             self._render()
             self._log_thread.join(_UPDATE_SECONDS)
-        try:  # the heartbeats after the last item show the workers idle again
-            self.model.set_workers(ex.workers())
-        except Exception:
-            pass
+        # the lanes end as the workers are now: after a cancel, the heartbeats that show the
+        # interrupted tasks gone (a few seconds at most); every item has ended, so a slot a
+        # heartbeat still shows on this map (sent before its last item ended) is idle
+        deadline = time.monotonic() + (_IDLE_WAIT_SECONDS if self._cancel_requested else 0)
+        while True:
+            try:
+                workers = ex.workers()
+            except Exception:
+                break
+            if time.monotonic() >= deadline or not any(self.job in (w.get("jobs") or ())
+                                                       for w in workers):
+                self.model.set_workers([_without_job(w, self.job) for w in workers])
+                break
+            self.model.set_workers(workers)
+            self._render()
+            time.sleep(_WORKERS_SECONDS / 4)
         self._render()
         self.view.finish()
         self.leave_snapshot()
@@ -260,6 +296,15 @@ class MapRun:
         s = self.model.snapshot()
         return {k: s[k] for k in ("state", "total", "done", "failed", "cancelled", "running",
                                   "queued", "rate", "eta", "elapsed")}
+
+    def timings(self) -> list:
+        """``Timing(item, worker, slot, start, end)`` of every finished item (done or failed),
+        in item order: for stragglers, per-slot timelines, a DataFrame
+        (``pandas.DataFrame(run.timings())``). Items that were cancelled or whose task
+        process died have none."""
+        return [Timing(i, f.worker, f.slot, f.started_at, f.finished_at)
+                for i, f in enumerate(self.futures)
+                if f.done() and not f.cancelled() and f.started_at is not None]
 
     def logs(self, worker: str | None = None, last: int = 200) -> list:
         """The latest captured log lines (``miniray.LogLine``) of this map."""

@@ -142,18 +142,33 @@ local function go_idle(waiter, score)
   end
 end
 local function requeue(job, entry)
-  -- put a chunk back at the front of its job's queue, if the job still wants it
+  -- put a chunk back at the front of its job's queue, if the job still wants it. Outcomes
+  -- its holder reported before it was lost (``d<chunk>``/``f<chunk>`` in attempts:) are
+  -- reported again by the rerun: they leave the counters now (kept as ``sd``/``sf``, for
+  -- a lost holder that comes back and finishes the chunk itself: see complete), so that
+  -- every item is counted once
   local jk = K('job', job)
   local meta = redis.call('HMGET', jk, 'state', 'priority', unpack(REQ))
   local chunk, nframes, items = parse(entry)
+  local ak = K('attempts', job)
+  local part = redis.call('HMGET', ak, 'd' .. chunk, 'f' .. chunk)
+  local d, f = tonumber(part[1]) or 0, tonumber(part[2]) or 0
   if meta[1] ~= 'open' then
     redis.call('HDEL', K('tasks', job), unpack(payload_fields(chunk, nframes)))
-    redis.call('HINCRBY', jk, 'running', -items)
+    -- (a cancelled job's running items were counted as cancelled when it was cancelled)
+    if meta[1] ~= 'cancelled' then redis.call('HINCRBY', jk, 'running', -(items - d - f)) end
     return 0
+  end
+  if d + f > 0 then
+    redis.call('HDEL', ak, 'd' .. chunk, 'f' .. chunk)
+    redis.call('HINCRBY', ak, 'sd' .. chunk, d)
+    redis.call('HINCRBY', ak, 'sf' .. chunk, f)
+    redis.call('HINCRBY', jk, 'done', -d)
+    redis.call('HINCRBY', jk, 'failed', -f)
   end
   redis.call('LPUSH', K('q', job), entry)
   redis.call('ZADD', K('jobs'), meta[2], job)
-  redis.call('HINCRBY', jk, 'running', -items)
+  redis.call('HINCRBY', jk, 'running', -(items - d - f))
   redis.call('HINCRBY', jk, 'queued', items)
   wake(1, requirements(meta[3], meta[4], meta[5], meta[6], meta[7]))
   return 1
@@ -332,34 +347,59 @@ local nparts = tonumber(ARGV[6])
 local jk = K('job', job)
 -- nil when the job is gone (it expired with its executor): nothing is counted or sent, and
 -- no key of the job is made again (it would have no TTL)
-local meta = redis.call('HMGET', jk, 'client', 'grace')
+local meta = redis.call('HMGET', jk, 'client', 'grace', 'state')
 local client = meta[1]
+-- a cancelled job's unfinished items were counted as cancelled when it was cancelled, and its
+-- client cancelled their futures: what its tasks report now is neither counted nor sent
+if meta[3] == 'cancelled' then client = nil end
 -- unread results live as long as the job would without its client (its grace), not a day
 local ttl = meta[2] or ARGV[4]
-local done, failed = 0, 0
+local ak = K('attempts', job)
+local done, failed, reported = 0, 0, 0
 for i = 9 + nparts, #ARGV, 4 do
   local entry = ARGV[i]
   local chunk, nframes, items = parse(entry)
+  local nd, nf = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  reported = reported + nd + nf
   local counts = true
+  local field = job .. '/' .. chunk
   if ARGV[i + 3] == '1' then
-    if redis.call('HDEL', K('wip', wid), job .. '/' .. chunk) == 0 then
+    if redis.call('HDEL', K('wip', wid), field) == 0 then
       -- we were taken for dead and the chunk was requeued
       if redis.call('LREM', K('q', job), 1, entry) == 1 then
-        -- its copy never ran: undo the requeue's bookkeeping and count this run
+        -- its copy never ran: undo the requeue's bookkeeping and count this run, with what
+        -- it reported before (taken out of the counters by the requeue) and since
         if client then
           redis.call('HINCRBY', jk, 'queued', -items)
           redis.call('HINCRBY', jk, 'running', items)
+          local s = redis.call('HMGET', ak, 'sd' .. chunk, 'sf' .. chunk)
+          nd, nf = nd + (tonumber(s[1]) or 0), nf + (tonumber(s[2]) or 0)
         end
       else
         counts = false  -- another worker took the copy; its run is the one counted
       end
     end
     redis.call('HDEL', K('tasks', job), unpack(payload_fields(chunk, nframes)))
+  elseif client and nd + nf > 0 then  -- a part of a chunk (a slow one), still running
+    if redis.call('HEXISTS', K('wip', wid), field) == 1 then
+      -- remembered, so that a rerun (after this worker is lost) does not count it twice
+      redis.call('HINCRBY', ak, 'd' .. chunk, nd)
+      redis.call('HINCRBY', ak, 'f' .. chunk, nf)
+    else  -- taken for dead: counted only if this run ends up the one that counts (above)
+      redis.call('HINCRBY', ak, 'sd' .. chunk, nd)
+      redis.call('HINCRBY', ak, 'sf' .. chunk, nf)
+      counts = false
+    end
   end
   if counts then
-    done = done + tonumber(ARGV[i + 1])
-    failed = failed + tonumber(ARGV[i + 2])
+    done = done + nd
+    failed = failed + nf
   end
+end
+-- the worker's tasks_done (items it finished: not those a cancel interrupted), live: its
+-- heartbeat's info would be a second late
+if reported > 0 and meta[3] ~= 'cancelled' and redis.call('EXISTS', K('worker', wid)) == 1 then
+  redis.call('HINCRBY', K('worker', wid), 'tasks_done', reported)
 end
 if client then
   redis.call('HINCRBY', jk, 'running', -(done + failed))
@@ -398,9 +438,18 @@ for _, e in ipairs(entries) do local c, f, n = parse(e); items = items + n end
 redis.call('DEL', K('q', job), K('tasks', job))
 redis.call('ZREM', K('jobs'), job)
 if redis.call('EXISTS', jk) == 1 then
+  local moved = items
+  if ARGV[3] == 'cancelled' then
+    -- its running tasks are interrupted and their futures cancelled: they count as
+    -- cancelled now (complete counts nothing of a cancelled job), so running ends at 0
+    local running = tonumber(redis.call('HGET', jk, 'running') or '0') or 0
+    if running > 0 then moved = moved + running end
+    local t = redis.call('TIME')
+    redis.call('HSET', jk, 'running', 0, 'finished', t[1] .. '.' .. string.format('%06d', t[2]))
+  end
   redis.call('HSET', jk, 'state', ARGV[3])
   redis.call('HINCRBY', jk, 'queued', -items)
-  redis.call('HINCRBY', jk, 'cancelled', items)
+  redis.call('HINCRBY', jk, 'cancelled', moved)
   event(job, ARGV[4], 'kind', ARGV[3], 'count', items)
 end
 return entries
@@ -441,10 +490,15 @@ for _, wid in ipairs(dead) do
     if tries > max_retries then
       local c, nframes, items = parse(entry)
       redis.call('HDEL', K('tasks', job), unpack(payload_fields(chunk, nframes)))
-      redis.call('HINCRBY', jk, 'running', -items)
-      redis.call('HINCRBY', jk, 'failed', items)
-      local client = redis.call('HGET', jk, 'client')
+      local meta = redis.call('HMGET', jk, 'client', 'state')
+      local part = redis.call('HMGET', K('attempts', job), 'd' .. chunk, 'f' .. chunk)
+      -- the items not reported yet fail (WorkerLostError); a cancelled job counted them
+      local rest = items - (tonumber(part[1]) or 0) - (tonumber(part[2]) or 0)
+      local client = meta[1]
+      if meta[2] == 'cancelled' then client = nil end
       if client then
+        redis.call('HINCRBY', jk, 'running', -rest)
+        redis.call('HINCRBY', jk, 'failed', rest)
         redis.call('RPUSH', K('res', client), 'L' .. job .. '|' .. chunk .. '|' .. wid)
         redis.call('EXPIRE', K('res', client), ARGV[5])
       end

@@ -23,12 +23,6 @@ def _client(url):
     return r, Broker(r, s.namespace)
 
 
-def _fmt_bytes(n) -> str:
-    from .observe import format_bytes
-
-    return format_bytes(n)
-
-
 def cmd_up(args) -> int:
     from .local import LocalCluster
 
@@ -51,30 +45,7 @@ def cmd_status(args) -> int:
     from . import observe
 
     r, b = _client(args.redis)
-    workers = observe.list_workers(r, b.keys)
-    jobs = observe.list_jobs(r, b.keys)
-    names = {j["job"]: j["name"] for j in jobs}  # the GPU lines name their holding jobs
-    print(f"workers: {len(workers)}")
-    for w in workers:
-        gpus = w.get("gpus") or []
-        print(f"  {w.get('name')}  host={w.get('host')}  slots={w.get('busy', 0)}/{w.get('slots')}"
-              f"  cpu={w.get('cpu_percent', 0):.0f}%  ram={_fmt_bytes(w.get('ram_used'))}"
-              f"/{_fmt_bytes(w.get('ram_total'))}  done={w.get('tasks_done', 0)}"
-              f"  gpus={len(gpus) or 'none'}")
-        for g in gpus:  # index, name, util, memory, temperature, holding job / idle
-            print(f"      {observe.format_gpu(g, names)}")
-        t = w.get("triton")
-        if t:  # the node's Triton server (worker --triton)
-            error = (t.get("error") or "").split("\n")[0]
-            print(f"      triton {'ready' if t.get('ready') else 'NOT READY'} {t.get('url')}"
-                  f"{'' if t.get('managed') else ' (attached)'}"
-                  f"  models={','.join(t.get('models') or []) or '-'}"
-                  f"  restarts={t.get('restarts', 0)}{'  ' + error if error else ''}")
-    print(f"jobs: {len(jobs)}")
-    for j in jobs:
-        print(f"  {j['job']}  {j['name']!r}  state={j['state']}  priority={j['priority']}  "
-              f"queued={j['queued']} running={j['running']} done={j['done']} "
-              f"failed={j['failed']} cancelled={j['cancelled']}")
+    print(observe.format_status(observe.list_workers(r, b.keys), observe.list_jobs(r, b.keys)))
     return 0
 
 

@@ -49,9 +49,12 @@ from .errors import (
 )
 from .keys import Keys
 from .limits import Limits
+from .outcomes import MISSING, cancel_future as _cancel, cancel_ref as _cancel_ref
+from .outcomes import failures as _failures, force_cancel as _force_cancel, place as _place
 from .resp import Connection, ConnectionLost, NoScriptError, RedisError
 from . import payloads
-from .protocol import Assembler, LostChunk, decode_batches, decode_message, encode_chunk
+from .protocol import (Assembler, LostChunk, decode_batches, decode_message, encode_chunk,
+                       item_times)
 from .serialization import dumps, dumps_call, dumps_function
 
 __all__ = ["Executor", "MinirayFuture"]
@@ -86,7 +89,11 @@ class _Waiters(list):
 
 
 class MinirayFuture(Future):
-    """A ``concurrent.futures.Future`` that knows its task: ``task_id``, ``job``, ``host``.
+    """A ``concurrent.futures.Future`` that knows its task: ``task_id``, ``job``; once it
+    has run, ``worker`` (its id), ``host`` and ``slot`` (the worker's slot index; None for an
+    outcome the worker itself reported, e.g. a crash), and ``started_at``/``finished_at``
+    (epoch seconds on the worker's clock, for a ``submit`` and each ``map_futures`` item;
+    None when unknown: a crash, a cancel, a plain ``map``'s chunk).
 
     A thread that waits in ``result()`` or ``exception()`` reads the results itself while no
     other thread does (no hand-off from a results thread on the latency path); callbacks,
@@ -104,6 +111,27 @@ class MinirayFuture(Future):
         self.job = executor.job_id if executor is not None else None
         self.worker = None
         self.host = None
+        self.slot = None
+        self._times = None  # the worker's timing: its bytes, read on demand, or (start, end)
+
+    @property
+    def started_at(self) -> float | None:
+        """When the task started on its worker (epoch seconds on its clock), or None."""
+        return self._when()[0]
+
+    @property
+    def finished_at(self) -> float | None:
+        """When the task ended on its worker (epoch seconds on its clock), or None."""
+        return self._when()[1]
+
+    def _when(self) -> tuple:
+        t = self._times
+        if t is None:
+            return None, None
+        if type(t) is bytes:  # (decoded when asked: not on every result's path)
+            pairs = item_times(t, 1)
+            t = self._times = pairs[0] if pairs else (None, None)
+        return t
 
     def _want(self) -> None:
         """Someone will wait for this future without reading results: the executor's results
@@ -154,23 +182,11 @@ class MinirayFuture(Future):
                 self._state = "RUNNING"
 
 
-_MISSING = object()
+_MISSING = MISSING  # a map chunk's item not delivered yet
 
 
 def _deref(held):
     return held() if isinstance(held, weakref.ref) else held
-
-
-def _cancel(fut: Future) -> bool:
-    """Cancel ``fut`` and tell its waiters: ``wait()`` and ``as_completed()`` only hear of a
-    cancellation through ``set_running_or_notify_cancel``, as executors do it."""
-    if not Future.cancel(fut):
-        return False
-    with fut._condition:
-        notified = fut._state == "CANCELLED_AND_NOTIFIED"
-    if not notified:
-        fut.set_running_or_notify_cancel()
-    return True
 
 
 class _Ref:
@@ -267,13 +283,20 @@ class Executor(_BaseExecutor):
         self._last_submit = 0.0
         self._refs: dict[int, _Ref] = {}
         self._next_task = 0  # task ids: submit order, and a map item's position
+        # this job's items that ended done and failed (the rest of its items, once all have
+        # ended, were cancelled): the client settles every item, so its tally is the one
+        # written to the job's counters when it ends (see _final_counts)
+        self._tally = [0, 0]
+        self._n_items = 0  # this job's items submitted
         self._chunk_ids = itertools.count()
         self._functions: collections.OrderedDict = collections.OrderedDict()  # id -> (fn, sha)
         self._fn_upload: dict[str, bytes] = {}  # pickled functions not yet in Redis
         self._fn_fresh: dict[str, float] = {}  # sha -> when its TTL was last renewed
         self._shutdown = False
         self._broken: BaseException | None = None
-        self._job_cancelled = False  # cancel(): the next submission starts a new job
+        # cancel() or `miniray cancel`: the job stays "cancelled", and the next submission
+        # starts a new job
+        self._job_cancelled = False
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         self._init_sha = (self._function(functools.partial(initializer, *initargs))
@@ -365,7 +388,8 @@ class Executor(_BaseExecutor):
             batch = list(itertools.islice(items, chunksize))
             if not batch:
                 return out
-            frames = dumps(("m1", batch), what="arguments")
+            # "t": its items' timings travel back (a plain map's chunks skip that cost)
+            frames = dumps(("m1t", batch), what="arguments")
             start = self._take_task_ids(len(batch))
             chunk = MinirayFuture(self, start)
             mine = [MinirayFuture(None, start + i) for i in range(len(batch))]
@@ -399,6 +423,7 @@ class Executor(_BaseExecutor):
             while self._flushing:  # (a send to the old job lands before the switch)
                 self._wakeup.wait(0.1)
             self._job_cancelled = False
+            self._tally, self._n_items = [0, 0], 0
             self._jobs_made += 1
             self.job_id = f"{self.client_id}.{self._jobs_made}"
             self._events_seen = "0-0"
@@ -458,6 +483,7 @@ class Executor(_BaseExecutor):
                 # before runs, or is cancelled by cancel_futures, like every other task)
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._refs[ref.chunk] = ref
+            self._n_items += count
             wanted = future._wanted  # a callback was added before it was sent (map_futures)
             # A lone submit is sent from here (no thread hand-off on the latency path); a
             # burst queues for the flusher thread, which sends it in a few pipelines.
@@ -572,6 +598,7 @@ class Executor(_BaseExecutor):
                 pass  # (they go with the job)
             with self._lock:
                 self._refs.pop(ref.chunk, None)
+                self._tally[1] += ref.count
             try:
                 ref.future.set_exception(payloads.refused(size, "task's arguments", refused))
             except Exception:  # cancelled meanwhile
@@ -777,6 +804,7 @@ class Executor(_BaseExecutor):
             self._jobs_made += 1
             self.job_id = f"{self.client_id}.{self._jobs_made}"
             self._events_seen = "0-0"
+            self._tally, self._n_items = [0, 0], 0
         pipe = broker.r.pipeline()
         broker.cancel_job(job, "orphaned", self._settings.event_stream_maxlen, pipe=pipe)
         pipe.command("DEL", self.keys.results(self.client_id))
@@ -907,16 +935,18 @@ class Executor(_BaseExecutor):
         if not any(refs):
             return  # duplicates after a retry, or cancelled tasks
         if isinstance(blob, Exception):  # another protocol version: fail what it was for
-            batches = [(None, [], {-1: (blob, "", header.pid)})] * len(refs)
+            batches = [(None, [], {-1: (blob, "", header.pid)}, None)] * len(refs)
         else:  # a value that cannot be unpickled here fails only its own item
             batches = decode_batches(blob, header.host,
                                      [None if ref is None else ref.start for ref in refs])
-        for ref, (_, final), (indices, values, errors) in zip(refs, header.chunks, batches):
+        for ref, (_, final), (indices, values, errors, times) in zip(refs, header.chunks,
+                                                                     batches):
             if ref is not None:
                 self._settle(ref, indices, values, errors, final, header.worker, header.host,
-                             header.pid)
+                             header.pid, times, header.slot)
 
-    def _settle(self, ref: _Ref, indices, values, errors, final, worker, host, pid) -> None:
+    def _settle(self, ref: _Ref, indices, values, errors, final, worker, host, pid,
+                times=None, slot=None) -> None:
         if -1 in errors:  # one error for every item not delivered yet
             err = errors.pop(-1)
             if ref.is_map:
@@ -927,9 +957,16 @@ class Executor(_BaseExecutor):
             errors = {i: err for i in indices}
         for i, (exc, tb, epid) in errors.items():
             errors[i] = _decorate(exc, tb, ref.start + i, self.job_id, worker, host, epid or pid)
+        tally = self._tally
         if not ref.is_map:
             if ref.left and (values or errors):
                 ref.left = 0
+                if not errors:
+                    tally[0] += 1
+                elif not isinstance(errors[0], JobCancelledError):
+                    tally[1] += 1
+                fut = ref.future
+                fut.slot, fut._times = slot, times
                 self._complete(ref, (1, errors[0]) if errors else (OK, values[0]), worker, host)
         else:
             vals = ref.values
@@ -937,6 +974,9 @@ class Executor(_BaseExecutor):
                 vals[indices.start:indices.stop] = values  # the common case: one slice
                 ref.left -= len(indices)
                 ref.errors.update(errors)
+                tally[0] += len(indices) - len(errors)
+                if errors:
+                    tally[1] += _failures(errors.values())
             else:
                 for k, i in enumerate(indices):
                     if vals[i] is _MISSING:
@@ -944,6 +984,12 @@ class Executor(_BaseExecutor):
                         ref.left -= 1
                         if i in errors:
                             ref.errors[i] = errors[i]
+                            tally[1] += _failures((errors[i],))
+                        else:
+                            tally[0] += 1
+            items = getattr(ref.future, "_items", None)
+            if items is not None:  # map_futures: each item's future says where and when
+                _place(items, indices, worker, host, slot, item_times(times, len(values)))
             if ref.left <= 0:
                 self._complete(ref, (OK, (vals, ref.errors)), worker, host)
         if ref.left <= 0:
@@ -1053,44 +1099,72 @@ class Executor(_BaseExecutor):
 
     def cancel(self) -> int:
         """Cancel the whole job now: queued tasks are dropped and running ones interrupted
-        (SIGINT, then killed). Their futures are cancelled. Returns how many were pending.
+        (SIGINT, then killed). Their futures are cancelled, running ones included (what a
+        ``map_futures`` chunk delivered before stays in its items' futures); the job's
+        counters then say what the futures say. Returns how many chunks were pending.
         The executor stays usable: what is submitted next runs as a new job."""
         with self._lock:
-            refs = list(self._refs.values())
-            self._outbox.clear()
-            self._refs.clear()
-            self._wakeup.notify_all()
-        self._poke_results_thread()
+            self._job_cancelled = True
+            self._outbox.clear()  # nothing more is sent; a batch being sent lands first
+            deadline = time.monotonic() + 5.0
+            while self._flushing and self._broken is None and time.monotonic() < deadline:
+                self._wakeup.wait(0.1)
         try:
             self._broker.cancel_job(self.job_id, "cancelled", self._settings.event_stream_maxlen)
         except RedisError:
             pass
-        self._job_cancelled = True
-        for r in refs:
-            _cancel(r.future)
-        self._wake_reader()
-        return len(refs)
+        return self._cancel_pending()
 
     def _cancelled_elsewhere(self) -> None:
         """The job was cancelled by someone else (``miniray cancel``): cancel its futures."""
-        self._job_cancelled = True
+        self._cancel_pending()
+
+    def _cancel_pending(self) -> int:
+        """Every future not settled yet ends cancelled (after the job was cancelled on the
+        server: no outcome is counted there after that); then the job's counters are set to
+        this client's tally, which every reader (``progress()``, ``miniray status``) shows."""
         with self._lock:
+            self._job_cancelled = True
             refs = list(self._refs.values())
             self._outbox.clear()
             self._refs.clear()
             self._wakeup.notify_all()
         self._poke_results_thread()
-        for r in refs:
-            _cancel(r.future)
         self._wake_reader()
+        # a reader delivering a message now finishes it first (it holds refs it looked up)
+        deadline = time.monotonic() + 2.0
+        while self._reader not in (None, threading.get_ident()) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        for r in refs:
+            _cancel_ref(r)
+        if self._broken is None:
+            try:
+                pipe = self._r.pipeline()
+                pipe.command("HSET", self.keys.job(self.job_id), *self._final_counts())
+                pipe.execute()
+            except RedisError:
+                pass
+        return len(refs)
+
+    def _final_counts(self) -> list:
+        """The job's counters as this client's futures say, for HSET: every item submitted
+        has ended (done, failed, or else cancelled)."""
+        done, failed = self._tally
+        total = self._n_items
+        return ["done", done, "failed", failed, "cancelled", max(0, total - done - failed),
+                "running", 0, "queued", 0]
 
     def _close_job(self) -> None:
         s, k, job = self._settings, self.keys, self.job_id
         try:
             pipe = self._r.pipeline()
-            if self._broken is None and not self._job_cancelled:  # (a cancelled job stays so)
+            # a cancelled job stays "cancelled", with the counters cancel() wrote
+            if self._broken is None and not self._job_cancelled:
                 self._await_reports()  # marked done after its last outcome has landed
-                pipe.command("HSET", k.job(job), "state", "done")
+                # every item has ended: the counters say what the futures say (see
+                # _final_counts)
+                pipe.command("HSET", k.job(job), *self._final_counts(), "state", "done",
+                             "finished", repr(time.time()))
             for key in (k.job(job), k.logs(job), k.events(job), k.attempts(job)):
                 pipe.command("EXPIRE", key, s.result_ttl_seconds)
             pipe.command("DEL", k.queue(job), k.tasks(job), k.client(self.client_id),
@@ -1109,7 +1183,8 @@ class Executor(_BaseExecutor):
 
     # -- observation (the notebook face uses these) ------------------------------------------
     def progress(self) -> dict:
-        """Counters of this job: queued, running, done, failed, cancelled, state."""
+        """This job's item counters (queued, running, done, failed, cancelled), ``state``,
+        ``status`` (in words) and more: see ``miniray.observe.job_progress``."""
         self._await_reports()
         return observe.job_progress(self._r, self.keys, self.job_id)
 
@@ -1173,15 +1248,19 @@ def _split_chunk(chunk: Future, items: list) -> None:
     """Hand a finished map chunk's outcome to its items' futures (``map_futures``)."""
     if chunk.cancelled():
         for f in items:
-            _cancel(f)
+            _force_cancel(f)  # (running ones too: the job was cancelled)
         return
     exc = chunk.exception()
     values, errors = (None, None) if exc is not None else chunk.result()
     for i, f in enumerate(items):
-        f.worker, f.host = chunk.worker, chunk.host
+        if f.worker is None:
+            f.worker, f.host = chunk.worker, chunk.host
         try:
-            if exc is not None or i in errors:
-                f.set_exception(exc if exc is not None else errors[i])
+            err = exc if exc is not None else errors.get(i) if errors else None
+            if isinstance(err, JobCancelledError):  # interrupted by the job's cancel
+                _force_cancel(f)
+            elif err is not None:
+                f.set_exception(err)
             else:
                 f.set_result(values[i])
         except Exception:  # the item's future was cancelled meanwhile

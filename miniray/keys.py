@@ -32,11 +32,14 @@ job:{job}                   hash    grace + 60 s,       executor; claim,  worker
 q:{job}                     list    with job            executor, reaper  claim script (LPOP)
 tasks:{job}                 hash    with job            executor          claim script (HMGET),
                                                                           worker (resends)
-attempts:{job}              hash    as job:{job}        reaper            reaper
+attempts:{job}              hash    as job:{job}        reaper; complete  reaper, release,
+                                                        (partial counts)  complete
 wip:{worker}                hash    none                claim script,     complete, reaper,
                                                         publish_one       release (on SIGTERM)
 workers                     zset    none (reaped)       heartbeat         reaper, status
-worker:{worker}             hash    3x dead timeout     heartbeat         status, the notebook
+worker:{worker}             hash    3x dead timeout     heartbeat;        status, the notebook
+                                                        complete
+                                                        (tasks_done)
 idle                        zset    none (popped;       task processes,   wake-ups (publish,
                                     reaper, release)    GPU slots         claim, requeue)
 wake:{worker}/{slot}        list    none (reaper,       wake-ups          that slot (BLMPOP)
@@ -59,6 +62,15 @@ triton:{server}:used        hash    none; fields go at  miniray.triton    the wo
                                     when a managed
                                     server starts/stops
 ==========================  ======  ==================  ================  =====================
+
+An ``attempts:{job}`` field is a chunk id (its reruns after its worker was lost), or
+``d``/``f`` + chunk id: the items of a chunk still running that its holder reported done/failed
+(a rerun reports them again: the requeue takes them out of the counters, keeping them as
+``sd``/``sf``, counted again only if the lost holder comes back and finishes the chunk).
+A ``worker:{worker}`` hash has ``info`` (the heartbeat's JSON), ``seen`` and ``tasks_done``
+(items the worker finished, counted by the complete script). A ``job:{job}`` hash has its
+spec, ``state``, ``created``/``finished`` (epoch seconds) and the item counters ``queued``,
+``running``, ``done``, ``failed``, ``cancelled`` (see ``miniray.observe``).
 
 ``{server}`` names one Triton server (``HOST:PORT`` of its HTTP endpoint, the worker's host for
 a loopback one); a ``used`` field is a model name, its value ``"<last use> <stale after>"`` in

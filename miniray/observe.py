@@ -1,6 +1,23 @@
 """Read-only views of a cluster: job progress, task events, log lines and worker heartbeats.
 
-These are the engine's public observation API; the notebook face and the CLI render them.
+These are the engine's public observation API; the notebook face and the CLI render them
+(``format_status`` is the text of both ``miniray status`` and ``%miniray status``).
+
+A job's counters (``job_progress``) count items: ``queued`` (waiting for a worker),
+``running``, ``done``, ``failed`` and ``cancelled`` (dropped before running, or interrupted
+by a cancel). Each item is counted once, when it ends, by the script that records its
+outcome; when a job ends, its executor (which settles every item's future) writes the final
+counters, so ``Executor.progress()``, ``miniray status`` and the notebook's widget agree.
+``status`` says where the job is in words: queued, running, done, failed (some items failed,
+or the job was given up: ``orphaned``, its client went silent) or cancelled.
+
+A worker's heartbeat (``list_workers``) has: ``name``, ``host``, ``pid``, ``slots``, ``busy``
+(slots running a task now), ``jobs`` (the job of each busy slot), ``tasks_done`` (items this worker finished, counted as each
+outcome is recorded), ``started`` (epoch seconds), ``cpus``; the machine's ``cpu_percent``,
+``ram_used`` and ``ram_total``; the worker's own ``proc_cpu_percent`` (the worker process and
+its task processes, 100 = one core busy) and ``proc_rss`` (their resident memory, bytes);
+``isolation``; ``gpus`` (one dict per GPU, see ``format_gpu``), ``triton`` when it has one;
+and ``seen`` (the server's time of the heartbeat).
 """
 
 from __future__ import annotations
@@ -12,9 +29,10 @@ from typing import Callable, Iterator, NamedTuple
 
 from .keys import Keys
 
-__all__ = ["LogLine", "Event", "format_bytes", "format_gpu", "gpu_jobs", "job_progress",
-           "iter_logs", "iter_events", "list_workers", "list_jobs", "follow_in_thread",
-           "ClusterView"]
+__all__ = ["LogLine", "Event", "format_bytes", "format_duration", "format_gpu",
+           "format_status", "gpu_jobs",
+           "job_progress", "job_status", "iter_logs", "iter_events", "list_workers",
+           "list_jobs", "follow_in_thread", "ClusterView"]
 
 _COUNTERS = ("queued", "running", "done", "failed", "cancelled")
 
@@ -92,6 +110,98 @@ def format_gpu(g: dict, job_names: dict | None = None) -> str:
     return "  ".join(parts)
 
 
+def format_duration(seconds) -> str:
+    """``75.3`` -> ``'1m15s'``: a job's duration, for people."""
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
+
+
+def _local_time(t, now: float) -> str:
+    if not t:
+        return "-"
+    lt = time.localtime(t)
+    same_day = time.localtime(now)[:3] == lt[:3]
+    return time.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M:%S", lt)
+
+
+def _table(header: list, rows: list, extra: dict | None = None) -> list:
+    """Rows of cells as aligned lines (indented by two); ``extra`` maps a row's index to
+    lines printed under it (a worker's GPUs)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    def line(cells):
+        return "  " + "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    out = [line(header)]
+    for i, r in enumerate(rows):
+        out.append(line(r))
+        out += (extra or {}).get(i, [])
+    return out
+
+
+def format_status(workers: list, jobs: list, now: float | None = None) -> str:
+    """The text of ``miniray status`` and ``%miniray status``: a table of the workers (busy
+    slots, items done, the worker's own CPU and memory, the machine's, GPUs) and one of the
+    jobs, newest first (id, name, state in words, counters, start in local time, duration)::
+
+        workers: 1
+          NAME  HOST  BUSY  TASKS DONE  CPU  MEMORY    MACHINE CPU  MACHINE RAM     GPUS
+          w0    vm    0/2   1000        0%   120.5 MB  12%          2.1 GB/7.8 GB   none
+        jobs: 1
+          JOB             NAME      STATE  QUEUED  RUNNING  DONE  FAILED  CANCELLED  STARTED ...
+          1a2b3c4d5e6f.0  'resize'  done   0       0        1000  0       0          14:52:01 ...
+    """
+    now = time.time() if now is None else now
+    names = {j["job"]: j["name"] for j in jobs}  # the GPU lines name their holding jobs
+    workers = sorted(workers, key=lambda w: (str(w.get("host", "")), str(w.get("name", ""))))
+    rows, extra = [], {}
+    for i, w in enumerate(workers):
+        gpus = w.get("gpus") or []
+        cpu = w.get("proc_cpu_percent")
+        rows.append([w.get("name", w.get("id", "?")), w.get("host", "?"),
+                     f"{w.get('busy', 0)}/{w.get('slots', '?')}", w.get("tasks_done", 0),
+                     "-" if cpu is None else f"{cpu:.0f}%",
+                     "-" if w.get("proc_rss") is None else format_bytes(w["proc_rss"]),
+                     f"{w.get('cpu_percent', 0):.0f}%",
+                     f"{format_bytes(w.get('ram_used'))}/{format_bytes(w.get('ram_total'))}",
+                     len(gpus) or "none"])
+        lines = [f"        {format_gpu(g, names)}" for g in gpus]
+        t = w.get("triton")
+        if t:  # the node's Triton server (worker --triton)
+            error = (t.get("error") or "").split("\n")[0]
+            lines.append(f"        triton {'ready' if t.get('ready') else 'NOT READY'} "
+                         f"{t.get('url')}{'' if t.get('managed') else ' (attached)'}"
+                         f"  models={','.join(t.get('models') or []) or '-'}"
+                         f"  restarts={t.get('restarts', 0)}{'  ' + error if error else ''}")
+        extra[i] = lines
+    out = [f"workers: {len(workers)}"]
+    if workers:
+        out += _table(["NAME", "HOST", "BUSY", "TASKS DONE", "CPU", "MEMORY", "MACHINE CPU",
+                       "MACHINE RAM", "GPUS"], rows, extra)
+    jrows, given_up = [], False
+    for j in jobs:
+        status = j.get("status") or job_status(j)
+        if j.get("state") == "orphaned":
+            status, given_up = "failed*", True
+        created, finished = j.get("created"), j.get("finished")
+        duration = None if not created else (finished or now) - created
+        name = repr(j["name"])
+        jrows.append([j["job"], name if len(name) <= 40 else name[:38] + "…" + name[0], status,
+                      j["queued"], j["running"], j["done"], j["failed"], j["cancelled"],
+                      _local_time(created, now), format_duration(duration)])
+    out.append(f"jobs: {len(jobs)}")
+    if jobs:
+        out += _table(["JOB", "NAME", "STATE", "QUEUED", "RUNNING", "DONE", "FAILED",
+                       "CANCELLED", "STARTED", "DURATION"], jrows)
+    if given_up:
+        out.append("  * given up: its client was silent longer than its grace "
+                   "(MINIRAY_CLIENT_GRACE_SECONDS)")
+    return "\n".join(out)
+
+
 def _d(v):
     return v.decode(errors="replace") if isinstance(v, bytes) else v
 
@@ -101,11 +211,39 @@ def _pairs(flat) -> dict:
     return {_d(flat[i]): _d(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
+def job_status(p: dict) -> str:
+    """A job's ``state`` (as the server keeps it: open, closing, done, cancelled, orphaned)
+    and counters in a word users know: queued, running, done, failed or cancelled."""
+    state = p.get("state")
+    if state == "cancelled":
+        return "cancelled"
+    if state == "orphaned":
+        return "failed"  # given up: its client went silent for its grace
+    if state in ("open", "closing"):
+        if p.get("running"):
+            return "running"
+        if p.get("queued"):
+            return "queued"
+    return "failed" if p.get("failed") else "done"
+
+
+def _float(v):
+    try:
+        return float(v) if v not in (None, "") else None
+    except ValueError:
+        return None
+
+
 def job_progress(r, keys: Keys, job: str) -> dict:
+    """A job's counters (see the module's docstring) with ``state``, ``status`` (in words),
+    ``name``, ``job`` (its id), ``priority``, ``created`` and ``finished`` (epoch seconds;
+    ``finished`` None while it runs)."""
     raw = _pairs(r.execute("HGETALL", keys.job(job)))
     out = {c: max(0, int(raw.get(c, 0) or 0)) for c in _COUNTERS}
     out.update(state=raw.get("state", "unknown"), name=raw.get("name", job), job=job,
-               priority=int(raw.get("priority", 0) or 0))
+               priority=int(raw.get("priority", 0) or 0), created=_float(raw.get("created")),
+               finished=_float(raw.get("finished")))
+    out["status"] = job_status(out)
     return out
 
 
@@ -133,6 +271,7 @@ def list_workers(r, keys: Keys) -> list[dict]:
         info = json.loads(h.get("info", "{}"))
         info["id"] = w
         info["seen"] = float(h.get("seen", 0))
+        info["tasks_done"] = int(h.get("tasks_done", 0) or 0)  # (live: see the complete script)
         out.append(info)
     return out
 
@@ -229,6 +368,10 @@ class ClusterView:
     def jobs(self, limit: int = 50) -> list[dict]:
         """The latest jobs, newest first (``job_progress`` dicts)."""
         return list_jobs(self._r, self.keys, limit)
+
+    def status(self) -> str:
+        """The workers and jobs as ``miniray status`` prints them (``format_status``)."""
+        return format_status(self.workers(), self.jobs())
 
     def find_job(self, job: str | None = None) -> str | None:
         """The id of the job with this id or name (the newest job when None), or None."""

@@ -15,8 +15,11 @@ joins each frame's fields back (``decode_chunk``).
 
 A *result message* (list ``res:{client}``) is ``b"R"`` + version + u32 header length +
 pickled :class:`ResultHeader` + a blob written by ``encode_batches``: a plain pickle of
-``(indices, values, errors, packed)`` batches, one per chunk in the header (``indices``:
-None, a list, or ``(start, stop)``; see ``taskproc``). Values of plain builtin types travel
+``(indices, values, errors, times)`` batches, one per chunk in the header (``indices``:
+None, a list, or ``(start, stop)``; see ``taskproc``). ``times`` (None when unknown) are the
+items' timings on the worker, as the bytes of an ``array('d')``: the worker's wall-clock
+offset (epoch seconds minus its monotonic clock), then each value's monotonic start, then
+the last one's end (an item ends where the next starts); ``item_times`` reads them. Values of plain builtin types travel
 inline; any other value (its position in ``packed``), and every exception, is pickled on its
 own inside the blob (``(stream, buffers)``, protocol 5), so the client unpickles it alone and
 a value it cannot unpickle (a class missing here) fails only its own item
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from array import array
 import struct
 import threading
 from dataclasses import dataclass
@@ -48,6 +52,7 @@ __all__ = [
     "encode_result",
     "encode_batches",
     "decode_batches",
+    "item_times",
     "decode_message",
     "Assembler",
     "LostChunk",
@@ -55,7 +60,8 @@ __all__ = [
 
 # 3: frames split into parts (a layout in the chunk head), result messages in parts, values
 #    pickled one by one, a version byte in result messages
-PROTOCOL_VERSION = 3
+# 4: per-item timings in each batch of a result message, the slot in its header
+PROTOCOL_VERSION = 4
 _HEAD = struct.Struct("!B32sQII")  # version, sha256 digest, first task index, item count,
 #                                    frames in the layout that follows (0: one field a frame)
 _U32 = struct.Struct("!I")
@@ -131,6 +137,7 @@ class ResultHeader(NamedTuple):  # a tuple: decoded for every result message
     host: str
     pid: int
     chunks: list  # [(chunk id, final)], one per batch in the blob
+    slot: int | None = None  # the worker's slot that ran them (None: the worker itself)
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,7 @@ def decode_message(msg):
         at = 1 + _RES.size
         if version == 0:  # protocol 2 had no version byte (its u32 length starts with 0)
             (n,), at = _U32.unpack_from(msg, 1), 1 + _U32.size
-        header = ResultHeader._make(pickle.loads(msg[at : at + n]))
+        header = ResultHeader(*pickle.loads(msg[at : at + n])[:5])  # (4 fields before v4)
         if version != PROTOCOL_VERSION:
             from .errors import MinirayError
 
@@ -281,17 +288,19 @@ def _dumps(obj) -> bytes:
 
 
 def encode_batches(batches, on_unpicklable=None) -> bytes:
-    """The blob of a result message: ``batches`` are ``(indices, values, errors)``, errors
-    mapping an item index (-1: every item left) to ``(exception, traceback, pid)``. A value
-    that cannot be pickled is handed to ``on_unpicklable(value, exc)``, whose return (an
-    exception) fails that item instead (without it, pickling's error is raised)."""
-    batches = [((i.start, i.stop) if type(i) is range else i, v, e) for i, v, e in batches]
+    """The blob of a result message: ``batches`` are ``(indices, values, errors[, times])``,
+    errors mapping an item index (-1: every item left) to ``(exception, traceback, pid)``,
+    times as the module's docstring says (bytes, or None). A value that cannot be pickled is
+    handed to ``on_unpicklable(value, exc)``, whose return (an exception) fails that item
+    instead (without it, pickling's error is raised)."""
+    batches = [((b[0].start, b[0].stop) if type(b[0]) is range else b[0], b[1], b[2],
+                b[3] if len(b) > 3 else None) for b in batches]
     try:
         return _dumps(batches)
     except Exception:
         if on_unpicklable is None:
             raise
-    for indices, values, errors in batches:  # find the culprits; each becomes an error
+    for indices, values, errors, _ in batches:  # find the culprits; each becomes an error
         positions = _positions(indices, len(values))
         for k, value in enumerate(values):
             try:
@@ -310,8 +319,21 @@ def _positions(indices, n: int) -> list:
     return list(indices)
 
 
+def item_times(times, n: int):
+    """A batch's ``times`` (see the module's docstring) as ``n`` (start, end) pairs of epoch
+    seconds, one per value; None when the batch has none (or not ``n``)."""
+    if not times:
+        return None
+    t = array("d")
+    t.frombytes(times)
+    if len(t) != n + 2:
+        return None
+    offset = t[0]
+    return [(t[k] + offset, t[k + 1] + offset) for k in range(1, n + 1)]
+
+
 def decode_batches(blob, host: str, starts: list) -> list:
-    """``encode_batches``'s inverse: ``[(indices, values, errors)]``, ``indices`` as a range,
+    """``encode_batches``'s inverse: ``[(indices, values, errors, times)]``, ``indices`` as a range,
     list or None; ``starts``: each batch's first task id. A value or exception that cannot
     be unpickled here fails its own item with ``SerializationError``; a blob that cannot be
     read at all fails every item."""
@@ -327,16 +349,16 @@ def decode_batches(blob, host: str, starts: list) -> list:
         err = SerializationError(
             f"cannot read a result message sent by {host}: {type(e).__name__}: {e}. The "
             "notebook and the workers may run different miniray versions.")
-        return [(None, [], {-1: (err, "", None)})] * len(starts)
+        return [(None, [], {-1: (err, "", None)}, None)] * len(starts)
     finally:
         _local.failures = None
     out = []
-    for (indices, values, errors), start in zip(batches, starts):
+    for (indices, values, errors, times), start in zip(batches, starts):
         if type(indices) is tuple:
             indices = range(*indices)
         if failures and start is not None:
             _single_out(indices, values, errors, start, host)
-        out.append((indices, values, errors))
+        out.append((indices, values, errors, times))
     return out
 
 

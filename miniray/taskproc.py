@@ -40,7 +40,8 @@ Task process -> worker::
     ("handoff", job, spec json, [(entry, frames)])      claimed, but needs other limits
 
 ``indices`` is a range, a list, or None for "every item not reported yet"; ``errors`` maps
-an item index to ``(exception, traceback, pid)``. The result message that goes to the client
+an item index to ``(exception, traceback, pid)``; each batch of outcomes carries its items'
+start times (one ``list.append`` per item; see ``protocol.item_times``). The result message that goes to the client
 is ``protocol.encode_result``'s (values one by one, in parts when big).
 """
 
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+from array import array
 import functools
 import logging
 import mmap
@@ -409,7 +411,7 @@ class Runner:
             return blob, chunks
         except PayloadTooLargeError as e:
             err = (e, "", self.pid)
-        for indices, values, errors in batches:
+        for indices, values, errors, _ in batches:
             for k, i in enumerate(range(len(values)) if indices is None else indices):
                 values[k] = None
                 errors.setdefault(i, err)
@@ -474,7 +476,8 @@ class Runner:
             blob = encode_batches(batches, _unpicklable)
             if len(blob) >= BIG:
                 blob, chunks = self.fit(blob, batches, chunks)
-            msg = encode_result(ResultHeader(h["worker_id"], h["host"], self.pid, header),
+            msg = encode_result(ResultHeader(h["worker_id"], h["host"], self.pid, header,
+                                             h["slot"]),
                                 blob, self.part_size(len(blob)))
             # straight to a client on this machine, then the report without it (see inbox)
             if len(msg) == 1 and self.sender.send(w.spec.get("inbox"), msg[0]):
@@ -601,8 +604,9 @@ class Runner:
         return fn
 
     def arguments(self, job, seq, frames) -> tuple:
-        """A chunk's ``(items, kwargs, star)``; an error that says so when its payload is not
-        one this version writes (all of the chunk fails: not this process)."""
+        """A chunk's ``(items, kwargs, star, timed)``; an error that says so when its payload
+        is not one this version writes (all of the chunk fails: not this process). ``timed``:
+        its items' timings are wanted (a submit's, a ``map_futures`` chunk's)."""
         try:
             kind, *payload = pickle.loads(frames[0], buffers=frames[1:])
         except ImportError:  # a module the worker lacks: the user's error, as it is
@@ -612,11 +616,12 @@ class Runner:
         count = self.held[seq].count
         if kind == "s" and len(payload) == 2 and type(payload[0]) in _SEQ \
                 and type(payload[1]) is dict and count == 1:
-            return [payload[0]], payload[1], True
-        # "m": tuples of arguments; "m1": one argument each (map over one iterable)
-        if kind in ("m", "m1") and len(payload) == 1 and type(payload[0]) in _SEQ \
+            return [payload[0]], payload[1], True, True
+        # "m": tuples of arguments; "m1": one argument each (map over one iterable); "m1t":
+        # the same, timed
+        if kind in ("m", "m1", "m1t") and len(payload) == 1 and type(payload[0]) in _SEQ \
                 and len(payload[0]) == count:
-            return payload[0], None, kind == "m"
+            return payload[0], None, kind == "m", kind == "m1t"
         raise malformed(job, f"a chunk's arguments are {_short((kind, *payload))}, not the "
                         f"{count} item(s) its head announces")
 
@@ -664,13 +669,18 @@ class Runner:
                         self.add(group, seq, True, None, [], {-1: failed}, 0, -1)
                         return
                 fn = self.function(sha, group)
-                items, kwargs, star = self.arguments(group, seq, frames)
+                items, kwargs, star, timed = self.arguments(group, seq, frames)
             except BaseException as e:  # the whole chunk fails the same way
                 err = _portable_exc(e, task_traceback(e))
                 self.add(group, seq, True, None, [], {-1: err}, 0, -1)
                 return
             values, errors, done = [], {}, []
             append, prog_i, prog_t = values.append, self.prog_i, self.prog_t
+            # each item's start (monotonic), for its timing: the wall clock's offset goes
+            # with them (see protocol.item_times); an item ends where the next one starts
+            offset = time.time() - monotonic()
+            starts = [offset]
+            mark = starts.append
             first = 0
             prog_i[0] = seq
             for i, args in enumerate(items):
@@ -679,14 +689,20 @@ class Runner:
                 now = monotonic()
                 if now - self.last_flush >= FLUSH_SECONDS and values:
                     idx = done if skip else range(first, i)
+                    mark(now)
                     self.add(group, seq, False, idx, values, errors,
-                             len(values) - len(errors), len(errors))
+                             len(values) - len(errors), len(errors), timed and starts)
                     prog_i[1] = -1  # between items: a death now is not this item's fault
                     self.flush()
                     values, errors, done, first = [], {}, [], i
                     append = values.append
+                    starts = [offset]
+                    mark = starts.append
+                    now = monotonic()  # (the flush was neither item's time)
                 self.idx = prog_i[1] = i
                 prog_t[2] = now
+                if timed:
+                    mark(now)
                 try:
                     if not star:
                         append(fn(args))
@@ -699,10 +715,11 @@ class Runner:
                     errors[i] = _portable_exc(e, task_traceback(e, args, not star))
                 if skip:
                     done.append(i)
+            mark(monotonic())
             end_lines((sys.stdout, sys.stderr))
             idx = done if skip else range(first, len(items))
             self.add(group, seq, True, idx, values, errors, len(values) - len(errors),
-                     len(errors))
+                     len(errors), timed and starts)
         finally:
             prog_i = self.prog_i
             prog_i[0] = prog_i[1] = -1
@@ -711,10 +728,25 @@ class Runner:
             _restore_env(saved)
             self.idx = -1
 
-    def add(self, group, seq, final, indices, values, errors, n_ok, n_err) -> None:
+    def add(self, group, seq, final, indices, values, errors, n_ok, n_err,
+            times=None) -> None:
+        """Queue outcomes for the next flush; ``times``: the wall-clock offset, each value's
+        start and the last one's end (see ``protocol.item_times``)."""
+        if errors:
+            for i, (exc, tb, pid) in errors.items():
+                if type(exc) is _CancelInterrupt:  # the item was cancelled, it did not fail
+                    from miniray.errors import JobCancelledError
+
+                    errors[i] = (JobCancelledError(
+                        f"job {group} was cancelled while this task was running"), "", pid)
         heads, batches = self.pending.setdefault(group, ([], []))
         heads.append((seq, final, indices, n_ok, n_err))
-        batches.append((indices, values, errors))
+        batches.append((indices, values, errors, array("d", times).tobytes() if times else None))
+
+
+class _CancelInterrupt(KeyboardInterrupt):
+    """Raised in a task by its worker's SIGINT (its job was cancelled): a KeyboardInterrupt,
+    so that the task's ``except Exception`` lets it through; reported as JobCancelledError."""
 
 
 def _unpicklable(value, e: Exception):
@@ -839,7 +871,7 @@ def main(argv=None) -> None:
 
     def on_sigint(signum, frame):  # the worker interrupts a task of a cancelled job
         if runner.in_task:  # (elsewhere it is dropped: the kill after the grace follows)
-            raise KeyboardInterrupt
+            raise _CancelInterrupt
 
     signal.signal(signal.SIGINT, on_sigint)
     cap = runner.settings.log_line_max_bytes

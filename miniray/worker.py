@@ -57,6 +57,7 @@ from .resp import Connection, ConnectionLost, NoScriptError, RedisError
 from .keys import Keys
 from .protocol import ResultHeader, encode_batches, encode_result
 from .taskslot import TaskProcess
+from .usage import ProcessUsage
 
 __all__ = ["Worker", "main"]
 
@@ -424,7 +425,6 @@ class _Slot(threading.Thread):
             for m in msg[1]:
                 self.handle(m)
         elif kind == "done":
-            n = 0
             for seq, final, indices, n_ok, n_err in msg[1]:
                 c = self.inflight.get(seq)
                 if c is None:
@@ -432,8 +432,6 @@ class _Slot(threading.Thread):
                 c.delivered.update(range(c.count) if final or indices is None else indices)
                 if final:
                     del self.inflight[seq]
-                n += n_ok + n_err
-            self.w.tasks_done += n
         elif kind == "claimed":
             _, job, spec_raw, notes = msg
             spec = _spec(job, spec_raw)[0]  # (bad: the process fails those chunks itself)
@@ -452,10 +450,9 @@ class _Slot(threading.Thread):
         lines up with the blob's batches."""
         w = self.w
         header = ResultHeader(w.worker_id, w.host, os.getpid(),
-                              [(c.chunk, final) for c, final, _, _ in done])
+                              [(c.chunk, final) for c, final, _, _ in done], self.index)
         chunks = [(c.entry, n_ok, n_err, final) for c, final, n_ok, n_err in done]
         self.out.append((self._complete, (job, chunks, encode_result(header, blob))))
-        w.tasks_done += sum(x[1] + x[2] for x in chunks)
 
     def fail_chunk(self, c: _Chunk, exc: BaseException, tb: str = "") -> None:
         left = [i for i in range(c.count) if i not in c.delivered]
@@ -629,7 +626,7 @@ class Worker:
         self.stopping = threading.Event()
         self.fn_cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._fn_lock = threading.Lock()
-        self.tasks_done = 0
+        self.usage = ProcessUsage()  # this worker's own CPU and memory (see miniray.usage)
         self.started = time.time()
         # Task processes start now, while this process connects: a cold start pays for
         # both at once rather than one after the other.
@@ -693,7 +690,8 @@ class Worker:
     def info(self) -> dict:
         import psutil
 
-        busy = sum(1 for s in self.slots if s.running_job())
+        running = [job for job in (s.running_job() for s in self.slots) if job]
+        busy = len(running)
         gpus = gpu_mod.telemetry(self.gpu_ids)
         for slot in self.slots:  # which job holds each GPU (from its claim to its end)
             job, task = slot.running()
@@ -709,11 +707,14 @@ class Worker:
             if self.gpu_pool.used.get(g["index"]):
                 g["reserved"] = self.gpu_pool.used[g["index"]] * 2**20
         mem = psutil.virtual_memory()
+        # (tasks_done is counted by the complete script in the worker's hash: see observe)
+        proc_cpu, proc_rss = self.usage.sample()  # (its task processes are its children)
         return {
             "name": self.name, "host": self.host, "pid": os.getpid(), "slots": self.nslots,
-            "busy": busy, "tasks_done": self.tasks_done, "started": self.started,
+            "busy": busy, "jobs": sorted(running), "started": self.started,
             "cpu_percent": psutil.cpu_percent(None), "cpus": self.ncpus,
             "ram_used": mem.used, "ram_total": mem.total,
+            "proc_cpu_percent": round(proc_cpu, 1), "proc_rss": proc_rss,
             "isolation": self.isolation, "gpus": gpus,
             **({"triton": self.triton.describe()} if self.triton is not None else {}),
         }

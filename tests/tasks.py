@@ -294,3 +294,23 @@ def record_pid_then_sleep(path, seconds, value=None):
         f.write(f"{os.getpid()}\n")
     time.sleep(seconds)
     return value
+
+
+def fail_every(x, n=4, seconds=0.0):
+    """``x``, after ``seconds``; ValueError for every ``n``-th item."""
+    time.sleep(seconds)
+    if x % n == 0:
+        raise ValueError(f"item {x} fails")
+    return x
+
+
+def burn(seconds, megabytes=0):
+    """Keep one core busy for ``seconds`` while holding ``megabytes`` of resident memory."""
+    block = bytearray(megabytes * 1024 * 1024)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    deadline = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+    return len(block)
