@@ -223,7 +223,8 @@ class MinirayMagics(Magics):
         results = run.results()
         if output:
             self.shell.user_ns[output] = results
-        print(run.summary())
+        if not run.snapshot_left:  # (the final state it left in the display says it all)
+            print(run.summary())
         if interrupted:
             raise _interrupted(run, output, results)
         errors = run.errors

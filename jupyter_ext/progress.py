@@ -15,6 +15,7 @@ import time
 import traceback
 
 from .gpus import GpuHistory
+from .tracebacks import as_text
 
 __all__ = ["MapProgress", "ErrorGroup", "ItemTiming", "format_exception"]
 
@@ -23,7 +24,11 @@ STRAGGLER_SECONDS = 1.0  # a running item is a straggler once it has run this lo
 
 
 def format_exception(exc: BaseException) -> str:
-    """The exception line plus the worker's traceback chained to it (when there is one)."""
+    """The exception as the notebook shows it (the user's cell lines) in a kernel; elsewhere
+    the exception line plus the worker's traceback chained to it (when there is one)."""
+    text = as_text(exc)
+    if text:
+        return text
     cause = exc.__cause__
     if cause is not None and type(cause).__name__ == "RemoteTraceback":
         return str(cause).strip().strip('"').strip()  # it ends with the exception line
@@ -188,8 +193,14 @@ class MapProgress:
             now = time.time()
             oldest = sorted(self.running_since.items(), key=lambda kv: kv[1])[:STRAGGLERS]
             return [(i, now - t, True) for i, t in oldest if now - t >= STRAGGLER_SECONDS]
+        if not self.timings:
+            return []
+        # stragglers only: items that took clearly longer than a typical one (none when all
+        # took about the same, or all were fast)
+        durations = sorted(t.seconds for t in self.timings)
+        bar = max(0.1, 1.5 * durations[len(durations) // 2])
         slowest = sorted(self.timings, key=lambda t: -t.seconds)[:STRAGGLERS]
-        return [(t.index, t.seconds, False) for t in slowest]
+        return [(t.index, t.seconds, False) for t in slowest if t.seconds >= bar]
 
     def summary(self) -> str:
         """One line: what a terminal, nbval or a frontend without widgets shows."""

@@ -92,6 +92,7 @@ class MapRun:
         self._displays: list = []  # (DisplayHandle, parent header) of each live display
         self._snapshot_lock = threading.Lock()
         self._snapshot_left = False
+        self._snapshot_shown = False  # a display was updated to the final state
         self._scan_from = 0  # futures before this one have all finished
         self._finished = threading.Event()
         self._cancel_requested = False
@@ -340,6 +341,11 @@ class MapRun:
 
         return snapshot_bundle(self.model, self.log_buffer)
 
+    @property
+    def snapshot_left(self) -> bool:
+        """True once a display of this run shows its final state (see ``leave_snapshot``)."""
+        return self._snapshot_shown
+
     def leave_snapshot(self) -> None:
         """Replace the live widget's displays with the final state as static HTML and text
         (a saved notebook keeps that; the widget needs the running kernel). Once, when the map
@@ -362,6 +368,7 @@ class MapRun:
                 token = pub.set_thread_parent(parent)  # the output of the cell that displayed
             try:
                 handle.update(bundle, raw=True)
+                self._snapshot_shown = True
             except Exception:  # the kernel's channels are closing: the live widget stays
                 pass
             finally:

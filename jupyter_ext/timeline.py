@@ -14,6 +14,7 @@ from .theme import BORDER, DONE, FAILED, MUTED, PANE
 __all__ = ["stragglers_html", "timeline_html", "MAX_BARS"]
 
 MAX_BARS = 1500  # past this many items the timeline draws the slowest (and says so)
+_TINY = 0.005  # a bar under this share of the timeline merges with its neighbours
 
 
 def stragglers_html(stragglers: list, running: bool) -> str:
@@ -28,6 +29,23 @@ def stragglers_html(stragglers: list, running: bool) -> str:
 
 def _row_key(t) -> tuple:
     return (str(t.worker or "?"), -1 if t.slot is None else t.slot)
+
+
+def _segments(bars: list, t0: float, span: float) -> list:
+    """One row's bars in time order, as ``(first item, last item, items, start, end,
+    failed)``: items too short to tell apart at this scale (under ``_TINY`` of the span, and
+    as close to the one before) are drawn as one bar, so a map of thousands of quick items
+    stays a few kilobytes; a failed item, or one long enough to see, keeps its own bar."""
+    tiny = _TINY * span
+    out: list = []
+    for t in sorted(bars, key=lambda t: t.started):
+        small = not t.failed and t.seconds < tiny
+        if out and small and out[-1][6] and t.started - out[-1][4] <= tiny:
+            seg = out[-1]
+            seg[1], seg[2], seg[4] = t.index, seg[2] + 1, max(seg[4], t.finished)
+            continue
+        out.append([t.index, t.index, 1, t.started, t.finished, t.failed, small])
+    return [tuple(seg[:6]) for seg in out]
 
 
 def timeline_html(timings: list) -> str:
@@ -50,15 +68,19 @@ def timeline_html(timings: list) -> str:
     for (worker, slot), bars in sorted(rows.items()):
         label = worker if slot < 0 else f"{worker} / {slot}"
         cells = []
-        for t in bars:
-            left = (t.started - t0) / span * 100
-            width = max(t.seconds / span * 100, 0.15)
-            what = "failed after" if t.failed else "took"
+        for first, last, n, start, end, failed in _segments(bars, t0, span):
+            left = (start - t0) / span * 100
+            width = max((end - start) / span * 100, 0.15)
+            if n == 1:
+                what = "failed after" if failed else "took"
+                title = f"item {first} {what} {format_seconds(end - start)}"
+            else:
+                title = f"{n} items ({first}..{last}) in {format_seconds(end - start)}"
             cells.append(
-                f'<div title="item {t.index} {what} {format_seconds(t.seconds)}" '
+                f'<div title="{title}" '
                 f'style="position:absolute;top:1px;bottom:1px;left:{left:.2f}%;'
                 f'width:{width:.2f}%;min-width:2px;border-radius:1px;'
-                f'background:{FAILED if t.failed else DONE}"></div>')
+                f'background:{FAILED if failed else DONE}"></div>')
         out.append(
             '<div style="display:flex;align-items:center;margin:1px 0">'
             f'<span style="flex:0 0 150px;overflow:hidden;text-overflow:ellipsis;'

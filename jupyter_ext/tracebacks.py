@@ -10,13 +10,14 @@ error says which item failed, on which worker.
 
 from __future__ import annotations
 
+import re
 import sys
 import types
 
 from miniray.errors import RemoteTraceback
 from miniray.tracebacks import short_item
 
-__all__ = ["fake_traceback", "for_notebook", "item_error", "rename"]
+__all__ = ["as_text", "fake_traceback", "for_notebook", "item_error", "rename"]
 
 
 class _Here(Exception):
@@ -122,12 +123,7 @@ def for_notebook(err: BaseException, shell, note: str | None = None) -> BaseExce
     Python shows it)."""
     if getattr(err, "_miniray_rendered", False):
         return err
-    remote = err.__cause__
-    if isinstance(remote, RemoteTraceback):
-        tb = fake_traceback(remote.frames)
-        inner, how = _chained(remote.chain)
-    else:  # miniray's own verdict (a timeout, a memory limit, a crash): no frame to show
-        tb, inner, how = None, remote, "cause"
+    render = _renderer(err, shell)
     if note is not None:
         notes = getattr(err, "__notes__", None)
         if isinstance(notes, list):
@@ -139,6 +135,25 @@ def for_notebook(err: BaseException, shell, note: str | None = None) -> BaseExce
             except (AttributeError, TypeError):
                 pass
 
+    try:
+        err._render_traceback_ = render
+        err._miniray_rendered = True
+    except (AttributeError, TypeError):
+        pass
+    return err
+
+
+def _renderer(err: BaseException, shell):
+    """A function that formats ``err`` as IPython's ``shell`` shows a local error, with the
+    user's frames from its ``RemoteTraceback`` (none for miniray's own verdicts, such as a
+    timeout) and what it was chained to in the task."""
+    remote = err.__cause__
+    if isinstance(remote, RemoteTraceback):
+        tb = fake_traceback(remote.frames)
+        inner, how = _chained(remote.chain)
+    else:  # miniray's own verdict (a timeout, a memory limit, a crash): no frame to show
+        tb, inner, how = None, remote, "cause"
+
     def render():
         saved = err.__cause__, err.__context__, err.__suppress_context__
         err.__cause__, err.__context__, err.__suppress_context__ = None, None, True
@@ -149,12 +164,27 @@ def for_notebook(err: BaseException, shell, note: str | None = None) -> BaseExce
         finally:
             err.__cause__, err.__context__, err.__suppress_context__ = saved
 
+    return render
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def as_text(err: BaseException) -> str | None:
+    """``err`` as the notebook shows it (``Cell In[5], line 4`` and the user's lines), in
+    plain text for the widget's error table; None outside IPython."""
     try:
-        err._render_traceback_ = render
-        err._miniray_rendered = True
-    except (AttributeError, TypeError):
-        pass
-    return err
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    shell = get_ipython()
+    if shell is None or getattr(shell, "InteractiveTB", None) is None:
+        return None
+    try:
+        lines = _renderer(err, shell)()
+    except Exception:  # a view never breaks on a traceback it cannot draw
+        return None
+    return _ANSI.sub("", "\n".join(lines)).strip("\n")
 
 
 def item_error(run, index: int, name: str | None = None, items=()) -> BaseException:

@@ -36,7 +36,8 @@ class Kernel:
                 return count, outputs
             if kind == "execute_input":
                 count = content["execution_count"]
-            elif kind in ("stream", "error", "display_data", "execute_result"):
+            elif kind in ("stream", "error", "display_data", "execute_result",
+                          "update_display_data"):
                 outputs.append((kind, content))
 
     def close(self):
@@ -88,6 +89,21 @@ def test_a_failing_item_shows_the_cells_lines_not_miniray_frames(kernel):
     # printed once: one error, and the traceback has one "Traceback" header
     assert text.count("Traceback (most recent call last)") == 1, text
     assert text.count("bad value 7") == 1, text
+
+
+def test_the_error_table_of_the_map_shows_the_cells_lines_too(kernel):
+    import html
+
+    cell, out = kernel.run("%%miniray map x in range(6)\n"
+                           "y = x - 4\n"
+                           "1 / y\n")
+    snapshots = [c["data"]["text/html"] for kind, c in out
+                 if kind == "update_display_data" and "text/html" in c["data"]]
+    assert snapshots, out
+    table = html.unescape(snapshots[-1])
+    assert "ZeroDivisionError" in table
+    assert re.search(rf"Cell In\[{cell}\], line 3\n(.*\n)*----> 3 1 / y", table), table
+    assert "ipykernel_" not in table and "Traceback from" not in table, table
 
 
 def test_an_error_in_the_cell_body_itself_shows_its_line(kernel):

@@ -92,7 +92,8 @@ def test_the_timeline_has_a_row_per_worker_slot_and_a_bar_per_item():
     m.item_finished(3, worker="w-b", slot=0, started_at=t0 + 2, finished_at=t0 + 3)
     m.finish()
     s = m.snapshot()
-    assert [i for i, _, _ in s["stragglers"]] == [1, 0, 2, 3]
+    # the slowest items, when they took clearly longer than a typical one (median 1 s)
+    assert [i for i, _, _ in s["stragglers"]] == [1]
     html = timeline_html(s["timings"])
     assert "3 worker slot(s), 4.0s" in html
     assert html.index("w-a / 0") < html.index("w-a / 1") < html.index("w-b / 0")
