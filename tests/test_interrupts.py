@@ -3,7 +3,6 @@ JupyterLab does it (jupyter_client sends SIGINT to the kernel's whole process gr
 plain script that gets a terminal's Ctrl-C (SIGINT to its process group)."""
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -12,65 +11,11 @@ import time
 
 import pytest
 
+from kernels import Kernel
+
 pytestmark = pytest.mark.timeout(180)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-class Kernel:
-    """A real ipykernel and what each execution printed, displayed and raised."""
-
-    def __init__(self):
-        from jupyter_client.manager import start_new_kernel
-
-        self.km, self.kc = start_new_kernel(kernel_name="python3")
-
-    def send(self, code: str) -> str:
-        return self.kc.execute(code)
-
-    def collect(self, msg_id: str, timeout: float = 60.0, on_output=None) -> dict:
-        """Outputs of one execution until its kernel goes idle, and its reply."""
-        out = {"stream": "", "data": [], "error": None}
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"no idle after {timeout}s; so far: {out}")
-            try:
-                msg = self.kc.get_iopub_msg(timeout=min(left, 1.0))
-            except Exception:  # queue.Empty
-                continue
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "stream":
-                out["stream"] += content["text"]
-            elif kind in ("display_data", "execute_result", "update_display_data"):
-                out["data"].append(content["data"])
-            elif kind == "error":
-                out["error"] = (content["ename"],
-                                "\n".join(_ANSI.sub("", ln) for ln in content["traceback"]))
-            elif kind == "status" and content["execution_state"] == "idle":
-                break
-            if on_output is not None:
-                on_output(out)
-        out["reply"] = self.kc.get_shell_msg(timeout=30)
-        while out["reply"]["parent_header"].get("msg_id") != msg_id:
-            out["reply"] = self.kc.get_shell_msg(timeout=30)
-        return out
-
-    def run(self, code: str, timeout: float = 60.0) -> dict:
-        out = self.collect(self.send(code), timeout)
-        assert out["error"] is None, out["error"]
-        return out
-
-    def close(self) -> None:
-        try:
-            self.run("%miniray down", timeout=30)
-        finally:
-            self.kc.stop_channels()
-            self.km.shutdown_kernel(now=True)
 
 
 @pytest.fixture(scope="module")

@@ -2,63 +2,31 @@
 (jupyter_client), a real local cluster, the error text read off the kernel's iopub channel."""
 
 import re
-import time
 
 import pytest
 
 pytest.importorskip("ipykernel")
 jupyter_client = pytest.importorskip("jupyter_client")
 
+from kernels import ANSI, Kernel  # noqa: E402
+
 pytestmark = pytest.mark.timeout(180)
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _INTERNAL = ("taskproc", "run_cell_magic", "magics.py", "<dynamic-code>", "<miniray",
              "executor.py", "cloudpickle", "RemoteTraceback")
-
-
-class Kernel:
-    def __init__(self):
-        from jupyter_client.manager import start_new_kernel
-
-        self.km, self.kc = start_new_kernel(kernel_name="python3", startup_timeout=60)
-
-    def run(self, code, timeout=90):
-        """Run a cell; return its execution count and iopub outputs as (type, content)."""
-        msg_id = self.kc.execute(code)
-        outputs, count = [], None
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = self.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "status" and content["execution_state"] == "idle":
-                return count, outputs
-            if kind == "execute_input":
-                count = content["execution_count"]
-            elif kind in ("stream", "error", "display_data", "execute_result",
-                          "update_display_data"):
-                outputs.append((kind, content))
-
-    def close(self):
-        try:
-            self.run("%miniray down", timeout=30)
-        finally:
-            self.kc.stop_channels()
-            self.km.shutdown_kernel(now=False)
 
 
 def error_text(outputs) -> str:
     errors = [c for kind, c in outputs if kind == "error"]
     assert len(errors) == 1, outputs
-    return _ANSI.sub("", "\n".join(errors[0]["traceback"]))
+    return ANSI.sub("", "\n".join(errors[0]["traceback"]))
 
 
 @pytest.fixture(scope="module")
 def kernel():
     k = Kernel()
     try:
-        _, out = k.run("%load_ext miniray\n%miniray local -n 2")
+        _, out = k.cell("%load_ext miniray\n%miniray local -n 2")
         assert not [c for kind, c in out if kind == "error"], out
         yield k
     finally:
@@ -66,11 +34,11 @@ def kernel():
 
 
 def test_a_failing_item_shows_the_cells_lines_not_miniray_frames(kernel):
-    helper_cell, _ = kernel.run("def helper(v):\n"
+    helper_cell, _ = kernel.cell("def helper(v):\n"
                                 "    if v == 7:\n"
                                 "        raise ValueError(f'bad value {v}')\n"
                                 "    return v * 2\n")
-    map_cell, out = kernel.run("%%miniray map x in range(10)\n"
+    map_cell, out = kernel.cell("%%miniray map x in range(10)\n"
                                "a = x + 1\n"
                                "b = a * 2\n"
                                "helper(x) + b\n")
@@ -94,7 +62,7 @@ def test_a_failing_item_shows_the_cells_lines_not_miniray_frames(kernel):
 def test_the_error_table_of_the_map_shows_the_cells_lines_too(kernel):
     import html
 
-    cell, out = kernel.run("%%miniray map x in range(6)\n"
+    cell, out = kernel.cell("%%miniray map x in range(6)\n"
                            "y = x - 4\n"
                            "1 / y\n")
     snapshots = [c["data"]["text/html"] for kind, c in out
@@ -107,7 +75,7 @@ def test_the_error_table_of_the_map_shows_the_cells_lines_too(kernel):
 
 
 def test_an_error_in_the_cell_body_itself_shows_its_line(kernel):
-    n, out = kernel.run("%%miniray map x in range(4)\n"
+    n, out = kernel.cell("%%miniray map x in range(4)\n"
                         "y = 10\n"
                         "y / (x - 2)\n")
     text = error_text(out)
@@ -119,7 +87,7 @@ def test_an_error_in_the_cell_body_itself_shows_its_line(kernel):
 
 
 def test_an_exception_raised_from_another_shows_both_with_their_lines(kernel):
-    n, out = kernel.run("%%miniray map x in [{'a': 1}, {'b': 2}]\n"
+    n, out = kernel.cell("%%miniray map x in [{'a': 1}, {'b': 2}]\n"
                         "try:\n"
                         "    x['a']\n"
                         "except KeyError as e:\n"
@@ -136,9 +104,9 @@ def test_an_exception_raised_from_another_shows_both_with_their_lines(kernel):
 
 
 def test_a_bg_maps_result_shows_the_cells_line(kernel):
-    n, _ = kernel.run("%%miniray map x in range(5) --bg -o handle\n"
+    n, _ = kernel.cell("%%miniray map x in range(5) --bg -o handle\n"
                       "1 / (x - 3)\n")
-    _, out = kernel.run("handle.wait(60)\nhandle.result()")
+    _, out = kernel.cell("handle.wait(60)\nhandle.result()")
     text = error_text(out)
     assert re.search(rf"Cell In\[{n}\], line 2\n(.*\n)*----> 2 1 / \(x - 3\)\n\n"
                      r"ZeroDivisionError: division by zero\n"
@@ -148,7 +116,7 @@ def test_a_bg_maps_result_shows_the_cells_line(kernel):
 
 
 def test_a_timeout_shows_no_frames_of_miniray(kernel):
-    _, out = kernel.run("%%miniray map seconds in [0.1, 60] --timeout 1\n"
+    _, out = kernel.cell("%%miniray map seconds in [0.1, 60] --timeout 1\n"
                         "import time\n"
                         "time.sleep(seconds)\n")
     text = error_text(out)
@@ -167,17 +135,16 @@ def test_a_timeout_shows_no_frames_of_miniray(kernel):
 ])
 def test_a_capture_that_cannot_travel_fails_at_once_naming_it(kernel, setup, name, kind):
     runs = "len(get_ipython().magics_manager.registry['MinirayMagics'].runs)"
-    _, out = kernel.run(f"{setup}\n{runs}")
+    _, out = kernel.cell(f"{setup}\n{runs}")
     before = out[-1][1]["data"]["text/plain"]
-    started = time.monotonic()
-    _, out = kernel.run("%%miniray map x in range(3)\n"
-                        f"str({name}) + str(x)\n", timeout=30)
-    assert time.monotonic() - started < 20  # not stuck waiting for workers
+    # it ends by itself (it hung at "waiting for workers" before): the cell goes idle
+    _, out = kernel.cell("%%miniray map x in range(3)\n"
+                        f"str({name}) + str(x)\n", timeout=60)
     # a UsageError: one short message on stderr, no traceback, and no widget was shown
     assert [kind for kind, _ in out] == ["stream"], out
     text = out[0][1]["text"]
     assert out[0][1]["name"] == "stderr" and len(text.strip().splitlines()) == 1, text
     assert f"the cell uses `{name}` ({kind}), which cannot be sent to workers: create it " \
            "inside the cell" in text, text
-    _, out = kernel.run(runs)  # and nothing was submitted
+    _, out = kernel.cell(runs)  # and nothing was submitted
     assert out[-1][1]["data"]["text/plain"] == before

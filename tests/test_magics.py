@@ -133,7 +133,6 @@ def test_interrupt_cancels_the_job_and_keeps_results_so_far(shell, kernel_sigint
 
     helper = threading.Thread(target=interrupt_once_some_are_done, daemon=True)
     helper.start()
-    t0 = time.monotonic()
     try:
         # it re-raises the interrupt ("Run All" stops there) after storing the partial results
         with pytest.raises(KeyboardInterrupt, match="so far are in part"):
@@ -141,7 +140,6 @@ def test_interrupt_cancels_the_job_and_keeps_results_so_far(shell, kernel_sigint
     finally:
         stop.set()
         helper.join()
-    assert time.monotonic() - t0 < 8
     part = shell.user_ns["part"]
     assert len(part) == 40
     done = [v for v in part if v is not None]
@@ -153,10 +151,9 @@ def test_interrupt_cancels_the_job_and_keeps_results_so_far(shell, kernel_sigint
 
 
 def test_bg_returns_a_handle_at_once_that_can_cancel(shell):
-    t0 = time.monotonic()
     cell(shell, "map x in range(30) -o h --bg", "import time\ntime.sleep(0.5)\nx")
     h = shell.user_ns["h"]
-    assert time.monotonic() - t0 < 3 and not h.done()
+    assert not h.done()  # the cell returned while the map runs
     h.cancel()
     assert h.done() and h.progress()["state"] == "cancelled"
     assert len(h.results()) == 30
