@@ -43,7 +43,6 @@ def _display_parent():
     pub = getattr(get_ipython(), "display_pub", None)
     return getattr(pub, "parent_header", None)
 
-_IDLE_WAIT_SECONDS = 4.0  # after a cancel: the most the view waits for the lanes to go idle
 
 
 def _without_job(worker: dict, job: str) -> dict:
@@ -194,22 +193,13 @@ class MapRun:
         while self._log_thread.is_alive() and time.monotonic() < deadline:
             self._render()
             self._log_thread.join(_UPDATE_SECONDS)
-        # the lanes end as the workers are now: after a cancel, the heartbeats that show the
-        # interrupted tasks gone (a few seconds at most); every item has ended, so a slot a
-        # heartbeat still shows on this map (sent before its last item ended) is idle
-        deadline = time.monotonic() + (_IDLE_WAIT_SECONDS if self._cancel_requested else 0)
-        while True:
-            try:
-                workers = ex.workers()
-            except Exception:
-                break
-            if time.monotonic() >= deadline or not any(self.job in (w.get("jobs") or ())
-                                                       for w in workers):
-                self.model.set_workers([_without_job(w, self.job) for w in workers])
-                break
-            self.model.set_workers(workers)
-            self._render()
-            time.sleep(_WORKERS_SECONDS / 4)
+        # the lanes end idle: every item of this map has ended, so a slot a heartbeat still
+        # shows on it (sent before its last item ended, or an interrupted task on its way
+        # out) is idle for this map; the cell does not wait for the next heartbeat
+        try:
+            self.model.set_workers([_without_job(w, self.job) for w in ex.workers()])
+        except Exception:
+            pass
         self._render()
         self.view.finish()
         self.leave_snapshot()
