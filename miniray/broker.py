@@ -153,6 +153,11 @@ local function requeue(job, entry)
   local ak = K('attempts', job)
   local part = redis.call('HMGET', ak, 'd' .. chunk, 'f' .. chunk)
   local d, f = tonumber(part[1]) or 0, tonumber(part[2]) or 0
+  if redis.call('SISMEMBER', K('stop', job), chunk) == 1 then
+    -- its client stopped it (stop_chunks counted its items as cancelled): it runs no more
+    redis.call('HDEL', K('tasks', job), unpack(payload_fields(chunk, nframes)))
+    return 0
+  end
   if meta[1] ~= 'open' then
     redis.call('HDEL', K('tasks', job), unpack(payload_fields(chunk, nframes)))
     -- (a cancelled job's running items were counted as cancelled when it was cancelled)
@@ -355,13 +360,22 @@ if meta[3] == 'cancelled' then client = nil end
 -- unread results live as long as the job would without its client (its grace), not a day
 local ttl = meta[2] or ARGV[4]
 local ak = K('attempts', job)
+-- chunks its client stopped (stop_chunks counted their items as cancelled and cancelled
+-- their futures): what they report is not counted (the message still goes: it may carry
+-- other chunks' outcomes; the client ignores a stopped chunk's)
+local sk = K('stop', job)
+local stops = redis.call('EXISTS', sk) == 1
 local done, failed, reported = 0, 0, 0
 for i = 9 + nparts, #ARGV, 4 do
   local entry = ARGV[i]
   local chunk, nframes, items = parse(entry)
   local nd, nf = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  reported = reported + nd + nf
   local counts = true
+  if stops and redis.call('SISMEMBER', sk, chunk) == 1 then
+    counts = false
+    nd, nf = 0, 0
+  end
+  reported = reported + nd + nf
   local field = job .. '/' .. chunk
   if ARGV[i + 3] == '1' then
     if redis.call('HDEL', K('wip', wid), field) == 0 then
@@ -428,6 +442,48 @@ redis.call('HINCRBY', K('job', job), 'cancelled', items)
 return 1
 """
 
+# ARGV: ns job maxlen entry1 entry2 ... -> the chunk ids stopped or withdrawn (not those that
+#   have finished: their outcomes count as they are). A queued chunk is withdrawn (as
+#   cancel_chunk); one a worker holds joins stop:{job}, which the workers' heartbeats read,
+#   and its items not reported yet count as cancelled now (complete then counts nothing of it)
+_STOP_CHUNKS = _PRELUDE + r"""
+local job = ARGV[2]
+local jk = K('job', job)
+local sk, ak = K('stop', job), K('attempts', job)
+if redis.call('HGET', jk, 'state') ~= 'open' then return {} end
+local out, queued, moved, stopped = {}, 0, 0, {}
+for i = 4, #ARGV do
+  local entry = ARGV[i]
+  local chunk, nframes, items = parse(entry)
+  if redis.call('LREM', K('q', job), 1, entry) == 1 then
+    redis.call('HDEL', K('tasks', job), unpack(payload_fields(chunk, nframes)))
+    queued = queued + items
+    out[#out + 1] = chunk
+  elseif redis.call('HEXISTS', K('tasks', job), chunk) == 1
+      and redis.call('SISMEMBER', sk, chunk) == 0 then
+    -- held by a worker (its payload goes when it finishes)
+    local part = redis.call('HMGET', ak, 'd' .. chunk, 'f' .. chunk)
+    moved = moved + items - (tonumber(part[1]) or 0) - (tonumber(part[2]) or 0)
+    stopped[#stopped + 1] = chunk
+    out[#out + 1] = chunk
+  end
+end
+if #stopped > 0 then
+  redis.call('SADD', sk, unpack(stopped))
+  local ttl = redis.call('TTL', jk)
+  if ttl > 0 then redis.call('EXPIRE', sk, ttl) end
+end
+if queued + moved > 0 then
+  redis.call('HINCRBY', jk, 'queued', -queued)
+  redis.call('HINCRBY', jk, 'running', -moved)
+  redis.call('HINCRBY', jk, 'cancelled', queued + moved)
+  event(job, ARGV[3], 'kind', 'stopped', 'count', queued + moved,
+        'chunks', table.concat(out, ','))
+end
+if redis.call('LLEN', K('q', job)) == 0 then redis.call('ZREM', K('jobs'), job) end
+return out
+"""
+
 # ARGV: ns job new_state maxlen -> entries that were still queued
 _CANCEL_JOB = _PRELUDE + r"""
 local job = ARGV[2]
@@ -455,7 +511,8 @@ end
 return entries
 """
 
-# ARGV: ns worker info_json ttl stall job1 job2 ... -> {server_time, cancelled jobs...}
+# ARGV: ns worker info_json ttl stall job1 job2 ... -> {server_time, cancelled jobs...,
+#   "job/chunk" per chunk its client stopped (stop:{job}) of the open ones}
 _HEARTBEAT = _PRELUDE + r"""
 local wid = ARGV[2]
 local t = redis.call('TIME')
@@ -467,7 +524,13 @@ redis.call('EXPIRE', K('worker', wid), ARGV[4])
 local out = {tostring(now)}
 for i = 6, #ARGV do
   local st = redis.call('HGET', K('job', ARGV[i]), 'state')
-  if st ~= 'open' and st ~= 'closing' then out[#out + 1] = ARGV[i] end
+  if st ~= 'open' and st ~= 'closing' then
+    out[#out + 1] = ARGV[i]
+  elseif redis.call('EXISTS', K('stop', ARGV[i])) == 1 then
+    for _, c in ipairs(redis.call('SMEMBERS', K('stop', ARGV[i]))) do
+      out[#out + 1] = ARGV[i] .. '/' .. c
+    end
+  end
 end
 return out
 """
@@ -495,7 +558,10 @@ for _, wid in ipairs(dead) do
       -- the items not reported yet fail (WorkerLostError); a cancelled job counted them
       local rest = items - (tonumber(part[1]) or 0) - (tonumber(part[2]) or 0)
       local client = meta[1]
-      if meta[2] == 'cancelled' then client = nil end
+      -- (a cancelled job, or a chunk its client stopped, counted them as cancelled)
+      if meta[2] == 'cancelled' or redis.call('SISMEMBER', K('stop', job), chunk) == 1 then
+        client = nil
+      end
       if client then
         redis.call('HINCRBY', jk, 'running', -rest)
         redis.call('HINCRBY', jk, 'failed', rest)
@@ -586,7 +652,8 @@ class Broker:
 
     _SOURCES = {"publish": _PUBLISH, "publish_one": _PUBLISH_ONE, "claim": _CLAIM,
                 "idle": _IDLE, "complete": _COMPLETE,
-                "cancel_chunk": _CANCEL_CHUNK, "cancel_job": _CANCEL_JOB,
+                "cancel_chunk": _CANCEL_CHUNK, "stop_chunks": _STOP_CHUNKS,
+                "cancel_job": _CANCEL_JOB,
                 "heartbeat": _HEARTBEAT, "reap": _REAP, "release": _RELEASE}
     _SHAS: dict = {}
 
@@ -652,6 +719,15 @@ class Broker:
     def cancel_chunk(self, job: str, entry: str) -> bool:
         return bool(self._run("cancel_chunk", [self.ns, job, entry]))
 
+    def stop_chunks(self, job: str, entries: list, maxlen: int = 10000) -> set:
+        """Stop these chunks of the open ``job``: queued ones are withdrawn, those a worker
+        holds are interrupted (or dropped unstarted) by it once its heartbeat hears of them;
+        their items count as cancelled. Returns the chunk ids stopped or withdrawn (not those
+        that had finished)."""
+        if not entries:
+            return set()
+        return {int(c) for c in self._run("stop_chunks", [self.ns, job, maxlen, *entries])}
+
     def cancel_job(self, job: str, state: str = "cancelled", maxlen: int = 10000,
                    pipe=None) -> list:
         """Close ``job`` (``state``), dropping its queued chunks; returns their entries (none
@@ -695,8 +771,9 @@ class Broker:
 
     def heartbeat(self, worker: str, info: dict, ttl: int, jobs=(), pipe=None,
                   stall: float | None = None):
-        """Record a worker's heartbeat (``info``, kept ``ttl`` s); returns the server's time
-        and which of ``jobs`` are no longer open. A gap over ``stall`` seconds since anyone's
+        """Record a worker's heartbeat (``info``, kept ``ttl`` s); returns the server's time,
+        which of ``jobs`` are no longer open, then ``b"job/chunk"`` for each chunk of the others
+        that its client stopped (see ``stop_chunks``). A gap over ``stall`` seconds since anyone's
         last heartbeat or reap is taken for a stopped server (see ``tick`` in the scripts):
         by default half the dead timeout, which ``ttl`` is three times."""
         if stall is None:

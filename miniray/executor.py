@@ -51,6 +51,7 @@ from .keys import Keys
 from .limits import Limits
 from .outcomes import MISSING, cancel_future as _cancel, cancel_ref as _cancel_ref
 from .outcomes import failures as _failures, force_cancel as _force_cancel, place as _place
+from .outcomes import stop_chunks as _stop_chunks
 from .resp import Connection, ConnectionLost, NoScriptError, RedisError
 from . import payloads
 from .protocol import (Assembler, LostChunk, decode_batches, decode_message, encode_chunk,
@@ -430,16 +431,16 @@ class Executor(_BaseExecutor):
         self._create_job()
 
     def _interrupt_map(self, pending: list) -> None:
-        """Ctrl-C while a ``map`` is read: its queued chunks are withdrawn and, when nothing
-        else of this executor is pending, the job is cancelled, which also stops its running
-        tasks (SIGINT, then killed); the executor stays usable (a new job takes later work).
-        With other futures of this executor pending, the map's running chunks finish."""
+        """Ctrl-C while a ``map`` is read: its tasks stop (queued ones are withdrawn, running
+        ones get SIGINT, then are killed) and its futures end cancelled; the executor stays
+        usable. When nothing else of this executor is pending the whole job is cancelled (a
+        new job takes later work); else only the map's chunks are stopped (see
+        ``outcomes.stop_chunks``) and the other futures go on."""
         mine = {id(f) for f in pending}
         with self._lock:
             others = any(id(r.future) not in mine for r in self._refs.values())
         if others:
-            for f in pending:
-                f.cancel()
+            _stop_chunks(self, pending)
         else:
             self.cancel()
 
@@ -742,7 +743,7 @@ class Executor(_BaseExecutor):
         pipe.command("EXISTS", k.client(self.client_id))
         pipe.command("SET", k.client(self.client_id), os.getpid(), "EX", grace)
         # while this executor lives its job's keys do; if it dies they expire
-        for live in (k.job(job), k.logs(job), k.events(job), k.attempts(job)):
+        for live in (k.job(job), k.logs(job), k.events(job), k.attempts(job), k.stop(job)):
             pipe.command("EXPIRE", live, job_ttl(grace))
         broker.reap(s.worker_dead_seconds, s.max_retries, s.event_stream_maxlen,
                     s.result_ttl_seconds, pipe=pipe)
@@ -1165,7 +1166,7 @@ class Executor(_BaseExecutor):
                 # _final_counts)
                 pipe.command("HSET", k.job(job), *self._final_counts(), "state", "done",
                              "finished", repr(time.time()))
-            for key in (k.job(job), k.logs(job), k.events(job), k.attempts(job)):
+            for key in (k.job(job), k.logs(job), k.events(job), k.attempts(job), k.stop(job)):
                 pipe.command("EXPIRE", key, s.result_ttl_seconds)
             pipe.command("DEL", k.queue(job), k.tasks(job), k.client(self.client_id),
                          k.results(self.client_id))

@@ -34,6 +34,8 @@ tasks:{job}                 hash    with job            executor          claim 
                                                                           worker (resends)
 attempts:{job}              hash    as job:{job}        reaper; complete  reaper, release,
                                                         (partial counts)  complete
+stop:{job}                  set     as job:{job}        stop_chunks       heartbeat, complete,
+                                                        (executor)        requeue, reaper
 wip:{worker}                hash    none                claim script,     complete, reaper,
                                                         publish_one       release (on SIGTERM)
 workers                     zset    none (reaped)       heartbeat         reaper, status
@@ -67,6 +69,10 @@ An ``attempts:{job}`` field is a chunk id (its reruns after its worker was lost)
 ``d``/``f`` + chunk id: the items of a chunk still running that its holder reported done/failed
 (a rerun reports them again: the requeue takes them out of the counters, keeping them as
 ``sd``/``sf``, counted again only if the lost holder comes back and finishes the chunk).
+A ``stop:{job}`` member is a chunk id: a chunk of an open job that its client stopped while a
+worker held it (Ctrl-C in a ``map`` while other futures of the executor were pending). Its
+items were counted as cancelled then; workers learn of it from their heartbeat's reply and
+interrupt it (or drop it unstarted), and what it reports is neither counted nor run again.
 A ``worker:{worker}`` hash has ``info`` (the heartbeat's JSON), ``seen`` and ``tasks_done``
 (items the worker finished, counted by the complete script). A ``job:{job}`` hash has its
 spec, ``state``, ``created``/``finished`` (epoch seconds) and the item counters ``queued``,
@@ -116,6 +122,9 @@ class Keys:
 
     def attempts(self, job: str) -> str:
         return f"{self.ns}:attempts:{job}"
+
+    def stop(self, job: str) -> str:
+        return f"{self.ns}:stop:{job}"
 
     def wip(self, worker: str) -> str:
         return f"{self.ns}:wip:{worker}"

@@ -52,7 +52,7 @@ class LogLine(NamedTuple):
 class Event(NamedTuple):
     id: str
     time: float
-    kind: str  # queued, started, finished, failed, retried, lost, cancelled, closing
+    kind: str  # queued, started, finished, failed, retried, lost, stopped, cancelled, closing
     fields: dict
 
 

@@ -1,14 +1,17 @@
 """How outcomes reach the executor's futures where a plain ``set_result`` is not enough: a
 cancelled job (running futures end cancelled too, what a chunk delivered stays with its
-items), and where and when each ``map_futures`` item ran."""
+items), a map's chunks stopped by Ctrl-C (``stop_chunks``), and where and when each
+``map_futures`` item ran."""
 
 from __future__ import annotations
 
 from concurrent.futures import Future
 
 from .errors import JobCancelledError
+from .resp import RedisError
 
-__all__ = ["MISSING", "cancel_future", "force_cancel", "failures", "cancel_ref", "place"]
+__all__ = ["MISSING", "cancel_future", "force_cancel", "failures", "cancel_ref", "place",
+           "stop_chunks"]
 
 MISSING = object()  # a map chunk's value not delivered yet
 
@@ -59,6 +62,39 @@ def cancel_ref(ref) -> None:
             except Exception:  # (settled meanwhile)
                 pass
     force_cancel(ref.future)
+
+
+def stop_chunks(ex, futures: list) -> None:
+    """Stop the chunks of these futures (a ``map`` abandoned by Ctrl-C while other futures of
+    the executor ``ex`` are pending): those not sent yet are dropped here, the queued ones
+    withdrawn and those a worker holds stopped (``Broker.stop_chunks``: the worker interrupts
+    or drops them, their items count as cancelled), all in one call to the server. Their
+    futures end cancelled at once, running ones included; a result that comes later for one
+    of them finds no chunk and is ignored. A chunk that had finished keeps its outcome (its
+    result is on its way). The executor's other futures go on."""
+    refs, sent = [], []
+    for f in futures:
+        ref = getattr(f, "_ref", None)
+        if ref is None or Future.done(f):  # (settled: its outcome stays)
+            continue
+        if not ref.sent and ex._withdraw(ref):  # (only local: it never reached the server)
+            refs.append(ref)
+        elif ref.sent:
+            sent.append(ref)
+    if sent:
+        try:
+            stopped = ex._broker.stop_chunks(ex.job_id, [r.entry for r in sent],
+                                             ex._settings.event_stream_maxlen)
+        except RedisError:
+            stopped = set()  # the server is gone: the futures fail with the executor
+        with ex._lock:
+            for r in sent:
+                if r.chunk in stopped and ex._refs.pop(r.chunk, None) is r:
+                    refs.append(r)
+    for r in refs:
+        cancel_ref(r)
+    if refs:
+        ex._wake_reader()
 
 
 def place(items: list, indices, worker, host, slot, times) -> None:

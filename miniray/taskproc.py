@@ -33,7 +33,7 @@ Worker -> task process::
     ("hello", {url, namespace, worker_id, name, host, ncpus, slot, direct, sig})  (first)
     ("run", [(seq, job, entry, chunk, sha, start, count, skip, spec, nframes)], [(sha, fn)])
         + frames
-    ("cancel", job)   ("pause",)   ("resume",)   ("stop",)
+    ("cancel", job)   ("drop", job, chunk)   ("pause",)   ("resume",)   ("stop",)
 Task process -> worker::
     ("claimed", job, spec json, [(seq, entry, chunk, start, count)])
     ("done", [(seq, final, indices, n_ok, n_err)])     outcomes now in Redis
@@ -140,6 +140,7 @@ class Runner:
         # False: paused (by the worker, or after a handoff)
         self.claiming = hello["direct"] and hello.get("claiming", True)
         self.cancelled: set = set()
+        self.dropped: set = set()  # (job, chunk id): stopped by its client, not to run
         self.specs: dict = {}  # spec json -> dict
         self.notes: list = []  # for the worker, sent with the next one
         self.poller = select.poll()
@@ -256,6 +257,10 @@ class Runner:
             self.queue.extend(works)
         elif kind == "cancel":
             self.cancelled.add(msg[1])
+        elif kind == "drop":
+            if len(self.dropped) > 4096:  # (old ones: the worker tells again what it holds)
+                self.dropped.clear()
+            self.dropped.add((msg[1], msg[2]))
         elif kind == "pause":
             self.claiming = False
         elif kind == "resume":
@@ -556,7 +561,7 @@ class Runner:
                 self.progress[at : at + JOB_BYTES] = job.ljust(JOB_BYTES, b"\0")[:JOB_BYTES]
                 self.page_job = job
             self.prog_i[4] = w.chunk
-        if w.job in self.cancelled:
+        if w.job in self.cancelled or (self.dropped and (w.job, w.chunk) in self.dropped):
             from miniray.errors import JobCancelledError
 
             err = JobCancelledError(f"job {w.job} was cancelled before this task ran")
@@ -869,7 +874,8 @@ def main(argv=None) -> None:
         return
     runner = Runner(conn, progress, hello, urgent_fd)
 
-    def on_sigint(signum, frame):  # the worker interrupts a task of a cancelled job
+    def on_sigint(signum, frame):  # the worker interrupts a task of a cancelled job (or
+        # a chunk its client stopped)
         if runner.in_task:  # (elsewhere it is dropped: the kill after the grace follows)
             raise _CancelInterrupt
 

@@ -17,8 +17,9 @@ process holds and what it delivered, kills it past a timeout or a cancel's grace
 death to the futures, and sends what it held (payloads read back from Redis) to a fresh one.
 On a GPU worker the slot thread claims instead, one chunk at a time under the GPU lock, and
 sends chunks to its process. The heartbeat thread reports telemetry, reaps dead workers and
-passes cancels on. The main thread only watches: a signal (its handler sets a flag and writes
-to a pipe) or the parent's death ends the worker, and so does a server gone longer than
+passes cancels on (a cancelled job, or single chunks their client stopped: ``stop:{job}``).
+The main thread only watches: a signal (its handler sets a flag and writes to a pipe) or the
+parent's death ends the worker, and so does a server gone longer than
 MINIRAY_SERVER_GONE_SECONDS (every thread retries a lost one with backoff until then).
 """
 
@@ -110,7 +111,9 @@ class _Slot(threading.Thread):
         self.gpu_mb = 0  # MiB reserved on each of them (0: whole GPUs)
         self.last_gpus: tuple = ()  # the task process's GPUs: preferred at the next claim
         self.cancelled_jobs: dict[str, float] = {}  # job -> kill deadline
-        self.to_tell: collections.deque = collections.deque()  # cancels for the process
+        # chunks their client stopped (Ctrl-C in its map): (job, chunk id) -> kill deadline
+        self.stopped: dict[tuple, float] = {}
+        self.to_tell: collections.deque = collections.deque()  # cancels/drops for the process
         self.lock = threading.Lock()
         self.out: list = []  # commands for the next pipeline: (fn, args)
         self.last_out = 0.0
@@ -183,14 +186,42 @@ class _Slot(threading.Thread):
             return job, None
         return c.job, (c.start + idx if idx >= 0 else None)
 
+    def running_chunk(self) -> tuple | None:
+        """(job, chunk id) of the chunk running now, or None."""
+        proc = self.proc
+        if proc is None:
+            return None
+        seq = proc.progress()[0]
+        c = self.inflight.get(seq)
+        if c is not None:
+            return c.job, c.chunk
+        if seq < 0 or not self.direct:
+            return None
+        _, job, chunk = proc.running_chunk()  # one it claimed and has not told us of yet
+        return None if job is None else (job, chunk)
+
     def cancel_job(self, job: str) -> None:
         with self.lock:
             if job in self.cancelled_jobs:
                 return
             self.cancelled_jobs[job] = time.monotonic() + self.w.settings.kill_grace_seconds
-        self.to_tell.append(job)  # the slot thread tells the process (it owns the socket)
-        proc = self.proc
+        self.to_tell.append(("cancel", job))  # the slot thread tells the process (it owns
+        proc = self.proc  # the socket)
         if proc is not None and self.running_job() == job:
+            proc.interrupt()
+
+    def stop_chunk(self, job: str, chunk: int) -> None:
+        """One chunk of ``job`` was stopped by its client: interrupted if it runs here now
+        (SIGINT, then killed after the grace if it still runs), dropped unstarted if it
+        waits here or in the process; the job's other chunks go on."""
+        key = (job, chunk)
+        with self.lock:
+            if key in self.stopped:
+                return
+            self.stopped[key] = time.monotonic() + self.w.settings.kill_grace_seconds
+        self.to_tell.append(("drop", job, chunk))
+        proc = self.proc
+        if proc is not None and self.running_chunk() == key:
             proc.interrupt()
 
     # -- main loop ---------------------------------------------------------------------------
@@ -316,7 +347,8 @@ class _Slot(threading.Thread):
         batch = []
         while self.pending:
             c = self.pending[0]
-            if c.job in self.cancelled_jobs or c.bad is not None:
+            if c.job in self.cancelled_jobs or c.bad is not None \
+                    or (self.stopped and (c.job, c.chunk) in self.stopped):
                 self.pending.popleft()
                 self.fail_chunk(c, c.bad or _cancelled(c.job))
                 continue
@@ -357,8 +389,8 @@ class _Slot(threading.Thread):
     def collect(self) -> None:
         """Wait for the task process; ship what the slot has to say in one pipeline."""
         proc = self.proc
-        while self.to_tell:  # it drops what it holds of these jobs, unstarted
-            proc.tell("cancel", self.to_tell.popleft())
+        while self.to_tell:  # it drops what it holds of these jobs/chunks, unstarted
+            proc.tell(*self.to_tell.popleft())
         timeout = self.wait_budget()
         died = False
         got = []
@@ -395,7 +427,7 @@ class _Slot(threading.Thread):
         c = self.inflight.get(seq)
         if c is not None and c.spec.get("timeout"):
             budget = min(budget, max(0.0, started + c.spec["timeout"] - time.monotonic()))
-        if self.cancelled_jobs:
+        if self.cancelled_jobs or self.stopped:
             budget = min(budget, 0.05)
         return budget
 
@@ -418,6 +450,21 @@ class _Slot(threading.Thread):
                     return
                 if not any(x.job == job for x in self.pending):
                     del self.cancelled_jobs[job]
+        if self.stopped:
+            running = self.running_chunk()
+            held = None
+            for key, deadline in list(self.stopped.items()):
+                if now <= deadline:
+                    continue
+                if key == running:
+                    proc.kill("cancel")
+                    return
+                # forgotten once no chunk of its job is held here (the heartbeat tells it
+                # again while some are: harmless)
+                if held is None:
+                    held = self.jobs()
+                if key[0] not in held:
+                    del self.stopped[key]
 
     def handle(self, msg) -> None:
         kind = msg[0]
@@ -494,7 +541,7 @@ class _Slot(threading.Thread):
         again = sorted(self.inflight.values(), key=lambda x: x.seq) + extra
         self.inflight.clear()
         for x in reversed(again):
-            if x.job in self.cancelled_jobs:
+            if x.job in self.cancelled_jobs or (x.job, x.chunk) in self.stopped:
                 self.fail_chunk(x, _cancelled(x.job))
             elif x.frames is None and not self.load_frames(x):
                 self.fail_chunk(x, MinirayError(
@@ -829,9 +876,14 @@ class Worker:
             if proc is not None:
                 proc.set_flags(flags)
         for job in reply[1:]:
-            job = job.decode()
-            for slot in self.slots:
-                slot.cancel_job(job)
+            job, _, chunk = job.decode().rpartition("/")
+            if job:  # "job/chunk": a chunk its client stopped (see Broker.stop_chunks)
+                for slot in self.slots:
+                    if job in slot.jobs():
+                        slot.stop_chunk(job, int(chunk))
+            else:
+                for slot in self.slots:
+                    slot.cancel_job(chunk)
 
     def shutdown(self) -> int:
         """Stop the slots, kill task processes, hand held chunks back to the queue."""

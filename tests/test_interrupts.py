@@ -137,6 +137,72 @@ def test_ctrl_c_in_a_script_cancels_the_maps_running_tasks_and_keeps_the_executo
         (out, err)
 
 
+_SCRIPT_OTHERS = textwrap.dedent("""
+    import os, sys, time
+    import miniray
+
+    def slow_double(x):
+        time.sleep(1)
+        return 2 * x
+
+    cluster = miniray.init(workers=2)
+    server, workers = cluster.server.proc.pid, sorted(cluster.worker_pids())
+    ex = miniray.Executor()
+    results = ex.map(time.sleep, [60] * 4)
+    other = ex.submit(slow_double, 21)  # queued behind the map's chunks
+    deadline = time.monotonic() + 60
+    while ex.progress()["running"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("ready", ex.progress()["running"], flush=True)  # both workers run a 60 s task
+    try:
+        for _ in results:
+            pass
+    except KeyboardInterrupt:
+        print("interrupted", "other-done" if other.done() else "other-pending", flush=True)
+    # the map's running tasks were stopped: the workers are free again; `other` went on
+    print("other", other.result(timeout=45), flush=True)
+    f = ex.submit(pow, 2, 5)
+    print("next", f.result(timeout=45), flush=True)
+    # the interrupted tasks have reported once their workers hold nothing
+    r, k = ex._r, ex.keys
+    while time.monotonic() < deadline and any(
+            r.execute("HLEN", k.wip(w.decode())) for w in r.execute("ZRANGE", k.workers, 0, -1)):
+        time.sleep(0.05)
+    p = ex.progress()
+    print("counts", p["done"], p["failed"], p["cancelled"], p["running"], p["queued"],
+          flush=True)
+    print("same-cluster", cluster.server_alive() and cluster.server.proc.pid == server
+          and sorted(cluster.worker_pids()) == workers, flush=True)
+    ex.shutdown()
+""")
+
+
+def test_ctrl_c_in_a_map_stops_its_running_tasks_while_other_futures_go_on(tmp_path):
+    """With other futures of the executor pending, Ctrl-C in a map stops the map's own
+    running tasks (not the whole job): the workers are free at once, the other future gets
+    its real result, and the job counts the map's items as cancelled, not failed."""
+    script = tmp_path / "script.py"
+    script.write_text(_SCRIPT_OTHERS)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("MINIRAY_REDIS_URL", None)
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == "ready 2"
+        os.killpg(p.pid, signal.SIGINT)  # a terminal's Ctrl-C
+        out, err = p.communicate(timeout=150)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, err
+    lines = out.split("\n")
+    assert "interrupted other-pending" in lines, (out, err)
+    assert "other 42" in lines and "next 32" in lines, (out, err)
+    # 4 map items cancelled; `other` and the next submit done; nothing failed
+    assert "counts 2 0 4 0 0" in lines, (out, err)
+    assert "same-cluster True" in lines, (out, err)
+
+
 def test_the_local_cluster_still_dies_with_a_killed_kernel():
     """In their own sessions, the server and workers no longer share the kernel's signals,
     but they still end with it, even when it is SIGKILLed (parent-death signal)."""
