@@ -141,7 +141,7 @@ local function go_idle(waiter, score)
     redis.call('ZADD', K('idle'), score, waiter)
   end
 end
-local function requeue(job, entry)
+local function requeue(job, entry, wid)
   -- put a chunk back at the front of its job's queue, if the job still wants it. Outcomes
   -- its holder reported before it was lost (``d<chunk>``/``f<chunk>`` in attempts:) are
   -- reported again by the rerun: they leave the counters now (kept as ``sd``/``sf``, for
@@ -162,6 +162,15 @@ local function requeue(job, entry)
     redis.call('HDEL', K('tasks', job), unpack(payload_fields(chunk, nframes)))
     -- (a cancelled job's running items were counted as cancelled when it was cancelled)
     if meta[1] ~= 'cancelled' then redis.call('HINCRBY', jk, 'running', -(items - d - f)) end
+    local client = meta[1] == 'closing' and redis.call('HGET', jk, 'client')
+    if client then
+      -- shutdown(cancel_futures=True) dropped the job's queue and payloads, and its client
+      -- waits for this running chunk: it cannot run again, so its items fail (WorkerLostError)
+      redis.call('HINCRBY', jk, 'failed', items - d - f)
+      redis.call('RPUSH', K('res', client), 'L' .. job .. '|' .. chunk .. '|' .. (wid or '?')
+                 .. '|closing')
+      redis.call('EXPIRE', K('res', client), redis.call('HGET', jk, 'grace') or 600)
+    end
     return 0
   end
   if d + f > 0 then
@@ -570,7 +579,7 @@ for _, wid in ipairs(dead) do
       end
       event(job, ARGV[4], 'kind', 'lost', 'worker', wid, 'chunk', chunk)
     else
-      if requeue(job, entry) == 1 then
+      if requeue(job, entry, wid) == 1 then
         event(job, ARGV[4], 'kind', 'retried', 'worker', wid, 'chunk', chunk)
       end
     end
@@ -589,7 +598,7 @@ local wip = redis.call('HGETALL', K('wip', wid))
 local n = 0
 for i = 1, #wip, 2 do
   local job = string.match(wip[i], '^(.*)/%d+$')
-  n = n + requeue(job, string.match(wip[i + 1], '^[^@]*'))
+  n = n + requeue(job, string.match(wip[i + 1], '^[^@]*'), wid)
 end
 redis.call('DEL', K('wip', wid), K('worker', wid))
 redis.call('ZREM', K('workers'), wid)

@@ -920,10 +920,16 @@ class Executor(_BaseExecutor):
         if isinstance(decoded, LostChunk):
             ref = self._refs.get(decoded.chunk)
             if ref is not None:
-                err = WorkerLostError(
-                    f"worker {decoded.worker} stopped heartbeating while it held this task, "
-                    f"and the task was already retried {self._settings.max_retries} time(s) "
-                    "(MINIRAY_MAX_RETRIES); the task may crash its worker")
+                if decoded.reason == "closing":
+                    err = WorkerLostError(
+                        f"worker {decoded.worker} was lost (or left) while it ran this task, "
+                        "after shutdown(cancel_futures=True) had dropped the job's queue, so "
+                        "the task could not run again")
+                else:
+                    err = WorkerLostError(
+                        f"worker {decoded.worker} stopped heartbeating while it held this "
+                        f"task, and the task was already retried {self._settings.max_retries}"
+                        " time(s) (MINIRAY_MAX_RETRIES); the task may crash its worker")
                 self._settle(ref, None, [], {-1: (err, "", None)}, True, decoded.worker, "?", 0)
             return
         header, blob = decoded

@@ -142,9 +142,13 @@ class ResultHeader(NamedTuple):  # a tuple: decoded for every result message
 
 @dataclass(frozen=True)
 class LostChunk:
+    """A chunk that will never report: its worker was lost past the retries, or (``reason``
+    "closing") while its job was shutting down with its queue dropped."""
+
     job: str
     chunk: int
     worker: str
+    reason: str = ""
 
 
 def encode_result(header: ResultHeader, blob: bytes, part: int = PART_MAX) -> list:
@@ -209,7 +213,10 @@ def decode_message(msg):
         return header, rest if parts is None else [rest, *parts]
     if tag == b"L":
         job, chunk, worker = bytes(msg[1:]).decode().split("|", 2)
-        return LostChunk(job, int(chunk), worker)
+        reason = ""
+        if worker.endswith("|closing"):
+            worker, reason = worker[: -len("|closing")], "closing"
+        return LostChunk(job, int(chunk), worker, reason)
     raise ValueError(f"unknown result message tag {bytes(tag)!r}")
 
 

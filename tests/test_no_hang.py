@@ -291,3 +291,29 @@ def test_a_slow_job_after_a_fast_one_is_shared_and_cancellable(cluster):
     assert len({f.worker for f in ran}) == 3, [f.worker for f in ran]
     assert len(ran) < 9, "nothing queued was left to cancel"
     assert [f.result() for f in ran] == [f.task_id for f in ran]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_a_worker_lost_while_shutdown_drops_the_queue_settles_its_running_task(
+        cluster, monkeypatch, signum):
+    """shutdown(wait=True, cancel_futures=True) waits for the running tasks; one whose worker
+    dies (reaped) or leaves (hands it back) then cannot run again, since the job's queue and
+    payloads are gone: it fails with WorkerLostError. It hung, and shutdown with it."""
+    monkeypatch.setenv("MINIRAY_WORKER_DEAD_SECONDS", "2")
+    cluster.env_extra["MINIRAY_WORKER_DEAD_SECONDS"] = "2"
+    victim = cluster.start_worker(name="victim")
+    ex = cluster.executor()
+    f = ex.submit(tasks.sleep_then, 60, 1)
+    wait_for(f.running, 30)
+    cluster.start_worker(name="other")  # a live worker reaps the dead one
+    returned = threading.Event()
+    threading.Thread(target=lambda: (ex.shutdown(wait=True, cancel_futures=True),
+                                     returned.set()), daemon=True).start()
+    r = connect(cluster.url)
+    state = lambda: r.execute("HGET", Keys(cluster.namespace).job(ex.job_id), "state")  # noqa: E731
+    wait_for(lambda: state() == b"closing", 30)
+    os.kill(victim.pid, signum)
+    assert returned.wait(60), "shutdown(wait=True) never returned"
+    with pytest.raises(miniray.WorkerLostError, match="cancel_futures"):
+        f.result(timeout=0)
+    r.close()
