@@ -8,8 +8,10 @@ with a lock; threads that block (BLPOP, BLMPOP, XREAD BLOCK) use a connection of
 
 from __future__ import annotations
 
+import contextlib
 import math
 import select
+import signal
 import socket
 import threading
 import time
@@ -195,14 +197,29 @@ class Connection:
             raise reply
         return reply
 
+    @contextlib.contextmanager
+    def _whole(self):
+        """A write or a read that must happen whole. Interrupted halfway (KeyboardInterrupt:
+        a Ctrl-C lands anywhere), the connection no longer knows which reply belongs to which
+        command, or the server holds half a command: it is closed, and the next command
+        connects afresh (instead of reading another command's reply as its own)."""
+        try:
+            yield
+        except (ConnectionLost, ReplyTimeout):
+            raise
+        except BaseException:
+            self.close()
+            raise
+
     def pipeline_raw(self, commands: list) -> list:
         """Send commands in one write, read every reply; error replies are returned."""
         with self._lock:
             if self._sock is None:
                 self._connect()
-            if self._owed:
-                self._read_owed()
-            return self._roundtrip(commands)
+            with self._whole():
+                if self._owed:
+                    self._read_owed()
+                return self._roundtrip(commands)
 
     def send_deferred(self, commands: list) -> None:
         """Send commands and return at once; their replies are read before the next
@@ -211,8 +228,9 @@ class Connection:
         with self._lock:
             if self._sock is None:
                 self._connect()
-            self._send(commands)
-            self._owed += len(commands)
+            with self._whole(), _sigint_held():  # (a Ctrl-C waits for the write's end)
+                self._send(commands)
+                self._owed += len(commands)
 
     def send_command(self, *args) -> None:
         """Send one command whose reply ``read_reply`` returns later, maybe in another thread
@@ -256,14 +274,14 @@ class Connection:
 
     def read_deferred(self, n: int | None = None) -> None:
         """Read the replies still owed for ``send_deferred`` commands (the oldest ``n``)."""
-        with self._lock:
+        with self._lock, self._whole():
             if self._owed and self._sock is not None:
                 self._read_owed(n)
 
     def read_available(self) -> None:
         """Read the owed replies the server has already sent, without waiting for more (a
         server that hangs must not hold this connection's lock)."""
-        with self._lock:
+        with self._lock, self._whole():
             while self._owed and self._sock is not None:
                 try:
                     reply = self._next_reply(deadline=0.0)
@@ -335,6 +353,29 @@ def _pack(commands) -> list:
     if small:
         out.append(b"".join(small))
     return out
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Hold a Ctrl-C (SIGINT) that arrives in the main thread during the block, and deliver it
+    to the handler it had (KeyboardInterrupt) once the block is done: a deferred write is
+    whole or not sent, so the commands a caller sent are the ones the server got. Elsewhere
+    (another thread, a handler that is not Python's) the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    try:
+        before = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    except (ValueError, TypeError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+        if held:
+            signal.raise_signal(signal.SIGINT)
 
 
 class Pipeline:

@@ -3,6 +3,8 @@
 import time
 import uuid
 
+import pytest
+
 from miniray.broker import Broker, connect
 from miniray.keys import Keys
 from miniray.limits import Limits
@@ -166,3 +168,26 @@ def test_outcomes_of_a_job_that_is_gone_leave_no_key_behind(server):
     assert b.r.execute("EXISTS", k.job(job), k.events(job), k.results("c"), k.tasks(job)) == 0
     assert b.r.execute("HLEN", k.wip("cpu")) == 0
     assert b.r.execute("ZSCORE", k.idle, "cpu/0") is not None  # the slot waits again
+
+
+def test_a_round_trip_cut_by_ctrl_c_leaves_the_connection_in_step(server):
+    """Ctrl-C (KeyboardInterrupt) can land while a command waits for its reply; the next
+    command on that connection must get its own reply, not the interrupted one's (the
+    interrupted map's cancel read a stale integer reply and failed with a TypeError)."""
+    import os
+    import signal
+    import threading
+
+    r = connect(server.url)
+    try:  # a real SIGINT, as Ctrl-C sends it: it wakes the wait for the reply
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            r.execute("BLPOP", "no-such-list-here", 3)  # its reply (nil) comes after 3 s
+        timer.join()
+        r.execute("SET", "in-step", "yes")
+        assert r.execute("GET", "in-step") == b"yes"
+        assert r.execute("PING") in (b"PONG", "PONG")
+    finally:
+        r.execute("DEL", "in-step")
+        r.close()

@@ -100,9 +100,13 @@ _SCRIPT = textwrap.dedent("""
     cluster = miniray.init(workers=2)
     server = cluster.server.proc.pid
     ex = miniray.Executor()
-    print("ready", flush=True)
+    results = ex.map(time.sleep, [60] * 8)
+    deadline = time.monotonic() + 60
+    while ex.progress()["running"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("ready", ex.progress()["running"], flush=True)  # both workers run a 60 s task
     try:
-        for _ in ex.map(time.sleep, [60] * 8):
+        for _ in results:
             pass
     except KeyboardInterrupt:
         print("interrupted", flush=True)
@@ -115,26 +119,30 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_ctrl_c_in_a_script_cancels_the_maps_running_tasks_and_keeps_the_executor(tmp_path):
+def _ctrl_c(tmp_path, source: str, ready: str) -> list:
+    """Run ``source`` as a script in its own process group (a job in a terminal), send the
+    group SIGINT (Ctrl-C) once it prints ``ready``, and return the lines it printed."""
     script = tmp_path / "script.py"
-    script.write_text(_SCRIPT)
+    script.write_text(source)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("MINIRAY_REDIS_URL", None)
-    # its own process group, as a job in a terminal: Ctrl-C signals the whole group
     p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
-        assert p.stdout.readline().strip() == "ready"
-        time.sleep(2.0)  # both workers hold a 60 s task by now
+        assert p.stdout.readline().strip() == ready
+        time.sleep(1.0)  # from its print into the map's iteration, where Ctrl-C is meant
         os.killpg(p.pid, signal.SIGINT)
-        out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=150)
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 0, err
-    lines = out.split("\n")
-    assert "interrupted" in lines and "next 32" in lines and "same-server True" in lines, \
-        (out, err)
+    return out.split("\n")
+
+
+def test_ctrl_c_in_a_script_cancels_the_maps_running_tasks_and_keeps_the_executor(tmp_path):
+    lines = _ctrl_c(tmp_path, _SCRIPT, "ready 2")
+    assert "interrupted" in lines and "next 32" in lines and "same-server True" in lines, lines
 
 
 _SCRIPT_OTHERS = textwrap.dedent("""
@@ -181,26 +189,12 @@ def test_ctrl_c_in_a_map_stops_its_running_tasks_while_other_futures_go_on(tmp_p
     """With other futures of the executor pending, Ctrl-C in a map stops the map's own
     running tasks (not the whole job): the workers are free at once, the other future gets
     its real result, and the job counts the map's items as cancelled, not failed."""
-    script = tmp_path / "script.py"
-    script.write_text(_SCRIPT_OTHERS)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("MINIRAY_REDIS_URL", None)
-    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        assert p.stdout.readline().strip() == "ready 2"
-        os.killpg(p.pid, signal.SIGINT)  # a terminal's Ctrl-C
-        out, err = p.communicate(timeout=150)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode == 0, err
-    lines = out.split("\n")
-    assert "interrupted other-pending" in lines, (out, err)
-    assert "other 42" in lines and "next 32" in lines, (out, err)
+    lines = _ctrl_c(tmp_path, _SCRIPT_OTHERS, "ready 2")
+    assert "interrupted other-pending" in lines, lines
+    assert "other 42" in lines and "next 32" in lines, lines
     # 4 map items cancelled; `other` and the next submit done; nothing failed
-    assert "counts 2 0 4 0 0" in lines, (out, err)
-    assert "same-cluster True" in lines, (out, err)
+    assert "counts 2 0 4 0 0" in lines, lines
+    assert "same-cluster True" in lines, lines
 
 
 def test_the_local_cluster_still_dies_with_a_killed_kernel():
