@@ -52,7 +52,7 @@ from .limits import Limits
 from .outcomes import MISSING, cancel_future as _cancel, cancel_ref as _cancel_ref
 from .outcomes import failures as _failures, force_cancel as _force_cancel, place as _place
 from .outcomes import stop_chunks as _stop_chunks
-from .resp import Connection, ConnectionLost, NoScriptError, RedisError
+from .resp import Connection, NoScriptError, RedisError
 from . import payloads
 from .protocol import (Assembler, LostChunk, decode_batches, decode_message, encode_chunk,
                        item_times)
@@ -266,7 +266,6 @@ class Executor(_BaseExecutor):
         self._read_lock = threading.Lock()
         self._read_cond = threading.Condition(self._read_lock)
         self._reader: int | None = None  # the thread that reads results now
-        self._read_owed = False  # a BLMPOP was sent whose reply nobody has read yet
         self._undelivered: list = []  # result messages popped and not delivered yet
         self._undelivered_direct: list = []  # the same from the inbox (delivered first)
         self._parts = Assembler()  # a big result message's parts popped so far
@@ -689,6 +688,12 @@ class Executor(_BaseExecutor):
                         self._read_cond.notify()
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
+    @property
+    def _read_owed(self) -> bool:
+        """A BLMPOP was sent whose reply nobody has read yet (the results connection sends
+        nothing else)."""
+        return self._rr.owed > 0
+
     def _read_once(self, timeout: float, give_up: float | None = None) -> None:
         """One BLMPOP of result messages (waiting up to ``timeout`` s) and their delivery;
         ``give_up``: seconds after which to stop waiting for the reply (ReplyTimeout).
@@ -698,21 +703,16 @@ class Executor(_BaseExecutor):
         read), and go first: a crash report that came through Redis names the items still
         missing after the outcomes their process had sent directly."""
         if not self._undelivered and not self._undelivered_direct:
-            if not self._read_owed:
+            if not self._read_owed:  # (the connection counts what it owes: a Ctrl-C
+                # between the send and any flag of ours cannot put the two out of step)
                 self._rr.send_command("BLMPOP", round(max(timeout, 0.001), 3), 1,
                                       self.keys.results(self.client_id), "LEFT", "COUNT", 1024)
-                self._read_owed = True
-            try:
-                if self._inbox is not None and not self._rr.wait_reply_or(
-                        self._inbox.fileno(), give_up):
-                    got = False  # (the BLMPOP's reply stays owed)
-                else:
-                    got = self._rr.read_reply(give_up)
-            except ConnectionLost:
-                self._read_owed = False  # (with the connection: a new one owes nothing)
-                raise
+            if self._inbox is not None and not self._rr.wait_reply_or(
+                    self._inbox.fileno(), give_up):
+                got = False  # (the BLMPOP's reply stays owed)
+            else:
+                got = self._rr.read_reply(give_up)
             if got is not False:
-                self._read_owed = False
                 if isinstance(got, Exception):
                     raise got
                 self._undelivered = list(got[1]) if got else []

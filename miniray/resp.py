@@ -249,6 +249,12 @@ class Connection:
             self._owed -= 1
             return reply
 
+    @property
+    def owed(self) -> int:
+        """How many replies of commands sent are still to be read (0 once the connection is
+        lost: a new one owes nothing)."""
+        return self._owed if self._sock is not None else 0
+
     def _check_owed(self) -> None:
         if self._sock is None or not self._owed:
             raise ConnectionLost(f"no reply is owed on the connection to {redact(self.url)} "
