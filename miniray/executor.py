@@ -508,11 +508,27 @@ class Executor(_BaseExecutor):
             self._break(ServerLostError(
                 f"lost the server at {_redact(self.redis_url)} while submitting: {e}"))
             return False
+        except BaseException:  # Ctrl-C in an inline send (the caller's own thread)
+            self._forget_unsent(batch)
+            raise
         finally:
             with self._lock:
                 self._flushing = False
                 if self._outbox or self._shutdown:  # else the flusher has nothing to do:
                     self._wakeup.notify_all()  # waking it would only take the GIL from us
+
+    def _forget_unsent(self, batch: list) -> None:
+        """A send cut short by Ctrl-C: only a caller's inline send (submit, map) is, and its
+        futures never reach it (the KeyboardInterrupt does). What of it reached the server
+        is unknown (the connection was closed: see resp), so they are cancelled here and
+        nothing, shutdown included, waits for them; a chunk that did arrive runs and its
+        result is ignored. No round trip: the user may press Ctrl-C because the server
+        hangs, and the interrupt must come back at once."""
+        with self._lock:
+            for ref in batch:
+                self._refs.pop(ref.chunk, None)
+        for ref in batch:
+            _cancel(ref.future)
 
     def _flush_loop(self) -> None:
         while True:

@@ -197,29 +197,26 @@ class Connection:
             raise reply
         return reply
 
-    @contextlib.contextmanager
-    def _whole(self):
-        """A write or a read that must happen whole. Interrupted halfway (KeyboardInterrupt:
-        a Ctrl-C lands anywhere), the connection no longer knows which reply belongs to which
-        command, or the server holds half a command: it is closed, and the next command
-        connects afresh (instead of reading another command's reply as its own)."""
-        try:
-            yield
-        except (ConnectionLost, ReplyTimeout):
-            raise
-        except BaseException:
-            self.close()
-            raise
+    # A write or a read that is cut short (KeyboardInterrupt: a Ctrl-C lands anywhere)
+    # leaves the server holding half a command, or the connection not knowing which reply
+    # belongs to which command: the connection is then closed, and the next command connects
+    # afresh (instead of reading another command's reply as its own). Plain try/except, not
+    # a context manager: this is on every round trip.
 
     def pipeline_raw(self, commands: list) -> list:
         """Send commands in one write, read every reply; error replies are returned."""
         with self._lock:
             if self._sock is None:
                 self._connect()
-            with self._whole():
+            try:
                 if self._owed:
                     self._read_owed()
                 return self._roundtrip(commands)
+            except (ConnectionLost, ReplyTimeout):
+                raise
+            except BaseException:
+                self.close()
+                raise
 
     def send_deferred(self, commands: list) -> None:
         """Send commands and return at once; their replies are read before the next
@@ -228,9 +225,26 @@ class Connection:
         with self._lock:
             if self._sock is None:
                 self._connect()
-            with self._whole(), _sigint_held():  # (a Ctrl-C waits for the write's end)
-                self._send(commands)
-                self._owed += len(commands)
+            with _ctrl_c_after_write():  # (a held Ctrl-C is raised after the write, whole)
+                try:
+                    self._send(commands)
+                    self._owed += len(commands)
+                except ConnectionLost:
+                    raise
+                except BaseException:  # a second Ctrl-C, in a write that does not end
+                    self.close()
+                    raise
+
+    @contextlib.contextmanager
+    def _whole(self):
+        """The same for the rarer reads below."""
+        try:
+            yield
+        except (ConnectionLost, ReplyTimeout):
+            raise
+        except BaseException:
+            self.close()
+            raise
 
     def send_command(self, *args) -> None:
         """Send one command whose reply ``read_reply`` returns later, maybe in another thread
@@ -361,27 +375,55 @@ def _pack(commands) -> list:
     return out
 
 
+class _CtrlC:
+    """Ctrl-C held while the main thread writes commands (``_ctrl_c_after_write``): the
+    process's SIGINT handler is wrapped, once, by one that notes a Ctrl-C during a write and
+    passes it on (KeyboardInterrupt) when the write is whole, so that the commands a caller
+    sent are the ones the server got. A second Ctrl-C during the same write (a server that
+    does not read: the write blocks) passes on at once; the connection is then closed.
+    Wrapping once costs a lookup per write, where setting a handler per write cost ~10 us
+    on the latency path. A handler set later (ipykernel sets one per cell) is wrapped anew."""
+
+    depth = 0
+    held = 0
+    inner = None
+
+
+def _ctrl_c_handler(signum, frame):
+    if _CtrlC.depth and not _CtrlC.held:
+        _CtrlC.held = signum
+        return
+    _CtrlC.held = 0
+    inner = _CtrlC.inner
+    if callable(inner):
+        inner(signum, frame)
+
+
 @contextlib.contextmanager
-def _sigint_held():
-    """Hold a Ctrl-C (SIGINT) that arrives in the main thread during the block, and deliver it
-    to the handler it had (KeyboardInterrupt) once the block is done: a deferred write is
-    whole or not sent, so the commands a caller sent are the ones the server got. Elsewhere
-    (another thread, a handler that is not Python's) the block just runs."""
+def _ctrl_c_after_write():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = []
-    try:
-        before = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
-    except (ValueError, TypeError, OSError):
-        yield
-        return
+    current = signal.getsignal(signal.SIGINT)
+    if current is not _ctrl_c_handler:
+        if not callable(current):  # ignored, the default action, or not set from Python
+            yield
+            return
+        try:
+            signal.signal(signal.SIGINT, _ctrl_c_handler)
+        except (ValueError, OSError):
+            yield
+            return
+        _CtrlC.inner = current
+    _CtrlC.depth += 1
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, before)
-        if held:
-            signal.raise_signal(signal.SIGINT)
+        _CtrlC.depth -= 1
+        if not _CtrlC.depth and _CtrlC.held:
+            signum, _CtrlC.held = _CtrlC.held, 0
+            if callable(_CtrlC.inner):
+                _CtrlC.inner(signum, None)
 
 
 class Pipeline:

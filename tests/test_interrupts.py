@@ -218,3 +218,41 @@ def test_the_local_cluster_still_dies_with_a_killed_kernel():
     finally:
         k.kc.stop_channels()
         k.km.shutdown_kernel(now=True)
+
+
+def test_ctrl_c_in_the_middle_of_a_send_leaves_the_executor_in_step(tmp_path, monkeypatch):
+    """A Ctrl-C while a submission's write is under way (here: the server is stopped, so the
+    write blocks once the socket's buffers are full) comes when the write is whole: no half
+    command on the connection, every future the loop got settles, nothing that nobody holds
+    is waited for. Before: the next command's reply was read out of step, and shutdown
+    hung."""
+    import threading
+
+    import miniray
+    import tasks
+    from support import own_server
+
+    with own_server(tmp_path, monkeypatch, "cut", workers=1) as srv:
+        ex = miniray.Executor(redis_url=srv.url)
+        assert ex.submit(tasks.square, 3).result(timeout=60) == 9
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        ctrl_c = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+        resume = threading.Timer(2.0, os.kill, (srv.proc.pid, signal.SIGCONT))
+        payload, got = b"x" * 900_000, []  # (under the size that is sent apart)
+        try:
+            ctrl_c.start()
+            resume.start()
+            with pytest.raises(KeyboardInterrupt):
+                for _ in range(1000):  # until the socket's buffers are full: a write blocks
+                    got.append(ex.submit(len, payload))
+        finally:
+            ctrl_c.cancel()
+            resume.join()
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        assert len(got) < 1000
+        assert [f.result(timeout=60) for f in got] == [len(payload)] * len(got)
+        assert ex.submit(tasks.square, 4).result(timeout=60) == 16
+        closed = threading.Thread(target=ex.shutdown, kwargs={"wait": True})
+        closed.start()
+        closed.join(60)
+        assert not closed.is_alive(), "shutdown(wait=True) waits for a future nobody holds"
