@@ -420,7 +420,8 @@ class Executor(_BaseExecutor):
         with self._lock:
             if not self._job_cancelled:
                 return
-            while self._flushing:  # (a send to the old job lands before the switch)
+            deadline = time.monotonic() + 5.0  # (a send to the old job lands first; a
+            while self._flushing and time.monotonic() < deadline:  # hung one is not waited)
                 self._wakeup.wait(0.1)
             self._job_cancelled = False
             self._tally, self._n_items = [0, 0], 0

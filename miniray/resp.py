@@ -225,15 +225,18 @@ class Connection:
         with self._lock:
             if self._sock is None:
                 self._connect()
-            with _ctrl_c_after_write():  # (a held Ctrl-C is raised after the write, whole)
-                try:
-                    self._send(commands)
-                    self._owed += len(commands)
-                except ConnectionLost:
-                    raise
-                except BaseException:  # a second Ctrl-C, in a write that does not end
-                    self.close()
-                    raise
+            held = _hold_ctrl_c()  # (a held Ctrl-C is raised after the write, whole)
+            try:
+                self._send(commands)
+                self._owed += len(commands)
+            except ConnectionLost:
+                raise
+            except BaseException:  # a second Ctrl-C, in a write that does not end
+                self.close()
+                raise
+            finally:
+                if held:
+                    _release_ctrl_c()
 
     @contextlib.contextmanager
     def _whole(self):
@@ -376,7 +379,7 @@ def _pack(commands) -> list:
 
 
 class _CtrlC:
-    """Ctrl-C held while the main thread writes commands (``_ctrl_c_after_write``): the
+    """Ctrl-C held while the main thread writes commands (``_hold_ctrl_c``): the
     process's SIGINT handler is wrapped, once, by one that notes a Ctrl-C during a write and
     passes it on (KeyboardInterrupt) when the write is whole, so that the commands a caller
     sent are the ones the server got. A second Ctrl-C during the same write (a server that
@@ -399,31 +402,35 @@ def _ctrl_c_handler(signum, frame):
         inner(signum, frame)
 
 
-@contextlib.contextmanager
-def _ctrl_c_after_write():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+_MAIN = threading.main_thread()
+
+
+def _hold_ctrl_c() -> bool:
+    """Start holding Ctrl-C for a write (see ``_CtrlC``); False where it cannot be held (not
+    the main thread, or a SIGINT handler that is not Python's). Plain calls, not a context
+    manager: this is on every write."""
+    if threading.current_thread() is not _MAIN:
+        return False
     current = signal.getsignal(signal.SIGINT)
     if current is not _ctrl_c_handler:
         if not callable(current):  # ignored, the default action, or not set from Python
-            yield
-            return
+            return False
         try:
             signal.signal(signal.SIGINT, _ctrl_c_handler)
         except (ValueError, OSError):
-            yield
-            return
+            return False
         _CtrlC.inner = current
     _CtrlC.depth += 1
-    try:
-        yield
-    finally:
-        _CtrlC.depth -= 1
-        if not _CtrlC.depth and _CtrlC.held:
-            signum, _CtrlC.held = _CtrlC.held, 0
-            if callable(_CtrlC.inner):
-                _CtrlC.inner(signum, None)
+    return True
+
+
+def _release_ctrl_c() -> None:
+    """End a hold: a Ctrl-C that came during it is passed on now (KeyboardInterrupt)."""
+    _CtrlC.depth -= 1
+    if not _CtrlC.depth and _CtrlC.held:
+        signum, _CtrlC.held = _CtrlC.held, 0
+        if callable(_CtrlC.inner):
+            _CtrlC.inner(signum, None)
 
 
 class Pipeline:

@@ -93,6 +93,14 @@ def test_an_interrupt_while_a_big_map_is_submitted_leaves_nothing_behind(kernel)
     kernel.run("%miniray cancel")
 
 
+# in a script: wait until both workers run one of the map's 60 s tasks, and say so
+_READY = """\
+    deadline = time.monotonic() + 60
+    while ex.progress()["running"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print("ready", ex.progress()["running"], flush=True)
+"""
+
 _SCRIPT = textwrap.dedent("""
     import os, sys, time
     import miniray
@@ -101,11 +109,7 @@ _SCRIPT = textwrap.dedent("""
     server = cluster.server.proc.pid
     ex = miniray.Executor()
     results = ex.map(time.sleep, [60] * 8)
-    deadline = time.monotonic() + 60
-    while ex.progress()["running"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    print("ready", ex.progress()["running"], flush=True)  # both workers run a 60 s task
-    try:
+{READY}    try:
         for _ in results:
             pass
     except KeyboardInterrupt:
@@ -116,7 +120,7 @@ _SCRIPT = textwrap.dedent("""
     print("same-server", cluster.server_alive() and cluster.server.proc.pid == server,
           flush=True)
     ex.shutdown()
-""")
+""".replace("{READY}", _READY))
 
 
 def _ctrl_c(tmp_path, source: str, ready: str) -> list:
@@ -158,11 +162,7 @@ _SCRIPT_OTHERS = textwrap.dedent("""
     ex = miniray.Executor()
     results = ex.map(time.sleep, [60] * 4)
     other = ex.submit(slow_double, 21)  # queued behind the map's chunks
-    deadline = time.monotonic() + 60
-    while ex.progress()["running"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    print("ready", ex.progress()["running"], flush=True)  # both workers run a 60 s task
-    try:
+{READY}    try:
         for _ in results:
             pass
     except KeyboardInterrupt:
@@ -182,7 +182,7 @@ _SCRIPT_OTHERS = textwrap.dedent("""
     print("same-cluster", cluster.server_alive() and cluster.server.proc.pid == server
           and sorted(cluster.worker_pids()) == workers, flush=True)
     ex.shutdown()
-""")
+""".replace("{READY}", _READY))
 
 
 def test_ctrl_c_in_a_map_stops_its_running_tasks_while_other_futures_go_on(tmp_path):
