@@ -25,7 +25,7 @@ import warnings
 from .errors import RerunError, RerunSucceededWarning, ServerError
 from .protocol import decode_chunk
 
-__all__ = ["Kept", "rerun_locally", "task_call", "user_traceback"]
+__all__ = ["Kept", "prepare_rerun", "rerun_locally", "task_call"]
 
 _FETCH_SECONDS = 10.0  # the most a rerun waits for the cluster to give the function back
 
@@ -98,8 +98,10 @@ def _fetch_function(kept: Kept):
     return pickle.loads(got)
 
 
-def rerun_locally(future):
-    """Re-run ``future``'s failed task here (see ``MinirayFuture.rerun_locally``)."""
+def prepare_rerun(future) -> tuple:
+    """``(fn, args, kwargs)`` of ``future``'s failed task, unpickled here as a worker would
+    (the notebook's ``%miniray debug`` calls them itself). Raises ``RerunError`` when the
+    future is not done, did not fail, was cancelled, or what the task needs is gone."""
     what = f"task {future.task_id} of job {future.job}"
     if future.cancelled():
         raise RerunError(f"cannot re-run {what}: it was cancelled, so it did not fail")
@@ -110,7 +112,7 @@ def rerun_locally(future):
     err = future.exception()
     if err is None:
         raise RerunError(f"cannot re-run {what}: it did not fail (it returned a value); "
-                           "there is no error to re-create")
+                         "there is no error to re-create")
     kept = getattr(future, "_rerun", None)
     if kept is None:
         raise RerunError(
@@ -120,21 +122,17 @@ def rerun_locally(future):
             f"this one failed with {type(err).__name__} before or without that (a lost server, "
             "an abandoned job, arguments too big to keep). Raise the setting and submit again")
     args, kwargs = task_call(kept, future.task_id)
-    fn = _fetch_function(kept)
+    return _fetch_function(kept), args, kwargs
+
+
+def rerun_locally(future):
+    """Re-run ``future``'s failed task here (see ``MinirayFuture.rerun_locally``)."""
+    fn, args, kwargs = prepare_rerun(future)
     value = fn(*args, **kwargs)  # the user's exception goes up from here, as it is
+    err = future.exception()
     warnings.warn(
-        f"{what} failed on its worker with {type(err).__name__}, but re-run here it returned "
-        "a value: the failure depends on where it ran (the worker's limits, environment, "
-        "GPUs, files, or chance); the value is returned",
-        RerunSucceededWarning, stacklevel=3)
+        f"task {future.task_id} of job {future.job} failed on its worker with "
+        f"{type(err).__name__}, but re-run here it returned a value: the failure depends on "
+        "where it ran (the worker's limits, environment, GPUs, files, or chance); the value "
+        "is returned", RerunSucceededWarning, stacklevel=3)
     return value
-
-
-def user_traceback(tb):
-    """``tb`` from the first frame that is not miniray's own (the user's function on)."""
-    import os
-
-    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(here):
-        tb = tb.tb_next
-    return tb

@@ -1,0 +1,70 @@
+"""``%miniray debug`` in a real kernel (jupyter_client) with a real local cluster: the failed
+item re-runs in the kernel and IPython's debugger, driven through the kernel's stdin as a
+frontend drives it, stops at the cell's failing line."""
+
+import re
+
+import pytest
+
+pytest.importorskip("ipykernel")
+pytest.importorskip("jupyter_client")
+
+from kernels import Kernel  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = Kernel()
+    try:
+        out = k.run("%load_ext miniray\n%miniray local -n 1")
+        assert "local cluster up" in out["stream"], out
+        yield k
+    finally:
+        k.close()
+
+
+def usage_error(out) -> str:
+    """The UsageError IPython printed (on stderr: no traceback)."""
+    assert out["error"] is None, out["error"]
+    match = re.search(r"UsageError: (.*)", out["stream"])
+    assert match, out["stream"]
+    return match.group(1)
+
+
+def test_debug_stops_at_the_cells_failing_line_and_the_kernel_goes_on(kernel):
+    assert "no map has run" in usage_error(kernel.converse("%miniray debug", []))
+    count, _ = kernel.cell("%%miniray map x in range(5)\n"
+                           "if x == 3: raise ValueError(f'bad item {x}')\n"
+                           "x * 2\n")
+    out = kernel.converse("%miniray debug", ["p x", "up", "q"], timeout=60)
+    text = out["transcript"]
+    assert out["error"] is None, out["error"]
+    assert re.search(r"^miniray: re-running item 3 of job 'map x in range\(5\)' \(\S+\) here, "
+                     r"with x = 3$", text, re.M), text
+    # the debugger's location: the cell's line 2 (the %%miniray line is line 1), its source
+    assert re.search(r"^ValueError: bad item 3\n> \S+\(2\)<module>\(\)\n(.*\n)*"
+                     r"----> 2 if x == 3: raise ValueError", text, re.M), text
+    # the item's own argument, and no frame of miniray or IPython under the cell's
+    assert "ipdb> p x\n3\n" in text, text
+    assert "ipdb> up\n*** Oldest frame\n" in text, text
+    assert out["prompts"] == ["ipdb> "] * 3, out["prompts"]
+    assert "miniray/" not in text and "IPython/" not in text, text
+    # the kernel is still usable: the next cell runs
+    assert kernel.run("21 * 2")["data"] == [{"text/plain": "42"}]
+    assert count  # (the map cell ran)
+
+
+def test_debug_of_an_item_that_did_not_fail_is_a_usage_error(kernel):
+    kernel.cell("%%miniray map x in range(4)\n"
+                "if x == 2: raise KeyError(x)\n"
+                "x\n")
+    message = usage_error(kernel.converse("%miniray debug 1", []))
+    assert re.search(r"item 1 of the last map \('map x in range\(4\)', job \S+\) did not "
+                     r"fail; the failed item\(s\): 2", message), message
+    assert "0 to 3; there is no item 9" in usage_error(kernel.converse("%miniray debug 9", []))
+    assert "usage: %miniray debug [ITEM]" in usage_error(kernel.converse("%miniray debug x", []))
+    # and the failed one opens the debugger
+    out = kernel.converse("%miniray debug 2", ["p x + 40", "q"], timeout=60)
+    assert "ipdb> p x + 40\n42\n" in out["transcript"], out["transcript"]
