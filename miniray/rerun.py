@@ -7,9 +7,9 @@ travelled, so that the exception is raised here with a traceback through the use
 
     submit/map_futures --> _Ref.kept (the chunk's payload, if small: see settings)
     _settle: a chunk with failures hands it to its failed futures (``Kept``) -- the rest drop it
-    rerun_locally(future) --> payload: decode_chunk -> pickle.loads -> the item's argument(s)
+    prepare_rerun(future) --> payload: decode_chunk -> pickle.loads -> the item's argument(s)
                           --> function: GET fn:{sha} from the cluster -> pickle.loads
-                          --> fn(*args, **kwargs) here
+    rerun_locally(future) --> fn(*args, **kwargs) here (%miniray debug calls them itself)
 
 The function is fetched back from the cluster (the client drops its pickled bytes once they
 are uploaded); that fetch is bounded in time. Nothing of a worker's limits applies here (no

@@ -147,3 +147,31 @@ def test_arguments_over_the_keep_limit_are_not_kept(cluster, monkeypatch):
             f.rerun_locally()
     finally:
         ex.shutdown(wait=False)
+
+
+def test_a_paused_server_does_not_hang_the_rerun(tmp_path, monkeypatch):
+    import signal
+    import time
+
+    import miniray.rerun
+    from support import own_server
+
+    monkeypatch.setattr(miniray.rerun, "_FETCH_SECONDS", 1.0)
+    with own_server(tmp_path, monkeypatch, "rerunpause") as srv:
+        ex = miniray.Executor(redis_url=srv.url)
+        try:
+            f = ex.submit(parse, "-5")
+            assert isinstance(f.exception(timeout=30), ValueError)
+            os.kill(srv.proc.pid, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                with pytest.raises(miniray.ServerError, match="did not give its function back"):
+                    f.rerun_locally()
+                assert time.monotonic() - t0 < 5
+            finally:
+                os.kill(srv.proc.pid, signal.SIGCONT)
+        finally:
+            ex.shutdown(wait=False)
+    # the server gone: said so, at once
+    with pytest.raises(miniray.ServerError, match="cannot be reached.*shut down"):
+        f.rerun_locally()
