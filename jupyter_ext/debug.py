@@ -109,7 +109,7 @@ def _post_mortem(shell, exc: BaseException) -> None:
         pdb.reset()
         pdb.botframe = tb.tb_frame
         try:
-            pdb.interaction(None, tb)
+            pdb.interaction(None, exc)  # (its traceback is ``tb``; its chain is browsable)
         except StdinNotImplementedError:
             raise UsageError(
                 "%miniray debug: this frontend does not answer input requests, so the "

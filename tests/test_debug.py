@@ -51,20 +51,31 @@ def test_debug_stops_at_the_cells_failing_line_and_the_kernel_goes_on(kernel):
     assert "ipdb> up\n*** Oldest frame\n" in text, text
     assert out["prompts"] == ["ipdb> "] * 3, out["prompts"]
     assert "miniray/" not in text and "IPython/" not in text, text
+    # %debug reopens it, at the same line
+    again = kernel.converse("%debug", ["p x * 10", "q"], timeout=60)["transcript"]
+    assert re.search(r"^> \S+\(2\)<module>\(\)\n", again, re.M), again
+    assert "ipdb> p x * 10\n30\n" in again, again
     # the kernel is still usable: the next cell runs
     assert kernel.run("21 * 2")["data"] == [{"text/plain": "42"}]
     assert count  # (the map cell ran)
 
 
 def test_debug_of_an_item_that_did_not_fail_is_a_usage_error(kernel):
+    kernel.run("def helper(v):\n"
+               "    if v == 2:\n"
+               "        raise KeyError(v)\n"
+               "    return v\n")
     kernel.cell("%%miniray map x in range(4)\n"
-                "if x == 2: raise KeyError(x)\n"
-                "x\n")
+                "helper(x)\n")
     message = usage_error(kernel.converse("%miniray debug 1", []))
     assert re.search(r"item 1 of the last map \('map x in range\(4\)', job \S+\) did not "
                      r"fail; the failed item\(s\): 2", message), message
     assert "0 to 3; there is no item 9" in usage_error(kernel.converse("%miniray debug 9", []))
     assert "usage: %miniray debug [ITEM]" in usage_error(kernel.converse("%miniray debug x", []))
-    # and the failed one opens the debugger
-    out = kernel.converse("%miniray debug 2", ["p x + 40", "q"], timeout=60)
-    assert "ipdb> p x + 40\n42\n" in out["transcript"], out["transcript"]
+    # the failed one opens the debugger where it raised, in the helper; up: the map cell
+    out = kernel.converse("%miniray debug 2", ["p v + 40", "up", "p x", "q"], timeout=60)
+    text = out["transcript"]
+    assert re.search(r"^> \S+\(3\)helper\(\)\n(.*\n)*----> 3\s+raise KeyError", text, re.M), text
+    assert "ipdb> p v + 40\n42\n" in text, text
+    assert re.search(r"ipdb> up\n> \S+\(2\)<module>\(\)\n(.*\n)*----> 2 helper\(x\)\n"
+                     r"(.*\n)*ipdb> p x\n2\n", text), text
