@@ -1018,7 +1018,8 @@ class Executor(_BaseExecutor):
                     tally[1] += 1
                 fut = ref.future
                 fut.slot, fut._times = slot, times
-                if errors and ref.kept is not None:
+                if errors and ref.kept is not None and not isinstance(errors[0],
+                                                                      JobCancelledError):
                     fut._rerun = Kept(self.redis_url, self.keys, ref.sha, ref.kept, fut.job)
                 self._complete(ref, (1, errors[0]) if errors else (OK, values[0]), worker, host)
         else:

@@ -132,7 +132,7 @@ def rerun_locally(future):
     err = future.exception()
     warnings.warn(
         f"task {future.task_id} of job {future.job} failed on its worker with "
-        f"{type(err).__name__}, but re-run here it returned a value: the failure depends on "
-        "where it ran (the worker's limits, environment, GPUs, files, or chance); the value "
-        "is returned", RerunSucceededWarning, stacklevel=3)
+        f"{type(err).__name__}, but it did not fail here: re-run here it returned a value "
+        "(returned now). The failure depends on where it ran: the worker's limits, "
+        "environment, GPUs, files, or chance", RerunSucceededWarning, stacklevel=3)
     return value

@@ -60,7 +60,7 @@ def test_debug_stops_at_the_cells_failing_line_and_the_kernel_goes_on(kernel):
     assert count  # (the map cell ran)
 
 
-def test_debug_of_an_item_that_did_not_fail_is_a_usage_error(kernel):
+def test_usage_errors_and_a_helpers_failing_line(kernel):
     kernel.run("def helper(v):\n"
                "    if v == 2:\n"
                "        raise KeyError(v)\n"

@@ -118,9 +118,10 @@ def test_a_rerun_that_succeeds_here_returns_its_value_with_a_warning(cluster, ex
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert f.rerun_locally() == "fine here"
-    assert any(issubclass(w.category, miniray.RerunSucceededWarning)
-               and "did not fail" not in str(w.message) and "returned a value" in str(w.message)
-               for w in caught), [str(w.message) for w in caught]
+    assert [w.filename for w in caught
+            if issubclass(w.category, miniray.RerunSucceededWarning)
+            and "failed on its worker with RuntimeError, but it did not fail here"
+            in str(w.message)] == [__file__], [str(w.message) for w in caught]
 
 
 def test_an_expired_function_is_said_so(cluster, ex):
