@@ -28,7 +28,7 @@ _MAP_USAGE = ("%%miniray map NAME in EXPR [-o VAR] [--chunksize N] [--priority P
               "[--job-name S] [--timeout S] [--memory GB] [--cpus N] [--gpus N] [--gpu-memory GB] "
               "[--triton] [--keep-children] [--bg]")
 _LINE_USAGE = ("%miniray local [-n WORKERS] | connect URL | status | logs [JOB] [--tail N] | "
-               "cancel [JOB] | up HOST ... (--help) | down")
+               "cancel [JOB] | debug [ITEM] | up HOST ... (--help) | down")
 _KEEP_RUNS = 50
 
 
@@ -142,7 +142,7 @@ class MinirayMagics(Magics):
                                     [--timeout S] [--memory GB] [--cpus N] [--gpus N]
                                     [--gpu-memory GB] [--triton] [--keep-children] [--bg]
         %miniray local [-n WORKERS] | connect URL | status | logs [JOB] [--tail N]
-                 | cancel [JOB] | down
+                 | cancel [JOB] | debug [ITEM] | down
         %miniray up HOST[=SLOTS] ... [-n SLOTS] [--python PATH] [--install] [--timeout S]
                  [-i FILE] [--known-hosts FILE] [--accept-new-host-keys]  (--help: more)
         """
@@ -352,6 +352,12 @@ class MinirayMagics(Magics):
         dropped = self._cluster().cancel_job(jid)
         print(f"miniray: cancelled job {job!r}: {dropped} queued chunk(s) dropped, running "
               "tasks are interrupted")
+
+    def _cmd_debug(self, rest):
+        """Re-run a failed item of the last map here, in the debugger (jupyter_ext.debug)."""
+        from .debug import debug_item
+
+        debug_item(self.shell, self.runs, rest)
 
     def _cmd_down(self, rest):
         for r in self.runs:

@@ -36,6 +36,8 @@ _EXPORTS = {
     "JobAbandonedError": "errors",
     "JobCancelledError": "errors",
     "InitializerError": "errors",
+    "RerunError": "errors",
+    "RerunSucceededWarning": "errors",
     "TritonError": "errors",
     "RemoteTraceback": "errors",
     "SSHError": "errors",

@@ -29,6 +29,11 @@ MINIRAY_LOG_STREAM_MAXLEN      10000       log lines kept per job (approximate, 
 MINIRAY_LOG_LINE_MAX_BYTES     65536       a longer log line is cut, with a marker saying how
                                            many bytes were cut (see miniray.taskoutput)
 MINIRAY_EVENT_STREAM_MAXLEN    10000       task events kept per job (approximate)
+MINIRAY_RERUN_KEEP_BYTES       1048576     a submit's or map_futures chunk's pickled arguments
+                                           up to this size stay in the client until the task
+                                           ends, and with its future if it fails, so that
+                                           ``future.rerun_locally()`` / ``%miniray debug`` can
+                                           re-run it here; 0 keeps none (see miniray.rerun)
 MINIRAY_KILL_GRACE_SECONDS     2.0         SIGINT -> SIGKILL grace for cancelled running tasks
 MINIRAY_TRITON_BIN             (search)    tritonserver binary for ``worker --triton`` (else PATH,
                                            then the one in the nvidia-pytriton wheel)
@@ -79,6 +84,7 @@ class Settings:
     log_line_max_bytes: int = 65536
     event_stream_maxlen: int = 10000
     kill_grace_seconds: float = 2.0
+    rerun_keep_bytes: int = 1048576
     triton_bin: str | None = None
     triton_stale_seconds: float | None = None
     extra: dict = field(default_factory=dict)
@@ -102,6 +108,7 @@ class Settings:
             log_line_max_bytes=_env("MINIRAY_LOG_LINE_MAX_BYTES", 65536, int),
             event_stream_maxlen=_env("MINIRAY_EVENT_STREAM_MAXLEN", 10000, int),
             kill_grace_seconds=_env("MINIRAY_KILL_GRACE_SECONDS", 2.0, float),
+            rerun_keep_bytes=_env("MINIRAY_RERUN_KEEP_BYTES", 1048576, int),
             triton_bin=_env("MINIRAY_TRITON_BIN", None),
             triton_stale_seconds=_env("MINIRAY_TRITON_STALE_SECONDS", None, float),
         )

@@ -20,6 +20,8 @@ itself has to report::
      │                                              nothing from the executor for its grace
      ├── JobCancelledError       (CancelledError)   the job was cancelled while the task ran
      ├── InitializerError        (BrokenExecutor)   the executor's initializer raised
+     ├── RerunError                                 future.rerun_locally() cannot re-run the
+     │                                              task (it did not fail; what it needs is gone)
      ├── TritonError                                the node's Triton server is missing, not
      │                                              ready, or refused a model load/unload
      ├── SSHError                                   an SSH host could not be used; .host
@@ -36,6 +38,8 @@ itself has to report::
           ├── ProtocolError                         the peer speaks another protocol/version
           ├── ActorDiedError                        an actor's process is gone
           └── ClusterError                          a Cluster node could not start its server
+
+``RerunSucceededWarning`` (a ``UserWarning``): a failed task re-run here did not fail.
 
 Builtin ``concurrent.futures.CancelledError`` and ``TimeoutError`` are what ``Future``
 raises for a cancelled future or an elapsed ``result(timeout=...)``, as with any executor.
@@ -59,6 +63,8 @@ __all__ = [
     "JobAbandonedError",
     "JobCancelledError",
     "InitializerError",
+    "RerunError",
+    "RerunSucceededWarning",
     "TritonError",
     "RemoteTraceback",
     "SSHError",
@@ -131,6 +137,15 @@ class JobCancelledError(MinirayError, CancelledError):
 
 class InitializerError(MinirayError, BrokenExecutor):
     """The executor's ``initializer`` raised in a task process; its tasks there cannot run."""
+
+
+class RerunError(MinirayError):
+    """``MinirayFuture.rerun_locally()`` cannot re-run the task: it is not done, did not fail
+    or was cancelled, or its arguments or function are no longer to be had."""
+
+
+class RerunSucceededWarning(UserWarning):
+    """A task that failed on its worker did not fail when re-run here (``rerun_locally``)."""
 
 
 class TritonError(MinirayError):

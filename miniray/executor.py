@@ -56,6 +56,7 @@ from .resp import Connection, NoScriptError, RedisError
 from . import payloads
 from .protocol import (Assembler, LostChunk, decode_batches, decode_message, encode_chunk,
                        item_times)
+from .rerun import Kept, rerun_locally as _rerun_locally
 from .serialization import dumps, dumps_call, dumps_function
 
 __all__ = ["Executor", "MinirayFuture"]
@@ -101,6 +102,8 @@ class MinirayFuture(Future):
     ``wait``, ``as_completed``, ``done()`` and ``shutdown`` have the executor's results thread
     deliver instead. Either way the future behaves as ``concurrent.futures`` says.
     """
+
+    _rerun = None  # a failed task's payload, to re-run it here (see miniray.rerun)
 
     def __init__(self, executor: "Executor | None" = None, task_id: int | None = None):
         super().__init__()
@@ -182,6 +185,26 @@ class MinirayFuture(Future):
             if self._state == "PENDING":
                 self._state = "RUNNING"
 
+    def rerun_locally(self):
+        """Re-run this failed task here, in this process, with the same function and the
+        same argument(s) as they travelled (unpickled from what was sent), and raise its
+        exception here with a traceback through your function, so that ``%debug`` or
+        ``pdb.pm()`` can step through it (like Dask's ``recreate_error_locally``).
+
+        The worker's limits do not apply here (no timeout, memory or CPU limit, no GPUs
+        assigned, no job ``env``, no initializer). Raises ``RerunError`` when the future is
+        not done, did not fail, was cancelled, or its arguments (kept up to
+        ``MINIRAY_RERUN_KEEP_BYTES``) or function (``fn:{sha}`` on the cluster, kept for
+        ``MINIRAY_FUNCTION_TTL_SECONDS``) are gone. If the task does not fail here, its value
+        is returned with a ``RerunSucceededWarning``.
+
+        >>> f = ex.submit(parse, "x")                                   # doctest: +SKIP
+        >>> f.rerun_locally()                                           # doctest: +SKIP
+        Traceback (most recent call last): ... ValueError: ...
+        >>> import pdb; pdb.pm()                                        # doctest: +SKIP
+        """
+        return _rerun_locally(self)
+
 
 _MISSING = MISSING  # a map chunk's item not delivered yet
 
@@ -195,7 +218,7 @@ class _Ref:
     ``(values, errors)``; a submit's future gets the value or the exception."""
 
     __slots__ = ("chunk", "entry", "start", "count", "future", "values", "errors", "left",
-                 "is_map", "frames", "sent", "sha", "big")
+                 "is_map", "frames", "sent", "sha", "big", "kept")
 
     def __init__(self, chunk, start, count, future, is_map, frames, sha):
         self.chunk, self.start, self.count, self.sha = chunk, start, count, sha
@@ -206,6 +229,7 @@ class _Ref:
         self.left = count
         self.sent = False
         self.big = False  # stored part by part, waiting for the replies (see _send_big)
+        self.kept = None  # the payload, kept until it ends to re-run a failure (miniray.rerun)
 
 
 class Executor(_BaseExecutor):
@@ -477,6 +501,9 @@ class Executor(_BaseExecutor):
         frames = encode_chunk(sha, start, count, frames, part)
         ref = _Ref(next(self._chunk_ids), start, count, future, is_map, frames, sha)
         ref.big = size >= payloads.BIG
+        if size <= self._settings.rerun_keep_bytes and (
+                not is_map or getattr(future, "_items", None) is not None):  # (not map's)
+            ref.kept = frames  # (a reference: no copy, no cost)
         future._ref = ref
         now = time.monotonic()
         with self._lock:
@@ -991,6 +1018,9 @@ class Executor(_BaseExecutor):
                     tally[1] += 1
                 fut = ref.future
                 fut.slot, fut._times = slot, times
+                if errors and ref.kept is not None and not isinstance(errors[0],
+                                                                      JobCancelledError):
+                    fut._rerun = Kept(self.redis_url, self.keys, ref.sha, ref.kept, fut.job)
                 self._complete(ref, (1, errors[0]) if errors else (OK, values[0]), worker, host)
         else:
             vals = ref.values
@@ -1015,12 +1045,15 @@ class Executor(_BaseExecutor):
             if items is not None:  # map_futures: each item's future says where and when
                 _place(items, indices, worker, host, slot, item_times(times, len(values)))
             if ref.left <= 0:
+                if ref.errors and ref.kept is not None:  # for its failed items (_split_chunk)
+                    ref.future._rerun = Kept(self.redis_url, self.keys, ref.sha, ref.kept,
+                                             ref.future.job)
                 self._complete(ref, (OK, (vals, ref.errors)), worker, host)
         if ref.left <= 0:
             with self._lock:
                 self._refs.pop(ref.chunk, None)
             ref.future._ref = None  # nothing may keep a result alive but its future
-            ref.values = ref.errors = None
+            ref.values = ref.errors = ref.kept = None
 
     def _complete(self, ref: _Ref, value, worker, host) -> None:
         fut = ref.future
@@ -1284,6 +1317,7 @@ def _split_chunk(chunk: Future, items: list) -> None:
             if isinstance(err, JobCancelledError):  # interrupted by the job's cancel
                 _force_cancel(f)
             elif err is not None:
+                f._rerun = chunk._rerun  # (its own argument: the item's task_id picks it)
                 f.set_exception(err)
             else:
                 f.set_result(values[i])

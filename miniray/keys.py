@@ -22,7 +22,8 @@ then completes without it: ``res:{client}`` carries the rest.
 key                         type    TTL                 written by        read by
 ==========================  ======  ==================  ================  =====================
 fn:{sha}                    string  function TTL,       executor          worker (MGET, once per
-                                    renewed while used                    worker and function)
+                                    renewed while used                    worker and function);
+                                                                          rerun_locally (GET)
 jobs                        zset    none                executor, claim,  claim script: ready
                                     (members removed)   reaper            jobs by priority
 jobs:all                    zset    newest 1000 kept    executor          status: every job
