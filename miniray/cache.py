@@ -150,6 +150,8 @@ class ItemCache:
             for b in range(0, len(ask), _BATCH):
                 batch = ask[b:b + _BATCH]
                 try:
+                    if self._r is not None and self._r.owed:
+                        self._drop_connection()  # (never read another lookup's reply)
                     if self._r is None:
                         self._r = connect(self.url)
                     self._r.send_command("MGET", *[self.keys.cache(fn_key, k) for _, k in batch])
@@ -157,6 +159,9 @@ class ItemCache:
                 except (RedisError, ServerError):
                     self._drop_connection()
                     break
+                except BaseException:  # Ctrl-C: its reply must not answer the next lookup
+                    self._drop_connection()
+                    raise
                 if isinstance(replies, Exception):
                     break
                 for (i, _), raw in zip(batch, replies):
