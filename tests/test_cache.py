@@ -229,3 +229,48 @@ def test_a_captured_value_changed_in_place_is_seen(ex):
     assert list(ex.map(times, range(3), cache=True)) == [0, 20, 40]
     fs = ex.map_futures(times, range(3), cache=True)
     assert [f.result(10) for f in fs] == [0, 20, 40] and all(f.cached for f in fs)
+
+
+def test_the_live_widget_counts_cached_items_in_their_own_colour(cluster, tmp_path):
+    pytest.importorskip("anywidget")
+    from jupyter_ext.run import MapRun
+
+    cluster.start_worker(name="w0")
+    log = tmp_path / "runs"
+    for _ in range(2):
+        run = MapRun(counted(log), range(6), redis_url=cluster.url, view="widget", cache=True)
+        assert run.wait(30)
+        run.settle()
+    head = run.view.widget.head
+    assert 'class="miniray-bar-cached"' in head and "--jp-info-color1" in head
+    assert 'class="miniray-bar-done"' not in head  # every item came from the cache
+    assert "6 cached" in head and "100%" in head and len(runs(log)) == 6
+    assert run.progress()["cached"] == 6 and run.results() == [0, 10, 20, 30, 40, 50]
+
+
+def test_cached_items_in_a_real_kernel(cluster, tmp_path):
+    """A real kernel (jupyter_client): the second ``--cache`` run's final display says 6
+    cached and nothing ran; an edited body runs all 6."""
+    pytest.importorskip("jupyter_client")
+    from kernels import Kernel
+
+    cluster.start_worker(name="w0")
+    log = tmp_path / "runs"
+    k = Kernel()
+    try:
+        k.run(f"%load_ext miniray\n%miniray connect {cluster.url}\nLOG = {str(log)!r}")
+        cell = "%%miniray map x in range(6) -o a --cache\nopen(LOG, 'a').write(f'{x}\\n')\nx * 10"
+
+        def shown(out):
+            return "\n".join(d.get("text/plain", "") for d in out["data"]) + out["stream"]
+        first = k.run(cell)
+        assert len(runs(log)) == 6 and "cached" not in shown(first)
+        second = k.run(cell)
+        assert "6/6 done, 6 cached" in shown(second), shown(second)
+        assert len(runs(log)) == 6
+        k.run(cell.replace("x * 10", "x * 10 + 1"))
+        assert len(runs(log)) == 12
+        out = k.run("print(a)")
+        assert "[1, 11, 21, 31, 41, 51]" in out["stream"]
+    finally:
+        k.close()
