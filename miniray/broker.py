@@ -623,7 +623,9 @@ local function drop(member)
   redis.call('ZREM', idx, member)
   redis.call('DEL', K('cache', member))
 end
-for _, m in ipairs(redis.call('ZRANGEBYSCORE', idx, '-inf', now - ttl, 'LIMIT', 0, 1000)) do
+local function score(t) return string.format('%.6f', t) end  -- (tostring keeps 14 digits)
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', idx, '-inf', score(now - ttl), 'LIMIT', 0,
+                              1000)) do
   drop(m)
 end
 local evicted = 0
@@ -633,7 +635,7 @@ for i = 4, #ARGV - 1, 2 do
     if redis.call('ZSCORE', idx, m) then drop(m) end
     redis.call('SET', K('cache', m), v, 'EX', ttl)
     -- (a microsecond apart: the entries of one batch keep their order)
-    redis.call('ZADD', idx, now + (i - 4) / 2000000, m)
+    redis.call('ZADD', idx, score(now + (i - 4) / 2000000), m)
     redis.call('HSET', sizes, m, #v)
     total = total + #v
     while total > cap do

@@ -211,21 +211,27 @@ class ItemCache:
                 while not self._queue:
                     self._cond.wait()
                 self._busy = True
-                batch, size = [], 0
-                s = settings()
-                cap = min(s.cache_max_bytes, _ENTRY_MAX)
-                while self._queue and size < _WRITE_BATCH_BYTES:
+            s = settings()
+            cap = min(s.cache_max_bytes, _ENTRY_MAX)
+            batch, size = [], 0
+            # pickled here, not holding the lock: the results thread queues the next ones
+            while size < _WRITE_BATCH_BYTES:
+                with self._cond:
+                    if not self._queue:
+                        break
                     member, value = self._queue.popleft()
-                    try:
-                        data = _cp(value)
-                    except Exception:  # a result that cannot be pickled here: not cached
-                        self.skipped += 1
-                        continue
-                    if len(data) > cap:
-                        self.skipped += 1
-                        continue
-                    batch.append((member, data))
-                    size += len(data)
+                try:
+                    data = _cp(value)
+                except Exception:  # a result that cannot be pickled here: not cached
+                    self.skipped += 1
+                    continue
+                finally:
+                    del value
+                if len(data) > cap:
+                    self.skipped += 1
+                    continue
+                batch.append((member, data))
+                size += len(data)
             try:
                 if batch:
                     self._store(batch, s.cache_ttl_seconds, s.cache_max_bytes)

@@ -274,3 +274,25 @@ def test_cached_items_in_a_real_kernel(cluster, tmp_path):
         assert "[1, 11, 21, 31, 41, 51]" in out["stream"]
     finally:
         k.close()
+
+
+def test_the_store_script_evicts_the_oldest_even_within_one_batch(cluster):
+    from miniray.broker import Broker, connect
+
+    r = connect(cluster.url)
+    try:
+        b = Broker(r, cluster.namespace)
+        entries = [(f"f:{name}", b"v" * 10) for name in "zyxwvu"]  # (not in sorted order)
+        assert b.cache_store(60, 30, entries) == 3
+        k = b.keys
+        assert [m.decode() for m in r.execute("ZRANGE", k.cache_index, 0, -1)] == \
+            ["f:w", "f:v", "f:u"]  # the newest three
+        assert r.execute("GET", k.cache_bytes) == b"30"
+        assert r.execute("EXISTS", k.cache("f", "z"), k.cache("f", "u")) == 1
+        assert 0 < r.execute("TTL", k.cache("f", "u")) <= 60
+        assert b.cache_store(60, 30, [("f:big", b"v" * 31)]) == 0  # never fits: not stored
+        assert r.execute("EXISTS", k.cache("f", "big")) == 0
+        assert b.cache_clear() == 3
+        assert r.execute("ZCARD", k.cache_index) == 0
+    finally:
+        r.close()
