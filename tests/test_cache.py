@@ -179,6 +179,7 @@ def test_cached_items_in_the_notebook(cluster, tmp_path, capsys):
     """``%%miniray map x in range(6) -o a --cache`` twice: the second run says 6 cached and
     runs nothing; a one-line change of the body runs all 6 again."""
     pytest.importorskip("IPython")
+    from IPython.core.error import UsageError
     from IPython.core.interactiveshell import InteractiveShell
 
     import sys
@@ -209,8 +210,14 @@ def test_cached_items_in_the_notebook(cluster, tmp_path, capsys):
         sh.run_cell_magic("miniray", line, body.replace("x * 10", "x * 10 + 1"))
         assert sh.user_ns["a"] == [1, 11, 21, 31, 41, 51] and len(runs(log)) == 12
         assert sh.magics_manager.registry["MinirayMagics"].runs[-1].progress()["cached"] == 0
+        sh.run_line_magic("miniray", "cache")
+        assert "item cache holds 12 entries" in capsys.readouterr().out
         sh.run_line_magic("miniray", "cache clear")
         assert "item cache cleared (12 entries removed)" in capsys.readouterr().out
+        sh.run_line_magic("miniray", "cache")
+        assert "item cache holds 0 entries" in capsys.readouterr().out
+        with pytest.raises(UsageError, match="usage: %miniray cache"):
+            sh.run_line_magic("miniray", "cache drop")
     finally:
         sh.run_line_magic("miniray", "down")
         InteractiveShell.clear_instance()
