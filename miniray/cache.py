@@ -153,7 +153,9 @@ class ItemCache:
                     if self._r is not None and self._r.owed:
                         self._drop_connection()  # (never read another lookup's reply)
                     if self._r is None:
-                        self._r = connect(self.url)
+                        self._r = _connect_within(self.url, _LOOKUP_SECONDS)
+                        if self._r is None:
+                            break  # a server that does not answer: every item runs
                     self._r.send_command("MGET", *[self.keys.cache(fn_key, k) for _, k in batch])
                     replies = self._r.read_reply(_LOOKUP_SECONDS)
                 except (RedisError, ServerError):
@@ -263,6 +265,38 @@ class ItemCache:
                     continue
                 raise reply
             return
+
+
+def _connect_within(url: str, timeout: float):
+    """A connection to ``url``, or None if the server has not answered in ``timeout`` s
+    (connecting waits for its AUTH and PING replies without a bound: a thread of its own
+    does, and closes what it got if nobody waits for it any more)."""
+    box: list = []
+    lock = threading.Lock()
+
+    def attempt():
+        try:
+            conn = connect(url)
+        except Exception:
+            return
+        with lock:
+            box.append(conn)
+
+    t = threading.Thread(target=attempt, daemon=True, name="miniray-cache-connect")
+    t.start()
+    t.join(timeout)
+    with lock:
+        box.append(None)  # (a late connection lands after this mark and is closed)
+    if box[0] is None:
+        def close_late():
+            t.join()
+            with lock:
+                for conn in box[1:]:
+                    if conn is not None:
+                        conn.close()
+        threading.Thread(target=close_late, daemon=True).start()
+        return None
+    return box[0]
 
 
 def _item_cache(ex) -> ItemCache:

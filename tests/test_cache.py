@@ -303,3 +303,36 @@ def test_the_store_script_evicts_the_oldest_even_within_one_batch(cluster):
         assert r.execute("ZCARD", k.cache_index) == 0
     finally:
         r.close()
+
+
+def test_a_hung_server_does_not_hold_a_cached_map(tmp_path, monkeypatch):
+    """SIGSTOP of the server before a ``cache=True`` map's lookup (first while the lookup
+    connects, then on a connection it has): the map is submitted after a bounded wait (the
+    lookup gives up: every item runs) and settles once the server answers again."""
+    import os
+    import signal
+    import threading
+
+    from support import own_server
+
+    monkeypatch.setattr(cache, "_LOOKUP_SECONDS", 1.0)
+    monkeypatch.setattr(cache, "_FLUSH_SECONDS", 1.0)
+    log = tmp_path / "runs"
+    with own_server(tmp_path, monkeypatch, "hungcache") as srv, \
+            miniray.Executor(redis_url=srv.url) as e:
+        for scale in (2, 3):
+            os.kill(srv.proc.pid, signal.SIGSTOP)
+            got = []
+            try:
+                t = threading.Thread(target=lambda: got.append(
+                    e.map_futures(counted(log, scale=scale), range(3), cache=True)),
+                    daemon=True)
+                t.start()
+                t.join(10)
+                assert got, "a cache=True map waited for a hung server"
+            finally:
+                os.kill(srv.proc.pid, signal.SIGCONT)
+            assert [f.result(30) for f in got[0]] == [0, scale, 2 * scale]
+            # a lookup that connects (the server answers): the next one has a connection
+            assert list(e.map(counted(log, scale=scale), range(3), cache=True)) == \
+                [0, scale, 2 * scale]
