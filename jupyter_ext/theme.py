@@ -7,8 +7,8 @@ gets the light fallbacks.
 
 from __future__ import annotations
 
-__all__ = ["DONE", "CACHED", "FAILED", "CANCELLED", "RUNNING", "TRACK", "PANE", "TEXT", "MUTED", "BORDER",
-           "STATE_COLOR", "MONO"]
+__all__ = ["DONE", "FAILED", "CANCELLED", "RUNNING", "TRACK", "PANE", "TEXT", "MUTED", "BORDER",
+           "STATE_COLOR", "MONO", "CACHED"]
 
 DONE = "var(--jp-success-color1, #388e3c)"
 CACHED = "var(--jp-info-color1, #0097a7)"  # done without running: the item cache had it
