@@ -336,3 +336,25 @@ def test_a_hung_server_does_not_hold_a_cached_map(tmp_path, monkeypatch):
             # a lookup that connects (the server answers): the next one has a connection
             assert list(e.map(counted(log, scale=scale), range(3), cache=True)) == \
                 [0, scale, 2 * scale]
+
+
+def test_lookups_take_one_round_trip_per_batch(cluster):
+    """2,500 items are looked up with 3 MGETs (batches of 1,024), whatever is found."""
+    from miniray.broker import connect
+
+    r = connect(cluster.url)
+
+    def mgets():
+        for line in r.execute("INFO", "commandstats").decode().splitlines():
+            if line.startswith("cmdstat_mget:"):
+                return int(line.split("calls=")[1].split(",")[0])
+        return 0
+    try:
+        c = cache.ItemCache(cluster.url, cluster.namespace)  # (no workers: nobody else MGETs)
+        keys = [cache.argument_key("m1", i) for i in range(2500)]
+        r.execute("SET", c.keys.cache("f", keys[7]), cache._cp("seven"))
+        before = mgets()
+        assert c.lookup("f", keys) == {7: "seven"}
+        assert mgets() - before == 3
+    finally:
+        r.close()
