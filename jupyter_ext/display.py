@@ -19,7 +19,7 @@ from .gpus import gpu_text_lines
 from .lanes import lanes_html
 from .logs import format_line
 from .progress import format_seconds
-from .theme import CANCELLED, DONE, FAILED, MONO, PANE, RUNNING, STATE_COLOR, TEXT, TRACK
+from .theme import CACHED, CANCELLED, DONE, FAILED, MONO, PANE, RUNNING, STATE_COLOR, TEXT, TRACK
 from .timeline import stragglers_html, timeline_html
 
 __all__ = ["make_view", "WidgetView", "TextView", "widgets_available", "bar_html", "head_html",
@@ -55,6 +55,8 @@ def make_view(progress, logs, on_cancel=None, kind: str | None = None):
 def counts_line(s: dict) -> str:
     parts = [f"{s['done']} done", f"{s['failed']} failed", f"{s['running']} running",
              f"{s['queued']} queued"]
+    if s.get("cached"):
+        parts.insert(1, f"{s['cached']} cached")
     if s["cancelled"]:
         parts.append(f"{s['cancelled']} cancelled")
     parts.append(f"{s['rate']:.1f}/s")
@@ -71,16 +73,18 @@ def percent_done(s: dict) -> int:
 
 
 def bar_html(s: dict) -> str:
-    """The overall bar: done, failed, cancelled and running (striped) segments, each in its
-    own colour, over the track of what is still queued. Once a map is cancelled, every item
-    that did not finish counts as cancelled."""
+    """The overall bar: done, cached (done without running), failed, cancelled and running
+    (striped) segments, each in its own colour, over the track of what is still queued. Once
+    a map is cancelled, every item that did not finish counts as cancelled."""
     total = max(1, s["total"])
     counts = dict(s)
+    counts["cached"] = s.get("cached", 0)
+    counts["done"] = s["done"] - counts["cached"]  # (the cached segment shows the rest)
     if s["state"] == "cancelled":  # what did not finish never will (some may still settle)
         counts["cancelled"] = max(0, s["total"] - s["done"] - s["failed"])
     segments = []
-    for key, color in (("done", DONE), ("failed", FAILED), ("cancelled", CANCELLED),
-                       ("running", RUNNING)):
+    for key, color in (("done", DONE), ("cached", CACHED), ("failed", FAILED),
+                       ("cancelled", CANCELLED), ("running", RUNNING)):
         n = min(counts[key], total)
         if not n:
             continue

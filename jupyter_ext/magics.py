@@ -26,9 +26,9 @@ __all__ = ["MinirayMagics", "split_map_line"]
 
 _MAP_USAGE = ("%%miniray map NAME in EXPR [-o VAR] [--chunksize N] [--priority P] "
               "[--job-name S] [--timeout S] [--memory GB] [--cpus N] [--gpus N] [--gpu-memory GB] "
-              "[--triton] [--keep-children] [--bg]")
+              "[--triton] [--keep-children] [--cache] [--bg]")
 _LINE_USAGE = ("%miniray local [-n WORKERS] | connect URL | status | logs [JOB] [--tail N] | "
-               "cancel [JOB] | debug [ITEM] | up HOST ... (--help) | down")
+               "cancel [JOB] | debug [ITEM] | cache [clear] | up HOST ... (--help) | down")
 _KEEP_RUNS = 50
 
 
@@ -55,6 +55,7 @@ def _map_parser() -> _Parser:
     p.add_argument("--gpu-memory", type=float, metavar="GB")
     p.add_argument("--triton", action="store_true")
     p.add_argument("--keep-children", action="store_true")
+    p.add_argument("--cache", action="store_true")
     p.add_argument("--bg", action="store_true")
     return p
 
@@ -140,9 +141,10 @@ class MinirayMagics(Magics):
 
         %%miniray map NAME in EXPR [-o VAR] [--chunksize N] [--priority P] [--job-name S]
                                     [--timeout S] [--memory GB] [--cpus N] [--gpus N]
-                                    [--gpu-memory GB] [--triton] [--keep-children] [--bg]
+                                    [--gpu-memory GB] [--triton] [--keep-children]
+                                    [--cache] [--bg]
         %miniray local [-n WORKERS] | connect URL | status | logs [JOB] [--tail N]
-                 | cancel [JOB] | debug [ITEM] | down
+                 | cancel [JOB] | debug [ITEM] | cache [clear] | down
         %miniray up HOST[=SLOTS] ... [-n SLOTS] [--python PATH] [--install] [--timeout S]
                  [-i FILE] [--known-hosts FILE] [--accept-new-host-keys]  (--help: more)
         """
@@ -190,7 +192,7 @@ class MinirayMagics(Magics):
         try:
             run = MapRun(fn, items, redis_url=self.redis_url, job_name=job_name,
                          priority=args.priority, limits=limits, chunksize=args.chunksize,
-                         cancel_button=args.bg, start=False)
+                         cancel_button=args.bg, start=False, cache=args.cache)
         except miniray.SerializationError as e:
             raise UsageError(f"%%miniray map: the cell cannot be sent to workers: {e}") from None
         run.item_name = name  # (its errors say "item 3 of 10 (x = 7)")
@@ -358,6 +360,21 @@ class MinirayMagics(Magics):
         from .debug import debug_item
 
         debug_item(self.shell, self.runs, rest)
+
+    def _cmd_cache(self, rest):
+        """``%miniray cache``: the item cache's size; ``%miniray cache clear`` empties it."""
+        from miniray import cache
+
+        if rest == ["clear"]:
+            n = cache.clear(self.redis_url)
+            print(f"miniray: item cache cleared ({n} entr{'y' if n == 1 else 'ies'} removed)")
+        elif not rest:
+            st = cache.stats(self.redis_url)
+            print(f"miniray: item cache holds {st['entries']} entr"
+                  f"{'y' if st['entries'] == 1 else 'ies'}, {st['bytes']} bytes "
+                  "(%%miniray map ... --cache uses it; %miniray cache clear empties it)")
+        else:
+            raise UsageError("usage: %miniray cache [clear]")
 
     def _cmd_down(self, rest):
         for r in self.runs:

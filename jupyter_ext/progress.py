@@ -73,11 +73,12 @@ class ItemTiming(tuple):
 
 class MapProgress:
     """Counters of one map: done / failed / cancelled from the items themselves (exact),
-    running / queued from the server (live), rate and ETA from the done items."""
+    running / queued from the server (live), rate and ETA from the done items. ``cached``:
+    the done items whose result came from the item cache (they count as done too)."""
 
     def __init__(self, total: int, name: str, job: str | None = None):
         self.total, self.name, self.job = total, name, job  # job: its id, to spot its GPUs
-        self.done = self.failed = self.cancelled = 0
+        self.done = self.failed = self.cancelled = self.cached = 0
         self.running, self.queued = 0, total
         self.started = time.monotonic()
         self.finished: float | None = None
@@ -95,9 +96,11 @@ class MapProgress:
     def item_finished(self, index: int, exc: BaseException | None = None,
                       cancelled: bool = False, host: str | None = None,
                       worker: str | None = None, started_at: float | None = None,
-                      finished_at: float | None = None, slot=None) -> bool:
+                      finished_at: float | None = None, slot=None,
+                      cached: bool = False) -> bool:
         """Count one item; True when it was the last one. ``started_at``/``finished_at``
-        (epoch seconds, from the engine) time it for the slowest items and the timeline."""
+        (epoch seconds, from the engine) time it for the slowest items and the timeline;
+        ``cached``: it did not run, its result came from the item cache (done)."""
         with self._lock:
             self.running_since.pop(index, None)
             if started_at is not None and finished_at is not None and not cancelled:
@@ -113,6 +116,7 @@ class MapProgress:
                 self.errors.setdefault(name, ErrorGroup(name)).add(index, exc, host)
             else:
                 self.done += 1
+                self.cached += bool(cached)
             self.version += 1
             return self.done + self.failed + self.cancelled >= self.total
 
@@ -178,7 +182,8 @@ class MapProgress:
         with self._lock:
             return {
                 "name": self.name, "job": self.job, "total": self.total, "done": self.done,
-                "failed": self.failed, "cancelled": self.cancelled, "running": self.running,
+                "failed": self.failed, "cancelled": self.cancelled, "cached": self.cached,
+                "running": self.running,
                 "queued": self.queued, "state": self.state, "elapsed": self.elapsed,
                 "rate": self.rate, "eta": self.eta, "fraction": self.fraction,
                 "errors": list(self.errors.values()), "workers": list(self.workers),
@@ -208,6 +213,8 @@ class MapProgress:
         head = {"running": "running", "done": "done", "failed": "finished with errors",
                 "cancelled": "cancelled"}[s["state"]]
         parts = [f"{s['done']}/{s['total']} done"]
+        if s["cached"]:
+            parts.append(f"{s['cached']} cached")
         if s["failed"]:
             parts.append(f"{s['failed']} failed")
         if s["cancelled"]:

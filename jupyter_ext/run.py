@@ -67,7 +67,8 @@ class Timing(NamedTuple):
 
 
 class MapRun:
-    """Run ``fn`` over ``items`` as one miniray job and watch it.
+    """Run ``fn`` over ``items`` as one miniray job and watch it (``cache=True``: items
+    whose result is in the cluster's item cache are not run, see ``miniray.cache``).
 
     >>> run = MapRun(lambda x: x * 2, range(10), job_name="double")   # doctest: +SKIP
     >>> run.result()                                                  # doctest: +SKIP
@@ -77,7 +78,7 @@ class MapRun:
     item_name: str | None = None  # the map's variable (``x``), which its errors name
 
     def __init__(self, fn, items, *, redis_url=None, job_name=None, priority=1, limits=None,
-                 chunksize=1, view=None, cancel_button=False, start=True):
+                 chunksize=1, view=None, cancel_button=False, start=True, cache=False):
         items = list(items)
         self.executor = miniray.Executor(redis_url=redis_url, job_name=job_name,
                                          priority=priority, limits=limits)
@@ -96,6 +97,7 @@ class MapRun:
         self._finished = threading.Event()
         self._cancel_requested = False
         self._fn, self._items, self._chunksize = fn, items, chunksize
+        self._cache = cache  # items the cluster's item cache has are not run (miniray.cache)
         self.futures: list = []
         self._started = False
         if start:
@@ -114,7 +116,8 @@ class MapRun:
         self._log_thread.start()
         fn, items, self._fn, self._items = self._fn, self._items, None, None
         try:
-            self.futures = self.executor.map_futures(fn, items, chunksize=self._chunksize)
+            self.futures = self.executor.map_futures(fn, items, chunksize=self._chunksize,
+                                                     cache=self._cache)
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):  # interrupted while submitting: what was
                 self._cancel_requested = True     # sent is cancelled, running items too
@@ -142,7 +145,8 @@ class MapRun:
             last = self.model.item_finished(
                 index, fut.exception(), host=fut.host, worker=fut.worker,
                 started_at=getattr(fut, "started_at", None),
-                finished_at=getattr(fut, "finished_at", None), slot=getattr(fut, "slot", None))
+                finished_at=getattr(fut, "finished_at", None), slot=getattr(fut, "slot", None),
+                cached=getattr(fut, "cached", False))
         if last:
             self._finish()
 
@@ -283,10 +287,11 @@ class MapRun:
         return self.results()
 
     def progress(self) -> dict:
-        """Counts and state: total, done, failed, cancelled, running, queued, rate, eta."""
+        """Counts and state: total, done (cached: how many of them came from the item
+        cache), failed, cancelled, running, queued, rate, eta."""
         s = self.model.snapshot()
-        return {k: s[k] for k in ("state", "total", "done", "failed", "cancelled", "running",
-                                  "queued", "rate", "eta", "elapsed")}
+        return {k: s[k] for k in ("state", "total", "done", "cached", "failed", "cancelled",
+                                  "running", "queued", "rate", "eta", "elapsed")}
 
     def timings(self) -> list:
         """``Timing(item, worker, slot, start, end)`` of every finished item (done or failed),

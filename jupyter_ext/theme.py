@@ -8,9 +8,10 @@ gets the light fallbacks.
 from __future__ import annotations
 
 __all__ = ["DONE", "FAILED", "CANCELLED", "RUNNING", "TRACK", "PANE", "TEXT", "MUTED", "BORDER",
-           "STATE_COLOR", "MONO"]
+           "STATE_COLOR", "MONO", "CACHED"]
 
 DONE = "var(--jp-success-color1, #388e3c)"
+CACHED = "var(--jp-info-color1, #0097a7)"  # done without running: the item cache had it
 FAILED = "var(--jp-error-color1, #d32f2f)"
 CANCELLED = "var(--jp-warn-color1, #f57c00)"
 RUNNING = "var(--jp-brand-color1, #1976d2)"

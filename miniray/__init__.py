@@ -59,8 +59,8 @@ __all__ = sorted(_EXPORTS) + ["__version__", "load_ipython_extension"]
 
 
 def __getattr__(name: str):
-    if name == "triton":  # ``miniray.triton.client()`` without importing the submodule first
-        return importlib.import_module(".triton", __name__)
+    if name in ("triton", "cache"):  # ``miniray.triton.client()``, ``miniray.cache.clear()``
+        return importlib.import_module(f".{name}", __name__)  # (without importing it first)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'miniray' has no attribute {name!r}")

@@ -606,6 +606,63 @@ return n
 """
 
 
+# Cached map items (miniray.cache). ARGV: ns ttl max_bytes, then member value pairs (member:
+# "<fn>:<arg>", value: the pickled result) -> how many entries were evicted. Accounting and
+# eviction happen here, in one step, so the total stays exact under concurrent writers: the
+# entries past their TTL leave first, then each new entry is stored and the oldest are evicted
+# while the total passes max_bytes (an entry larger than max_bytes is not stored).
+_CACHE_STORE = _PRELUDE + r"""
+local ttl, cap = tonumber(ARGV[2]), tonumber(ARGV[3])
+local idx, sizes, total_key = K('cache', 'index'), K('cache', 'sizes'), K('cache', 'bytes')
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local total = tonumber(redis.call('GET', total_key)) or 0
+local function drop(member)
+  total = total - (tonumber(redis.call('HGET', sizes, member)) or 0)
+  redis.call('HDEL', sizes, member)
+  redis.call('ZREM', idx, member)
+  redis.call('DEL', K('cache', member))
+end
+local function score(t) return string.format('%.6f', t) end  -- (tostring keeps 14 digits)
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', idx, '-inf', score(now - ttl), 'LIMIT', 0,
+                              1000)) do
+  drop(m)
+end
+local evicted = 0
+for i = 4, #ARGV - 1, 2 do
+  local m, v = ARGV[i], ARGV[i + 1]
+  if #v <= cap then
+    if redis.call('ZSCORE', idx, m) then drop(m) end
+    redis.call('SET', K('cache', m), v, 'EX', ttl)
+    -- (a microsecond apart: the entries of one batch keep their order)
+    redis.call('ZADD', idx, score(now + (i - 4) / 2000000), m)
+    redis.call('HSET', sizes, m, #v)
+    total = total + #v
+    while total > cap do
+      local oldest = redis.call('ZRANGE', idx, 0, 0)
+      if #oldest == 0 then break end
+      drop(oldest[1])
+      evicted = evicted + 1
+    end
+  end
+end
+if total < 0 then total = 0 end
+redis.call('SET', total_key, total)
+return evicted
+"""
+
+# ARGV: ns -> how many cached entries there were (not yet expired); the cache is then empty
+_CACHE_CLEAR = _PRELUDE + r"""
+local idx = K('cache', 'index')
+local n = 0
+for _, m in ipairs(redis.call('ZRANGE', idx, 0, -1)) do
+  n = n + redis.call('DEL', K('cache', m))
+end
+redis.call('DEL', idx, K('cache', 'sizes'), K('cache', 'bytes'))
+return n
+"""
+
+
 def job_ttl(grace: float) -> int:
     """Seconds an open job's keys live unless its executor renews them: a minute past the
     client's grace (``MINIRAY_CLIENT_GRACE_SECONDS``)."""
@@ -663,7 +720,8 @@ class Broker:
                 "idle": _IDLE, "complete": _COMPLETE,
                 "cancel_chunk": _CANCEL_CHUNK, "stop_chunks": _STOP_CHUNKS,
                 "cancel_job": _CANCEL_JOB,
-                "heartbeat": _HEARTBEAT, "reap": _REAP, "release": _RELEASE}
+                "heartbeat": _HEARTBEAT, "reap": _REAP, "release": _RELEASE,
+                "cache_store": _CACHE_STORE, "cache_clear": _CACHE_CLEAR}
     _SHAS: dict = {}
 
     def __init__(self, client: Connection, namespace: str = "miniray", load: bool = True):
@@ -746,6 +804,19 @@ class Broker:
             self._run("cancel_job", args, pipe)
             return []
         return [e.decode() for e in self._run("cancel_job", args) or []]
+
+    def cache_store(self, ttl: int, max_bytes: int, entries: list) -> int:
+        """Store cached item results, ``entries`` [(member ``"<fn>:<arg>"``, pickled value)],
+        each kept ``ttl`` s, evicting the oldest while they pass ``max_bytes`` in all;
+        returns how many were evicted (see miniray.cache)."""
+        args = [self.ns, ttl, max_bytes]
+        for member, value in entries:
+            args += (member, value)
+        return self._run("cache_store", args)
+
+    def cache_clear(self) -> int:
+        """Empty the item cache; returns how many entries it had."""
+        return self._run("cache_clear", [self.ns])
 
     # -- worker side ---------------------------------------------------------------------
     def claim(self, worker: str, max_chunks: int, name: str, host: str, free_gpus: int,

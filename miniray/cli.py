@@ -1,4 +1,4 @@
-"""The ``miniray`` command: worker, up, ssh-up, status, logs, cancel."""
+"""The ``miniray`` command: worker, up, ssh-up, status, logs, cancel, cache."""
 
 from __future__ import annotations
 
@@ -86,6 +86,21 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from . import cache
+    from .config import settings
+
+    url = args.redis or settings().redis_url
+    if not url:
+        raise SystemExit("miniray cache: give --redis URL or set MINIRAY_REDIS_URL")
+    if args.action == "clear":
+        print(f"item cache cleared: {cache.clear(url)} entries removed")
+    else:
+        st = cache.stats(url)
+        print(f"item cache: {st['entries']} entries, {st['bytes']} bytes")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
@@ -119,6 +134,10 @@ def main(argv=None) -> int:
             sp.add_argument("-f", "--follow", action="store_true")
         sp.set_defaults(fn=fn)
     up.set_defaults(fn=cmd_up)
+    cache = sub.add_parser("cache", help="the item cache of cache=True maps: size, or clear")
+    cache.add_argument("action", nargs="?", choices=["info", "clear"], default="info")
+    cache.add_argument("--redis", default=None, help="server URL (default MINIRAY_REDIS_URL)")
+    cache.set_defaults(fn=cmd_cache)
     args = p.parse_args(argv)
     return args.fn(args)
 

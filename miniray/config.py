@@ -35,6 +35,10 @@ MINIRAY_RERUN_KEEP_BYTES       1048576     a submit's or map_futures chunk's pic
                                            ``future.rerun_locally()`` / ``%miniray debug`` can
                                            re-run it here; 0 keeps none (see miniray.rerun)
 MINIRAY_KILL_GRACE_SECONDS     2.0         SIGINT -> SIGKILL grace for cancelled running tasks
+MINIRAY_CACHE_TTL_SECONDS      604800      how long a cached map item's result (``cache=True``,
+                                           ``--cache``) is kept after it was stored (7 days)
+MINIRAY_CACHE_MAX_BYTES        1073741824  total size of the cached results on a cluster (1 GiB);
+                                           the oldest are evicted first; 0 stores nothing
 MINIRAY_TRITON_BIN             (search)    tritonserver binary for ``worker --triton`` (else PATH,
                                            then the one in the nvidia-pytriton wheel)
 MINIRAY_TRITON_STALE_SECONDS   (unset)     default ``stale_after_seconds`` of
@@ -85,6 +89,8 @@ class Settings:
     event_stream_maxlen: int = 10000
     kill_grace_seconds: float = 2.0
     rerun_keep_bytes: int = 1048576
+    cache_ttl_seconds: int = 604800
+    cache_max_bytes: int = 1 << 30
     triton_bin: str | None = None
     triton_stale_seconds: float | None = None
     extra: dict = field(default_factory=dict)
@@ -109,6 +115,8 @@ class Settings:
             event_stream_maxlen=_env("MINIRAY_EVENT_STREAM_MAXLEN", 10000, int),
             kill_grace_seconds=_env("MINIRAY_KILL_GRACE_SECONDS", 2.0, float),
             rerun_keep_bytes=_env("MINIRAY_RERUN_KEEP_BYTES", 1048576, int),
+            cache_ttl_seconds=_env("MINIRAY_CACHE_TTL_SECONDS", 604800, int),
+            cache_max_bytes=_env("MINIRAY_CACHE_MAX_BYTES", 1 << 30, int),
             triton_bin=_env("MINIRAY_TRITON_BIN", None),
             triton_stale_seconds=_env("MINIRAY_TRITON_STALE_SECONDS", None, float),
         )

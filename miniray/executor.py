@@ -33,6 +33,7 @@ from concurrent.futures import Executor as _BaseExecutor
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 
+from . import cache as _cache
 from . import observe
 from .broker import Broker, _redact, connect, job_ttl
 from .config import settings
@@ -95,7 +96,9 @@ class MinirayFuture(Future):
     has run, ``worker`` (its id), ``host`` and ``slot`` (the worker's slot index; None for an
     outcome the worker itself reported, e.g. a crash), and ``started_at``/``finished_at``
     (epoch seconds on the worker's clock, for a ``submit`` and each ``map_futures`` item;
-    None when unknown: a crash, a cancel, a plain ``map``'s chunk).
+    None when unknown: a crash, a cancel, a plain ``map``'s chunk). ``cached`` is True for
+    an item of a ``map_futures(..., cache=True)`` whose result came from the item cache (it
+    did not run; its ``task_id`` is None).
 
     A thread that waits in ``result()`` or ``exception()`` reads the results itself while no
     other thread does (no hand-off from a results thread on the latency path); callbacks,
@@ -104,6 +107,7 @@ class MinirayFuture(Future):
     """
 
     _rerun = None  # a failed task's payload, to re-run it here (see miniray.rerun)
+    cached = False
 
     def __init__(self, executor: "Executor | None" = None, task_id: int | None = None):
         super().__init__()
@@ -372,11 +376,18 @@ class Executor(_BaseExecutor):
         self._enqueue(sha, task, 1, frames, future, is_map=False)
         return future
 
-    def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = 1):
-        """Like ``Executor.map``: ordered, lazy results; ``chunksize`` items travel together."""
+    def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = 1,
+            cache: bool = False):
+        """Like ``Executor.map``: ordered, lazy results; ``chunksize`` items travel together.
+
+        ``cache=True``: an item whose result the cluster's item cache has for this function
+        and this argument is not run again (see ``miniray.cache``; only for functions without
+        side effects, randomness or a dependence on time or changing files)."""
         if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         self._check_open()
+        if cache:
+            return _cache.map(self, fn, iterables, timeout, chunksize)
         deadline = None if timeout is None else time.monotonic() + timeout
         sha = self._function(fn)
         # one iterable: items travel bare ("m1"); several: as argument tuples ("m")
@@ -393,7 +404,7 @@ class Executor(_BaseExecutor):
             futures.append(future)
         return _ordered_results(futures, deadline)
 
-    def map_futures(self, fn, iterable, chunksize: int = 1) -> list:
+    def map_futures(self, fn, iterable, chunksize: int = 1, cache: bool = False) -> list:
         """Submit ``fn(item)`` for every item at once; return one future per item, in order.
 
         Unlike ``map`` nothing stops at the first error: each item's exception stays in its
@@ -401,11 +412,16 @@ class Executor(_BaseExecutor):
         travel ``chunksize`` at a time; cancelling the job (``cancel()``) cancels the futures
         of unfinished items. A future's ``task_id`` is its item's position in this executor.
 
+        ``cache=True``: an item whose result is in the cluster's item cache is not run; its
+        future is done at once, with ``cached`` True (see ``miniray.cache``).
+
         >>> futures = ex.map_futures(square, range(100), chunksize=10)   # doctest: +SKIP
         """
         if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         self._check_open()
+        if cache:
+            return _cache.map_futures(self, fn, iterable, chunksize)
         sha = self._function(fn)
         items, out = iter(iterable), []
         while True:
@@ -468,15 +484,16 @@ class Executor(_BaseExecutor):
         else:
             self.cancel()
 
-    def _function(self, fn) -> str:
-        """The function's content hash; it is pickled once per executor (LRU of 128).
+    def _function(self, fn, fresh: bool = False) -> str:
+        """The function's content hash; it is pickled once per executor (LRU of 128), or
+        again with ``fresh`` (a cached map: what travels must be what its key says).
 
         The cache holds functions weakly where it can: an executor must not keep a bound
         method's object (or a closure's cells) alive after its tasks are done.
         """
         with self._lock:
             entry = self._functions.get(id(fn))
-            if entry is not None and _deref(entry[0]) is fn:
+            if not fresh and entry is not None and _deref(entry[0]) is fn:
                 self._functions.move_to_end(id(fn))
                 return entry[1]
         sha, data = dumps_function(fn)
@@ -1115,6 +1132,7 @@ class Executor(_BaseExecutor):
             self._want_delivery()  # what is still pending must come in without a caller
             self._flusher.join()
             self._results.join()
+            _cache.flush_for(self)  # results of a cache=True map are stored (bounded)
 
     def _tell_server(self, first: bool, cancel_futures: bool) -> None:
         if first and self._broken is None:
@@ -1273,6 +1291,11 @@ class Executor(_BaseExecutor):
     def workers(self) -> list:
         """The live workers' latest heartbeats (host, slots, CPU, RAM, GPUs)."""
         return observe.list_workers(self._r, self.keys)
+
+    def cache_clear(self) -> int:
+        """Empty the cluster's item cache (``cache=True`` maps); returns how many entries it
+        had."""
+        return _cache.clear(self.redis_url)
 
     def _finished_event(self):
         def finished():

@@ -64,7 +64,20 @@ triton:{server}:used        hash    none; fields go at  miniray.triton    the wo
                                     unload, the key     (last use)        thread (stale unload)
                                     when a managed
                                     server starts/stops
+cache:{fn}:{arg}            string  cache TTL (from     executor (its     executor (MGET, one
+                                    when stored)        cache writer:     per batch of a
+                                                        cache_store)      ``cache=True`` map)
+cache:index                 zset    none (entries       cache_store,      cache_store (oldest
+                                    pruned, evicted)    cache_clear       first), cache_clear
+cache:sizes                 hash    none (as index)     cache_store       cache_store
+cache:bytes                 string  none                cache_store       cache_store, stats
 ==========================  ======  ==================  ================  =====================
+
+A ``cache:{fn}:{arg}`` entry is the pickled result of one map item that succeeded: ``{fn}`` is
+the function's cache key and ``{arg}`` its argument's (sha256 hex, see ``miniray.cache``).
+``cache:index`` scores each entry (``{fn}:{arg}``) by when it was stored, ``cache:sizes`` has
+its size in bytes and ``cache:bytes`` their total: the store script evicts the oldest entries
+while the total passes ``MINIRAY_CACHE_MAX_BYTES``, and drops those past their TTL.
 
 An ``attempts:{job}`` field is a chunk id (its reruns after its worker was lost), or
 ``d``/``f`` + chunk id: the items of a chunk still running that its holder reported done/failed
@@ -173,6 +186,22 @@ class Keys:
 
     def triton_used(self, server: str) -> str:
         return f"{self.ns}:triton:{server}:used"
+
+    def cache(self, fn: str, arg: str) -> str:
+        """A cached item result: ``cache:{fn}:{arg}`` (its index member is ``{fn}:{arg}``)."""
+        return f"{self.ns}:cache:{fn}:{arg}"
+
+    @property
+    def cache_index(self) -> str:
+        return f"{self.ns}:cache:index"
+
+    @property
+    def cache_sizes(self) -> str:
+        return f"{self.ns}:cache:sizes"
+
+    @property
+    def cache_bytes(self) -> str:
+        return f"{self.ns}:cache:bytes"
 
     @staticmethod
     def wip_field(job: str, chunk: int) -> str:
