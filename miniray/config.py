@@ -34,6 +34,12 @@ MINIRAY_TRITON_BIN             (search)    tritonserver binary for ``worker --tr
                                            then the one in the nvidia-pytriton wheel)
 MINIRAY_TRITON_STALE_SECONDS   (unset)     default ``stale_after_seconds`` of
                                            ``miniray.triton.load_model`` (unset: never unload)
+MINIRAY_CLUSTER_DIR            (see right) where the persistent local cluster's file lives
+                                           (``miniray.persistent``): $XDG_RUNTIME_DIR/miniray
+                                           when XDG_RUNTIME_DIR is set, else ~/.miniray
+MINIRAY_IDLE_STOP_SECONDS      3600        the persistent local cluster stops itself after this
+                                           long with no jobs, no running tasks and no live
+                                           executors (0: never)
 =============================  ==========  ===============================================
 """
 
@@ -81,6 +87,8 @@ class Settings:
     kill_grace_seconds: float = 2.0
     triton_bin: str | None = None
     triton_stale_seconds: float | None = None
+    cluster_dir: str | None = None
+    idle_stop_seconds: float = 3600.0
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -104,6 +112,8 @@ class Settings:
             kill_grace_seconds=_env("MINIRAY_KILL_GRACE_SECONDS", 2.0, float),
             triton_bin=_env("MINIRAY_TRITON_BIN", None),
             triton_stale_seconds=_env("MINIRAY_TRITON_STALE_SECONDS", None, float),
+            cluster_dir=_env("MINIRAY_CLUSTER_DIR", None),
+            idle_stop_seconds=_env("MINIRAY_IDLE_STOP_SECONDS", 3600.0, float),
         )
 
 
