@@ -5,6 +5,9 @@ explicitly; it is torn down by ``miniray.shutdown()`` or at interpreter exit. Wo
 this process even when it is killed (parent-death signal and a parent-pid check), and run in
 their own sessions, so an interrupt of this process (Ctrl-C, the Jupyter kernel's interrupt,
 which signals the kernel's whole process group) reaches none of them.
+
+``init(persist=True)`` points this process at the persistent local cluster instead
+(``miniray.persistent``: a background service that outlives the process).
 """
 
 from __future__ import annotations
