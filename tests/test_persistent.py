@@ -109,7 +109,7 @@ _SCRIPT = """
 import miniray, tasks
 info = miniray.init(persist=True, workers=1)
 with miniray.Executor() as ex:
-    print(info.pid, info.server_pid, sum(ex.map(tasks.square, range(5))))
+    print(info.pid, info.server_pid, ex.redis_url == info.url, sum(ex.map(tasks.square, range(5))))
 """
 
 
@@ -118,13 +118,13 @@ def test_init_persist_is_shared_by_later_processes_and_scripts_keep_their_own(cd
                            timeout=60)
     assert first.returncode == 0, first.stderr
     cdir.track()
-    pid, server_pid, total = first.stdout.split()
-    assert total == "30"
+    pid, server_pid, used_it, total = first.stdout.split()
+    assert (used_it, total) == ("True", "30")  # Executor() ran on the persistent cluster
     assert _running([int(pid), int(server_pid)])  # it outlived the process that started it
     second = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True,
                             timeout=60)
     assert second.returncode == 0, second.stderr
-    assert second.stdout.split() == [pid, server_pid, "30"]  # the same service and server
+    assert second.stdout.split() == [pid, server_pid, "True", "30"]  # the same service and server
 
     # a script that did not ask for it runs on an embedded cluster of its own, gone after it
     plain = subprocess.run(
