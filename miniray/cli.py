@@ -81,6 +81,9 @@ def _up_detached(args) -> int:
     print(f"miniray: persistent local cluster {'already ' if before else ''}running: "
           f"service pid {info.pid}, {len(alive)} of {info.workers} worker(s) up, started "
           f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info.started))}; {idle}")
+    if before and args.workers is not None and args.workers != info.workers:
+        print(f"  (-n {args.workers} not applied: it runs {info.workers} worker(s); "
+              "`miniray down` first to change that)")
     print(f"  file: {info.path} (mode 0600: it holds the server's URL and password)")
     print(f"  log:  {info.log_path}")
     print("  any notebook kernel, miniray.init(persist=True) and `miniray status` of this user "

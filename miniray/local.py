@@ -19,10 +19,14 @@ import subprocess
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from .config import settings
 from .errors import ConfigurationError
 from .server import ServerProcess
+
+if TYPE_CHECKING:
+    from .persistent import PersistentCluster
 
 __all__ = ["LocalCluster", "init", "shutdown", "get_local_cluster"]
 

@@ -172,7 +172,8 @@ def test_busy_reasons_name_jobs_held_tasks_and_live_executors(cdir):
     fut = ex.submit(tasks.sleep_then, 3, 1)
     wait_for(lambda: fut.running(), 20, "the task to start")
     reasons = " | ".join(persistent.busy_reasons(r, keys, seen))
-    assert f"job {ex.job_id} is open" in reasons and re.search(r"worker local-0\S* holds 1 chunk", reasons)
+    assert f"job {ex.job_id} is open" in reasons
+    assert re.search(r"worker local-0\S* holds 1 chunk", reasons)
     assert f"executor {ex.client_id} is alive" in reasons
     assert fut.result(timeout=30) == 1
     ex.shutdown()
