@@ -249,3 +249,57 @@ def test_kernels_find_the_persistent_cluster_and_down_stops_it(cdir):
     finally:
         k.kc.stop_channels()
         k.km.shutdown_kernel(now=True)
+
+
+@pytest.fixture
+def shell():
+    pytest.importorskip("IPython")
+    from IPython.core.interactiveshell import InteractiveShell
+
+    hooks = sys.displayhook, sys.excepthook
+    sh = InteractiveShell.instance()
+    sh.run_line_magic("load_ext", "miniray")
+    yield sh
+    sh.run_line_magic("miniray", "down")
+    import miniray
+
+    miniray.shutdown()
+    InteractiveShell.clear_instance()
+    sys.displayhook, sys.excepthook = hooks
+
+
+def _ppids(sh):
+    return set(sh.run_cell_magic("miniray", "map x in range(3)", "import os\nos.getppid()"))
+
+
+def _status_line(sh, capsys):
+    capsys.readouterr()
+    sh.run_line_magic("miniray", "status")
+    return capsys.readouterr().out.splitlines()[0]
+
+
+def test_a_cluster_that_stopped_for_idleness_never_breaks_the_next_map(cdir, shell, capsys,
+                                                                        monkeypatch):
+    from miniray import persistent
+
+    monkeypatch.setenv("MINIRAY_IDLE_STOP_SECONDS", "2")
+    # the default: a running persistent cluster (another kernel's, a shell's) is used ...
+    info = persistent.start(workers=1)
+    cdir.track()
+    assert _ppids(shell) <= set(_tree(info.pid))
+    assert "the persistent local cluster" in _status_line(shell, capsys)
+    wait_for(lambda: not info.alive(), 20, "the idle stop")
+    # ... and once it stopped, the next map runs on this kernel's embedded cluster
+    assert len(_ppids(shell)) >= 1 and persistent.find() is None
+    assert "this kernel's embedded cluster" in _status_line(shell, capsys)
+
+    # --persist: this kernel asked for it, so the next map starts it again
+    shell.run_line_magic("miniray", "local --persist -n 1")
+    first = persistent.find()
+    cdir.track()
+    wait_for(lambda: not first.alive(), 20, "the idle stop")
+    ppids = _ppids(shell)
+    again = persistent.find()
+    cdir.track()
+    assert again is not None and again.pid != first.pid and ppids <= set(_tree(again.pid))
+    assert f"service pid {again.pid}" in _status_line(shell, capsys)
