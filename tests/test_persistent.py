@@ -135,6 +135,33 @@ def test_init_persist_is_shared_by_later_processes_and_scripts_keep_their_own(cd
     assert plain.stdout.split() == ["False", "3"]
 
 
+def test_processes_starting_at_once_get_one_cluster(cdir):
+    code = "import miniray.persistent as p; print(p.start(workers=1).pid)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=60)[0].split() for p in procs]
+    cdir.track()
+    assert all(p.returncode == 0 for p in procs)
+    assert len({o[0] for o in outs}) == 1  # one service, the same for all three
+    services = [p.pid for p in psutil.process_iter()
+                if "--serve" in _cmdline_of(p) and str(cdir.path) in _environ_of(p)]
+    assert services == [int(outs[0][0])]
+
+
+def _cmdline_of(p):
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _environ_of(p):
+    try:
+        return p.environ().get("MINIRAY_CLUSTER_DIR", "")
+    except psutil.Error:
+        return ""
+
+
 def test_idle_stop_waits_for_running_work_then_stops(cdir, monkeypatch):
     import miniray
     from miniray import persistent
