@@ -106,8 +106,17 @@ def cmd_down(args) -> int:
 
 def cmd_status(args) -> int:
     from . import observe
+    from .config import settings
 
     r, b = _client(args.redis)
+    if not (args.redis or settings().redis_url):
+        from .persistent import find
+
+        info = find()
+        if info is not None:
+            print(f"persistent local cluster: service pid {info.pid}, started "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info.started))}, "
+                  f"{info.workers} worker(s); file {info.path}")
     print(observe.format_status(observe.list_workers(r, b.keys), observe.list_jobs(r, b.keys)))
     return 0
 

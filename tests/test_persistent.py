@@ -95,6 +95,7 @@ def test_up_detach_status_down_leaves_nothing(cdir):
 
     # no --redis, no MINIRAY_REDIS_URL: status finds the persistent cluster
     status = _cli("status")
+    assert status.startswith(f"persistent local cluster: service pid {info['pid']}")
     assert "workers: 1" in status and "local-0" in status
     assert "already running" in _cli("up", "--detach")  # a second up reuses it
 
