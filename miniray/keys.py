@@ -84,9 +84,10 @@ spec, ``state``, ``created``/``finished`` (epoch seconds) and the item counters 
 a loopback one); a ``used`` field is a model name, its value ``"<last use> <stale after>"`` in
 seconds (Unix time; stale after 0: never unloaded for disuse).
 
-The persistent cluster's idle stop (``miniray.persistent.busy_reasons``) reads ``jobs:all`` and
-each ``job:{job}``'s ``state``, ``workers`` and each ``wip:{worker}``'s length, and the PTTL of
-every ``client:{client}`` (SCAN): a key whose PTTL grew since its last look was renewed.
+The persistent cluster's idle stop (``miniray.persistent_service.busy_reasons``) reads
+``jobs:all`` and each ``job:{job}``'s ``state``, ``workers`` and each ``wip:{worker}``'s
+length, and the PTTL of every ``client:{client}`` (SCAN): a key whose PTTL grew since its
+last look was renewed.
 
 Lua scripts (``broker.py``) build these names from the namespace with the same spelling; the
 functions here are the Python side. Cluster-mode Redis is not supported (scripts touch keys

@@ -1,14 +1,16 @@
 """The persistent local cluster: a per-user background service that outlives the kernel.
 
 ``start()`` (``miniray.init(persist=True)``, ``miniray up --detach``, ``%miniray local
---persist``) launches ``python -m miniray.persistent --serve`` in a session of its own, with no
+--persist``) launches ``python -m miniray.persistent_service --serve`` (that module is the
+service) in a session of its own, with no
 parent-death tie to the caller. That service runs a ``LocalCluster`` (a private server on a
 unix socket with a random password, and worker processes, which die with the service even if it
 is SIGKILLed) and, once the server accepts connections, writes the well-known per-user file
 ``<cluster dir>/cluster.json`` (mode 0600, in a 0700 directory, written atomically), which
 holds the URL (with its password), the service's pid and start time, and its worker count.
 Any process of the user finds it there (``find()``); ``stop()`` ends it, and it ends itself
-after ``MINIRAY_IDLE_STOP_SECONDS`` without work (``busy_reasons`` decides what "work" is).
+after ``MINIRAY_IDLE_STOP_SECONDS`` without work (``miniray.persistent_service.busy_reasons``
+decides what "work" is).
 
 ::
 
@@ -24,7 +26,6 @@ short enough for the 107-byte unix socket limit; the file only points to it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import json
@@ -34,15 +35,13 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
 from .config import settings
 from .errors import ConfigurationError, MinirayError, ServerError
 
-__all__ = ["PersistentCluster", "start", "find", "stop", "busy_reasons", "cluster_dir",
-           "cluster_file"]
+__all__ = ["PersistentCluster", "start", "find", "stop", "cluster_dir", "cluster_file"]
 
 _FILE = "cluster.json"
 _LOCK = "lock"
@@ -140,7 +139,7 @@ def _is_service(pid: int) -> bool:
     except OSError:
         return False
     argv = _cmdline(pid)
-    return b"miniray.persistent" in argv and b"--serve" in argv
+    return b"miniray.persistent_service" in argv and b"--serve" in argv
 
 
 def _members(pid: int) -> list[int]:
@@ -332,7 +331,8 @@ def start(workers: int | None = None, idle_seconds: float | None = None,
         env = dict(os.environ)
         env.pop("MINIRAY_REDIS_URL", None)  # its workers use its own server
         env["MINIRAY_CLUSTER_DIR"] = d
-        cmd = [sys.executable, "-m", "miniray.persistent", "--serve", "--idle-stop", str(idle)]
+        cmd = [sys.executable, "-m", "miniray.persistent_service", "--serve", "--idle-stop",
+               str(idle)]
         if workers is not None:
             cmd += ["--workers", str(workers)]
         log_path = os.path.join(d, _LOG)
@@ -412,126 +412,3 @@ def _tail(path: str, n: int = 600) -> str:
             return f.read().decode(errors="replace").strip() or "(its log is empty)"
     except OSError:
         return "(no log)"
-
-
-# -- what counts as work -------------------------------------------------------------------------
-def busy_reasons(r, keys, seen: dict | None = None) -> list[str]:
-    """Why the cluster behind connection ``r`` is busy now (empty: idle).
-
-    The one place that decides it (the idle stop asks every few seconds): an open or closing
-    job, a task a worker holds (``wip:{worker}``), or a live executor: one whose
-    ``client:{client}`` key was renewed since the last call (an executor renews it every
-    second; ``seen`` keeps each key's last PTTL between calls; a key seen for the first time
-    counts as renewed).
-    """
-    reasons = []
-    jobs = [j.decode() if isinstance(j, bytes) else j
-            for j in r.execute("ZRANGE", keys.jobs_all, 0, -1)]
-    if jobs:
-        pipe = r.pipeline()
-        for j in jobs:
-            pipe.command("HGET", keys.job(j), "state")
-        for j, state in zip(jobs, pipe.execute()):
-            state = state.decode() if isinstance(state, bytes) else state
-            if state in ("open", "closing"):
-                reasons.append(f"job {j} is {state}")
-    workers = [w.decode() if isinstance(w, bytes) else w
-               for w in r.execute("ZRANGE", keys.workers, 0, -1)]
-    if workers:
-        pipe = r.pipeline()
-        for w in workers:
-            pipe.command("HLEN", keys.wip(w))
-        for w, n in zip(workers, pipe.execute()):
-            if n:
-                reasons.append(f"worker {w} holds {n} chunk(s)")
-    if seen is not None:
-        clients, cursor = [], b"0"
-        for _ in range(1000):  # bounded: SCAN visits every key once per pass
-            cursor, batch = r.execute("SCAN", cursor, "MATCH", keys.client("*"), "COUNT", 1000)
-            clients += batch
-            if cursor in (b"0", "0", 0):
-                break
-        now = {}
-        if clients:
-            pipe = r.pipeline()
-            for c in clients:
-                pipe.command("PTTL", c)
-            for c, ttl in zip(clients, pipe.execute()):
-                c = c.decode() if isinstance(c, bytes) else c
-                if ttl is None or ttl < 0:
-                    continue
-                now[c] = ttl
-                if c not in seen or ttl > seen[c]:
-                    reasons.append(f"executor {c.rsplit(':', 1)[-1]} is alive")
-        seen.clear()
-        seen.update(now)
-    return reasons
-
-
-# -- the service ---------------------------------------------------------------------------------
-def _serve(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m miniray.persistent --serve")
-    p.add_argument("--serve", action="store_true")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--idle-stop", type=float, default=None)
-    args = p.parse_args(argv)
-    from .broker import connect
-    from .keys import Keys
-    from .local import LocalCluster
-
-    s = settings()
-    idle = s.idle_stop_seconds if args.idle_stop is None else args.idle_stop
-    d = cluster_dir(create=True)
-    path = os.path.join(d, _FILE)
-    stopping = threading.Event()
-
-    def on_signal(signum, frame):  # only a flag: the main loop stops
-        stopping.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    cluster = LocalCluster(args.workers)
-    try:
-        _write(path, {"url": cluster.url, "pid": os.getpid(), "server_pid": cluster.server.proc.pid,
-                      "started": time.time(), "workers": cluster.nworkers,
-                      "idle_stop_seconds": idle, "log": os.path.join(d, _LOG)})
-        _say(f"started: service pid {os.getpid()}, {cluster.nworkers} worker(s), server "
-             f"socket {cluster.server.socket_path}, idle stop "
-             f"{'never' if not idle else f'after {idle:g} s'}")
-        r = connect(cluster.url)
-        keys = Keys(s.namespace)
-        seen: dict = {}
-        interval = min(5.0, max(0.2, idle / 3)) if idle else 5.0
-        last_busy = time.monotonic()
-        while not stopping.wait(interval):
-            if not cluster.server_alive():
-                _say("the server exited; stopping")
-                break
-            try:
-                busy = busy_reasons(r, keys, seen)
-            except Exception as e:  # a server restarting: ask again next time
-                busy = [f"cannot ask the server ({type(e).__name__}: {e})"]
-            if busy:
-                last_busy = time.monotonic()
-            elif idle and time.monotonic() - last_busy >= idle:
-                _say(f"idle for {idle:g} s (no jobs, no running tasks, no executors); "
-                     "stopping")
-                break
-        else:
-            _say("asked to stop")
-    finally:
-        _remove_if(path, os.getpid())  # first: nobody finds a cluster that is going away
-        cluster.close()
-        _say("stopped")
-    return 0
-
-
-def _say(text: str) -> None:
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} miniray persistent cluster: {text}", flush=True)
-
-
-if __name__ == "__main__":
-    if "--serve" not in sys.argv[1:]:
-        raise SystemExit("this module is the persistent cluster's service; start it with "
-                         "`miniray up --detach` or miniray.init(persist=True)")
-    sys.exit(_serve(sys.argv[1:]))

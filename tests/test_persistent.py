@@ -187,7 +187,7 @@ def test_idle_stop_waits_for_running_work_then_stops(cdir, monkeypatch):
 
 def test_busy_reasons_name_jobs_held_tasks_and_live_executors(cdir):
     import miniray
-    from miniray import persistent
+    from miniray import persistent, persistent_service
     from miniray.broker import Broker, connect
 
     info = persistent.start(workers=1, idle_seconds=0)
@@ -195,18 +195,18 @@ def test_busy_reasons_name_jobs_held_tasks_and_live_executors(cdir):
     r = connect(info.url)
     keys = Broker(r, "miniray").keys
     seen = {}
-    assert persistent.busy_reasons(r, keys, seen) == []
+    assert persistent_service.busy_reasons(r, keys, seen) == []
     ex = miniray.Executor(redis_url=info.url)
     fut = ex.submit(tasks.sleep_then, 3, 1)
     wait_for(lambda: fut.running(), 20, "the task to start")
-    reasons = " | ".join(persistent.busy_reasons(r, keys, seen))
+    reasons = " | ".join(persistent_service.busy_reasons(r, keys, seen))
     assert f"job {ex.job_id} is open" in reasons
     assert re.search(r"worker local-0\S* holds 1 chunk", reasons)
     assert f"executor {ex.client_id} is alive" in reasons
     assert fut.result(timeout=30) == 1
     ex.shutdown()
     time.sleep(1.2)
-    assert persistent.busy_reasons(r, keys, seen) == []
+    assert persistent_service.busy_reasons(r, keys, seen) == []
     r.close()
 
 
