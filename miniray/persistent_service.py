@@ -28,8 +28,9 @@ def busy_reasons(r, keys, seen: dict | None = None) -> list[str]:
     The one place that decides it (the idle stop asks every few seconds): an open or closing
     job, a task a worker holds (``wip:{worker}``), or a live executor: one whose
     ``client:{client}`` key was renewed since the last call (an executor renews it every
-    second; ``seen`` keeps each key's last PTTL between calls; a key seen for the first time
-    counts as renewed).
+    second): its PTTL is above what it would be had it only run down since (``seen`` keeps
+    each key's PTTL and when it was read, between calls; a key seen for the first time counts
+    as renewed). ``jobs:all`` holds the newest 1000 jobs, which bounds the work here.
     """
     reasons = []
     jobs = [j.decode() if isinstance(j, bytes) else j
@@ -58,7 +59,7 @@ def busy_reasons(r, keys, seen: dict | None = None) -> list[str]:
             clients += batch
             if cursor in (b"0", "0", 0):
                 break
-        now = {}
+        now, t = {}, time.monotonic()
         if clients:
             pipe = r.pipeline()
             for c in clients:
@@ -67,8 +68,10 @@ def busy_reasons(r, keys, seen: dict | None = None) -> list[str]:
                 c = c.decode() if isinstance(c, bytes) else c
                 if ttl is None or ttl < 0:
                     continue
-                now[c] = ttl
-                if c not in seen or ttl > seen[c]:
+                now[c] = (ttl, t)
+                before = seen.get(c)
+                # 50 ms: what the two clocks' rounding can add; a renewal adds up to the grace
+                if before is None or ttl > before[0] - (t - before[1]) * 1000 + 50:
                     reasons.append(f"executor {c.rsplit(':', 1)[-1]} is alive")
         seen.clear()
         seen.update(now)

@@ -207,6 +207,13 @@ def test_busy_reasons_name_jobs_held_tasks_and_live_executors(cdir):
     ex.shutdown()
     time.sleep(1.2)
     assert persistent_service.busy_reasons(r, keys, seen) == []
+    # a client key nobody renews (its executor was SIGKILLed) counts once, then no more
+    r.execute("SET", keys.client("gone"), 1, "EX", 600)
+    assert persistent_service.busy_reasons(r, keys, seen) == ["executor gone is alive"]
+    time.sleep(0.3)
+    assert persistent_service.busy_reasons(r, keys, seen) == []
+    r.execute("SET", keys.client("gone"), 1, "EX", 600)  # renewed: alive again
+    assert persistent_service.busy_reasons(r, keys, seen) == ["executor gone is alive"]
     r.close()
 
 
