@@ -16,7 +16,7 @@ import threading
 import time
 
 from .config import settings
-from .persistent import _FILE, _LOG, _remove_if, _write, cluster_dir
+from .persistent import _FILE, _LOG, _locked, _remove_if, _write, cluster_dir
 
 __all__ = ["busy_reasons"]
 
@@ -102,7 +102,8 @@ def _serve(argv: list[str]) -> int:
         signal.signal(sig, on_signal)
     cluster = LocalCluster(args.workers)
     try:
-        _write(path, {"url": cluster.url, "pid": os.getpid(), "server_pid": cluster.server.proc.pid,
+        _write(path, {"url": cluster.url, "pid": os.getpid(),
+                      "server_pid": cluster.server.proc.pid,
                       "started": time.time(), "workers": cluster.nworkers,
                       "idle_stop_seconds": idle, "log": os.path.join(d, _LOG)})
         _say(f"started: service pid {os.getpid()}, {cluster.nworkers} worker(s), server "
@@ -124,9 +125,11 @@ def _serve(argv: list[str]) -> int:
             if busy:
                 last_busy = time.monotonic()
             elif idle and time.monotonic() - last_busy >= idle:
-                _say(f"idle for {idle:g} s (no jobs, no running tasks, no executors); "
-                     "stopping")
-                break
+                if _withdraw_if_idle(d, path, r, keys, seen):
+                    _say(f"idle for {idle:g} s (no jobs, no running tasks, no executors); "
+                         "stopping")
+                    break
+                last_busy = time.monotonic()
         else:
             _say("asked to stop")
     finally:
@@ -134,6 +137,20 @@ def _serve(argv: list[str]) -> int:
         cluster.close()
         _say("stopped")
     return 0
+
+
+def _withdraw_if_idle(d: str, path: str, r, keys, seen: dict) -> bool:
+    """Remove the cluster file if the cluster is still idle, holding the directory's lock: a
+    ``start()`` waiting on it then starts a new cluster instead of joining one that stops,
+    and an executor that joined in the meantime (its client key is new) keeps this one."""
+    try:
+        with _locked(d, 2.0):
+            if busy_reasons(r, keys, seen):
+                return False
+            _remove_if(path, os.getpid())
+            return True
+    except Exception:  # the lock held by a start/stop, or the server busy: ask again later
+        return False
 
 
 def _say(text: str) -> None:
