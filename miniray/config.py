@@ -34,7 +34,7 @@ MINIRAY_TRITON_BIN             (search)    tritonserver binary for ``worker --tr
                                            then the one in the nvidia-pytriton wheel)
 MINIRAY_TRITON_STALE_SECONDS   (unset)     default ``stale_after_seconds`` of
                                            ``miniray.triton.load_model`` (unset: never unload)
-MINIRAY_CLUSTER_DIR            (see right) where the persistent local cluster's file lives
+MINIRAY_CLUSTER_DIR            (derived)   where the persistent local cluster's file lives
                                            (``miniray.persistent``): $XDG_RUNTIME_DIR/miniray
                                            when XDG_RUNTIME_DIR is set, else ~/.miniray
 MINIRAY_IDLE_STOP_SECONDS      3600        the persistent local cluster stops itself after this
