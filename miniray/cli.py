@@ -57,6 +57,7 @@ def _up_detached(args) -> int:
     from . import observe, persistent
     from .broker import Broker, connect
     from .config import settings
+    from .errors import MinirayError
 
     if args.slots != 1:
         raise SystemExit("miniray up --detach: the persistent cluster runs one slot per worker; "
@@ -65,8 +66,11 @@ def _up_detached(args) -> int:
         raise SystemExit("miniray up --detach: -n needs at least 1 worker")
     if args.idle_stop is not None and args.idle_stop < 0:
         raise SystemExit("miniray up --detach: --idle-stop needs seconds >= 0 (0: never)")
-    before = persistent.find()
-    info = before or persistent.start(workers=args.workers, idle_seconds=args.idle_stop)
+    try:
+        before = persistent.find()
+        info = before or persistent.start(workers=args.workers, idle_seconds=args.idle_stop)
+    except MinirayError as e:  # (a file not private to this user, a service that failed)
+        raise SystemExit(f"miniray up --detach: {e}") from None
     # wait (bounded) for its workers' first heartbeats, so that what follows finds them
     r = connect(info.url)
     keys = Broker(r, settings().namespace).keys
@@ -93,9 +97,14 @@ def _up_detached(args) -> int:
 
 def cmd_down(args) -> int:
     from . import persistent
+    from .errors import MinirayError
 
-    info = persistent.find()
-    if persistent.stop(timeout=args.timeout):
+    try:
+        info = persistent.find()
+        stopped = persistent.stop(timeout=args.timeout)
+    except MinirayError as e:
+        raise SystemExit(f"miniray down: {e}") from None
+    if stopped:
         what = f"service pid {info.pid}, {info.workers} worker(s)" if info else "its service"
         print(f"miniray: persistent local cluster stopped ({what}); nothing of it runs now")
     else:
