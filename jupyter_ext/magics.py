@@ -20,6 +20,7 @@ from miniray.observe import ClusterView
 from .cell import cell_filename, check_items, check_sendable, compile_cell
 from .logs import format_line
 from .run import MapRun
+from .target import ClusterTarget
 from .tracebacks import item_error
 
 __all__ = ["MinirayMagics", "split_map_line"]
@@ -27,8 +28,9 @@ __all__ = ["MinirayMagics", "split_map_line"]
 _MAP_USAGE = ("%%miniray map NAME in EXPR [-o VAR] [--chunksize N] [--priority P] "
               "[--job-name S] [--timeout S] [--memory GB] [--cpus N] [--gpus N] [--gpu-memory GB] "
               "[--triton] [--keep-children] [--cache] [--bg]")
-_LINE_USAGE = ("%miniray local [-n WORKERS] | connect URL | status | logs [JOB] [--tail N] | "
-               "cancel [JOB] | debug [ITEM] | cache [clear] | up HOST ... (--help) | down")
+_LINE_USAGE = ("%miniray local [-n WORKERS] [--persist] | connect URL | status | "
+               "logs [JOB] [--tail N] | cancel [JOB] | debug [ITEM] | cache [clear] | "
+               "up HOST ... (--help) | down")
 _KEEP_RUNS = 50
 
 
@@ -130,10 +132,21 @@ class MinirayMagics(Magics):
 
     def __init__(self, shell):
         super().__init__(shell)
-        self.redis_url: str | None = None  # None: MINIRAY_REDIS_URL, else the local cluster
+        self.target = ClusterTarget()  # which cluster: see jupyter_ext.target
         self.runs: list[MapRun] = []
         self._view: ClusterView | None = None
+        self._view_url: str | None = None
         self._ssh = None  # the SSHCluster of %miniray up, until %miniray down
+
+    @property
+    def redis_url(self) -> str | None:
+        """The cluster this kernel uses now (None: its embedded one), resolved at each use:
+        the persistent cluster may have started or stopped since (see jupyter_ext.target)."""
+        return self.target.url()
+
+    @redis_url.setter
+    def redis_url(self, url: str | None) -> None:  # None: back to the default
+        self.target.choose("default" if url is None else "url", url)
 
     @line_cell_magic
     def miniray(self, line, cell=None):
@@ -143,7 +156,7 @@ class MinirayMagics(Magics):
                                     [--timeout S] [--memory GB] [--cpus N] [--gpus N]
                                     [--gpu-memory GB] [--triton] [--keep-children]
                                     [--cache] [--bg]
-        %miniray local [-n WORKERS] | connect URL | status | logs [JOB] [--tail N]
+        %miniray local [-n WORKERS] [--persist] | connect URL | status | logs [JOB] [--tail N]
                  | cancel [JOB] | debug [ITEM] | cache [clear] | down
         %miniray up HOST[=SLOTS] ... [-n SLOTS] [--python PATH] [--install] [--timeout S]
                  [-i FILE] [--known-hosts FILE] [--accept-new-host-keys]  (--help: more)
@@ -235,8 +248,11 @@ class MinirayMagics(Magics):
 
     # -- %miniray ... ----------------------------------------------------------------------------
     def _cluster(self) -> ClusterView:
+        url = self.redis_url
+        if self._view is not None and self._view_url != url:
+            self._drop_view()  # (the persistent cluster started or stopped since)
         if self._view is None:
-            self._view = ClusterView(self.redis_url)
+            self._view, self._view_url = ClusterView(url), url
         return self._view
 
     def _drop_view(self) -> None:
@@ -259,13 +275,19 @@ class MinirayMagics(Magics):
         return handler(rest)
 
     def _cmd_local(self, rest):
-        p = _Parser(prog="%miniray local", usage="%miniray local [-n WORKERS]", add_help=False)
+        p = _Parser(prog="%miniray local", usage="%miniray local [-n WORKERS] [--persist]",
+                    add_help=False)
         p.add_argument("-n", "--workers", type=int)
+        p.add_argument("--persist", action="store_true")
         args = p.parse_args(rest)
         if args.workers is not None and args.workers < 1:
             raise UsageError("%miniray local: -n needs at least 1 worker")
         self._drop_view()
-        self.redis_url = None
+        if args.persist:
+            from .target import start_persistent
+
+            return start_persistent(self, args.workers)
+        self.target.choose("embedded")
         cluster = miniray.init(workers=args.workers)
         print(f"miniray: local cluster up with {cluster.nworkers} worker(s)")
 
@@ -278,7 +300,7 @@ class MinirayMagics(Magics):
         except Exception as e:
             raise UsageError(f"%miniray connect: cannot reach {_redact(url)}: {e}") from None
         self._drop_view()
-        self.redis_url, self._view = url, view
+        self.redis_url, self._view, self._view_url = url, view, url
         print(f"miniray: connected to {_redact(url)}; {len(view.workers())} worker(s) alive")
 
     def _cmd_up(self, rest):
@@ -307,7 +329,9 @@ class MinirayMagics(Magics):
     def _cmd_status(self, rest):
         if rest:
             raise UsageError("usage: %miniray status")
-        print(self._cluster().status())  # the text of `miniray status` (observe.format_status)
+        view = self._cluster()
+        print(self.target.describe(self._ssh.status.hosts if self._ssh is not None else None))
+        print(view.status())  # the text of `miniray status` (observe.format_status)
 
     def _find_run(self, job):
         for run in reversed(self.runs):
@@ -391,6 +415,10 @@ class MinirayMagics(Magics):
                 self.redis_url = None
                 miniray.shutdown()  # and the local cluster, if one was started before
                 return
+        if self.target.choice == "persist" or self.target.kind() == "persistent":
+            from .target import stop_persistent
+
+            return stop_persistent(self)
         if self.redis_url is None:
             miniray.shutdown()
             print("miniray: local cluster stopped")

@@ -1,4 +1,5 @@
-"""The ``miniray`` command: worker, up, ssh-up, status, logs, cancel, cache."""
+"""The ``miniray`` command: worker, up (``--detach``: the persistent cluster), down, ssh-up,
+status, logs, cancel, cache."""
 
 from __future__ import annotations
 
@@ -17,8 +18,14 @@ def _client(url):
     s = settings()
     url = url or s.redis_url
     if not url:
+        from .persistent import find
+
+        running = find()  # the persistent local cluster, when one runs
+        url = running.url if running is not None else None
+    if not url:
         raise SystemExit("miniray: give --redis URL or set MINIRAY_REDIS_URL "
-                         "(`miniray up` prints one)")
+                         "(`miniray up` prints one), or start the persistent local cluster "
+                         "with `miniray up --detach`")
     r = connect(url)
     return r, Broker(r, s.namespace)
 
@@ -26,6 +33,11 @@ def _client(url):
 def cmd_up(args) -> int:
     from .local import LocalCluster
 
+    if args.detach:
+        return _up_detached(args)
+    if args.idle_stop is not None:
+        raise SystemExit("miniray up: --idle-stop applies to the persistent cluster; add "
+                         "--detach")
     cluster = LocalCluster(workers=args.workers, slots=args.slots)
     print(f"miniray: server and {cluster.nworkers} worker(s) running", flush=True)
     print(f"MINIRAY_REDIS_URL={cluster.url}", flush=True)
@@ -41,10 +53,79 @@ def cmd_up(args) -> int:
     return 0
 
 
+def _up_detached(args) -> int:
+    from . import observe, persistent
+    from .broker import Broker, connect
+    from .config import settings
+    from .errors import MinirayError
+
+    if args.slots != 1:
+        raise SystemExit("miniray up --detach: the persistent cluster runs one slot per worker; "
+                         "leave --slots out")
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit("miniray up --detach: -n needs at least 1 worker")
+    if args.idle_stop is not None and args.idle_stop < 0:
+        raise SystemExit("miniray up --detach: --idle-stop needs seconds >= 0 (0: never)")
+    try:
+        before = persistent.find()
+        info = before or persistent.start(workers=args.workers, idle_seconds=args.idle_stop)
+    except MinirayError as e:  # (a file not private to this user, a service that failed)
+        raise SystemExit(f"miniray up --detach: {e}") from None
+    # wait (bounded) for its workers' first heartbeats, so that what follows finds them
+    r = connect(info.url)
+    keys = Broker(r, settings().namespace).keys
+    deadline = time.monotonic() + 20
+    alive = observe.list_workers(r, keys)
+    while len(alive) < info.workers and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = observe.list_workers(r, keys)
+    r.close()
+    idle = ("never stops for idleness" if not info.idle_stop_seconds
+            else f"stops after {observe.format_duration(info.idle_stop_seconds)} idle")
+    print(f"miniray: persistent local cluster {'already ' if before else ''}running: "
+          f"service pid {info.pid}, {len(alive)} of {info.workers} worker(s) up, started "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info.started))}; {idle}")
+    if before and args.workers is not None and args.workers != info.workers:
+        print(f"  (-n {args.workers} not applied: it runs {info.workers} worker(s); "
+              "`miniray down` first to change that)")
+    print(f"  file: {info.path} (mode 0600: it holds the server's URL and password)")
+    print(f"  log:  {info.log_path}")
+    print("  any notebook kernel, miniray.init(persist=True) and `miniray status` of this user "
+          "find it; `miniray down` stops it")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from . import persistent
+    from .errors import MinirayError
+
+    try:
+        info = persistent.find()
+        stopped = persistent.stop(timeout=args.timeout)
+    except MinirayError as e:
+        raise SystemExit(f"miniray down: {e}") from None
+    if stopped:
+        what = f"service pid {info.pid}, {info.workers} worker(s)" if info else "its service"
+        print(f"miniray: persistent local cluster stopped ({what}); nothing of it runs now")
+    else:
+        print(f"miniray: no persistent local cluster was running (looked for "
+              f"{persistent.cluster_file()})")
+    return 0
+
+
 def cmd_status(args) -> int:
     from . import observe
+    from .config import settings
 
     r, b = _client(args.redis)
+    if not (args.redis or settings().redis_url):
+        from .persistent import find
+
+        info = find()
+        if info is not None:
+            print(f"persistent local cluster: service pid {info.pid}, started "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info.started))}, "
+                  f"{info.workers} worker(s); file {info.path}")
     print(observe.format_status(observe.list_workers(r, b.keys), observe.list_jobs(r, b.keys)))
     return 0
 
@@ -122,9 +203,20 @@ def main(argv=None) -> int:
     sub.add_parser("worker", help="run a worker (see `miniray worker --help`)")
     sub.add_parser("serve", help="run a channels WorkerServer (see `miniray serve --help`)")
     sub.add_parser("ssh-up", help="start workers on SSH hosts (see `miniray ssh-up --help`)")
-    up = sub.add_parser("up", help="start a local server and workers in the foreground")
+    up = sub.add_parser("up", help="start a local server and workers in the foreground "
+                                   "(--detach: in the background, outliving this shell)")
     up.add_argument("-n", "--workers", type=int, default=None)
     up.add_argument("--slots", type=int, default=1)
+    up.add_argument("--detach", action="store_true",
+                    help="start the persistent local cluster in the background (or reuse the "
+                         "running one) and return; `miniray down` stops it")
+    up.add_argument("--idle-stop", type=float, default=None, metavar="SECONDS",
+                    help="with --detach: stop after this long without work (default "
+                         "MINIRAY_IDLE_STOP_SECONDS, 3600; 0: never)")
+    down = sub.add_parser("down", help="stop the persistent local cluster")
+    down.add_argument("--timeout", type=float, default=10.0,
+                      help="seconds to wait after SIGTERM before SIGKILL (default 10)")
+    down.set_defaults(fn=cmd_down)
     for name, fn in (("status", cmd_status), ("logs", cmd_logs), ("cancel", cmd_cancel)):
         sp = sub.add_parser(name)
         sp.add_argument("--redis", default=None, help="server URL (default MINIRAY_REDIS_URL)")

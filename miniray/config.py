@@ -43,6 +43,12 @@ MINIRAY_TRITON_BIN             (search)    tritonserver binary for ``worker --tr
                                            then the one in the nvidia-pytriton wheel)
 MINIRAY_TRITON_STALE_SECONDS   (unset)     default ``stale_after_seconds`` of
                                            ``miniray.triton.load_model`` (unset: never unload)
+MINIRAY_CLUSTER_DIR            (derived)   where the persistent local cluster's file lives
+                                           (``miniray.persistent``): $XDG_RUNTIME_DIR/miniray
+                                           when XDG_RUNTIME_DIR is set, else ~/.miniray
+MINIRAY_IDLE_STOP_SECONDS      3600        the persistent local cluster stops itself after this
+                                           long with no jobs, no running tasks and no live
+                                           executors (0: never)
 =============================  ==========  ===============================================
 """
 
@@ -93,6 +99,8 @@ class Settings:
     cache_max_bytes: int = 1 << 30
     triton_bin: str | None = None
     triton_stale_seconds: float | None = None
+    cluster_dir: str | None = None
+    idle_stop_seconds: float = 3600.0
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -119,6 +127,8 @@ class Settings:
             cache_max_bytes=_env("MINIRAY_CACHE_MAX_BYTES", 1 << 30, int),
             triton_bin=_env("MINIRAY_TRITON_BIN", None),
             triton_stale_seconds=_env("MINIRAY_TRITON_STALE_SECONDS", None, float),
+            cluster_dir=_env("MINIRAY_CLUSTER_DIR", None),
+            idle_stop_seconds=_env("MINIRAY_IDLE_STOP_SECONDS", 3600.0, float),
         )
 
 

@@ -26,7 +26,8 @@ fn:{sha}                    string  function TTL,       executor          worker
                                                                           rerun_locally (GET)
 jobs                        zset    none                executor, claim,  claim script: ready
                                     (members removed)   reaper            jobs by priority
-jobs:all                    zset    newest 1000 kept    executor          status: every job
+jobs:all                    zset    newest 1000 kept    executor          status: every job;
+                                                                          idle stop (persistent)
 job:{job}                   hash    grace + 60 s,       executor; claim,  workers, status, the
                                     renewed while open, complete, cancel  notebook (counters)
                                     then result TTL
@@ -38,7 +39,8 @@ attempts:{job}              hash    as job:{job}        reaper; complete  reaper
 stop:{job}                  set     as job:{job}        stop_chunks       heartbeat, complete,
                                                         (executor)        requeue, reaper
 wip:{worker}                hash    none                claim script,     complete, reaper,
-                                                        publish_one       release (on SIGTERM)
+                                                        publish_one       release (on SIGTERM),
+                                                                          idle stop (persistent)
 workers                     zset    none (reaped)       heartbeat         reaper, status
 worker:{worker}             hash    3x dead timeout     heartbeat;        status, the notebook
                                                         complete
@@ -53,8 +55,8 @@ hand:{worker}/{slot}        list    none (popped;       publish_one       that s
 rr                          string  none                claim script      claim (fair share)
 clock                       string  none                heartbeat, reap   heartbeat, reap (a gap
                                                                           = a stopped server)
-client:{client}             string  client grace,       executor          claim (orphan jobs)
-                                    renewed
+client:{client}             string  client grace,       executor          claim (orphan jobs),
+                                    renewed                               idle stop (SCAN, PTTL)
 res:{client}                list    client grace        complete, reaper  executor (BLMPOP)
 logs:{job}                  stream  as job:{job}        worker            Executor.logs, CLI
 events:{job}                stream  as job:{job}        all scripts       Executor.events
@@ -95,6 +97,11 @@ spec, ``state``, ``created``/``finished`` (epoch seconds) and the item counters 
 ``{server}`` names one Triton server (``HOST:PORT`` of its HTTP endpoint, the worker's host for
 a loopback one); a ``used`` field is a model name, its value ``"<last use> <stale after>"`` in
 seconds (Unix time; stale after 0: never unloaded for disuse).
+
+The persistent cluster's idle stop (``miniray.persistent_service.busy_reasons``) reads
+``jobs:all`` and each ``job:{job}``'s ``state``, ``workers`` and each ``wip:{worker}``'s
+length, and the PTTL of every ``client:{client}`` (SCAN): a key whose PTTL grew since its
+last look was renewed.
 
 Lua scripts (``broker.py``) build these names from the namespace with the same spelling; the
 functions here are the Python side. Cluster-mode Redis is not supported (scripts touch keys

@@ -5,6 +5,9 @@ explicitly; it is torn down by ``miniray.shutdown()`` or at interpreter exit. Wo
 this process even when it is killed (parent-death signal and a parent-pid check), and run in
 their own sessions, so an interrupt of this process (Ctrl-C, the Jupyter kernel's interrupt,
 which signals the kernel's whole process group) reaches none of them.
+
+``init(persist=True)`` points this process at the persistent local cluster instead
+(``miniray.persistent``: a background service that outlives the process).
 """
 
 from __future__ import annotations
@@ -16,16 +19,21 @@ import subprocess
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from .config import settings
 from .errors import ConfigurationError
 from .server import ServerProcess
+
+if TYPE_CHECKING:
+    from .persistent import PersistentCluster
 
 __all__ = ["LocalCluster", "init", "shutdown", "get_local_cluster"]
 
 _lock = threading.Lock()
 _lock_spawner = threading.Lock()
 _cluster: "LocalCluster | None" = None
+_persist: "tuple | None" = None  # (workers,) after init(persist=True): use the persistent one
 
 
 class LocalCluster:
@@ -42,6 +50,7 @@ class LocalCluster:
         self.server = _from_lasting_thread(ServerProcess, server_bin, wait=False)
         self.url = self.server.url
         self._closing = False
+        self.started = time.time()
         self._log = open(os.path.join(self.server.dir, "workers.log"), "ab")
         self.procs: list[subprocess.Popen] = [self._spawn(i) for i in range(n)]
         try:
@@ -147,9 +156,14 @@ def _from_lasting_thread(fn, *args, **kwargs):
     return value
 
 
-def get_local_cluster(workers: int | None = None) -> LocalCluster:
-    """This process's embedded cluster, started on first use (with ``workers`` workers)."""
+def get_local_cluster(workers: int | None = None) -> "LocalCluster | PersistentCluster":
+    """This process's embedded cluster, started on first use (with ``workers`` workers); or,
+    after ``init(persist=True)``, the persistent cluster (started again if it stopped)."""
     global _cluster
+    if _persist is not None:
+        from .persistent import start
+
+        return start(workers=_persist[0])
     with _lock:
         if _cluster is None or not _cluster.server_alive():
             if _cluster is not None:
@@ -158,13 +172,30 @@ def get_local_cluster(workers: int | None = None) -> LocalCluster:
         return _cluster
 
 
-def init(workers: int | None = None, slots: int = 1) -> LocalCluster:
-    """Start the embedded local cluster now (with ``workers`` worker processes).
+def init(workers: int | None = None, slots: int = 1, persist: bool = False):
+    """Start the local cluster now (with ``workers`` worker processes).
 
-    Later ``miniray.Executor()`` calls without an address use it. Calling ``init`` again with
-    another worker count restarts it.
+    Later ``miniray.Executor()`` calls without an address in this process use it. Calling
+    ``init`` again with another worker count restarts the embedded cluster.
+
+    ``persist=True`` starts the persistent local cluster instead (``miniray.persistent``), or
+    reuses the one running (whatever its size): a per-user background service that outlives
+    this process, found by every later ``init(persist=True)``, ``%miniray local --persist``
+    and ``miniray status``; it stops on ``miniray down`` or after ``MINIRAY_IDLE_STOP_SECONDS``
+    without work (and starts again at this process's next ``Executor()``). Returns its
+    ``PersistentCluster`` (``url``, ``pid``, ``started``, ``workers``).
     """
-    global _cluster
+    global _cluster, _persist
+    if persist:
+        from .persistent import start
+
+        if slots != 1:
+            raise ConfigurationError("init(persist=True) runs one slot per worker; leave "
+                                     "slots out (or use persist=False)")
+        info = start(workers=workers)
+        _persist = (workers,)
+        return info
+    _persist = None
     with _lock:
         if _cluster is not None and _cluster.server_alive() and (
                 workers is None or workers == _cluster.nworkers) and slots == _cluster.slots:
@@ -176,10 +207,13 @@ def init(workers: int | None = None, slots: int = 1) -> LocalCluster:
 
 
 def shutdown() -> None:
-    """Stop the embedded local cluster (its server and workers), if one is running."""
-    global _cluster
+    """Stop the embedded local cluster (its server and workers), if one is running, and
+    forget the persistent cluster of ``init(persist=True)`` (which keeps running:
+    ``miniray down`` or ``miniray.persistent.stop()`` stops it)."""
+    global _cluster, _persist
     with _lock:
         cluster, _cluster = _cluster, None
+        _persist = None
     if cluster is not None:
         from .executor import _shutdown_all
 

@@ -1,8 +1,18 @@
 """Fixtures: a real server (valkey/redis), real worker processes, no fakes."""
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 
 from support import Cluster
+
+# a persistent local cluster the developer runs (``miniray up --detach``) must not serve the
+# tests' notebooks, whose default would find it (tests of it set a directory of their own)
+os.environ["MINIRAY_CLUSTER_DIR"] = tempfile.mkdtemp(prefix="miniray-test-clusters-")
+atexit.register(shutil.rmtree, os.environ["MINIRAY_CLUSTER_DIR"], True)
 
 
 @pytest.fixture(scope="session")
