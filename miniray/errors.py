@@ -18,6 +18,10 @@ itself has to report::
      ├── WorkerLostError                            its worker died, retries were used up
      ├── JobAbandonedError                          the cluster gave the job up: it heard
      │                                              nothing from the executor for its grace
+     ├── JobNotFoundError        (LookupError)      no such job on the cluster, or it ended
+     │                                              and was forgotten (miniray.attach)
+     ├── JobNotKeptError                            the job was not kept: its results went to
+     │                                              its owner only (miniray.attach)
      ├── JobCancelledError       (CancelledError)   the job was cancelled while the task ran
      ├── InitializerError        (BrokenExecutor)   the executor's initializer raised
      ├── TritonError                                the node's Triton server is missing, not
@@ -58,6 +62,8 @@ __all__ = [
     "WorkerLostError",
     "JobAbandonedError",
     "JobCancelledError",
+    "JobNotFoundError",
+    "JobNotKeptError",
     "InitializerError",
     "TritonError",
     "RemoteTraceback",
@@ -123,6 +129,14 @@ class JobAbandonedError(MinirayError):
     """The cluster gave this executor's job up: it heard nothing from the executor for longer
     than ``MINIRAY_CLIENT_GRACE_SECONDS`` (a laptop asleep, a process stopped in a debugger),
     so it dropped the job's queued tasks and unread results. The executor stays usable."""
+
+
+class JobNotFoundError(MinirayError, LookupError):
+    """No job with that id on the cluster (never, or it ended and its keys expired)."""
+
+
+class JobNotKeptError(MinirayError):
+    """The job was not started with ``keep=True``: nobody but its owner gets its results."""
 
 
 class JobCancelledError(MinirayError, CancelledError):
