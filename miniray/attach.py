@@ -47,6 +47,16 @@ def attach(job_id: str, redis_url: str | None = None) -> "JobHandle":
     return JobHandle(job_id, redis_url)
 
 
+class ItemFuture(Future):
+    """One item's future; ``worker``/``host``/``slot`` once its result came (the timings,
+    ``started_at``/``finished_at``, are not stored for attachers: None)."""
+
+    def __init__(self):
+        super().__init__()
+        self.worker = self.host = self.slot = None
+        self.started_at = self.finished_at = None
+
+
 def _d(v):
     return v.decode() if isinstance(v, bytes) else v
 
@@ -96,7 +106,7 @@ class JobHandle:
                 "(MINIRAY_KEEP_GRACE_SECONDS) ended.")
         self.job_name = self.name = raw.get("name", job_id)
         self._lock = threading.Lock()
-        self._futures: dict[int, Future] = {}  # task id -> future
+        self._futures: dict[int, ItemFuture] = {}  # task id -> future
         self._chunks: dict[int, tuple] = {}  # chunk id -> (start, count)
         self._base: int | None = None  # the job's first task id
         self._sealed = False
@@ -189,7 +199,9 @@ class JobHandle:
         conn = connect(self.redis_url)
         try:
             yield from observe.iter_logs(conn, self.keys, self.job_id, follow=follow,
-                                         timeout=timeout, since=since, stop=self._ended.is_set)
+                                         timeout=timeout, since=since,
+                                         stop=lambda: self._ended.is_set()
+                                         or self._stopped.is_set())
         finally:
             conn.close()
 
@@ -294,7 +306,7 @@ class JobHandle:
                 start, count = (int(x) for x in where.split(b":"))
                 self._chunks[int(chunk)] = (start, count)
                 for t in range(start, start + count):
-                    self._futures.setdefault(t, Future())
+                    self._futures.setdefault(t, ItemFuture())
             if self._futures:
                 self._base = min(self._futures)
 
@@ -332,6 +344,7 @@ class JobHandle:
                 fut = self._futures.get(start + i)
                 if fut is None or fut.done():
                     continue  # (a rerun's duplicate)
+                fut.worker, fut.host, fut.slot = header.worker, header.host, header.slot
                 try:
                     if i in errors:
                         exc, tb, pid = errors[i]

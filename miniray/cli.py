@@ -1,4 +1,4 @@
-"""The ``miniray`` command: worker, up, ssh-up, status, logs, cancel."""
+"""The ``miniray`` command: worker, up, ssh-up, status, jobs, logs, cancel."""
 
 from __future__ import annotations
 
@@ -46,6 +46,14 @@ def cmd_status(args) -> int:
 
     r, b = _client(args.redis)
     print(observe.format_status(observe.list_workers(r, b.keys), observe.list_jobs(r, b.keys)))
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from .jobs import format_jobs, list_jobs
+
+    r, b = _client(args.redis)
+    print(format_jobs(list_jobs(r, b.keys)))
     return 0
 
 
@@ -110,10 +118,11 @@ def main(argv=None) -> int:
     up = sub.add_parser("up", help="start a local server and workers in the foreground")
     up.add_argument("-n", "--workers", type=int, default=None)
     up.add_argument("--slots", type=int, default=1)
-    for name, fn in (("status", cmd_status), ("logs", cmd_logs), ("cancel", cmd_cancel)):
+    for name, fn in (("status", cmd_status), ("jobs", cmd_jobs), ("logs", cmd_logs),
+                     ("cancel", cmd_cancel)):
         sp = sub.add_parser(name)
         sp.add_argument("--redis", default=None, help="server URL (default MINIRAY_REDIS_URL)")
-        if name != "status":
+        if name not in ("status", "jobs"):
             sp.add_argument("job", nargs="?", default=None, help="job id or name (default: newest)")
         if name == "logs":
             sp.add_argument("-f", "--follow", action="store_true")
