@@ -97,8 +97,7 @@ class JobHandle:
                 f"job {job_id!r} was not kept: its results went to its owner only, so nobody "
                 "can attach to it. Start jobs to attach to with Executor(..., keep=True) or "
                 "`%%miniray map ... --bg`.")
-        if raw.get("collected") or (raw.get("state") == "done"
-                                    and not self._r.execute("EXISTS", k.index(job_id))):
+        if raw.get("state") == "done" and not self._r.execute("EXISTS", k.index(job_id)):
             self._r.close()
             raise JobNotKeptError(
                 f"job {job_id!r} has ended and its results are no longer stored: its owner "

@@ -39,9 +39,10 @@ _OWNER = textwrap.dedent("""
 """)
 
 
-def _owner(cluster, n, delay):
+def _owner(cluster, n, delay, **env):
     p = subprocess.Popen([sys.executable, "-c", _OWNER, str(n), str(delay)],
-                         env=worker_env(cluster.url, cluster.namespace), stdin=subprocess.PIPE,
+                         env=worker_env(cluster.url, cluster.namespace, env),
+                         stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     job = p.stdout.readline().strip()
     assert job, "the owner printed no job id"
@@ -78,7 +79,8 @@ def _row(text: str, job: str) -> list:
 
 def test_attach_while_the_owner_lives_and_after_it_died_gets_every_result(two_workers):
     cluster = two_workers
-    owner, job = _owner(cluster, 12, 0.3)
+    # a short client grace: a plain job of a dead owner would be given up 2 s after it died
+    owner, job = _owner(cluster, 12, 0.6, MINIRAY_CLIENT_GRACE_SECONDS="2")
     live = miniray.attach(job)  # its owner is alive
     wait_for(lambda: sum(f.done() for f in live.futures) >= 2, 20, "two results")
     _die(owner)  # mid-job, no shutdown
