@@ -180,3 +180,51 @@ def test_a_bg_map_outlives_its_killed_kernel_and_another_kernel_attaches(two_wor
     # the workers never stopped: the same processes served it all
     assert all(p.poll() is None for p in cluster.procs)
     assert sorted((w["id"], w.get("pid")) for w in cluster.workers()) == workers
+
+
+def test_an_interrupt_detaches_from_the_job_which_runs_on(two_workers):
+    pytest.importorskip("ipykernel")
+    pytest.importorskip("jupyter_client")
+    from kernels import Kernel
+
+    cluster = two_workers
+    owner, job = _owner(cluster, 20, 2.0)
+    _die(owner)
+    k = Kernel()
+    try:
+        k.run(f"%load_ext miniray\n%miniray connect {cluster.url}")
+        cell = k.send(f"%miniray attach {job} -o part")
+        sent = []
+
+        def interrupt_once_shown(out):  # the live view is up: the cell is waiting
+            if out["data"] and not sent:
+                sent.append(time.monotonic())
+                time.sleep(1.0)
+                k.km.interrupt_kernel()
+
+        out = k.collect(cell, timeout=60, on_output=interrupt_once_shown)
+        ename, tb = out["error"]
+        assert ename == "KeyboardInterrupt", tb
+        assert f"detached from job {job}" in tb and f"%miniray cancel {job}" in tb, tb
+        assert "Traceback" not in tb and "magics.py" not in tb, tb
+        assert time.monotonic() - sent[0] < 15
+        got = k.run("print(len(part), all(v in (None, i * i) for i, v in enumerate(part)))")
+        assert got["stream"].split() == ["20", "True"]
+        assert _jobs(cluster)[job]["state"] == "open"  # it runs on
+        k.run(f"%miniray cancel {job}")
+        wait_for(lambda: _jobs(cluster)[job]["state"] == "cancelled", 10, "cancelled")
+    finally:
+        k.close()
+
+
+def test_every_map_view_names_its_job():
+    from jupyter_ext.display import head_html
+    from jupyter_ext.logs import LogBuffer
+    from jupyter_ext.progress import MapProgress
+    from jupyter_ext.snapshot import snapshot_bundle
+
+    m = MapProgress(4, "demo", job="0123456789ab.0")
+    assert m.summary().endswith("[job 0123456789ab.0]")
+    assert "job <code>0123456789ab.0</code>" in head_html(m.snapshot())
+    bundle = snapshot_bundle(m, LogBuffer())
+    assert "0123456789ab.0" in bundle["text/html"] and "0123456789ab.0" in bundle["text/plain"]
