@@ -21,6 +21,7 @@ __all__ = ["LINGER_SECONDS", "fetch", "index", "renew", "linger"]
 #: how long a kept job's stored results stay once its live client has collected them all
 #: (attachers that follow it live read them meanwhile)
 LINGER_SECONDS = 60
+FETCH_SECONDS = 5.0  # the longest wait for a stored result's reply (see fetch)
 
 
 def index(pipe, keys: Keys, job: str, refs) -> None:
@@ -60,9 +61,19 @@ def assemble(parts: list):
 
 
 def fetch(conn, keys: Keys, pointer: bytes):
-    """The result message a pointer names (None when it is gone: the job expired)."""
+    """The result message a pointer names (None when it is gone: the job expired). Waits at
+    most ``FETCH_SECONDS`` for the server (one that hangs must not hold a reader past a
+    caller's timeout for long): then the connection is closed, nothing left owed on it, and
+    ``ReplyTimeout`` raised; the pointer stays undelivered, for the next read."""
     job, entry_id = bytes(pointer[1:]).decode().split("|", 1)
-    got = conn.execute("XRANGE", keys.out(job), entry_id, entry_id)
+    conn.send_command("XRANGE", keys.out(job), entry_id, entry_id)
+    try:
+        got = conn.read_reply(FETCH_SECONDS)
+    except BaseException:  # (ReplyTimeout, Ctrl-C: the reply would be read as another's)
+        conn.close()
+        raise
+    if isinstance(got, Exception):
+        raise got
     if not got:
         return None
     return assemble(parts_of(got[0][1]))

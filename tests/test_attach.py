@@ -228,3 +228,29 @@ def test_every_map_view_names_its_job():
     assert "job <code>0123456789ab.0</code>" in head_html(m.snapshot())
     bundle = snapshot_bundle(m, LogBuffer())
     assert "0123456789ab.0" in bundle["text/html"] and "0123456789ab.0" in bundle["text/plain"]
+
+
+def test_a_kept_jobs_owner_and_attachers_read_the_same_stored_results(cluster):
+    """Big results (a message in parts), errors and plain values reach the owner through the
+    pointer it gets, and an attacher reads the very same stored copy, in task order."""
+    from tasks import raise_value_error
+
+    cluster.start_worker()
+    with cluster.executor(keep=True) as ex:
+        big = ex.submit(bytes, 3_000_000)  # over a message part: stored in parts
+        items = ex.map_futures(raise_value_error, range(5), chunksize=2)
+        ex.seal()
+        assert big.result(timeout=30) == bytes(3_000_000)
+        with pytest.raises(ValueError, match="bad item 3"):
+            items[3].result(timeout=30)
+        assert [items[i].result(timeout=30) for i in (0, 1, 2, 4)] == [0, 1, 2, 4]
+        h = miniray.attach(ex.job_id)
+        assert h.wait(30)
+        assert h.results() == [bytes(3_000_000), 0, 1, 2, None, 4]
+        err = h.errors[4]
+        assert isinstance(err, ValueError) and "task 4" in " ".join(err.__notes__)
+        with pytest.raises(ValueError, match="bad item 3"):
+            h.result()
+        with pytest.raises(RuntimeError, match="sealed"):
+            ex.submit(abs, 1)
+    h.close()
