@@ -770,6 +770,8 @@ class Executor(_BaseExecutor):
                 if isinstance(got, Exception):
                     raise got
                 self._undelivered = list(got[1]) if got else []
+                if self._keep is not None and self._undelivered:  # stored results: read
+                    self._undelivered = _kept.resolve(self._rr, self.keys, self._undelivered)
             if self._inbox is not None:
                 self._undelivered_direct = self._inbox.drain()
         # taken from the server or the inbox: each is delivered before the next reader reads

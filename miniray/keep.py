@@ -16,7 +16,7 @@ from __future__ import annotations
 from .keys import Keys
 from .protocol import Assembler
 
-__all__ = ["LINGER_SECONDS", "fetch", "index", "renew", "linger"]
+__all__ = ["LINGER_SECONDS", "fetch", "resolve", "index", "renew", "linger"]
 
 #: how long a kept job's stored results stay once its live client has collected them all
 #: (attachers that follow it live read them meanwhile)
@@ -77,3 +77,35 @@ def fetch(conn, keys: Keys, pointer: bytes):
     if not got:
         return None
     return assemble(parts_of(got[0][1]))
+
+
+def resolve(conn, keys: Keys, msgs: list) -> list:
+    """A kept job's client's popped messages with every pointer replaced by the elements of
+    the message it names, read in one round trip (``res:{client}`` of a kept job holds
+    pointers, lost-chunk notes and wake-ups: never the parts of a message). Bounded as
+    ``fetch``; a pointer whose entry is gone is dropped."""
+    wanted = [i for i, m in enumerate(msgs) if m[:1] == b"P"]
+    if not wanted:
+        return msgs
+    cmds = []
+    for i in wanted:
+        job, entry_id = bytes(msgs[i][1:]).decode().split("|", 1)
+        cmds.append(("XRANGE", keys.out(job), entry_id, entry_id))
+    conn.send_deferred(cmds)
+    try:
+        replies = [conn.read_reply(FETCH_SECONDS) for _ in cmds]
+    except BaseException:
+        conn.close()  # (nothing may stay owed: see fetch)
+        raise
+    found = {}
+    for i, got in zip(wanted, replies):
+        if isinstance(got, Exception):
+            raise got
+        found[i] = parts_of(got[0][1]) if got else []
+    out = []
+    for i, m in enumerate(msgs):
+        if i in found:
+            out += found[i]
+        else:
+            out.append(m)
+    return out
