@@ -1384,6 +1384,8 @@ def _ordered_results(futures: list, deadline: float | None):
 @atexit.register
 def _shutdown_all() -> None:
     for ex in list(_live_executors):
+        if ex._keep is not None and not ex._shutdown:
+            continue  # a kept job outlives its process (a kernel restart): the cluster ends it
         try:
             ex.shutdown(wait=False, cancel_futures=True)
         except Exception:

@@ -34,7 +34,8 @@ _OWNER = textwrap.dedent("""
     futures = ex.map_futures(slow, range(n))
     ex.seal()
     print(ex.job_id, flush=True)
-    sys.stdin.readline()
+    if sys.stdin.readline().strip() == "exit":
+        sys.exit(0)  # a clean exit, as a kernel restart is: atexit handlers run
     os._exit(0)
 """)
 
@@ -49,8 +50,8 @@ def _owner(cluster, n, delay, **env):
     return p, job
 
 
-def _die(p):
-    p.stdin.write("die\n")
+def _die(p, how="die"):
+    p.stdin.write(how + "\n")
     p.stdin.flush()
     assert p.wait(10) == 0
 
@@ -101,6 +102,18 @@ def test_attach_while_the_owner_lives_and_after_it_died_gets_every_result(two_wo
     assert row[2:4] == ["done", "12/0/12"] and row[-2:] == ["gone", "yes"], row
     for h in (live, late):
         h.close()
+
+
+def test_a_kept_job_outlives_a_clean_exit_of_its_owner(two_workers):
+    """A kernel restart exits the kernel cleanly (atexit runs): a kept job runs on."""
+    cluster = two_workers
+    owner, job = _owner(cluster, 8, 0.5)
+    h = miniray.attach(job)
+    wait_for(lambda: any(f.done() for f in h.futures), 20, "a result")
+    _die(owner, "exit")
+    assert h.result(timeout=30) == [x * x for x in range(8)]
+    assert _jobs(cluster)[job]["state"] == "done"
+    h.close()
 
 
 def test_an_attached_handles_futures_settle_when_the_job_is_cancelled(two_workers):
