@@ -98,13 +98,20 @@ def bar_html(s: dict) -> str:
             f'<span class="miniray-pct" style="min-width:3em">{percent_done(s)}%</span>')
 
 
+def job_html(s: dict) -> str:
+    """The job id (what ``%miniray attach``, ``cancel`` and ``logs`` take), if known."""
+    if not s.get("job"):
+        return ""
+    return f' <span class="miniray-job">job <code>{html.escape(s["job"])}</code></span>'
+
+
 def head_html(s: dict) -> str:
     """Title, state, bar and counts on one (wrapping) line."""
     state = s["state"]
     return ('<div class="miniray-headline" style="display:flex;align-items:center;gap:8px;'
             'flex-wrap:wrap"><span style="white-space:nowrap"><b>miniray map</b> '
             f'<code>{html.escape(s["name"])}</code> <b class="miniray-state" '
-            f'style="color:{STATE_COLOR[state]}">{state}</b></span>{bar_html(s)}'
+            f'style="color:{STATE_COLOR[state]}">{state}</b>{job_html(s)}</span>{bar_html(s)}'
             f'<span class="miniray-counts">{html.escape(counts_line(s))}</span></div>')
 
 

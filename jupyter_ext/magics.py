@@ -28,9 +28,9 @@ __all__ = ["MinirayMagics", "split_map_line"]
 _MAP_USAGE = ("%%miniray map NAME in EXPR [-o VAR] [--chunksize N] [--priority P] "
               "[--job-name S] [--timeout S] [--memory GB] [--cpus N] [--gpus N] [--gpu-memory GB] "
               "[--triton] [--keep-children] [--cache] [--bg]")
-_LINE_USAGE = ("%miniray local [-n WORKERS] [--persist] | connect URL | status | "
-               "logs [JOB] [--tail N] | cancel [JOB] | debug [ITEM] | cache [clear] | "
-               "up HOST ... (--help) | down")
+_LINE_USAGE = ("%miniray local [-n WORKERS] [--persist] | connect URL | status | jobs | "
+               "attach JOB [-o VAR] | logs [JOB] [--tail N] | cancel [JOB] | debug [ITEM] | "
+               "cache [clear] | up HOST ... (--help) | down")
 _KEEP_RUNS = 50
 
 
@@ -137,6 +137,7 @@ class MinirayMagics(Magics):
         self._view: ClusterView | None = None
         self._view_url: str | None = None
         self._ssh = None  # the SSHCluster of %miniray up, until %miniray down
+        self.attached: list[MapRun] = []  # %miniray attach views (detached at %miniray down)
 
     @property
     def redis_url(self) -> str | None:
@@ -156,10 +157,15 @@ class MinirayMagics(Magics):
                                     [--timeout S] [--memory GB] [--cpus N] [--gpus N]
                                     [--gpu-memory GB] [--triton] [--keep-children]
                                     [--cache] [--bg]
-        %miniray local [-n WORKERS] [--persist] | connect URL | status | logs [JOB] [--tail N]
-                 | cancel [JOB] | debug [ITEM] | cache [clear] | down
+        %miniray local [-n WORKERS] [--persist] | connect URL | status | jobs
+                 | attach JOB [-o VAR] | logs [JOB] [--tail N] | cancel [JOB]
+                 | debug [ITEM] | cache [clear] | down
         %miniray up HOST[=SLOTS] ... [-n SLOTS] [--python PATH] [--install] [--timeout S]
                  [-i FILE] [--known-hosts FILE] [--accept-new-host-keys]  (--help: more)
+
+        ``--bg`` jobs are kept: they run on if this kernel dies, and ``%miniray attach JOB``
+        in any kernel connected to the cluster follows one (an interrupt detaches; the job
+        goes on).
         """
         __tracebackhide__ = True
         if cell is None:
@@ -205,7 +211,7 @@ class MinirayMagics(Magics):
         try:
             run = MapRun(fn, items, redis_url=self.redis_url, job_name=job_name,
                          priority=args.priority, limits=limits, chunksize=args.chunksize,
-                         cancel_button=args.bg, start=False, cache=args.cache)
+                         cancel_button=args.bg, start=False, cache=args.cache, keep=args.bg)
         except miniray.SerializationError as e:
             raise UsageError(f"%%miniray map: the cell cannot be sent to workers: {e}") from None
         run.item_name = name  # (its errors say "item 3 of 10 (x = 7)")
@@ -349,6 +355,20 @@ class MinirayMagics(Magics):
             raise UsageError(f"%miniray {command}: {what}; %miniray status lists the jobs")
         return found
 
+    def _cmd_jobs(self, rest):
+        if rest:
+            raise UsageError("usage: %miniray jobs")
+        from miniray.jobs import format_jobs, list_jobs
+
+        view = self._cluster()
+        print(format_jobs(list_jobs(view._r, view.keys)))
+
+    def _cmd_attach(self, rest):
+        __tracebackhide__ = True
+        from .attach import attach_run
+
+        return attach_run(self, rest)
+
     def _cmd_logs(self, rest):
         p = _Parser(prog="%miniray logs", usage="%miniray logs [JOB] [--tail N]", add_help=False)
         p.add_argument("job", nargs="?")
@@ -406,6 +426,9 @@ class MinirayMagics(Magics):
                 r.cancel()
         for r in self.runs:
             r.settle()  # its threads stop reading before the server goes away
+        for r in self.attached:  # (detached, not cancelled: the jobs are someone else's)
+            r.detach()
+        self.attached = []
         self._drop_view()
         ssh, self._ssh = self._ssh, None
         if ssh is not None:

@@ -141,14 +141,17 @@ class MapProgress:
             self.gpu_history.update(self.workers)
             self.version += 1
 
-    def finish(self, cancelled: bool = False) -> None:
+    def finish(self, cancelled: bool = False, detached: bool = False) -> None:
+        """The map has ended (``detached``: its view stopped following a job that runs on)."""
         with self._lock:
             if self.finished is not None:
                 return
             self.finished = time.monotonic()
             self.running = self.queued = 0
             self.running_since.clear()
-            if cancelled or self.cancelled:
+            if detached:
+                self.state = "detached"
+            elif cancelled or self.cancelled:
                 self.state = "cancelled"
             else:
                 self.state = "failed" if self.failed else "done"
@@ -211,7 +214,7 @@ class MapProgress:
         """One line: what a terminal, nbval or a frontend without widgets shows."""
         s = self.snapshot()
         head = {"running": "running", "done": "done", "failed": "finished with errors",
-                "cancelled": "cancelled"}[s["state"]]
+                "cancelled": "cancelled", "detached": "detached (its job runs on)"}[s["state"]]
         parts = [f"{s['done']}/{s['total']} done"]
         if s["cached"]:
             parts.append(f"{s['cached']} cached")
@@ -225,7 +228,8 @@ class MapProgress:
                 parts.append(f"ETA {format_seconds(s['eta'])}")
         else:
             parts.append(f"in {format_seconds(s['elapsed'])} ({s['rate']:.1f} items/s)")
-        return f"miniray map {s['name']!r} {head}: " + ", ".join(parts)
+        job = f" [job {s['job']}]" if s["job"] else ""  # (to attach, cancel, read its logs)
+        return f"miniray map {s['name']!r} {head}: " + ", ".join(parts) + job
 
 
 def format_seconds(t: float) -> str:

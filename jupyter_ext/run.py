@@ -2,7 +2,8 @@
 
 A ``MapRun`` is also the handle ``--bg`` returns: ``result()``, ``results()``, ``progress()``,
 ``cancel()``, ``done()``, ``wait()``, ``logs()``, ``timings()``; it displays as the live
-widget, and when the map ends ``leave_snapshot()`` replaces that display with the final state
+widget (``MapRun.attach(handle)``: the same for a kept job followed through a
+``miniray.JobHandle``, ``%miniray attach``), and when the map ends ``leave_snapshot()`` replaces that display with the final state
 as static HTML (what a saved notebook keeps).
 """
 
@@ -78,10 +79,20 @@ class MapRun:
     item_name: str | None = None  # the map's variable (``x``), which its errors name
 
     def __init__(self, fn, items, *, redis_url=None, job_name=None, priority=1, limits=None,
-                 chunksize=1, view=None, cancel_button=False, start=True, cache=False):
+                 chunksize=1, view=None, cancel_button=False, start=True, cache=False,
+                 keep=False, handle=None):
+        """``keep``: the job outlives this kernel (``Executor(keep=True)``; ``--bg`` uses
+        it); ``handle``: follow that ``miniray.JobHandle`` instead of running anything (see
+        ``attach``)."""
         items = list(items)
-        self.executor = miniray.Executor(redis_url=redis_url, job_name=job_name,
-                                         priority=priority, limits=limits)
+        self._keep = keep
+        self.attached = handle is not None
+        if handle is not None:
+            self.executor = handle
+            items = handle.futures
+        else:
+            self.executor = miniray.Executor(redis_url=redis_url, job_name=job_name,
+                                             priority=priority, limits=limits, keep=keep)
         self.job = self.executor.job_id
         self.name = self.executor.job_name
         self.model = MapProgress(len(items), self.name, job=self.job)
@@ -103,6 +114,22 @@ class MapRun:
         if start:
             self.start()
 
+    @classmethod
+    def attach(cls, handle, *, view=None, cancel_button=False, start=True) -> "MapRun":
+        """The live view of a kept job followed through ``handle`` (a ``miniray.JobHandle``):
+        nothing is submitted; its items are the job's items (the ones submitted so far if its
+        owner has not sealed it yet). ``detach()`` stops following; ``cancel()`` cancels the
+        job itself."""
+        return cls(None, (), handle=handle, view=view, cancel_button=cancel_button,
+                   start=start)
+
+    def detach(self) -> None:
+        """Stop following an attached job (it goes on running on the cluster)."""
+        if self.attached and not self._finished.is_set():
+            self.model.finish(detached=True)
+            self._finished.set()
+            self.executor.close()
+
     def start(self) -> "MapRun":
         """Submit every item and start the live updates (``start=False`` defers this, so a
         view can be displayed before anything runs)."""
@@ -116,8 +143,13 @@ class MapRun:
         self._log_thread.start()
         fn, items, self._fn, self._items = self._fn, self._items, None, None
         try:
-            self.futures = self.executor.map_futures(fn, items, chunksize=self._chunksize,
-                                                     cache=self._cache)
+            if self.attached:
+                self.futures = items
+            else:
+                self.futures = self.executor.map_futures(fn, items, chunksize=self._chunksize,
+                                                         cache=self._cache)
+                if self._keep:  # no more items: the cluster ends the job even without us
+                    self.executor.seal()
         except BaseException as e:
             if isinstance(e, KeyboardInterrupt):  # interrupted while submitting: what was
                 self._cancel_requested = True     # sent is cancelled, running items too

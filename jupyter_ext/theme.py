@@ -22,4 +22,5 @@ MUTED = "var(--jp-content-font-color2, #616161)"
 BORDER = "var(--jp-border-color2, #e0e0e0)"
 MONO = "var(--jp-code-font-family, monospace)"
 
-STATE_COLOR = {"running": RUNNING, "done": DONE, "failed": FAILED, "cancelled": CANCELLED}
+STATE_COLOR = {"running": RUNNING, "done": DONE, "failed": FAILED, "cancelled": CANCELLED,
+               "detached": RUNNING}

@@ -132,6 +132,21 @@ local function tick(now, stall)
     end
   end
 end
+local function finish_kept(job, maxlen)
+  -- a kept job (see miniray.keep) whose client sealed it ends here once every item has
+  -- ended: its client may be dead, and nobody else would say so
+  local jk = K('job', job)
+  local m = redis.call('HMGET', jk, 'keep', 'sealed', 'state', 'total', 'queued', 'running',
+                       'done', 'failed', 'cancelled')
+  if not m[1] or m[2] ~= '1' or m[3] ~= 'open' then return end
+  if (tonumber(m[5]) or 0) > 0 or (tonumber(m[6]) or 0) > 0 then return end
+  local ended = (tonumber(m[7]) or 0) + (tonumber(m[8]) or 0) + (tonumber(m[9]) or 0)
+  if ended < (tonumber(m[4]) or 0) then return end
+  local t = redis.call('TIME')
+  redis.call('HSET', jk, 'state', 'done', 'finished', t[1] .. '.' .. string.format('%06d', t[2]))
+  redis.call('ZREM', K('jobs'), job)
+  event(job, maxlen, 'kind', 'done')
+end
 local function go_idle(waiter, score)
   -- a slot about to wait: with work queued it wakes itself (its claim after the wait looks),
   -- else it registers as idle, atomically with seeing none, so the next work wakes it
@@ -277,10 +292,12 @@ while i <= #jobs do
     local job = jobs[i]
     local jk = K('job', job)
     local m = redis.call('HMGET', jk, 'client', 'state', 'req_gpus', 'req_cpus', 'req_nodes',
-                         'req_gpu_mem', 'req_triton', 'spec')
+                         'req_gpu_mem', 'req_triton', 'spec', 'keep')
     if m[2] ~= 'open' then
       redis.call('ZREM', K('jobs'), job)
-    elseif redis.call('EXISTS', K('client', m[1])) == 0 then
+      -- expired (a kept job whose client died, past its grace): its work goes with it
+      if not m[2] then redis.call('DEL', K('q', job), K('tasks', job)) end
+    elseif not m[9] and redis.call('EXISTS', K('client', m[1])) == 0 then
       -- the executor that owns the job was not heard from for its grace (it died, or it is
       -- paused for longer): the job is given up, with the results nobody collected
       redis.call('HSET', jk, 'state', 'orphaned')
@@ -361,13 +378,13 @@ local nparts = tonumber(ARGV[6])
 local jk = K('job', job)
 -- nil when the job is gone (it expired with its executor): nothing is counted or sent, and
 -- no key of the job is made again (it would have no TTL)
-local meta = redis.call('HMGET', jk, 'client', 'grace', 'state')
+local meta = redis.call('HMGET', jk, 'client', 'grace', 'state', 'keep')
 local client = meta[1]
 -- a cancelled job's unfinished items were counted as cancelled when it was cancelled, and its
 -- client cancelled their futures: what its tasks report now is neither counted nor sent
 if meta[3] == 'cancelled' then client = nil end
 -- unread results live as long as the job would without its client (its grace), not a day
-local ttl = meta[2] or ARGV[4]
+local ttl = meta[4] or meta[2] or ARGV[4]  -- (a kept job's: its keep grace)
 local ak = K('attempts', job)
 -- chunks its client stopped (stop_chunks counted their items as cancelled and cancelled
 -- their futures): what they report is not counted (the message still goes: it may carry
@@ -428,13 +445,22 @@ if client then
   redis.call('HINCRBY', jk, 'running', -(done + failed))
   if done > 0 then redis.call('HINCRBY', jk, 'done', done) end
   if failed > 0 then redis.call('HINCRBY', jk, 'failed', failed) end
-  if nparts > 0 then  -- 0: the message went to the client directly (miniray.inbox)
+  if nparts > 0 and meta[4] then
+    -- a kept job: the message is stored for attachers, its client gets a pointer to it
+    local fields = {}
+    for i = 9, 8 + nparts do fields[#fields + 1] = 'p'; fields[#fields + 1] = ARGV[i] end
+    local id = redis.call('XADD', K('out', job), '*', unpack(fields))
+    redis.call('EXPIRE', K('out', job), meta[4])
+    redis.call('RPUSH', K('res', client), 'P' .. job .. '|' .. id)
+    redis.call('EXPIRE', K('res', client), ttl)
+  elseif nparts > 0 then  -- 0: the message went to the client directly (miniray.inbox)
     -- one push: a message's parts stay together in the list
     redis.call('RPUSH', K('res', client), unpack(ARGV, 9, 8 + nparts))
     redis.call('EXPIRE', K('res', client), ttl)
   end
   event(job, ARGV[5], 'kind', failed > 0 and 'failed' or 'finished', 'worker', wid,
         'done', done, 'failed', failed)
+  if meta[4] then finish_kept(job, ARGV[5]) end
 end
 if ARGV[7] ~= '' then go_idle(ARGV[7], ARGV[8]) end
 return 1
@@ -490,6 +516,7 @@ if queued + moved > 0 then
         'chunks', table.concat(out, ','))
 end
 if redis.call('LLEN', K('q', job)) == 0 then redis.call('ZREM', K('jobs'), job) end
+finish_kept(job, ARGV[3])
 return out
 """
 
@@ -578,6 +605,7 @@ for _, wid in ipairs(dead) do
         redis.call('EXPIRE', K('res', client), ARGV[5])
       end
       event(job, ARGV[4], 'kind', 'lost', 'worker', wid, 'chunk', chunk)
+      finish_kept(job, ARGV[4])
     else
       if requeue(job, entry, wid) == 1 then
         event(job, ARGV[4], 'kind', 'retried', 'worker', wid, 'chunk', chunk)
@@ -603,6 +631,16 @@ end
 redis.call('DEL', K('wip', wid), K('worker', wid))
 redis.call('ZREM', K('workers'), wid)
 return n
+"""
+
+# ARGV: ns job total maxlen -- a kept job's client submits no more: ``total`` items in all
+#   (the job ends once they all have: finish_kept)
+_SEAL = _PRELUDE + r"""
+local jk = K('job', ARGV[2])
+if redis.call('HGET', jk, 'state') ~= 'open' then return 0 end
+redis.call('HSET', jk, 'sealed', 1, 'total', ARGV[3])
+finish_kept(ARGV[2], ARGV[4])
+return 1
 """
 
 
@@ -719,7 +757,7 @@ class Broker:
     _SOURCES = {"publish": _PUBLISH, "publish_one": _PUBLISH_ONE, "claim": _CLAIM,
                 "idle": _IDLE, "complete": _COMPLETE,
                 "cancel_chunk": _CANCEL_CHUNK, "stop_chunks": _STOP_CHUNKS,
-                "cancel_job": _CANCEL_JOB,
+                "cancel_job": _CANCEL_JOB, "seal": _SEAL,
                 "heartbeat": _HEARTBEAT, "reap": _REAP, "release": _RELEASE,
                 "cache_store": _CACHE_STORE, "cache_clear": _CACHE_CLEAR}
     _SHAS: dict = {}
@@ -756,9 +794,11 @@ class Broker:
 
     # -- executor side -------------------------------------------------------------------
     def create_job(self, pipe, job: str, client: str, name: str, priority: int, spec: dict,
-                   requirements: dict, created: float, grace: float = 600.0) -> None:
+                   requirements: dict, created: float, grace: float = 600.0,
+                   keep: float | None = None) -> None:
         """A new open job. ``grace``: how long the cluster keeps it, and its client's unread
-        results, while it hears nothing from the client (see ``client:{client}``)."""
+        results, while it hears nothing from the client (see ``client:{client}``); ``keep``:
+        a kept job's grace instead (it is not given up, see ``miniray.keep``)."""
         k = self.keys
         fields = {
             "client": client, "name": name, "priority": priority, "state": "open",
@@ -766,10 +806,12 @@ class Broker:
             "done": 0, "failed": 0, "cancelled": 0, "grace": max(1, round(grace)),
             **requirements,
         }
+        if keep is not None:
+            fields["keep"] = max(1, round(keep))
         pipe.command("HSET", k.job(job), *[x for kv in fields.items() for x in kv])
         # renewed by the executor while it lives; outlives the client key, so that a claim
         # finds the job of a silent client and gives it up
-        pipe.command("EXPIRE", k.job(job), job_ttl(grace))
+        pipe.command("EXPIRE", k.job(job), job_ttl(grace if keep is None else keep))
         pipe.command("ZADD", k.jobs_all, created, job)
         pipe.command("ZREMRANGEBYRANK", k.jobs_all, 0, -1001)  # the newest 1000 jobs
 
@@ -817,6 +859,10 @@ class Broker:
     def cache_clear(self) -> int:
         """Empty the item cache; returns how many entries it had."""
         return self._run("cache_clear", [self.ns])
+
+    def seal(self, job: str, total: int, maxlen: int = 10000) -> bool:
+        """A kept job takes no more items (``total`` in all); False when it is not open."""
+        return bool(self._run("seal", [self.ns, job, total, maxlen]))
 
     # -- worker side ---------------------------------------------------------------------
     def claim(self, worker: str, max_chunks: int, name: str, host: str, free_gpus: int,

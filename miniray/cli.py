@@ -1,5 +1,5 @@
 """The ``miniray`` command: worker, up (``--detach``: the persistent cluster), down, ssh-up,
-status, logs, cancel, cache."""
+status, jobs, logs, cancel, cache."""
 
 from __future__ import annotations
 
@@ -130,6 +130,14 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_jobs(args) -> int:
+    from .jobs import format_jobs, list_jobs
+
+    r, b = _client(args.redis)
+    print(format_jobs(list_jobs(r, b.keys)))
+    return 0
+
+
 def _resolve_job(r, b, job):
     from . import observe
 
@@ -217,10 +225,11 @@ def main(argv=None) -> int:
     down.add_argument("--timeout", type=float, default=10.0,
                       help="seconds to wait after SIGTERM before SIGKILL (default 10)")
     down.set_defaults(fn=cmd_down)
-    for name, fn in (("status", cmd_status), ("logs", cmd_logs), ("cancel", cmd_cancel)):
+    for name, fn in (("status", cmd_status), ("jobs", cmd_jobs), ("logs", cmd_logs),
+                     ("cancel", cmd_cancel)):
         sp = sub.add_parser(name)
         sp.add_argument("--redis", default=None, help="server URL (default MINIRAY_REDIS_URL)")
-        if name != "status":
+        if name not in ("status", "jobs"):
             sp.add_argument("job", nargs="?", default=None, help="job id or name (default: newest)")
         if name == "logs":
             sp.add_argument("-f", "--follow", action="store_true")

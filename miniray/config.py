@@ -18,6 +18,9 @@ MINIRAY_CLIENT_GRACE_SECONDS   600         how long the cluster keeps an executo
                                            dead process); then the job is given up, with its
                                            unread results, and the executor, if it comes back,
                                            fails what was pending with JobAbandonedError
+MINIRAY_KEEP_GRACE_SECONDS     86400       how long a kept job (``Executor(keep=True)``, ``--bg``)
+                                           runs on, and keeps its results on the cluster,
+                                           after its client died (see miniray.attach)
 MINIRAY_SERVER_GONE_SECONDS    300         a worker that cannot reach its server this long
                                            exits with status 75, for its supervisor to restart
 MINIRAY_FUNCTION_TTL_SECONDS   86400       how long a pickled function stays in Redis unused
@@ -86,6 +89,7 @@ class Settings:
     worker_dead_seconds: float = 10.0
     max_retries: int = 1
     client_grace_seconds: float = 600.0
+    keep_grace_seconds: float = 86400.0
     server_gone_seconds: float = 300.0
     function_ttl_seconds: int = 86400
     result_ttl_seconds: int = 86400
@@ -114,6 +118,7 @@ class Settings:
             worker_dead_seconds=_env("MINIRAY_WORKER_DEAD_SECONDS", 10.0, float),
             max_retries=_env("MINIRAY_MAX_RETRIES", 1, int),
             client_grace_seconds=_env("MINIRAY_CLIENT_GRACE_SECONDS", 600.0, float),
+            keep_grace_seconds=_env("MINIRAY_KEEP_GRACE_SECONDS", 86400.0, float),
             server_gone_seconds=_env("MINIRAY_SERVER_GONE_SECONDS", 300.0, float),
             function_ttl_seconds=_env("MINIRAY_FUNCTION_TTL_SECONDS", 86400, int),
             result_ttl_seconds=_env("MINIRAY_RESULT_TTL_SECONDS", 86400, int),

@@ -18,6 +18,10 @@ itself has to report::
      ├── WorkerLostError                            its worker died, retries were used up
      ├── JobAbandonedError                          the cluster gave the job up: it heard
      │                                              nothing from the executor for its grace
+     ├── JobNotFoundError        (LookupError)      no such job on the cluster, or it ended
+     │                                              and was forgotten (miniray.attach)
+     ├── JobNotKeptError                            the job was not kept: its results went to
+     │                                              its owner only (miniray.attach)
      ├── JobCancelledError       (CancelledError)   the job was cancelled while the task ran
      ├── InitializerError        (BrokenExecutor)   the executor's initializer raised
      ├── RerunError                                 future.rerun_locally() cannot re-run the
@@ -62,6 +66,8 @@ __all__ = [
     "WorkerLostError",
     "JobAbandonedError",
     "JobCancelledError",
+    "JobNotFoundError",
+    "JobNotKeptError",
     "InitializerError",
     "RerunError",
     "RerunSucceededWarning",
@@ -129,6 +135,14 @@ class JobAbandonedError(MinirayError):
     """The cluster gave this executor's job up: it heard nothing from the executor for longer
     than ``MINIRAY_CLIENT_GRACE_SECONDS`` (a laptop asleep, a process stopped in a debugger),
     so it dropped the job's queued tasks and unread results. The executor stays usable."""
+
+
+class JobNotFoundError(MinirayError, LookupError):
+    """No job with that id on the cluster (never, or it ended and its keys expired)."""
+
+
+class JobNotKeptError(MinirayError):
+    """The job was not started with ``keep=True``: nobody but its owner gets its results."""
 
 
 class JobCancelledError(MinirayError, CancelledError):

@@ -34,6 +34,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 
 from . import cache as _cache
+from . import keep as _kept
 from . import observe
 from .broker import Broker, _redact, connect, job_ttl
 from .config import settings
@@ -250,11 +251,17 @@ class Executor(_BaseExecutor):
     job there; if it raises, those tasks fail with ``InitializerError`` (a ``BrokenExecutor``).
     All tasks of one executor form one job: its ``priority`` (higher runs first), ``limits``
     and ``env`` (extra environment variables) apply to every task.
+
+    ``keep=True``: the job outlives this process. If it dies, the job runs on for
+    ``MINIRAY_KEEP_GRACE_SECONDS`` and its results are stored on the cluster for
+    ``miniray.attach(job_id)``; ``seal()`` says that no more work comes, so the cluster can
+    end the job itself (see ``miniray.keep``).
     """
 
     def __init__(self, redis_url: str | None = None, job_name: str | None = None,
                  priority: int = 1, limits: Limits | None = None, env: dict | None = None,
-                 max_workers: int | None = None, initializer=None, initargs: tuple = ()):
+                 max_workers: int | None = None, initializer=None, initargs: tuple = (),
+                 keep: bool = False):
         self._settings = s = settings()
         if max_workers is not None and (isinstance(max_workers, bool)
                                         or not isinstance(max_workers, int) or max_workers <= 0):
@@ -289,7 +296,10 @@ class Executor(_BaseExecutor):
         self._r.on_deferred_error = self._submit_errors.append
         self._rr = connect(url)  # results: BLMPOP by whichever thread reads (see _read_once)
         # results from task processes on this machine come straight here (miniray.inbox)
-        self._inbox = Inbox.open() if s.direct_results else None
+        # a kept job's results go through the server (the inbox dies with this process)
+        self._keep = max(1, round(s.keep_grace_seconds)) if keep else None
+        self._sealed = False
+        self._inbox = Inbox.open() if s.direct_results and not keep else None
         self._direct_last: dict = {}  # (worker, pid) -> its last chunk finished that way
         self._read_lock = threading.Lock()
         self._read_cond = threading.Condition(self._read_lock)
@@ -361,7 +371,7 @@ class Executor(_BaseExecutor):
                      max(1, round(grace)))
         self._broker.create_job(pipe, self.job_id, self.client_id, self.job_name,
                                 self.priority, spec, lim.requirement_fields(), time.time(),
-                                grace)
+                                grace, keep=self._keep)
         if own:
             pipe.execute()
 
@@ -451,8 +461,30 @@ class Executor(_BaseExecutor):
             raise ServerLostError(f"this executor is broken: {self._broken}")
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
+        if self._sealed:
+            raise RuntimeError(f"job {self.job_id} was sealed (seal()): it takes no more work; "
+                               "start a new Executor")
         if self._job_cancelled:
             self._renew_job()
+
+    def seal(self, timeout: float = 60.0) -> None:
+        """No more work for this (kept) job: once everything submitted has been sent, the
+        cluster records how many items it has, and ends the job (``done``) when they all have,
+        whether this process still lives or not. Later submissions raise."""
+        if self._keep is None:
+            raise RuntimeError("seal() is for kept executors (Executor(keep=True))")
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._sealed = True
+            while (self._outbox or self._flushing) and self._broken is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"seal(): the submissions of job {self.job_id} were "
+                                       f"not all sent in {timeout:.0f} s; is the server slow?")
+                self._wakeup.wait(min(left, 0.1))
+            job, total = self.job_id, self._n_items
+        if self._broken is None and not self._job_cancelled:
+            self._broker.seal(job, total, self._settings.event_stream_maxlen)
 
     def _renew_job(self) -> None:
         """After a cancel, new work goes to a new job (a cancelled job takes no more tasks);
@@ -623,6 +655,8 @@ class Executor(_BaseExecutor):
             pipe.command("RPUSH", k.queue(job), *entries)
             self._broker.publish(pipe, job, self.priority, len(entries), n_items,
                                  s.event_stream_maxlen)
+        if self._keep is not None:  # where each chunk's items go, for attachers
+            _kept.index(pipe, k, job, live)
         for ref in live:
             ref.sent = True
             ref.frames = None  # the payload lives in Redis now
@@ -648,10 +682,13 @@ class Executor(_BaseExecutor):
         refused = next((r for r in replies if isinstance(r, RedisError)), None)
         if refused is None:
             pipe = self._r.pipeline()
+            if self._keep is not None:
+                _kept.index(pipe, k, job, [ref])
             pipe.command("RPUSH", k.queue(job), ref.entry)
             self._broker.publish(pipe, job, self.priority, 1, ref.count, s.event_stream_maxlen)
             replies = pipe.execute(raise_on_error=False)
-            refused = replies[0] if isinstance(replies[0], RedisError) else None
+            refused = next((r for r in replies[:len(replies) - 1]
+                            if isinstance(r, RedisError)), None)
         if refused is not None:
             try:
                 self._r.execute("HDEL", k.tasks(job), *names)
@@ -777,6 +814,8 @@ class Executor(_BaseExecutor):
                 if isinstance(got, Exception):
                     raise got
                 self._undelivered = list(got[1]) if got else []
+                if self._keep is not None and self._undelivered:  # stored results: read
+                    self._undelivered = _kept.resolve(self._rr, self.keys, self._undelivered)
             if self._inbox is not None:
                 self._undelivered_direct = self._inbox.drain()
         # taken from the server or the inbox: each is delivered before the next reader reads
@@ -804,8 +843,11 @@ class Executor(_BaseExecutor):
         pipe.command("EXISTS", k.client(self.client_id))
         pipe.command("SET", k.client(self.client_id), os.getpid(), "EX", grace)
         # while this executor lives its job's keys do; if it dies they expire
+        ttl = job_ttl(grace if self._keep is None else self._keep)
         for live in (k.job(job), k.logs(job), k.events(job), k.attempts(job), k.stop(job)):
-            pipe.command("EXPIRE", live, job_ttl(grace))
+            pipe.command("EXPIRE", live, ttl)
+        if self._keep is not None:
+            _kept.renew(pipe, k, job, ttl)
         broker.reap(s.worker_dead_seconds, s.max_retries, s.event_stream_maxlen,
                     s.result_ttl_seconds, pipe=pipe)
         pipe.command("HGET", k.job(job), "state")
@@ -818,7 +860,9 @@ class Executor(_BaseExecutor):
         state = replies[-2] if started else replies[-1]
         if started:
             self._mark_running(replies[-1])
-        if not replies[0] and (state is not None or silent >= grace / 2):
+        # (a kept job is not given up while we are silent: it runs on, see miniray.keep)
+        if not replies[0] and self._keep is None and (state is not None
+                                                      or silent >= grace / 2):
             self._abandoned(broker, job, silent)
             return True
         if self._submit_errors:
@@ -971,7 +1015,12 @@ class Executor(_BaseExecutor):
 
     def _deliver(self, msg: bytes, direct: bool = False) -> None:
         """Settle what a result message says (``direct``: it came to the inbox)."""
-        if not direct:  # a big message comes in parts (see protocol.encode_result)
+        if not direct and not self._parts.left and msg[:1] == b"P":  # a kept job's result,
+            # stored on the server (a part of a big message may start with any byte)
+            msg = _kept.fetch(self._rr, self.keys, msg)
+            if msg is None:
+                return  # (gone: the job expired; its futures fail with the job)
+        elif not direct:  # a big message comes in parts (see protocol.encode_result)
             msg = self._parts.feed(msg)
             if msg is None:
                 return
@@ -1240,6 +1289,8 @@ class Executor(_BaseExecutor):
                 # _final_counts)
                 pipe.command("HSET", k.job(job), *self._final_counts(), "state", "done",
                              "finished", repr(time.time()))
+                if self._keep is not None:  # we collected every result
+                    _kept.linger(pipe, k, job)
             for key in (k.job(job), k.logs(job), k.events(job), k.attempts(job), k.stop(job)):
                 pipe.command("EXPIRE", key, s.result_ttl_seconds)
             pipe.command("DEL", k.queue(job), k.tasks(job), k.client(self.client_id),
@@ -1390,6 +1441,8 @@ def _ordered_results(futures: list, deadline: float | None):
 @atexit.register
 def _shutdown_all() -> None:
     for ex in list(_live_executors):
+        if ex._keep is not None and not ex._shutdown:
+            continue  # a kept job outlives its process (a kernel restart): the cluster ends it
         try:
             ex.shutdown(wait=False, cancel_futures=True)
         except Exception:

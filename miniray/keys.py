@@ -59,6 +59,11 @@ client:{client}             string  client grace,       executor          claim 
                                     renewed                               idle stop (SCAN, PTTL)
 res:{client}                list    client grace        complete, reaper  executor (BLMPOP)
 logs:{job}                  stream  as job:{job}        worker            Executor.logs, CLI
+out:{job}                   stream  keep grace, renewed complete (a kept  attachers (XREAD),
+                                    by its owner; 60 s  job's results)    its owner (XRANGE of
+                                    after it collected                    the pointer it got)
+idx:{job}                   hash    as out:{job}        executor (kept    attachers (chunk ->
+                                                        jobs, at submit)  "start:count")
 events:{job}                stream  as job:{job}        all scripts       Executor.events
 triton:{server}:lock:{m}    string  load timeout (PX)   miniray.triton    miniray.triton, the
                                                         (SET NX)          worker's Triton thread
@@ -89,6 +94,12 @@ A ``stop:{job}`` member is a chunk id: a chunk of an open job that its client st
 worker held it (Ctrl-C in a ``map`` while other futures of the executor were pending). Its
 items were counted as cancelled then; workers learn of it from their heartbeat's reply and
 interrupt it (or drop it unstarted), and what it reports is neither counted nor run again.
+A kept job (``Executor(keep=True)``, see ``miniray.keep``) has ``keep`` (its grace in seconds)
+in ``job:{job}``: the claim does not give it up when its client goes silent; the job's keys live
+that long after its client's last renewal. Its results are entries of ``out:{job}`` (field
+``p`` per element of the result message) and its client gets ``b"P" job "|" entry id`` in
+``res:{client}`` instead; once its client has ``sealed`` it (the field, with ``total`` items),
+the scripts set it ``done`` when every item has ended, client or none.
 A ``worker:{worker}`` hash has ``info`` (the heartbeat's JSON), ``seen`` and ``tasks_done``
 (items the worker finished, counted by the complete script). A ``job:{job}`` hash has its
 spec, ``state``, ``created``/``finished`` (epoch seconds) and the item counters ``queued``,
@@ -184,6 +195,12 @@ class Keys:
 
     def logs(self, job: str) -> str:
         return f"{self.ns}:logs:{job}"
+
+    def out(self, job: str) -> str:
+        return f"{self.ns}:out:{job}"
+
+    def index(self, job: str) -> str:
+        return f"{self.ns}:idx:{job}"
 
     def events(self, job: str) -> str:
         return f"{self.ns}:events:{job}"
