@@ -11,6 +11,8 @@ future of a handle ever hangs.
 
 from __future__ import annotations
 
+import json
+import pickle
 import threading
 import time
 from concurrent.futures import Future
@@ -20,8 +22,8 @@ from . import observe
 from .broker import Broker, _redact, connect
 from .config import settings
 from .errors import (JobAbandonedError, JobCancelledError, JobNotFoundError, JobNotKeptError,
-                     ServerLostError, WorkerLostError)
-from .keep import assemble, parts_of
+                     MinirayError, ServerLostError, WorkerLostError)
+from .keep import CACHED_PREFIX, assemble, parts_of
 from .outcomes import force_cancel
 from .protocol import LostChunk, decode_batches, decode_message
 from .resp import Connection, RedisError
@@ -50,6 +52,8 @@ def attach(job_id: str, redis_url: str | None = None) -> "JobHandle":
 class ItemFuture(Future):
     """One item's future; ``worker``/``host``/``slot`` once its result came (the timings,
     ``started_at``/``finished_at``, are not stored for attachers: None)."""
+
+    cached = False  # it came from the item cache (a kept cached map's: see miniray.keep)
 
     def __init__(self):
         super().__init__()
@@ -107,6 +111,8 @@ class JobHandle:
         self._lock = threading.Lock()
         self._futures: dict[int, ItemFuture] = {}  # task id -> future
         self._chunks: dict[int, tuple] = {}  # chunk id -> (start, count)
+        # cached maps (miniray.keep): first task id -> (items, {position: future}, task ids)
+        self._records: dict[int, tuple] = {}
         self._base: int | None = None  # the job's first task id
         self._sealed = False
         self._total: int | None = None
@@ -128,7 +134,23 @@ class JobHandle:
         """The items' futures in task order (the items submitted so far: all of them once the
         job is sealed)."""
         with self._lock:
-            return [self._futures[t] for t in sorted(self._futures)]
+            if not self._records:
+                return [self._futures[t] for t in sorted(self._futures)]
+            # a cached map's items in their places (see miniray.keep): its record's key is
+            # its first task id, and a later task's id is at least that
+            placed, keyed = set(), []
+            for first, (n, hits, tasks) in self._records.items():
+                rest = iter(tasks)
+                for pos in range(n):
+                    if pos in hits:
+                        keyed.append(((first, 0, pos), hits[pos]))
+                    else:
+                        t = next(rest)
+                        placed.add(t)
+                        keyed.append(((first, 0, pos), self._futures.setdefault(t, ItemFuture())))
+            keyed += [((t, 1, 0), f) for t, f in self._futures.items() if t not in placed]
+            keyed.sort(key=lambda kv: kv[0])
+            return [f for _, f in keyed]
 
     def done(self) -> bool:
         """True once every item has its outcome (the job has ended)."""
@@ -214,7 +236,7 @@ class JobHandle:
 
     # -- following -----------------------------------------------------------------------------
     def _load_index(self, conn) -> None:
-        self._load_index_raw(conn.execute("HGETALL", self.keys.index(self.job_id)) or [])
+        self._load_index_raw(conn.execute("HGETALL", self.keys.index(self.job_id)) or [], conn)
 
     def _follow(self) -> None:
         conn = Connection(self.redis_url)
@@ -268,7 +290,7 @@ class JobHandle:
         if not self._sealed or len(self._futures) < (self._total or 0) or state in _ENDED:
             raw = self._ask(conn, ("HGETALL", k.index(self.job_id)))[0]
             if raw:
-                self._load_index_raw(raw)
+                self._load_index_raw(raw, conn)
         if state is None:
             self._settle_rest(JobAbandonedError(
                 f"job {self.job_id} expired on the cluster (its keep grace, "
@@ -297,9 +319,15 @@ class JobHandle:
                 "and its retries were used up, or its owner shut down with cancel_futures)"))
         return True
 
-    def _load_index_raw(self, raw) -> None:
+    def _load_index_raw(self, raw, conn=None) -> None:
+        records = []
         with self._lock:
             for chunk, where in zip(raw[::2], raw[1::2]):
+                if chunk.startswith(CACHED_PREFIX.encode()):
+                    first = int(chunk[len(CACHED_PREFIX):])
+                    if first not in self._records:
+                        records.append((first, json.loads(where)))
+                    continue
                 if int(chunk) in self._chunks:
                     continue
                 start, count = (int(x) for x in where.split(b":"))
@@ -308,6 +336,32 @@ class JobHandle:
                     self._futures.setdefault(t, ItemFuture())
             if self._futures:
                 self._base = min(self._futures)
+        for first, record in records:
+            self._add_cached(conn or self._r, first, record)
+
+    def _add_cached(self, conn, first: int, record: dict) -> None:
+        """A cached map's record (see ``miniray.keep``): its cached items' futures, settled
+        with the values the item cache holds (read now, in one round trip)."""
+        hits = {int(pos): member for pos, member in record["hits"].items()}
+        futures = {}
+        order = sorted(hits)
+        values = self._ask(conn, ("MGET", *[self.keys.cache(*hits[p].split(":", 1))
+                                            for p in order]))[0] if order else []
+        for pos, data in zip(order, values):
+            f = futures[pos] = ItemFuture()
+            f.cached = True
+            if data is None:
+                f.set_exception(MinirayError(
+                    f"item {pos} of a cached map of job {self.job_id} came from the item "
+                    "cache, and its result is no longer there (evicted or expired: "
+                    "MINIRAY_CACHE_MAX_BYTES, MINIRAY_CACHE_TTL_SECONDS); run the map again"))
+                continue
+            try:
+                f.set_result(pickle.loads(data))
+            except Exception as e:
+                f.set_exception(e)
+        with self._lock:
+            self._records.setdefault(first, (int(record["n"]), futures, list(record["tasks"])))
 
     def _deliver(self, conn, parts: list) -> None:
         from .executor import _decorate  # (the executor's own decoration of remote errors)
@@ -321,7 +375,7 @@ class JobHandle:
         header, blob = decoded
         if any(c not in self._chunks for c, _ in header.chunks):
             raw = self._ask(conn, ("HGETALL", self.keys.index(self.job_id)))[0]
-            self._load_index_raw(raw or [])
+            self._load_index_raw(raw or [], conn)
         starts = [self._chunks.get(c, (None, 0))[0] for c, _ in header.chunks]
         if isinstance(blob, Exception):
             batches = [(None, [], {-1: (blob, "", header.pid)}, None)] * len(starts)

@@ -38,6 +38,7 @@ import time
 
 import cloudpickle
 
+from . import keep as _kept
 from .broker import Broker, connect
 from .config import settings
 from .errors import ServerError
@@ -329,7 +330,11 @@ def map_futures(ex, fn, iterable, chunksize: int) -> list:
     items = list(iterable)
     fkey, akeys, hits = _plan(ex, fn, "m1", items)
     misses = [i for i in range(len(items)) if i not in hits]
+    first = ex._next_task  # (this map's first task id: where a kept job's record goes)
     run = ex.map_futures(fn, [items[i] for i in misses], chunksize=chunksize) if misses else []
+    if hits and ex._keep is not None:  # attachers place the cached items too (miniray.keep)
+        _kept.note_cached(ex, first, len(items), {i: f"{fkey}:{akeys[i]}" for i in hits},
+                          [f.task_id for f in run])
     out: list = [None] * len(items)
     for i, value in hits.items():
         out[i] = _cached_future(ex, value)

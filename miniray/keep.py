@@ -9,6 +9,12 @@ chunk to its first task id and item count, written when the chunk is sent, so an
 place every item. Once its client has sealed it (``Executor.seal()``: no more submissions),
 the server's scripts end it (``done``) when every item has ended, whether the client lives or
 not. Plain executors pay none of this.
+
+A kept ``map_futures(..., cache=True)`` whose items were partly found in the item cache
+(``miniray.cache``) runs only the others: its ``idx:{job}`` gets a record, field
+``cached:<first task id>``, JSON ``{"n": items, "hits": {position: cache member}, "tasks":
+[task id of each other item, in position order]}``, so that an attacher places every item
+(the cached ones read from the cache, by their member).
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ from __future__ import annotations
 from .keys import Keys
 from .protocol import Assembler
 
-__all__ = ["LINGER_SECONDS", "fetch", "resolve", "index", "renew", "linger"]
+__all__ = ["LINGER_SECONDS", "fetch", "resolve", "index", "renew", "linger", "note_cached",
+           "CACHED_PREFIX"]
+
+CACHED_PREFIX = "cached:"  # an idx:{job} field that is a cached map's record, not a chunk
 
 #: how long a kept job's stored results stay once its live client has collected them all
 #: (attachers that follow it live read them meanwhile)
@@ -31,6 +40,21 @@ def index(pipe, keys: Keys, job: str, refs) -> None:
         fields += (ref.chunk, f"{ref.start}:{ref.count}")
     if fields:
         pipe.command("HSET", keys.index(job), *fields)
+
+
+def note_cached(ex, first: int, n: int, hits: dict, tasks: list) -> None:
+    """Record a kept map's cached items in ``idx:{job}`` (see the module docstring), before
+    the map is sealed; the map's other items are tasks ``tasks`` (in position order)."""
+    import json
+
+    from .broker import connect
+
+    record = json.dumps({"n": n, "hits": hits, "tasks": tasks}, separators=(",", ":"))
+    conn = connect(ex.redis_url)  # (the executor's own connection is its flusher's)
+    try:
+        conn.execute("HSET", ex.keys.index(ex.job_id), f"{CACHED_PREFIX}{first}", record)
+    finally:
+        conn.close()
 
 
 def renew(pipe, keys: Keys, job: str, ttl: int) -> None:

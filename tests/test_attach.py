@@ -267,3 +267,25 @@ def test_a_kept_jobs_owner_and_attachers_read_the_same_stored_results(cluster):
         with pytest.raises(RuntimeError, match="sealed"):
             ex.submit(abs, 1)
     h.close()
+
+
+def test_an_attacher_places_the_cached_items_of_a_kept_map(cluster, tmp_path):
+    """A kept map that found some items in the item cache runs only the others; an attacher
+    still gets every item in its place (the cached ones from the cache)."""
+    from test_cache import counted, runs
+
+    cluster.start_worker(name="w0")
+    log = tmp_path / "runs"
+    with cluster.executor() as ex:
+        list(ex.map(counted(log), [1, 3, 5], cache=True))  # items 1, 3, 5 are cached now
+    with cluster.executor(keep=True) as ex:
+        futures = ex.map_futures(counted(log), range(7), cache=True, chunksize=2)
+        ex.seal()
+        assert [f.cached for f in futures] == [False, True, False, True, False, True, False]
+        h = miniray.attach(ex.job_id)
+        try:
+            assert h.result(timeout=30) == [x * 10 for x in range(7)]
+            assert [f.cached for f in h.futures] == [f.cached for f in futures]
+        finally:
+            h.close()
+    assert sorted(runs(log)) == [0, 1, 2, 3, 4, 5, 6]  # 1, 3, 5 ran once, in the first map
