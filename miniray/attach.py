@@ -307,6 +307,10 @@ class JobHandle:
             for entry_id, fields in got:
                 last = _d(entry_id)
                 self._deliver(conn, parts_of(fields))
+        if state == "done":  # collected: the idle stop of a persistent cluster need not
+            job = k.job(self.job_id)  # wait for anyone else (see persistent_service)
+            if self._ask(conn, ("EXISTS", job))[0]:  # (never a hash without its TTL)
+                self._ask(conn, ("HSET", job, "collected", repr(time.time())))
         if state == "cancelled":
             self._settle_rest(None)
         elif state == "orphaned":

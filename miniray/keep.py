@@ -19,6 +19,8 @@ A kept ``map_futures(..., cache=True)`` whose items were partly found in the ite
 
 from __future__ import annotations
 
+import time
+
 from .keys import Keys
 from .protocol import Assembler
 
@@ -65,7 +67,9 @@ def renew(pipe, keys: Keys, job: str, ttl: int) -> None:
 
 
 def linger(pipe, keys: Keys, job: str) -> None:
-    """Its client collected every result: the stored copies go in ``LINGER_SECONDS``."""
+    """Its client collected every result: the stored copies go in ``LINGER_SECONDS`` (and
+    the job is ``collected``: a persistent cluster's idle stop waits for nobody)."""
+    pipe.command("HSET", keys.job(job), "collected", repr(time.time()))
     for key in (keys.out(job), keys.index(job)):
         pipe.command("EXPIRE", key, LINGER_SECONDS)
 

@@ -99,7 +99,11 @@ in ``job:{job}``: the claim does not give it up when its client goes silent; the
 that long after its client's last renewal. Its results are entries of ``out:{job}`` (field
 ``p`` per element of the result message) and its client gets ``b"P" job "|" entry id`` in
 ``res:{client}`` instead; once its client has ``sealed`` it (the field, with ``total`` items),
-the scripts set it ``done`` when every item has ended, client or none.
+the scripts set it ``done`` when every item has ended, client or none. An attacher that got
+every result of a ``done`` job sets ``collected`` (epoch seconds) in ``job:{job}``. ``idx:{job}``
+also holds, for a kept ``map_futures(..., cache=True)`` that found items in the item cache, a
+record ``cached:<first task id>`` (JSON: the map's item count, its cached items' cache members
+by position, the task ids of the others).
 A ``worker:{worker}`` hash has ``info`` (the heartbeat's JSON), ``seen`` and ``tasks_done``
 (items the worker finished, counted by the complete script). A ``job:{job}`` hash has its
 spec, ``state``, ``created``/``finished`` (epoch seconds) and the item counters ``queued``,
@@ -110,7 +114,8 @@ a loopback one); a ``used`` field is a model name, its value ``"<last use> <stal
 seconds (Unix time; stale after 0: never unloaded for disuse).
 
 The persistent cluster's idle stop (``miniray.persistent_service.busy_reasons``) reads
-``jobs:all`` and each ``job:{job}``'s ``state``, ``workers`` and each ``wip:{worker}``'s
+``jobs:all`` and each ``job:{job}``'s ``state``, ``keep`` and ``collected`` (and whether its
+``out:{job}`` exists), ``workers`` and each ``wip:{worker}``'s
 length, and the PTTL of every ``client:{client}`` (SCAN): a key whose PTTL grew since its
 last look was renewed.
 

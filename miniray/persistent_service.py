@@ -26,7 +26,9 @@ def busy_reasons(r, keys, seen: dict | None = None) -> list[str]:
     """Why the cluster behind connection ``r`` is busy now (empty: idle).
 
     The one place that decides it (the idle stop asks every few seconds): an open or closing
-    job, a task a worker holds (``wip:{worker}``), or a live executor: one whose
+    job, a kept job's stored results that nobody has collected yet (see ``miniray.keep``;
+    its owner's collection lets them expire, an attacher that got them all marks the job
+    ``collected``), a task a worker holds (``wip:{worker}``), or a live executor: one whose
     ``client:{client}`` key was renewed since the last call (an executor renews it every
     second): its PTTL is above what it would be had it only run down since (``seen`` keeps
     each key's PTTL and when it was read, between calls; a key seen for the first time counts
@@ -38,11 +40,17 @@ def busy_reasons(r, keys, seen: dict | None = None) -> list[str]:
     if jobs:
         pipe = r.pipeline()
         for j in jobs:
-            pipe.command("HGET", keys.job(j), "state")
-        for j, state in zip(jobs, pipe.execute()):
+            pipe.command("HMGET", keys.job(j), "state", "keep", "collected")
+            pipe.command("EXISTS", keys.out(j))
+        replies = pipe.execute()
+        for j, (state, keep, collected), stored in zip(jobs, replies[::2], replies[1::2]):
             state = state.decode() if isinstance(state, bytes) else state
             if state in ("open", "closing"):
                 reasons.append(f"job {j} is {state}")
+            elif keep and stored and not collected:
+                # a kept job's results wait for someone to attach (miniray.attach) until its
+                # owner or an attacher has collected them, or its keep grace ends
+                reasons.append(f"kept job {j} has results nobody has collected")
     workers = [w.decode() if isinstance(w, bytes) else w
                for w in r.execute("ZRANGE", keys.workers, 0, -1)]
     if workers:

@@ -289,3 +289,25 @@ def test_an_attacher_places_the_cached_items_of_a_kept_map(cluster, tmp_path):
         finally:
             h.close()
     assert sorted(runs(log)) == [0, 1, 2, 3, 4, 5, 6]  # 1, 3, 5 ran once, in the first map
+
+
+def test_a_kept_jobs_uncollected_results_keep_a_persistent_cluster_from_its_idle_stop(cluster):
+    """Results of a kept job whose owner died wait on the cluster for someone to attach: the
+    idle stop of a persistent cluster counts them as work until an attacher collected them."""
+    from miniray.persistent_service import busy_reasons
+
+    cluster.start_worker(name="w0")
+    owner, job = _owner(cluster, 3, 0.05)
+    _die(owner)
+    wait_for(lambda: _jobs(cluster)[job]["state"] == "done", 20, "the job to end by itself")
+    r = connect(cluster.url)
+    keys = Keys(cluster.namespace)
+    try:
+        assert busy_reasons(r, keys) == [f"kept job {job} has results nobody has collected"]
+        h = miniray.attach(job)
+        assert h.result(timeout=20) == [0, 1, 4]
+        wait_for(lambda: busy_reasons(r, keys) == [], 10, "the results to count as collected")
+        h.close()
+        assert miniray.attach(job).result(timeout=10) == [0, 1, 4]  # (still there to read)
+    finally:
+        r.close()
