@@ -338,3 +338,59 @@ def test_a_cluster_that_stopped_for_idleness_never_breaks_the_next_map(cdir, she
     cdir.track()
     assert again is not None and again.pid != first.pid and ppids <= set(_tree(again.pid))
     assert f"service pid {again.pid}" in _status_line(shell, capsys)
+
+
+def test_a_bg_map_on_the_persistent_cluster_outlives_its_killed_kernel(cdir):
+    """Issue 16's story: a kernel starts the persistent cluster and a --bg map of slow items
+    and is SIGKILLed mid-map; a new kernel (no URL, no %miniray local) lists the job, its
+    owner gone, attaches and gets every result in order; the workers never stopped."""
+    pytest.importorskip("ipykernel")
+    pytest.importorskip("jupyter_client")
+    from kernels import Kernel
+
+    from miniray.broker import connect
+    from miniray.jobs import list_jobs
+    from miniray.keys import Keys
+
+    def job_row(job):
+        r = connect(info["url"])
+        try:
+            return {j["job"]: j for j in list_jobs(r, Keys("miniray"))}[job]
+        finally:
+            r.close()
+
+    def workers():
+        return sorted(p.pid for p in psutil.Process(info["pid"]).children()
+                      if "miniray.worker" in " ".join(p.cmdline()))
+
+    first = Kernel()
+    try:
+        first.run("%load_ext miniray\n%miniray local --persist -n 2")
+        info = json.loads((cdir.path / "cluster.json").read_text())
+        cdir.track()
+        before = workers()
+        assert len(before) == 2
+        first.run("%%miniray map x in range(12) -o run --bg\nimport time\ntime.sleep(1.0)\n"
+                  "x * x")
+        job = first.run("print(run.job)")["stream"].strip()
+        wait_for(lambda: job_row(job)["done"] >= 2, 30, "two items done")
+        os.kill(first.km.provisioner.process.pid, signal.SIGKILL)
+    finally:
+        first.kc.stop_channels()
+        first.km.cleanup_resources()
+    assert job_row(job)["done"] < 12  # killed mid-map
+    wait_for(lambda: not job_row(job)["owner_alive"], 15, "the owner seen gone")
+    second = Kernel()
+    try:
+        second.run("%load_ext miniray")
+        listed = second.run("%miniray jobs")["stream"]
+        row = [ln.split() for ln in listed.splitlines() if ln.strip().startswith(job)][0]
+        assert row[-2:] == ["gone", "yes"], listed
+        second.run(f"%miniray attach {job} -o out")
+        assert second.run("print(out)")["stream"].strip() == str([x * x for x in range(12)])
+        assert job_row(job)["state"] == "done"
+        assert workers() == before  # the same worker processes ran it all
+        second.run("%miniray down")
+    finally:
+        second.kc.stop_channels()
+        second.km.shutdown_kernel(now=True)
