@@ -220,9 +220,17 @@ class TextView:
         self.stream = stream if stream is not None else sys.stdout
         self._last = 0.0
 
+    def _tty(self) -> bool:
+        """Whether the stream is a terminal (a closed one, e.g. a test's capture that ended
+        while a --bg map ran on, is not: the view's thread must not fail on it)."""
+        try:
+            isatty = getattr(self.stream, "isatty", None)
+            return bool(isatty and isatty())
+        except (ValueError, OSError):
+            return False
+
     def render(self) -> None:
-        isatty = getattr(self.stream, "isatty", None)
-        if not (isatty and isatty()):
+        if not self._tty():
             return
         now = time.monotonic()
         if now - self._last < 0.5:
@@ -232,8 +240,7 @@ class TextView:
         self.stream.flush()
 
     def finish(self) -> None:
-        isatty = getattr(self.stream, "isatty", None)
-        if isatty and isatty():
+        if self._tty():
             self.stream.write("\r\x1b[K")
             self.stream.flush()
 

@@ -138,6 +138,7 @@ class MinirayMagics(Magics):
         self._view_url: str | None = None
         self._ssh = None  # the SSHCluster of %miniray up, until %miniray down
         self.attached: list[MapRun] = []  # %miniray attach views (detached at %miniray down)
+        self._told_bg = False  # that a --bg job on a cluster living in the kernel dies with it
 
     @property
     def redis_url(self) -> str | None:
@@ -208,8 +209,15 @@ class MinirayMagics(Magics):
         check_sendable(fn)  # at once, naming the variable: not from the widget, later
         check_items(items, expr)
         job_name = args.job_name or f"map {name} in {expr}"[:60]
+        url = self.redis_url
+        if args.bg and not self._told_bg and (url is None or (
+                self._ssh is not None and url == self._ssh.url)):
+            self._told_bg = True  # (once per kernel)
+            print("miniray: this --bg job runs on a cluster that lives in this kernel, so it "
+                  "stops if the kernel dies; to keep jobs running across kernel restarts, "
+                  "%miniray local --persist (or %miniray connect to a `miniray up` server)")
         try:
-            run = MapRun(fn, items, redis_url=self.redis_url, job_name=job_name,
+            run = MapRun(fn, items, redis_url=url, job_name=job_name,
                          priority=args.priority, limits=limits, chunksize=args.chunksize,
                          cancel_button=args.bg, start=False, cache=args.cache, keep=args.bg)
         except miniray.SerializationError as e:

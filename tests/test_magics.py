@@ -169,6 +169,15 @@ def test_bg_handle_result_and_cell_value(shell):
     assert h._repr_mimebundle_()["text/plain"].startswith("miniray map")
 
 
+def test_bg_on_a_cluster_that_lives_in_the_kernel_says_so_once(shell, capsys):
+    magics(shell)._told_bg = False
+    capsys.readouterr()
+    for _ in range(2):
+        assert cell(shell, "map x in range(2) --bg", "x").result(timeout=30) == [0, 1]
+    out = capsys.readouterr().out
+    assert out.count("stops if the kernel dies") == 1 and "%miniray local --persist" in out
+
+
 def test_line_magics_status_logs_cancel(shell, capsys):
     cell(shell, "map x in range(4) --job-name chatty", "print('hello from', x)\nx")
     capsys.readouterr()
