@@ -213,9 +213,9 @@ class MinirayMagics(Magics):
         if args.bg and not self._told_bg and (url is None or (
                 self._ssh is not None and url == self._ssh.url)):
             self._told_bg = True  # (once per kernel)
-            print("miniray: this --bg job runs on a cluster that lives in this kernel, so it "
-                  "stops if the kernel dies; to keep jobs running across kernel restarts, "
-                  "%miniray local --persist (or %miniray connect to a `miniray up` server)")
+            print("miniray: this --bg job runs on this kernel's own cluster, which stops if "
+                  "the kernel dies; %miniray local --persist keeps jobs running across kernel "
+                  "restarts")
         try:
             run = MapRun(fn, items, redis_url=url, job_name=job_name,
                          priority=args.priority, limits=limits, chunksize=args.chunksize,
