@@ -303,9 +303,10 @@ class Executor(_BaseExecutor):
         self._sealed = False
         self._inbox = Inbox.open() if s.direct_results and not keep else None
         # large values to and from task processes on this machine: shared memory (miniray.shm);
-        # arguments only on the local cluster (no worker elsewhere could read them)
+        # arguments only on the local cluster (no worker elsewhere could read them), or where
+        # the user says every worker is on this machine (MINIRAY_SHM=2)
         self._shm = Segments.open(s.shm_min_bytes) if s.shm and not keep else None
-        self._shm_args = self._shm is not None and self._local is not None
+        self._shm_args = self._shm is not None and (self._local is not None or s.shm == 2)
         self._direct_last: dict = {}  # (worker, pid) -> its last chunk finished that way
         self._read_lock = threading.Lock()
         self._read_cond = threading.Condition(self._read_lock)
