@@ -731,6 +731,7 @@ class Executor(_BaseExecutor):
                 if ref in self._outbox:
                     self._outbox.remove(ref)
                 self._refs.pop(ref.chunk, None)
+                self._free_shm(ref)
                 return True
         try:
             removed = self._broker.cancel_chunk(self.job_id, ref.entry)
@@ -739,7 +740,15 @@ class Executor(_BaseExecutor):
         if removed:
             with self._lock:
                 self._refs.pop(ref.chunk, None)
+            self._free_shm(ref)
         return removed
+
+    def _free_shm(self, ref: _Ref) -> None:
+        """Unlink a chunk's arguments in shared memory: it has ended, or never will run (a
+        task process that mapped them keeps its mapping)."""
+        if ref.shm:
+            paths, ref.shm = ref.shm, ()
+            self._shm.free(paths)
 
     # -- results -----------------------------------------------------------------------------
     # Results are read by one thread at a time (the "reader"): a caller waiting in
@@ -1134,9 +1143,7 @@ class Executor(_BaseExecutor):
                                              ref.future.job)
                 self._complete(ref, (OK, (vals, ref.errors)), worker, host)
         if ref.left <= 0:
-            if ref.shm:
-                self._shm.free(ref.shm)
-                ref.shm = ()
+            self._free_shm(ref)
             with self._lock:
                 self._refs.pop(ref.chunk, None)
             ref.future._ref = None  # nothing may keep a result alive but its future
@@ -1171,6 +1178,7 @@ class Executor(_BaseExecutor):
             self._wakeup.notify_all()
         self._poke_results_thread()
         for ref in refs:
+            self._free_shm(ref)
             fut = ref.future
             with fut._condition:
                 if fut._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED"):
@@ -1281,6 +1289,7 @@ class Executor(_BaseExecutor):
         while self._reader not in (None, threading.get_ident()) and time.monotonic() < deadline:
             time.sleep(0.005)
         for r in refs:
+            self._free_shm(r)
             _cancel_ref(r)
         if self._broken is None:
             try:

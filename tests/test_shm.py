@@ -197,3 +197,13 @@ def test_kept_jobs_do_not_use_shared_memory(cluster):
         assert ex._shm is None and ex._shm_args is False
         doubled, _, mapped = ex.submit(shm_tasks.double, np.ones(1 << 18)).result(timeout=60)
         assert mapped == 0 and doubled.sum() == 2 * (1 << 18)
+
+
+def test_a_cancelled_tasks_argument_is_freed_at_once(every_worker_here):
+    """No worker: the task stays queued; cancelling it unlinks its argument's file."""
+    cluster = every_worker_here
+    with cluster.executor() as ex:
+        fut = ex.submit(shm_tasks.double, _big())
+        wait_for(lambda: len(_files(ex._shm.dir)) == 1, timeout=10, what="the argument's file")
+        assert fut.cancel()
+        assert _files(ex._shm.dir) == []
