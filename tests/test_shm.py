@@ -63,7 +63,7 @@ def test_a_50mb_argument_and_result_go_through_shared_memory_and_are_freed(every
         assert shm.stats["attached"] - before["attached"] >= a.nbytes  # and mapped the result
         where = ex._shm.dir
         # the result's file was unlinked when it was mapped, the argument's when the task ended
-        assert _files(where) == []
+        wait_for(lambda: _files(where) == [], timeout=10, what="the files to go")
     assert not os.path.exists(where)  # the executor's directory goes with it
     # the value the user holds stays valid after every file is gone (and is writable)
     assert float(doubled.sum()) == 2 * total
@@ -79,7 +79,7 @@ def test_map_results_through_shared_memory_leave_nothing(cluster):
         got = list(ex.map(np.ones, [1 << 20] * 6))  # 8 MB each
         assert all(x.shape == (1 << 20,) and x.sum() == 1 << 20 for x in got)
         assert shm.stats["attached"] - before >= 6 * (8 << 20)
-        assert _files(ex._shm.dir) == []
+        wait_for(lambda: _files(ex._shm.dir) == [], timeout=10, what="the files to go")
 
 
 def test_the_switch_off_takes_the_old_path(cluster, monkeypatch):
@@ -111,10 +111,10 @@ def test_a_killed_task_process_leaves_nothing(every_worker_here, tmp_path):
         os.kill(pid, signal.SIGKILL)
         assert isinstance(fut.exception(timeout=60), TaskCrashedError)
         wait_for(lambda: not _dirs_of(pid), timeout=20, what="the dead task's directory to go")
-        assert _files(ex._shm.dir) == []
+        wait_for(lambda: _files(ex._shm.dir) == [], timeout=10, what="the files to go")
         # the replacement process maps the argument of a new submit as ever
         assert ex.submit(shm_tasks.die_once_holding, a, marker).result(timeout=60) == a.sum()
-        assert _files(ex._shm.dir) == []
+        wait_for(lambda: _files(ex._shm.dir) == [], timeout=10, what="the files to go")
 
 
 _CLIENT = textwrap.dedent("""
@@ -184,7 +184,7 @@ def test_the_embedded_cluster_takes_arguments_through_shared_memory(monkeypatch)
             assert _server_input(ex) - sent < 1 << 20
             assert mapped >= a.nbytes and np.array_equal(doubled, a * 2)
             where = ex._shm.dir
-            assert _files(where) == []
+            wait_for(lambda: _files(where) == [], timeout=10, what="the files to go")
         assert not os.path.exists(where)
     finally:
         miniray.shutdown()
@@ -206,4 +206,4 @@ def test_a_cancelled_tasks_argument_is_freed_at_once(every_worker_here):
         fut = ex.submit(shm_tasks.double, _big())
         wait_for(lambda: len(_files(ex._shm.dir)) == 1, timeout=10, what="the argument's file")
         assert fut.cancel()
-        assert _files(ex._shm.dir) == []
+        wait_for(lambda: _files(ex._shm.dir) == [], timeout=10, what="the files to go")
