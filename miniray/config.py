@@ -28,6 +28,14 @@ MINIRAY_RESULT_TTL_SECONDS     86400       how long a finished job's counters, l
                                            stay in Redis (unread results: the client's grace)
 MINIRAY_DIRECT_RESULTS         1           0: results from task processes on the client's
                                            machine go through Redis too (see miniray.inbox)
+MINIRAY_SHM                    1           large values between a client and task processes on
+                                           its machine go through shared memory (/dev/shm, see
+                                           miniray.shm): results always, arguments on the local
+                                           cluster; 2: arguments on any server too (only when
+                                           every worker runs on this machine); 0: neither (all
+                                           through the server)
+MINIRAY_SHM_MIN_BYTES          1048576     an out-of-band buffer this big or bigger goes
+                                           through shared memory (when MINIRAY_SHM is on)
 MINIRAY_LOG_STREAM_MAXLEN      10000       log lines kept per job (approximate, oldest dropped)
 MINIRAY_LOG_LINE_MAX_BYTES     65536       a longer log line is cut, with a marker saying how
                                            many bytes were cut (see miniray.taskoutput)
@@ -94,6 +102,8 @@ class Settings:
     function_ttl_seconds: int = 86400
     result_ttl_seconds: int = 86400
     direct_results: bool = True
+    shm: int = 1
+    shm_min_bytes: int = 1048576
     log_stream_maxlen: int = 10000
     log_line_max_bytes: int = 65536
     event_stream_maxlen: int = 10000
@@ -123,6 +133,8 @@ class Settings:
             function_ttl_seconds=_env("MINIRAY_FUNCTION_TTL_SECONDS", 86400, int),
             result_ttl_seconds=_env("MINIRAY_RESULT_TTL_SECONDS", 86400, int),
             direct_results=_env("MINIRAY_DIRECT_RESULTS", 1, int) != 0,
+            shm=_env("MINIRAY_SHM", 1, int),
+            shm_min_bytes=_env("MINIRAY_SHM_MIN_BYTES", 1048576, int),
             log_stream_maxlen=_env("MINIRAY_LOG_STREAM_MAXLEN", 10000, int),
             log_line_max_bytes=_env("MINIRAY_LOG_LINE_MAX_BYTES", 65536, int),
             event_stream_maxlen=_env("MINIRAY_EVENT_STREAM_MAXLEN", 10000, int),

@@ -60,6 +60,7 @@ from .protocol import (Assembler, LostChunk, decode_batches, decode_message, enc
                        item_times)
 from .rerun import Kept, rerun_locally as _rerun_locally
 from .serialization import dumps, dumps_call, dumps_function
+from .shm import Segments
 
 __all__ = ["Executor", "MinirayFuture"]
 
@@ -223,7 +224,7 @@ class _Ref:
     ``(values, errors)``; a submit's future gets the value or the exception."""
 
     __slots__ = ("chunk", "entry", "start", "count", "future", "values", "errors", "left",
-                 "is_map", "frames", "sent", "sha", "big", "kept")
+                 "is_map", "frames", "sent", "sha", "big", "kept", "shm")
 
     def __init__(self, chunk, start, count, future, is_map, frames, sha):
         self.chunk, self.start, self.count, self.sha = chunk, start, count, sha
@@ -235,6 +236,7 @@ class _Ref:
         self.sent = False
         self.big = False  # stored part by part, waiting for the replies (see _send_big)
         self.kept = None  # the payload, kept until it ends to re-run a failure (miniray.rerun)
+        self.shm = ()  # its arguments' files in shared memory, freed when it ends (see shm)
 
 
 class Executor(_BaseExecutor):
@@ -300,6 +302,11 @@ class Executor(_BaseExecutor):
         self._keep = max(1, round(s.keep_grace_seconds)) if keep else None
         self._sealed = False
         self._inbox = Inbox.open() if s.direct_results and not keep else None
+        # large values to and from task processes on this machine: shared memory (miniray.shm);
+        # arguments only on the local cluster (no worker elsewhere could read them), or where
+        # the user says every worker is on this machine (MINIRAY_SHM=2)
+        self._shm = Segments.open(s.shm_min_bytes) if s.shm and not keep else None
+        self._shm_args = self._shm is not None and (self._local is not None or s.shm == 2)
         self._direct_last: dict = {}  # (worker, pid) -> its last chunk finished that way
         self._read_lock = threading.Lock()
         self._read_cond = threading.Condition(self._read_lock)
@@ -363,6 +370,8 @@ class Executor(_BaseExecutor):
                 "triton": lim.triton, "env": self.env, "init": self._init_sha}
         if self._inbox is not None:
             spec["inbox"] = self._inbox.address
+        if self._shm is not None:
+            spec["shm"], spec["shm_min"] = self._shm.address, self._shm.min_bytes
         own = pipe is None
         if own:
             pipe = self._r.pipeline()
@@ -542,6 +551,9 @@ class Executor(_BaseExecutor):
         return sha
 
     def _enqueue(self, sha, start, count, frames, future, is_map) -> None:
+        mine, placed = frames, ()
+        if self._shm_args and len(frames) > 1:
+            frames, placed = self._shm.place(frames)
         size = len(frames[0]) if len(frames) == 1 else sum(map(len, frames))
         part = payloads.SMALL_PART
         if size >= payloads.BIG:  # (asks the server: only big payloads pay for it)
@@ -550,9 +562,13 @@ class Executor(_BaseExecutor):
         frames = encode_chunk(sha, start, count, frames, part)
         ref = _Ref(next(self._chunk_ids), start, count, future, is_map, frames, sha)
         ref.big = size >= payloads.BIG
+        ref.shm = placed
+        if placed:  # (a re-run here must not need the files: freed when the chunk ends)
+            size = sum(map(len, mine))
         if size <= self._settings.rerun_keep_bytes and (
                 not is_map or getattr(future, "_items", None) is not None):  # (not map's)
-            ref.kept = frames  # (a reference: no copy, no cost)
+            # (a reference: no copy, no cost)
+            ref.kept = encode_chunk(sha, start, count, mine, part) if placed else frames
         future._ref = ref
         now = time.monotonic()
         with self._lock:
@@ -715,6 +731,7 @@ class Executor(_BaseExecutor):
                 if ref in self._outbox:
                     self._outbox.remove(ref)
                 self._refs.pop(ref.chunk, None)
+                self._free_shm(ref)
                 return True
         try:
             removed = self._broker.cancel_chunk(self.job_id, ref.entry)
@@ -723,7 +740,15 @@ class Executor(_BaseExecutor):
         if removed:
             with self._lock:
                 self._refs.pop(ref.chunk, None)
+            self._free_shm(ref)
         return removed
+
+    def _free_shm(self, ref: _Ref) -> None:
+        """Unlink a chunk's arguments in shared memory: it has ended, or never will run (a
+        task process that mapped them keeps its mapping)."""
+        if ref.shm:
+            paths, ref.shm = ref.shm, ()
+            self._shm.free(paths)
 
     # -- results -----------------------------------------------------------------------------
     # Results are read by one thread at a time (the "reader"): a caller waiting in
@@ -1049,8 +1074,10 @@ class Executor(_BaseExecutor):
                 with self._lock:
                     self._direct_last[(header.worker, header.pid)] = finals[-1]
         refs = [self._refs.get(chunk) for chunk, _ in header.chunks]
-        if not any(refs):
-            return  # duplicates after a retry, or cancelled tasks
+        if not any(refs):  # duplicates after a retry, or cancelled tasks
+            if self._shm is not None and not isinstance(blob, Exception):
+                decode_batches(blob, header.host, [None] * len(refs))  # (frees its files)
+            return
         if isinstance(blob, Exception):  # another protocol version: fail what it was for
             batches = [(None, [], {-1: (blob, "", header.pid)}, None)] * len(refs)
         else:  # a value that cannot be unpickled here fails only its own item
@@ -1116,6 +1143,7 @@ class Executor(_BaseExecutor):
                                              ref.future.job)
                 self._complete(ref, (OK, (vals, ref.errors)), worker, host)
         if ref.left <= 0:
+            self._free_shm(ref)
             with self._lock:
                 self._refs.pop(ref.chunk, None)
             ref.future._ref = None  # nothing may keep a result alive but its future
@@ -1150,6 +1178,7 @@ class Executor(_BaseExecutor):
             self._wakeup.notify_all()
         self._poke_results_thread()
         for ref in refs:
+            self._free_shm(ref)
             fut = ref.future
             with fut._condition:
                 if fut._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED"):
@@ -1260,6 +1289,7 @@ class Executor(_BaseExecutor):
         while self._reader not in (None, threading.get_ident()) and time.monotonic() < deadline:
             time.sleep(0.005)
         for r in refs:
+            self._free_shm(r)
             _cancel_ref(r)
         if self._broken is None:
             try:
@@ -1306,6 +1336,8 @@ class Executor(_BaseExecutor):
                 pass
         if self._inbox is not None:  # (no reader is left: _closed is set)
             self._inbox.close()
+        if self._shm is not None:  # what is left: arguments of cancelled tasks, results unread
+            self._shm.close()
 
     # -- observation (the notebook face uses these) ------------------------------------------
     def progress(self) -> dict:
@@ -1449,4 +1481,6 @@ def _shutdown_all() -> None:
             pass
         if ex._inbox is not None:
             ex._inbox.remove()  # (its socket stays open for a reader still at work)
+        if ex._shm is not None:
+            ex._shm.close()
 

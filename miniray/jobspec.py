@@ -44,6 +44,8 @@ _FIELDS = {
     "init": (lambda v: isinstance(v, str) and len(v) == 64
              and all(c in "0123456789abcdef" for c in v), "a sha256 in hex"),
     "inbox": (lambda v: isinstance(v, str), "a string"),
+    "shm": (lambda v: isinstance(v, str), "a string"),
+    "shm_min": (lambda v: _whole(v) and v > 0, "a whole number > 0"),
 }
 
 

@@ -16,7 +16,10 @@ chunk of a job without requirements is handed over whole: its publish does what 
 claim would (``wip``, counters, "started") and leaves the claim's reply in
 ``hand:{worker}/{slot}``, which the slot's wait pops ahead of its wake-ups. A task process on
 the client's machine sends a small result message to the client directly (``miniray.inbox``),
-then completes without it: ``res:{client}`` carries the rest.
+then completes without it: ``res:{client}`` carries the rest. Large buffers between the client
+and task processes on its machine live in ``/dev/shm`` (``miniray.shm``): ``tasks:{job}`` and
+result messages then carry only their paths (no key of their own; the job spec's ``shm``
+names the client's directory).
 
 ==========================  ======  ==================  ================  =====================
 key                         type    TTL                 written by        read by

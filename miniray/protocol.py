@@ -240,6 +240,12 @@ class _Failed:
 
 
 def _unpack(stream, buffers):
+    for b in buffers:
+        if type(b) is _Failed:  # a buffer that could not be had (``shm.attach``): its error
+            failures = getattr(_local, "failures", None)
+            if failures is not None:
+                failures.append(b)
+            return b
     try:
         return pickle.loads(stream, buffers=buffers)
     except Exception as e:
@@ -263,12 +269,16 @@ def pack_value(obj) -> tuple:
         return False
 
     try:
-        return pickle.dumps(obj, protocol=5, buffer_callback=keep), bufs
+        stream = pickle.dumps(obj, protocol=5, buffer_callback=keep)
     except Exception:
         import cloudpickle
 
         bufs.clear()
-        return cloudpickle.dumps(obj, protocol=5, buffer_callback=keep), bufs
+        stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=keep)
+    sink = getattr(_local, "sink", None)
+    if sink is not None and bufs:  # big buffers to shared memory (see ``shm``)
+        bufs = [sink(b) for b in bufs]
+    return stream, bufs
 
 
 class _BlobPickler(pickle.Pickler):
@@ -294,12 +304,22 @@ def _dumps(obj) -> bytes:
     return f.getvalue()
 
 
-def encode_batches(batches, on_unpicklable=None) -> bytes:
+def encode_batches(batches, on_unpicklable=None, sink=None) -> bytes:
     """The blob of a result message: ``batches`` are ``(indices, values, errors[, times])``,
     errors mapping an item index (-1: every item left) to ``(exception, traceback, pid)``,
     times as the module's docstring says (bytes, or None). A value that cannot be pickled is
     handed to ``on_unpicklable(value, exc)``, whose return (an exception) fails that item
-    instead (without it, pickling's error is raised)."""
+    instead (without it, pickling's error is raised). ``sink(buffer)`` may put a large
+    out-of-band buffer elsewhere and return what travels in its place (``shm.Ref``)."""
+    _local.sink = sink
+    try:
+        return _encode_batches(batches, on_unpicklable)
+    finally:
+        _local.sink = None
+
+
+def _encode_batches(batches, on_unpicklable) -> bytes:
+    """``encode_batches`` with its sink set."""
     batches = [((b[0].start, b[0].stop) if type(b[0]) is range else b[0], b[1], b[2],
                 b[3] if len(b) > 3 else None) for b in batches]
     try:
@@ -307,6 +327,7 @@ def encode_batches(batches, on_unpicklable=None) -> bytes:
     except Exception:
         if on_unpicklable is None:
             raise
+    sink, _local.sink = _local.sink, None  # (a trial pickling places nothing)
     for indices, values, errors, _ in batches:  # find the culprits; each becomes an error
         positions = _positions(indices, len(values))
         for k, value in enumerate(values):
@@ -315,6 +336,7 @@ def encode_batches(batches, on_unpicklable=None) -> bytes:
             except Exception as e:
                 values[k] = None
                 errors[positions[k]] = (on_unpicklable(value, e), "", None)
+    _local.sink = sink
     return _dumps(batches)
 
 

@@ -67,6 +67,7 @@ from miniray.broker import HAND_LEN, Broker, connect, parse_claim
 from miniray.config import settings
 from miniray.errors import MinirayError, PayloadTooLargeError
 from miniray.inbox import Sender
+from miniray import shm
 from miniray.isolation import Leftovers, become_subreaper
 from miniray.jobspec import bad_payload, chunk_head, malformed, parse_spec
 from miniray.keys import Keys
@@ -128,6 +129,8 @@ class Runner:
         self.hello = hello
         self.pid = os.getpid()  # (a system call each time: once per outcome adds up)
         self.sender = Sender()  # results to clients on this machine (see miniray.inbox)
+        self.placers: dict = {}  # a job spec's shm address -> its ResultPlacer (see miniray.shm)
+        self.shm_read = False  # a chunk read arguments from shared memory: sweep after it
         self.queue: collections.deque[_Work] = collections.deque()
         self.held: dict[int, _Work] = {}  # seq -> work until its final outcome is in Redis
         self.next_seq = 1 << 40  # seqs of our own claims; the worker's are small
@@ -423,6 +426,18 @@ class Runner:
         return (encode_batches(batches, _unpicklable),
                 [(entry, 0, n_ok + n_err, final) for entry, n_ok, n_err, final in chunks])
 
+    def placer(self, spec: dict):
+        """The sink that puts a job's big result buffers in shared memory, or None."""
+        address = spec.get("shm")
+        if not address:
+            return None
+        p = self.placers.get(address)
+        if p is None:
+            if len(self.placers) > 100:  # (clients come and go: a bound, not a ledger)
+                self.placers.clear()
+            p = self.placers[address] = shm.ResultPlacer(address, spec.get("shm_min") or 1 << 20)
+        return p.sink if p.target is not None else None
+
     def part_size(self, size: int) -> int:
         """The most bytes one element of a result message may carry: what any server takes
         for a small message; for a big one, what this server takes (asked once)."""
@@ -478,7 +493,7 @@ class Runner:
                 notes.append((seq, final, indices, n_ok, n_err))
                 if final:
                     del self.held[seq]
-            blob = encode_batches(batches, _unpicklable)
+            blob = encode_batches(batches, _unpicklable, self.placer(w.spec))
             if len(blob) >= BIG:
                 blob, chunks = self.fit(blob, batches, chunks)
             msg = encode_result(ResultHeader(h["worker_id"], h["host"], self.pid, header,
@@ -612,6 +627,8 @@ class Runner:
         """A chunk's ``(items, kwargs, star, timed)``; an error that says so when its payload
         is not one this version writes (all of the chunk fails: not this process). ``timed``:
         its items' timings are wanted (a submit's, a ``map_futures`` chunk's)."""
+        frames, used = shm.open_frames(frames)  # (a missing file: its own clear error)
+        self.shm_read = self.shm_read or used
         try:
             kind, *payload = pickle.loads(frames[0], buffers=frames[1:])
         except ImportError:  # a module the worker lacks: the user's error, as it is
@@ -726,6 +743,9 @@ class Runner:
             self.add(group, seq, True, idx, values, errors, len(values) - len(errors),
                      len(errors), timed and starts)
         finally:
+            if self.shm_read:  # its client may be gone: its files with it (see miniray.shm)
+                self.shm_read = False
+                shm.sweep()
             prog_i = self.prog_i
             prog_i[0] = prog_i[1] = -1
             self.prog_t[2] = 0.0
@@ -873,6 +893,7 @@ def main(argv=None) -> None:
     except (EOFError, OSError):
         return
     runner = Runner(conn, progress, hello, urgent_fd)
+    shm.sweep()  # what a killed task process (the one this replaces?) left in shared memory
 
     def on_sigint(signum, frame):  # the worker interrupts a task of a cancelled job (or
         # a chunk its client stopped)

@@ -15,6 +15,7 @@ import sys
 import time
 from multiprocessing.connection import Connection
 
+from . import shm
 from .isolation import MemoryCgroup, kill_tree
 from .taskproc import JOB_BYTES, PAGE_SIZE, PROGRESS
 
@@ -211,6 +212,7 @@ class TaskProcess:
             self.kill()
         try:
             self.proc.wait(timeout=5)
+            shm.sweep_pid(self.proc.pid)  # what it left in shared memory (see miniray.shm)
         except subprocess.TimeoutExpired:
             pass
         self.conn.close()

@@ -1,0 +1,329 @@
+"""Large values between processes of one machine through shared memory, and who frees them.
+
+An out-of-band pickle buffer (``serialization.dumps``, ``protocol.pack_value``) of at least
+``MINIRAY_SHM_MIN_BYTES`` bound for a process on this machine is written once into a file
+under ``/dev/shm`` (a tmpfs: the file is memory) and the payload carries only a reference
+(path and size). The receiver maps it (``mmap``) and unpickles with the buffer pointing into
+the mapping: a numpy array is then a view of shared memory, no copy on the receiving side,
+no bytes through the server.
+
+Why files in a directory rather than ``memfd_create``: a memfd can be reached from another
+process only through ``/proc/<pid>/fd/<n>`` (same user *and* ptrace rights, and only while
+its creator lives) or by passing the fd over a unix socket, which needs a connection
+between the two that miniray does not have for arguments (they go through the server). A
+file in a directory of mode 0700 named ``miniray-shm-<pid namespace>-<pid>-<random>`` is
+reachable by this user only, needs no live creator, and its owner is in its name: the
+sweep removes the directory of a dead pid. Writing one costs what a memfd costs (tmpfs
+pages either way).
+
+Ownership, exactly (the client: an ``Executor``; ``Segments`` is its directory):
+
+* Arguments (client -> task): the client writes ``a-*`` files in its directory; the task
+  process maps them read-only (as arguments read from the server are: a re-run must see
+  the original). The client unlinks them when its chunk has all its results (``free``), and
+  removes the whole directory when the job closes. Only executors on the local cluster
+  (embedded or persistent: every worker is on this machine) place arguments here; anywhere
+  else they travel through the server as before.
+* Results (task -> client): the task process writes into a directory of its own, then
+  renames the finished file into the client's directory (the job spec's ``shm`` address,
+  used only when the client is on this machine and its directory is visible here) and
+  sends the reference, through the inbox or the server. The client maps the file and
+  unlinks it at once (``attach``): from then on the mapping alone holds the memory, and it
+  lives as long as the value the user holds (POSIX keeps an unlinked file's pages while a
+  mapping exists). A message the client drops unread (a duplicate after a retry) leaves
+  its file until the job closes.
+* Death: a killed task process leaves at most its own directory (a half-written result):
+  its worker removes it when it reaps the process (``sweep_pid``); were the worker killed
+  too, the next task process to start on this machine, or the next executor, sweeps it
+  (its pid is dead). A killed client leaves its directory: swept by the next executor to
+  start, and by any task process when it ends a chunk that read shared arguments (then,
+  typically, the chunk of the dead client itself).
+
+Kept jobs (``keep=True``) never use shared memory: their results outlive the client and
+are read from the server by ``attach``. ``MINIRAY_SHM=0`` turns all of it off.
+"""
+
+from __future__ import annotations
+
+import atexit
+import mmap
+import os
+import pickle
+import queue
+import re
+import shutil
+import stat
+import struct
+import tempfile
+import threading
+
+from .inbox import host_id
+from .scratch import _alive, _pid_namespace
+
+__all__ = ["ROOT", "Segments", "Ref", "attach", "open_frames", "ResultPlacer", "sweep",
+           "stats", "available", "sweep_pid"]
+
+ROOT = "/dev/shm"
+_NAME = re.compile(r"miniray-shm-(\d+)-(\d+)-[^/]+$")
+_MARK = b"\x00miniray-shm\x00"  # an argument frame replaced by a reference: mark, size, path
+_SIZE = struct.Struct("!Q")
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_MAX_MARK = 4096  # a reference frame is shorter; a real out-of-band frame is far longer
+
+#: bytes this process placed in and attached from shared memory (tests and the bench read it)
+stats = {"placed": 0, "attached": 0, "mapped_args": 0}
+_doomed: queue.SimpleQueue = queue.SimpleQueue()  # paths to unlink (see Segments.free)
+_unlinker: threading.Thread | None = None
+_own: set = set()  # this process's executor directories (only these may be attached from)
+_lock = threading.Lock()
+
+
+def available() -> bool:
+    """True where this machine has a writable ``/dev/shm``."""
+    return os.path.isdir(ROOT) and os.access(ROOT, os.W_OK | os.X_OK)
+
+
+def _new_dir() -> str:
+    return tempfile.mkdtemp(prefix=f"miniray-shm-{_pid_namespace()}-{os.getpid()}-", dir=ROOT)
+
+
+def _write(path: str, buf) -> None:
+    """``buf`` into a new file at ``path`` (mode 0600), once."""
+    view = memoryview(buf).cast("B")
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        at, n = 0, view.nbytes
+        while at < n:
+            at += os.write(fd, view[at:at + (1 << 30)])
+    except BaseException:
+        os.close(fd)
+        _unlink(path)
+        raise
+    os.close(fd)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _unlink_loop() -> None:
+    while True:
+        _unlink(_doomed.get())
+
+
+def _map(path: str, size: int, writable: bool) -> memoryview:
+    """A shared mapping of the file at ``path``, its page tables filled at once (one call
+    instead of a fault per few pages: about 10% of a 100 MB argument's trip)."""
+    fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    try:
+        if os.fstat(fd).st_size != size:
+            raise ValueError(f"{path} holds {os.fstat(fd).st_size} bytes, not {size}")
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return memoryview(mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=prot))
+    finally:
+        os.close(fd)
+
+
+class Segments:
+    """An executor's directory in shared memory: the arguments it sends, the results sent
+    to it. ``address`` goes in the job spec (``"<host id>:<directory>"``)."""
+
+    def __init__(self, min_bytes: int):
+        sweep()
+        self.dir = _new_dir()
+        self.address = f"{host_id()}:{self.dir}"
+        self.min_bytes = max(1, min_bytes)
+        with _lock:
+            _own.add(self.dir)
+
+    @classmethod
+    def open(cls, min_bytes: int) -> "Segments | None":
+        """Segments, or None where this machine has no usable ``/dev/shm``."""
+        if not available():
+            return None
+        try:
+            return cls(min_bytes)
+        except OSError:
+            return None
+
+    def place(self, frames: list) -> tuple[list, list]:
+        """``frames`` (``serialization.dumps``'s) with each big out-of-band buffer written
+        here and replaced by a reference; and the paths written (``free`` them)."""
+        out, paths = None, []
+        for i in range(1, len(frames)):
+            f = frames[i]
+            size = memoryview(f).nbytes
+            if size < self.min_bytes:
+                continue
+            path = os.path.join(self.dir, "a-" + os.urandom(8).hex())
+            try:
+                _write(path, f)
+            except OSError:  # full (tmpfs size) or gone: this one through the server
+                continue
+            if out is None:
+                out = list(frames)
+            out[i] = _MARK + _SIZE.pack(size) + os.fsencode(path)
+            paths.append(path)
+            stats["placed"] += size
+        return (frames if out is None else out), paths
+
+    def free(self, paths) -> None:
+        """Unlink ``paths``, off the caller's thread (freeing 100 MB of tmpfs pages takes
+        about 10 ms, and the caller is often a ``result()`` on its way back to the user)."""
+        global _unlinker
+        with _lock:
+            if _unlinker is None or not _unlinker.is_alive():
+                _unlinker = threading.Thread(target=_unlink_loop, daemon=True,
+                                             name="miniray-shm-free")
+                _unlinker.start()
+        for path in paths:
+            _doomed.put(path)
+
+    def close(self) -> None:
+        with _lock:
+            _own.discard(self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def open_frames(frames: list) -> tuple[list, bool]:
+    """A task's frames with references mapped, read-only (as the frames read from the server
+    are: a task must not change what a re-run would read); and whether any was. A reference whose file is
+    gone (its client ended, or the chunk had ended already) raises ``MinirayError``."""
+    out, used = None, False
+    for i in range(1, len(frames)):
+        f = frames[i]
+        if len(f) > _MAX_MARK or bytes(f[:len(_MARK)]) != _MARK:
+            continue
+        (size,) = _SIZE.unpack_from(f, len(_MARK))
+        path = os.fsdecode(bytes(f[len(_MARK) + _SIZE.size:]))
+        if _NAME.match(os.path.basename(os.path.dirname(path))) is None:
+            raise ValueError(f"{path!r} is not in a miniray shared-memory directory")
+        try:
+            view = _map(path, size, False)
+        except (OSError, ValueError) as e:
+            from .errors import MinirayError
+
+            raise MinirayError(
+                f"this task's argument was in shared memory at {path}, which is gone "
+                f"({type(e).__name__}: {e}): its client ended, or the task had finished "
+                "already; submit it again") from e
+        if out is None:
+            out = list(frames)
+        out[i] = view
+        used = True
+        stats["mapped_args"] += size
+    return (frames if out is None else out), used
+
+
+class Ref:
+    """A result's buffer in shared memory, as it travels: unpickled, it is ``attach``'s
+    mapping of the file."""
+
+    __slots__ = ("path", "size")
+
+    def __init__(self, path: str, size: int):
+        self.path, self.size = path, size
+
+    def __reduce__(self):
+        return attach, (self.path, self.size)
+
+
+def attach(path: str, size: int) -> memoryview:
+    """Map a result's file (sent to one of this process's executors) and unlink it: the
+    receiver has it, the mapping holds it from now on."""
+    if os.path.dirname(path) not in _own:
+        raise ValueError(
+            f"a result in shared memory at {path}, which is not a directory of an executor "
+            "of this process (was the value re-sent from elsewhere?)")
+    try:
+        view = _map(path, size, True)  # (unlinked next: private in effect)
+    finally:
+        _unlink(path)
+    stats["attached"] += size
+    return view
+
+
+class ResultPlacer:
+    """The task process's end for results: ``sink(buf)`` writes a big buffer for the client
+    at ``address`` (a job spec's ``shm``) and returns its ``Ref``, else ``buf`` itself."""
+
+    _dir: str | None = None  # this process's own directory: half-written results
+
+    def __init__(self, address: str | None, min_bytes: int):
+        self.target = None
+        if address and address.startswith(host_id() + ":"):
+            target = address[len(host_id()) + 1:]
+            if _NAME.match(os.path.basename(target)) is not None:
+                try:
+                    st = os.stat(target)
+                    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+                        self.target = target
+                except OSError:
+                    pass  # another machine's /dev/shm (a container): through the server
+        self.min_bytes = max(1, min_bytes)
+
+    def sink(self, buf):
+        if self.target is None:
+            return buf
+        raw = buf.raw() if isinstance(buf, pickle.PickleBuffer) else buf
+        size = memoryview(raw).nbytes
+        if size < self.min_bytes:
+            return buf
+        name = "r-" + os.urandom(8).hex()
+        try:
+            own = ResultPlacer._own_dir()
+            tmp = os.path.join(own, name)
+            _write(tmp, raw)
+            try:
+                os.rename(tmp, os.path.join(self.target, name))  # the client owns it now
+            except OSError:
+                _unlink(tmp)
+                raise
+        except OSError:  # the client is gone, or /dev/shm is full: through the server
+            return buf
+        stats["placed"] += size
+        return Ref(os.path.join(self.target, name), size)
+
+    @classmethod
+    def _own_dir(cls) -> str:
+        if cls._dir is None or not os.path.isdir(cls._dir):
+            cls._dir = _new_dir()
+            atexit.register(shutil.rmtree, cls._dir, True)
+        return cls._dir
+
+
+def sweep_pid(pid: int) -> None:
+    """Remove what process ``pid`` (ended: its parent has reaped it) left in shared memory."""
+    prefix = f"miniray-shm-{_pid_namespace()}-{pid}-"
+    try:
+        names = [n for n in os.listdir(ROOT) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        shutil.rmtree(os.path.join(ROOT, name), ignore_errors=True)
+
+
+def sweep() -> int:
+    """Remove the shared-memory directories of this user's dead miniray processes (same pid
+    namespace only); return how many. Cheap: one listing of ``/dev/shm``."""
+    ns, uid, n = _pid_namespace(), os.getuid(), 0
+    try:
+        names = os.listdir(ROOT)
+    except OSError:
+        return 0
+    for name in names:
+        m = _NAME.match(name)
+        if m is None or m.group(1) != ns or _alive(int(m.group(2))):
+            continue
+        path = os.path.join(ROOT, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
+            shutil.rmtree(path, ignore_errors=True)
+            n += 1
+    return n

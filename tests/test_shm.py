@@ -1,0 +1,209 @@
+"""Large values through shared memory between a client and task processes on its machine
+(``miniray.shm``): they arrive intact and without passing through the server, the files are
+freed as soon as their receiver has them, and nothing is left in /dev/shm when either side
+is SIGKILLed (the worker, a task process or the next executor sweeps)."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import shm_tasks
+from miniray import shm
+from miniray.errors import TaskCrashedError
+from support import ROOT, TESTS, wait_for
+
+pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
+
+MB50 = 50 * 1024 * 1024
+
+
+def _big():
+    return np.arange(MB50 // 8, dtype=np.float64)
+
+
+def _files(path):
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
+def _dirs_of(pid):
+    return glob.glob(os.path.join(shm.ROOT, f"miniray-shm-*-{pid}-*"))
+
+
+def _server_input(ex):
+    """Bytes the server has received from all its clients so far."""
+    info = ex._r.execute("INFO", "stats").decode()
+    return int(info.split("total_net_input_bytes:")[1].split()[0])
+
+
+@pytest.fixture
+def every_worker_here(cluster, monkeypatch):
+    """The test cluster's workers are on this machine: arguments may go through /dev/shm."""
+    monkeypatch.setenv("MINIRAY_SHM", "2")
+    return cluster
+
+
+def test_a_50mb_argument_and_result_go_through_shared_memory_and_are_freed(every_worker_here):
+    cluster = every_worker_here
+    cluster.start_worker(name="solo")
+    a = _big()
+    before = dict(shm.stats)
+    with cluster.executor() as ex:
+        sent = _server_input(ex)
+        doubled, total, mapped = ex.submit(shm_tasks.double, a).result(timeout=60)
+        assert _server_input(ex) - sent < 1 << 20  # neither value went through the server
+        assert total == float(a.sum()) and np.array_equal(doubled, a * 2)
+        assert mapped >= a.nbytes  # the task process mapped the argument
+        assert shm.stats["placed"] - before["placed"] >= a.nbytes  # the client wrote it once
+        assert shm.stats["attached"] - before["attached"] >= a.nbytes  # and mapped the result
+        where = ex._shm.dir
+        # the result's file was unlinked when it was mapped, the argument's when the task ended
+        wait_for(lambda: _files(where) == [], timeout=10, what="the files to go")
+    assert not os.path.exists(where)  # the executor's directory goes with it
+    # the value the user holds stays valid after every file is gone (and is writable)
+    assert float(doubled.sum()) == 2 * total
+    doubled[0] = 7.0
+    assert doubled[0] == 7.0
+
+
+def test_map_results_through_shared_memory_leave_nothing(cluster):
+    """Results take shared memory on any server (the client is on this machine)."""
+    cluster.start_worker(name="solo")
+    before = shm.stats["attached"]
+    with cluster.executor() as ex:
+        got = list(ex.map(np.ones, [1 << 20] * 6))  # 8 MB each
+        assert all(x.shape == (1 << 20,) and x.sum() == 1 << 20 for x in got)
+        assert shm.stats["attached"] - before >= 6 * (8 << 20)
+        wait_for(lambda: _files(ex._shm.dir) == [], timeout=10, what="the files to go")
+
+
+def test_the_switch_off_takes_the_old_path(cluster, monkeypatch):
+    monkeypatch.setenv("MINIRAY_SHM", "0")
+    cluster.start_worker(name="solo")
+    a = _big()
+    before = dict(shm.stats)
+    with cluster.executor() as ex:
+        assert ex._shm is None
+        doubled, total, mapped = ex.submit(shm_tasks.double, a).result(timeout=60)
+        assert total == float(a.sum()) and np.array_equal(doubled, a * 2)
+        assert mapped == 0
+    assert shm.stats == before
+
+
+def test_a_killed_task_process_leaves_nothing(every_worker_here, tmp_path):
+    """SIGKILL of a task process that holds the argument's mapping and a half-written result:
+    the task fails (TaskCrashedError); its worker removes the dead process's directory when
+    it reaps it, and the argument's file goes when the chunk has its outcome."""
+    cluster = every_worker_here
+    cluster.start_worker(name="solo")
+    a = _big()
+    marker = str(tmp_path / "pid")
+    with cluster.executor() as ex:
+        fut = ex.submit(shm_tasks.die_once_holding, a, marker)
+        wait_for(lambda: os.path.exists(marker), timeout=30, what="the task to start")
+        pid = int(open(marker).read())
+        assert _dirs_of(pid) and len(_files(ex._shm.dir)) == 1  # it holds both
+        os.kill(pid, signal.SIGKILL)
+        assert isinstance(fut.exception(timeout=60), TaskCrashedError)
+        wait_for(lambda: not _dirs_of(pid), timeout=20, what="the dead task's directory to go")
+        wait_for(lambda: _files(ex._shm.dir) == [], timeout=10, what="the files to go")
+        # the replacement process maps the argument of a new submit as ever
+        assert ex.submit(shm_tasks.die_once_holding, a, marker).result(timeout=60) == a.sum()
+        wait_for(lambda: _files(ex._shm.dir) == [], timeout=10, what="the files to go")
+
+
+_CLIENT = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    import miniray, shm_tasks
+    ex = miniray.Executor()
+    ex.submit(shm_tasks.sum_after, np.ones(4 << 20), float(sys.argv[1]), sys.argv[2])
+    print(ex._shm.dir, flush=True)
+    time.sleep(120)
+""")
+
+
+def _client(cluster, tmp_path, seconds):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, ROOT]))
+    marker = str(tmp_path / "started")
+    p = subprocess.Popen([sys.executable, "-c", _CLIENT, str(seconds), marker], env=env,
+                         stdout=subprocess.PIPE, text=True)
+    where = p.stdout.readline().strip()
+    assert where.startswith(shm.ROOT), where
+    return p, where, marker
+
+
+def test_a_killed_clients_files_are_swept_by_the_task_that_read_them(every_worker_here,
+                                                                     tmp_path):
+    """The client dies while its task runs: the task process sweeps the dead client's
+    directory when that chunk ends (no executor needs to start)."""
+    cluster = every_worker_here
+    cluster.start_worker(name="solo")
+    p, where, marker = _client(cluster, tmp_path, 2.0)
+    try:
+        wait_for(lambda: os.path.exists(marker), timeout=30, what="the task to start")
+        assert len(_files(where)) == 1  # the argument
+    finally:
+        p.kill()
+        p.wait(10)
+    assert os.path.isdir(where)  # nothing swept it yet: the task still runs
+    wait_for(lambda: not os.path.exists(where), timeout=20,
+             what="the task process to sweep the dead client's directory")
+
+
+def test_a_killed_clients_files_are_swept_by_the_next_executor(cluster, tmp_path, monkeypatch):
+    """The client dies before any worker took its task (none runs): the next executor to
+    start on this machine sweeps its directory."""
+    monkeypatch.setenv("MINIRAY_SHM", "2")
+    p, where, _ = _client(cluster, tmp_path, 0.0)
+    p.kill()
+    p.wait(10)
+    assert len(_files(where)) == 1
+    with cluster.executor() as ex:
+        assert ex._shm is not None
+        assert not os.path.exists(where)
+
+
+def test_the_embedded_cluster_takes_arguments_through_shared_memory(monkeypatch):
+    """On the local cluster every worker is on this machine: arguments go by default."""
+    import miniray
+
+    monkeypatch.delenv("MINIRAY_REDIS_URL", raising=False)
+    monkeypatch.delenv("MINIRAY_SHM", raising=False)
+    a = _big()
+    try:
+        with miniray.Executor(max_workers=1) as ex:
+            assert ex._shm_args
+            sent = _server_input(ex)
+            doubled, total, mapped = ex.submit(shm_tasks.double, a).result(timeout=60)
+            assert _server_input(ex) - sent < 1 << 20
+            assert mapped >= a.nbytes and np.array_equal(doubled, a * 2)
+            where = ex._shm.dir
+            wait_for(lambda: _files(where) == [], timeout=10, what="the files to go")
+        assert not os.path.exists(where)
+    finally:
+        miniray.shutdown()
+
+
+def test_kept_jobs_do_not_use_shared_memory(cluster):
+    """A kept job's results outlive its client: they must not live in its directory."""
+    cluster.start_worker(name="solo")
+    with cluster.executor(keep=True) as ex:
+        assert ex._shm is None and ex._shm_args is False
+        doubled, _, mapped = ex.submit(shm_tasks.double, np.ones(1 << 18)).result(timeout=60)
+        assert mapped == 0 and doubled.sum() == 2 * (1 << 18)
+
+
+def test_a_cancelled_tasks_argument_is_freed_at_once(every_worker_here):
+    """No worker: the task stays queued; cancelling it unlinks its argument's file."""
+    cluster = every_worker_here
+    with cluster.executor() as ex:
+        fut = ex.submit(shm_tasks.double, _big())
+        wait_for(lambda: len(_files(ex._shm.dir)) == 1, timeout=10, what="the argument's file")
+        assert fut.cancel()
+        wait_for(lambda: _files(ex._shm.dir) == [], timeout=10, what="the files to go")
