@@ -7,7 +7,7 @@ Usage::
 Starts a private server and ``--workers`` x ``--slots`` idle slots (``miniray worker --slots N``),
 waits until every slot is registered idle, then times ``list(ex.map(time.sleep, ...))`` of
 ``--tasks`` sleeps (chunksize 1). Efficiency = ideal time (tasks x sleep / slots) / measured
-wall time. Beside it: the CPU seconds the server, the client and all workers with their task
+wall time. Beside it: the CPU seconds the server, the client, the workers and their task
 processes used during the map (from /proc), so the engine's overhead shows apart from the
 machine's own overload (400 task processes on a small machine compete for its cores). The
 issue's target is at least 85%.
@@ -85,19 +85,22 @@ def main() -> None:
             print(f"only {got} of {n} slots registered idle; running anyway")
         time.sleep(2)
         spid = server_pid(srv)
-        workers = [pid for w in procs for pid in tree(w.pid)]
+        workers = [w.pid for w in procs]
+        tasks = [pid for w in procs for pid in tree(w.pid) if pid != w.pid]
         with miniray.Executor(srv.url) as ex:
             s0, w0, c0 = cpu_seconds(spid), cpu_of(workers), time.process_time()
+            k0 = cpu_of(tasks)
             t0 = time.monotonic()
             out = list(ex.map(time.sleep, [a.sleep] * a.tasks))
             wall = time.monotonic() - t0
             s1, w1, c1 = cpu_seconds(spid), cpu_of(workers), time.process_time()
+            k1 = cpu_of(tasks)
         assert len(out) == a.tasks
         ideal = a.tasks * a.sleep / n
         print(f"{a.tasks} x sleep({a.sleep:g}) on {a.workers} workers x {a.slots} slots: "
               f"ideal {ideal:.2f} s, wall {wall:.2f} s, efficiency {100 * ideal / wall:.1f}% | "
               f"CPU s during the map: server {s1 - s0:.2f}, client {c1 - c0:.2f}, "
-              f"workers + task processes {w1 - w0:.2f} ({os.cpu_count()} cores x "
+              f"workers {w1 - w0:.2f}, task processes {k1 - k0:.2f} ({os.cpu_count()} cores x "
               f"{wall:.1f} s = {os.cpu_count() * wall:.1f} available)")
     finally:
         for w in procs:

@@ -6,7 +6,8 @@ applies its environment before it unpickles anything, then reads the worker's he
 URL, worker id, slot, limits) and loops. It talks to Redis itself, so a task's round trip has
 no hop through the worker process:
 
-- idle, it registers its slot as idle (with its outcomes), then waits on a second connection
+- idle, it registers its slot as idle (with its outcomes), then waits (long, see
+  ``miniray.idlewait``: it does not wake on a clock) on a second connection
   for a chunk handed to the slot (a lone submit's, whole: nothing to claim) or a wake-up,
   after which it claims (a claim that finds nothing registers the slot again). New work goes
   to the slot that went idle last. Busy, it claims more alongside its completions, keeping
