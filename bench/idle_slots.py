@@ -10,7 +10,8 @@ Three measurements, each on a private server of its own (unix socket, nothing el
 - real: ``--workers`` x ``--slots`` idle slots (``miniray worker --slots N``); once every slot
   is registered idle and a few seconds have passed, the server's CPU time (utime + stime from
   /proc) and its command count (INFO commandstats) over ``--seconds``, extrapolated to 1,000
-  slots;
+  slots; and the CPU time of the workers and their task processes meanwhile (idle slots
+  cost their own machine too);
 - synthetic: ``--synthetic`` connections (one thread each) doing what an idle slot does, the
   same blocking pop on its ``hand:``/``wake:`` lists with the same timeout
   (``MINIRAY_IDLE_WAIT_SECONDS``) followed by the same claim script registering it as idle;
@@ -58,6 +59,34 @@ def server_pid(srv: ServerProcess) -> int:
     raise RuntimeError("cannot find the server process")
 
 
+def tree(root: int) -> list:
+    kids: dict = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(
+                        int(name))
+            except (OSError, ValueError, IndexError):
+                pass
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += kids.get(pid, [])
+    return out
+
+
+def cpu_of(pids) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except (OSError, ValueError, IndexError):
+            pass  # gone
+    return total
+
+
 def total_calls(r) -> int:
     info = r.execute("INFO", "commandstats")
     info = info.decode() if isinstance(info, bytes) else info
@@ -103,12 +132,17 @@ def real(workers: int, slots: int, seconds: float) -> None:
         if got < n:
             print(f"real: only {got} of {n} slots registered idle; measuring anyway")
         time.sleep(3)  # (the last slots' first waits settle)
+        family = [pid for w in procs for pid in tree(w.pid)]
+        w0 = cpu_of(family)
         pct, cps = measure_server(srv, r, seconds)
+        wpct = 100 * (cpu_of(family) - w0) / seconds
         per = 1000 / max(1, got)
         print(f"real      {workers} workers x {slots} slots ({got} idle): server "
               f"{pct:.2f}% of a core, {cps:.0f} commands/s "
               f"({cps / max(1, got):.3f} per slot per s) -> {pct * per:.2f}% of a core "
               "per 1,000 slots (heartbeats included)")
+        print(f"          the workers and their task processes meanwhile: {wpct:.2f}% of a "
+              f"core -> {wpct * per:.2f}% per 1,000 slots")
     finally:
         for p in procs:
             p.terminate()

@@ -23,40 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from idle_slots import cpu_seconds, server_pid, wait_idle  # noqa: E402
+from idle_slots import cpu_of, cpu_seconds, server_pid, tree, wait_idle  # noqa: E402
 
 from miniray.broker import connect  # noqa: E402
 from miniray.keys import Keys  # noqa: E402
 from miniray.server import ServerProcess  # noqa: E402
-
-
-def tree(root: int) -> list:
-    kids: dict = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        kids.setdefault(ppid, []).append(int(name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += kids.get(pid, [])
-    return out
-
-
-def cpu_of(pids) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            total += cpu_seconds(pid)
-        except (OSError, ValueError, IndexError):
-            pass  # gone
-    return total
 
 
 def main() -> None:

@@ -1,9 +1,11 @@
-"""Idle slots cost the server nothing on a clock (see miniray.idlewait), and still get work.
+"""Idle slots cost the server and their worker nothing on a clock (see miniray.idlewait and
+the worker's collect), and still get work.
 
 A private server, a real worker with several slots; what the server did is read from its own
 ``INFO commandstats`` (counts, never times).
 """
 
+import os
 import subprocess
 import sys
 import time
@@ -29,6 +31,20 @@ def _calls(r, command: str) -> int:
     return 0
 
 
+def _wakeups(pid: int) -> int:
+    """How many times the threads of process ``pid`` went to sleep and were woken."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        n += int(line.split()[1])
+        except OSError:
+            pass  # a thread that ended
+    return n
+
+
 def test_idle_slots_do_not_wake_on_a_clock_and_still_take_work(tmp_path, monkeypatch):
     ns = "idlewake"
     with own_server(tmp_path, monkeypatch, ns, workers=0) as srv:
@@ -46,10 +62,14 @@ def test_idle_slots_do_not_wake_on_a_clock_and_still_take_work(tmp_path, monkeyp
                 # Waited 1 s at a time, each slot would pop (and claim) about 3 times here,
                 # however loaded the machine; now an idle slot's one pop lasts
                 # MINIRAY_IDLE_WAIT_SECONDS (30 s) unless work or its worker ends it.
-                before = _calls(r, "blmpop")
+                before, worker_before = _calls(r, "blmpop"), _wakeups(w.pid)
                 time.sleep(3)
                 woke = _calls(r, "blmpop") - before
+                worker_woke = _wakeups(w.pid) - worker_before
                 assert woke < SLOTS, f"{woke} wake-ups of {SLOTS} idle slots in 3 s"
+                # Their worker's slot threads read a quiet process once per wait budget
+                # (0.25 s: ~100 wake-ups here, with the heartbeat's), not every 20 ms (~1,200)
+                assert worker_woke < SLOTS * 3 * 12, f"the worker woke {worker_woke} times"
                 # ... and work still reaches them at once: the wake-up push ends the wait
                 assert ex.submit(abs, -3).result(timeout=30) == 3
                 assert sorted(ex.map(abs, range(-2 * SLOTS, 0))) == list(range(1, 2 * SLOTS + 1))
