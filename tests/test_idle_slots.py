@@ -59,6 +59,9 @@ def test_idle_slots_do_not_wake_on_a_clock_and_still_take_work(tmp_path, monkeyp
             with miniray.Executor(srv.url) as ex:  # every slot has run something
                 assert list(ex.map(abs, range(-40, 0))) == list(range(40, 0, -1))
                 wait_for(idle, timeout=60, what="every slot idle again")
+                # (a slot registers before its pop is sent, and one that woke itself for
+                # work left over registers again from its claim: let those pops land)
+                time.sleep(1)
                 # Waited 1 s at a time, each slot would pop (and claim) about 3 times here,
                 # however loaded the machine; now an idle slot's one pop lasts
                 # MINIRAY_IDLE_WAIT_SECONDS (30 s) unless work or its worker ends it.
@@ -69,7 +72,7 @@ def test_idle_slots_do_not_wake_on_a_clock_and_still_take_work(tmp_path, monkeyp
                 assert woke < SLOTS, f"{woke} wake-ups of {SLOTS} idle slots in 3 s"
                 # Their worker's slot threads read a quiet process once per wait budget
                 # (0.25 s: ~100 wake-ups here, with the heartbeat's), not every 20 ms (~1,200)
-                assert worker_woke < SLOTS * 3 * 12, f"the worker woke {worker_woke} times"
+                assert worker_woke < SLOTS * 3 * 15, f"the worker woke {worker_woke} times"
                 # ... and work still reaches them at once: the wake-up push ends the wait
                 assert ex.submit(abs, -3).result(timeout=30) == 3
                 assert sorted(ex.map(abs, range(-2 * SLOTS, 0))) == list(range(1, 2 * SLOTS + 1))
