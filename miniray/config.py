@@ -41,7 +41,7 @@ MINIRAY_IDLE_WAIT_SECONDS      30.0        how long an idle slot's blocking wait
                                            before it looks for work once more on its own (work
                                            wakes it at once; so do its worker's messages). A
                                            wake-up costs the server a command and a claim
-                                           script: 1,000 idle slots at 30 s cost ~0.1% of a core
+                                           script: 1,000 idle slots at 30 s cost ~0.3% of a core
 MINIRAY_KILL_GRACE_SECONDS     2.0         SIGINT -> SIGKILL grace for cancelled running tasks
 MINIRAY_CACHE_TTL_SECONDS      604800      how long a cached map item's result (``cache=True``,
                                            ``--cache``) is kept after it was stored (7 days)
