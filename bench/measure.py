@@ -1,4 +1,4 @@
-"""Measure one engine (W1-W5) in this process; ``run.py`` starts one of these per engine.
+"""Measure one engine (W1-W6) in this process; ``run.py`` starts one of these per engine.
 
 Usage (internal): ``python bench/measure.py ENGINE PARAMS_JSON OUT_JSON``. Results are written
 to OUT_JSON after every workload, so a crash keeps what was measured before it.
@@ -142,6 +142,55 @@ def w5_array(engine, mb, reps):
     return {"value": max(r["rate"] for r in runs), "unit": "MB/s", "mb": mb, "runs": runs}
 
 
+def w6_results(engine, mb, n):
+    """``n`` tasks each returning an ``mb`` MB array, all submitted at once; each result is
+    dropped once checked, so the peak RSS shows what one value costs in flight, not ``n`` of
+    them kept."""
+    nbytes = mb * 10**6
+    t0 = time.perf_counter()
+    handles = [engine.submit(workloads.make_array, nbytes, i) for i in range(n)]
+    i = 0
+    while handles:
+        arr = engine.result(handles.pop(0))
+        if arr.nbytes != nbytes // 8 * 8 or arr[0] != i or arr[-1] != i:
+            raise AssertionError("W6: result %d is wrong" % i)
+        del arr
+        i += 1
+    dt = time.perf_counter() - t0
+    return {"value": dt, "unit": "s", "mb": mb, "n": n, "rate": n * mb / dt}
+
+
+class PeakRSS:
+    """This process's peak resident memory during a step, above what it held at the start:
+    Linux's VmHWM, reset before the step (``/proc/self/clear_refs``), so a peak that lasts a
+    millisecond still counts; None where that is not available."""
+
+    def start(self):
+        self.base = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self.base = self._status("VmRSS")
+        except OSError:
+            pass
+
+    def above_base_mb(self):
+        if self.base is None:
+            return None
+        try:
+            return (self._status("VmHWM") - self.base) / 2**20
+        except OSError:
+            return None
+
+    @staticmethod
+    def _status(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise OSError("no %s in /proc/self/status" % field)
+
+
 def main(argv):
     name, params, out_path = argv[0], json.loads(argv[1]), argv[2]
     result = {"engine": name, "workloads": {}, "errors": {}}
@@ -152,11 +201,16 @@ def main(argv):
             json.dump(result, f, indent=1)
         os.replace(tmp, out_path)
 
+    peak = PeakRSS()
+
     def step(key, fn, *args):
         print("[%s] %s ..." % (name, key), file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         try:
+            peak.start()
             result["workloads"][key] = fn(*args)
+            if key != "W4":  # (W4 runs in a child: nothing of it is in this process)
+                result["workloads"][key]["peak_rss_mb"] = peak.above_base_mb()
         except BaseException as e:  # noqa: BLE001 - a workload's failure is a result
             result["errors"][key] = "%s: %s" % (type(e).__name__, e)
             result["errors"][key + "_traceback"] = traceback.format_exc()
@@ -203,6 +257,7 @@ def main(argv):
         step("W2", w2_map, engine, params["w2_n"], params["w2_chunksizes"])
         step("W3", w3_roundtrip, engine, params["w3_n"], params["w3_warmup"])
         step("W5", w5_array, engine, params["w5_mb"], params["w5_reps"])
+        step("W6", w6_results, engine, params["w6_mb"], params["w6_n"])
     finally:
         t0 = time.perf_counter()
         try:

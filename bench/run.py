@@ -22,6 +22,14 @@ reference; ``bench/`` reaches the workers through PYTHONPATH):
       (time from just before spawn to the child printing; its teardown is checked, not timed)
                                                                    seconds, lower is better
 - W5  one task taking a 100 MB numpy array and returning its sum; best of 3   MB/s (10**6 B)
+- W6  ten tasks each returning a 100 MB numpy array, submitted at once; each result dropped
+      once checked; total time                                  seconds, lower is better
+
+The "client peak RSS" column is the measuring process's peak resident memory during the
+workload above what it held when the workload began (Linux ``VmHWM``, reset before each
+workload through ``/proc/self/clear_refs``; blank where unavailable, and for W4, which runs in
+a child). For W5 it is the cost of sending a 100 MB argument, for W6 of receiving 100 MB
+results: the issue's target is at most 1.5x the value's size.
 
 Every engine runs in its own fresh subprocess (``measure.py``), so one engine's processes never
 disturb another's and memory is reclaimed; an engine that crashes, hangs or raises is reported
@@ -31,7 +39,7 @@ threads_per_worker=1, processes=True)``, Ray ``ray.init(num_cpus=2)``, miniray
 ``miniray.init(workers=2)`` + ``miniray.Executor()``.
 
 The "vs PPE" column is engine / PPE for every row: above 1 is better than PPE for throughput
-(W1, W2, W5), below 1 is better for latency and time (W3, W4). The "target" column, shown on
+(W1, W2, W5), below 1 is better for latency and time (W3, W4, W6). The "target" column, shown on
 the miniray rows, is informative only; this script always exits 0 unless it is misused.
 """
 
@@ -53,10 +61,10 @@ ERR_WIDTH = 48  # an error is cut to this in the table; it is printed in full be
 
 FULL = {"w1_n": 10_000, "w1_reps": 2, "w2_n": 200_000, "w2_chunksizes": [1000, 5000, 20000],
         "w3_n": 200, "w3_warmup": 20, "w4_reps": 3, "w4_timeout": 120, "w5_mb": 100,
-        "w5_reps": 3}
+        "w5_reps": 3, "w6_mb": 100, "w6_n": 10}
 QUICK = {"w1_n": 1000, "w1_reps": 1, "w2_n": 20_000, "w2_chunksizes": [1000, 5000],
          "w3_n": 50, "w3_warmup": 5, "w4_reps": 1, "w4_timeout": 60, "w5_mb": 20,
-         "w5_reps": 1}
+         "w5_reps": 1, "w6_mb": 20, "w6_n": 3}
 
 # (key, title, how to read the value, higher_is_better, miniray target)
 # A target is (description, predicate on (value, ratio) -> bool, or None if it can't tell).
@@ -71,6 +79,8 @@ METRICS = [
     ("W4", "W4 cold start to 1st result", "s", False,
      ("<= 0.5 s", lambda v, r: v <= 0.5)),
     ("W5", "W5 {w5_mb} MB array -> sum", "MB/s", True, None),
+    ("W6", "W6 {w6_n} x {w6_mb} MB results", "s", False,
+     ("<= 1x PPE", lambda v, r: None if r is None else r <= 1.0)),
 ]
 
 
@@ -172,29 +182,32 @@ def build_table(results, engines, params):
                 rtxt = "%.2fx" % ratio if ratio is not None else "-"
                 if w and w.get("note"):
                     cell += "  [" + w["note"] + "]"
+            rss = w.get("peak_rss_mb") if w and not key.endswith(".p99") else None
+            rsstxt = "" if rss is None else "%s MB" % format(round(rss), ",")
             ttxt = ""
             if name == "miniray" and target is not None:
                 desc, ok = target
                 verdict = None if v is None else ok(v, ratio)
                 ttxt = desc + {None: "", True: ": met", False: ": MISSED"}[verdict]
-            rows.append((first, name, cell, rtxt, ttxt))
+            rows.append((first, name, cell, rtxt, rsstxt, ttxt))
         rows.append(None)
     return rows
 
 
 def print_table(rows):
-    headers = ("workload", "engine", "value", "vs PPE", "target (miniray)")
+    headers = ("workload", "engine", "value", "vs PPE", "client peak RSS", "target (miniray)")
     body = [r for r in rows if r is not None]
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(headers[:-1])]
     widths[2] = min(widths[2], ERR_WIDTH)
 
     def line(cells):
         parts = [cells[0].ljust(widths[0]), cells[1].ljust(widths[1]),
-                 cells[2].ljust(widths[2]), cells[3].rjust(widths[3]), cells[4]]
+                 cells[2].ljust(widths[2]), cells[3].rjust(widths[3]),
+                 cells[4].rjust(widths[4]), cells[5]]
         return "  ".join(parts).rstrip()
 
     print(line(headers))
-    print("-" * (sum(widths) + 8 + len(headers[-1])))
+    print("-" * (sum(widths) + 10 + len(headers[-1])))
     for r in rows:
         print("" if r is None else line(r))
 
@@ -270,7 +283,7 @@ def main(argv=None):
     print()
     print_table(build_table(results, engines, params))
     print("vs PPE = engine / PPE on every row: > 1 is better for throughput (W1, W2, W5); "
-          "< 1 is better (lower is better) for latency and time (W3, W4).")
+          "< 1 is better (lower is better) for latency and time (W3, W4, W6).")
     print_errors(results, engines)
     print("\ntotal %.1fs" % total)
 

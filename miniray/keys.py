@@ -8,7 +8,9 @@ count), so scripts can delete payloads and keep counters without unpickling anyt
 that holds it, ``<entry>@<slot>`` (so a worker can tell what a dead task process held).
 
 A slot that waits for work registers in ``idle`` as ``{worker}/{slot}``, scored by when it went
-idle, and blocks on its own ``wake:{worker}/{slot}``. New work wakes the slots that went idle
+idle, and blocks on its own ``wake:{worker}/{slot}`` (for up to MINIRAY_IDLE_WAIT_SECONDS: it
+does not wake on a clock; its worker's messages end the wait by a push there, see
+``miniray.idlewait``). New work wakes the slots that went idle
 last (ZPOPMAX): the process that just finished a task takes the next one while its caches are
 warm, instead of every idle process taking turns. Work with requirements (GPUs, CPUs, nodes,
 Triton) skips the slots of workers whose heartbeat says they can never run it. A lone small
@@ -50,8 +52,9 @@ worker:{worker}             hash    3x dead timeout     heartbeat;        status
                                                         (tasks_done)
 idle                        zset    none (popped;       task processes,   wake-ups (publish,
                                     reaper, release)    GPU slots         claim, requeue)
-wake:{worker}/{slot}        list    none (reaper,       wake-ups          that slot (BLMPOP)
-                                    release)
+wake:{worker}/{slot}        list    none (reaper,       wake-ups; that    that slot (BLMPOP)
+                                    release)            slot itself (its
+                                                        worker spoke)
 hand:{worker}/{slot}        list    none (popped;       publish_one       that slot (BLMPOP,
                                     reaper, release,                      ahead of wake:), its
                                     the slot's worker)                    claim

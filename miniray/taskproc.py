@@ -6,7 +6,8 @@ applies its environment before it unpickles anything, then reads the worker's he
 URL, worker id, slot, limits) and loops. It talks to Redis itself, so a task's round trip has
 no hop through the worker process:
 
-- idle, it registers its slot as idle (with its outcomes), then waits on a second connection
+- idle, it registers its slot as idle (with its outcomes), then waits (long, see
+  ``miniray.idlewait``: it does not wake on a clock) on a second connection
   for a chunk handed to the slot (a lone submit's, whole: nothing to claim) or a wake-up,
   after which it claims (a claim that finds nothing registers the slot again). New work goes
   to the slot that went idle last. Busy, it claims more alongside its completions, keeping
@@ -63,7 +64,8 @@ import threading
 import time
 import types
 
-from miniray.broker import HAND_LEN, Broker, connect, parse_claim
+from miniray import idlewait
+from miniray.broker import Broker, connect, parse_claim
 from miniray.config import settings
 from miniray.errors import MinirayError, PayloadTooLargeError
 from miniray.inbox import Sender
@@ -167,6 +169,7 @@ class Runner:
         self.hand_key = self.broker.keys.hand(self.waiter)  # chunks handed to this slot
         self.hand_key_b = self.hand_key.encode()
         self.registered = False  # in the idle zset, as far as we know
+        self.woken = False  # its worker ended the last idle wait (see attend)
         self.expect_more = False  # the last claim took all it asked for (see report_and_wait)
         self.fn_key = self.broker.keys.fn
         self.leftovers = Leftovers()  # processes a task left running (see miniray.isolation)
@@ -275,9 +278,8 @@ class Runner:
     def redis(self, pipe_fill) -> list:
         """Run the commands ``pipe_fill(pipe)`` queues, again until the server takes them.
 
-        A blocking wait (BLPOP, at most 1 s) does not listen to the worker meanwhile: what it
-        says then (a cancel) is for chunks this idle process does not hold, and a worker that
-        feeds a process chunks pauses it first."""
+        An idle wait (``report_and_wait``) listens to the worker meanwhile: a stop, a pause
+        or chunks sent end it (a cancel is for chunks this idle process does not hold)."""
         self.confirm_report()
         while True:
             pipe = self.r.pipeline()
@@ -294,7 +296,8 @@ class Runner:
 
     def report_and_wait(self, report, want: int) -> tuple:
         """``report(pipe)``'s commands (which register the slot as idle unless work is
-        queued), then a wait of up to 1 s for a chunk handed to the slot or a wake-up, and a
+        queued), then a wait (``miniray.idlewait``: up to MINIRAY_IDLE_WAIT_SECONDS, or until
+        the worker needs this process) for a chunk handed to the slot or a wake-up, and a
         claim. Returns ``(a chunk handed over, the claim's reply, whether the slot is registered
         as idle)``, each reply as the claim script gives it (or None).
 
@@ -302,7 +305,7 @@ class Runner:
         submit's round trip has no claim script in it. After a claim that took all it asked
         for (more is likely queued: a stream of work) the claim goes in the same round trip
         as the wait, so a slot that finishes while work is queued holds the next chunk before
-        its outcome reaches the client; otherwise a wake-up, or none within the second, is
+        its outcome reaches the client; otherwise a wake-up, or none within the wait, is
         followed by a claim, which registers the slot again if it finds nothing.
 
         The wait goes on a connection of its own: the outcomes' replies then arrive where
@@ -316,19 +319,28 @@ class Runner:
             pipe.send_deferred()
             self.confirm_report()  # the last one's replies (they came long ago)
             self.unconfirmed = (report, n)
-            pipe = self.r_wait.pipeline()
-            pipe.command("BLMPOP", 1, 2, self.hand_key, self.wake_key, "LEFT", "COUNT",
-                         HAND_LEN)
-            streaming = self.expect_more
-            if streaming:
-                self.claim(pipe, want)  # (not registering: it may come with a hand-over)
-            got = pipe.execute()
+            streaming, self.woken = self.expect_more, False
+            # (the claim, not registering: it may come with a hand-over)
+            got = idlewait.wait_for_work(
+                self.r_wait, self.r, self.hand_key, self.wake_key,
+                self.settings.idle_wait_seconds, self.conn.fileno(), self.attend,
+                (lambda pipe: self.claim(pipe, want)) if streaming else None)
+            if got is None:  # told to stop
+                return None, None, False
             handed = got[0][1] if got[0] and got[0][0] == self.hand_key_b else None
             if streaming:
                 return handed, got[1], False
             if handed is not None:
                 return handed, None, False
             pipe = self.r_wait.pipeline()
+            if self.woken:  # its worker ended the wait (see attend): idle no more
+                pipe.command("ZREM", self.broker.keys.idle, self.waiter)
+                if not self.claiming:
+                    pipe.execute()
+                    return None, None, False
+                self.claim(pipe, want)  # (a wake-up for work may have come with it)
+                claimed = pipe.execute()[1]
+                return None, claimed, False
             self.claim(pipe, want, register=True)
             claimed = pipe.execute()[0]
             return None, claimed, not claimed
@@ -337,6 +349,17 @@ class Runner:
             self.redis(report)  # outcomes sent twice count once (see the complete script)
             got = self.redis(lambda pipe: self.claim(pipe, want, register=True))
             return None, got[0] if got else None, bool(got) and not got[0]
+
+    def attend(self) -> int:
+        """The worker spoke during an idle wait (see ``miniray.idlewait``): read it; the wait
+        ends when the process must stop, stop claiming or run what it was sent."""
+        self.drain_worker()
+        if self.stopped:
+            return idlewait.STOP
+        if not self.claiming or self.queue:
+            self.woken = True
+            return idlewait.WAKE
+        return idlewait.KEEP
 
     def confirm_report(self) -> None:
         """Read the replies to what ``report_and_wait`` sent; send it again if the server had

@@ -136,6 +136,13 @@ class TaskProcess:
     def poll(self, timeout: float) -> bool:
         return bool(self._inbox) or self.conn.poll(timeout)
 
+    def wait_message(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the process to say something (a message, or a byte on
+        its urgent pipe, which is left for ``wait_urgent``); True if it did."""
+        if self._inbox:
+            return True
+        return bool(select.select([self.conn.fileno(), self.urgent_fd], [], [], timeout)[0])
+
     def wait_urgent(self, timeout: float) -> None:
         """Sleep up to ``timeout`` s, less if the process asks to be heard now."""
         if select.select([self.urgent_fd], [], [], timeout)[0]:

@@ -396,8 +396,11 @@ class _Slot(threading.Thread):
         got = []
         if self.direct:
             # Read what the process says on a clock, not on each message: a woken worker
-            # would take the CPU from the tasks (and their clients) at the worst moment.
-            proc.wait_urgent(min(timeout, 0.02))
+            # would take the CPU from the tasks (and their clients) at the worst moment. But
+            # only once it has said something: a quiet process (idle, or running a long
+            # task) costs its worker one wake-up per wait budget, not one every 20 ms.
+            if proc.wait_message(timeout):
+                proc.wait_urgent(min(timeout, 0.02))
             timeout = 0
         try:
             if proc.poll(timeout):
