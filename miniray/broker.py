@@ -554,6 +554,14 @@ local wid = ARGV[2]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 tick(now, tonumber(ARGV[5]))
+if not redis.call('ZSCORE', K('workers'), wid) then
+  -- (re)registering: a worker taken for dead while it lived (paused, a lost link) had its
+  -- slots' idle registrations dropped (forget_waiters), and they wait on in a long blocking
+  -- pop that nothing would end: a wake-up each makes them look for work and register again
+  local ok, info = pcall(cjson.decode, ARGV[3])
+  local n = ok and type(info) == 'table' and tonumber(info.slots) or 0
+  for slot = 0, n - 1 do redis.call('RPUSH', K('wake', wid .. '/' .. slot), '1') end
+end
 redis.call('ZADD', K('workers'), now, wid)
 redis.call('HSET', K('worker', wid), 'info', ARGV[3], 'seen', tostring(now))
 redis.call('EXPIRE', K('worker', wid), ARGV[4])

@@ -6,6 +6,7 @@ A private server, a real worker with several slots; what the server did is read 
 """
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -86,3 +87,45 @@ def test_idle_slots_do_not_wake_on_a_clock_and_still_take_work(tmp_path, monkeyp
                 w.wait()
             r.close()
     assert w.returncode == 0, (tmp_path / "w.log").read_text()[-3000:]
+
+
+def test_a_worker_taken_for_dead_while_it_lived_gets_work_again_at_once(tmp_path, monkeypatch):
+    """A worker paused past the dead timeout is reaped, which drops its slots' idle
+    registrations; its slots still block in their long idle pop. When it heartbeats again,
+    its slots are woken to register anew: new work reaches it, not after the idle wait."""
+    ns = "reapwake"
+    monkeypatch.setenv("MINIRAY_WORKER_DEAD_SECONDS", "4")  # (its stall guard: 2 s > 1 s ticks)
+    monkeypatch.setenv("MINIRAY_IDLE_WAIT_SECONDS", "300")  # (without the wake-up: 300 s)
+    with own_server(tmp_path, monkeypatch, ns, workers=0) as srv:
+        r = connect(srv.url)
+        keys = Keys(ns)
+        with open(tmp_path / "w.log", "ab") as log:
+            w = subprocess.Popen([sys.executable, "-m", "miniray.worker", "--slots", "2",
+                                  "--name", "paused"],
+                                 env=worker_env(srv.url, ns), stdout=log, stderr=log)
+        try:
+            wait_for(lambda: r.execute("ZCARD", keys.idle) == 2, 60, "both slots idle")
+            with miniray.Executor(srv.url) as ex:
+                assert ex.submit(abs, -1).result(timeout=30) == 1
+                wait_for(lambda: r.execute("ZCARD", keys.idle) == 2, 60, "both slots idle")
+                (wid,) = r.execute("ZRANGE", keys.workers, 0, -1)
+                os.kill(w.pid, signal.SIGSTOP)  # (its task processes wait on, in their pops)
+                try:
+                    # the executor's upkeep reaps it: its idle registrations go
+                    wait_for(lambda: r.execute("ZSCORE", keys.workers, wid) is None, 60,
+                             "the paused worker to be reaped")
+                    assert r.execute("ZCARD", keys.idle) == 0
+                finally:
+                    os.kill(w.pid, signal.SIGCONT)
+                wait_for(lambda: r.execute("ZCARD", keys.idle) == 2, 60,
+                         "its slots to register idle again")
+                assert ex.submit(abs, -2).result(timeout=60) == 2
+        finally:
+            w.terminate()
+            try:
+                w.wait(20)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
+            r.close()
+
