@@ -211,6 +211,48 @@ class MinirayFuture(Future):
         return _rerun_locally(self)
 
 
+class _Lazy:
+    """An attribute made when first used (a non-data descriptor: once made it is the
+    instance's own). Most ``map_futures`` items are only ever settled, so submitting
+    100,000 of them makes no locks and no lists."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        return obj.__dict__.setdefault(self.name, self.make())  # (atomic: one wins)
+
+
+class _ItemFuture(MinirayFuture):
+    """One ``map_futures`` item: settled by its chunk's future (see ``_split_chunk``), made
+    without running ``__init__`` (see ``_item_futures``): what every new future holds is a
+    class attribute until it is set, its lock and lists are made when first used, and it
+    has no executor to ask for deliveries (its chunk's future does), so a plain list holds
+    its waiters."""
+
+    _condition = _Lazy(threading.Condition)
+    _waiters = _Lazy(list)
+    _done_callbacks = _Lazy(list)
+    _state, _result, _exception = "PENDING", None, None
+    _executor = _ref = worker = host = slot = _times = None
+    _wanted = False
+
+
+def _item_futures(job: str, start: int, n: int) -> list:
+    """``n`` item futures for task ids ``start``..., as cheaply as Python allows."""
+    new, out = _ItemFuture.__new__, []
+    for task in range(start, start + n):
+        f = new(_ItemFuture)
+        f.task_id, f.job = task, job
+        out.append(f)
+    return out
+
+
 _MISSING = MISSING  # a map chunk's item not delivered yet
 
 
@@ -470,11 +512,12 @@ class Executor(_BaseExecutor):
         frames = dumps((kind + "t", batch), what="arguments")
         start = self._take_task_ids(len(batch))
         chunk = MinirayFuture(self, start)
-        mine = [MinirayFuture(None, start + i) for i in range(len(batch))]
-        for f in mine:
-            f.job = self.job_id
+        mine = _item_futures(self.job_id, start, len(batch))
         chunk._items = mine  # (they run when the chunk does: see _mark_running)
-        chunk.add_done_callback(lambda c, mine=mine: _split_chunk(c, mine))
+        # what add_done_callback does, without its lock and its _want per chunk: the chunk
+        # is new and unsent (nobody else can settle it), and _enqueue asks for deliveries
+        chunk._wanted = True
+        chunk._done_callbacks.append(_split_own)
         self._enqueue(sha, start, len(batch), frames, chunk, is_map=True)
         return chunk, mine
 
@@ -604,7 +647,7 @@ class Executor(_BaseExecutor):
             else:
                 self._outbox.append(ref)
                 self._wakeup.notify()
-        if wanted:
+        if wanted and not self._demand:  # (unlocked: with a ref pending, demand stays set)
             self._want_delivery()
         if inline:
             self._send_safely([ref])
@@ -1413,6 +1456,10 @@ def _decorate(exc, tb: str, task: int, job: str, worker: str, host: str, pid) ->
 def _check_chunksize(chunksize) -> None:
     if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
         raise ValueError("chunksize must be >= 1.")
+
+
+def _split_own(chunk: Future) -> None:
+    _split_chunk(chunk, chunk._items)
 
 
 def _split_chunk(chunk: Future, items: list) -> None:
