@@ -160,3 +160,26 @@ def test_close_stops_a_bounded_map_futures(cluster):
         wait_for(lambda: ex.progress()["queued"] == 0 and ex.progress()["running"] == 0,
                  what="the closed feed's chunks to end")
         assert items.read == read
+
+
+def test_map_futures_items_keep_the_futures_contract(cluster):
+    """Item futures are made cheaply (no __init__, a lock made when first used): waiting,
+    callbacks, timeouts and cancel still behave as concurrent.futures says."""
+    cluster.start_worker()
+    with cluster.executor() as ex:
+        early = ex.map_futures(tasks.sleep_then, [0.0] * 6, range(6), chunksize=3)
+        seen = []
+        early[0].add_done_callback(seen.append)  # before it is done
+        assert [f.result() for f in cf.as_completed(early, timeout=30)] is not None
+        done, not_done = cf.wait(early, timeout=30)
+        assert not not_done and [f.result() for f in early] == list(range(6))
+        assert seen == [early[0]]
+        early[1].add_done_callback(seen.append)  # after: called at once
+        assert seen == [early[0], early[1]]
+        slow = ex.map_futures(tasks.sleep_then, [30.0], [6])[0]
+        with pytest.raises(cf.TimeoutError):
+            slow.result(timeout=0.05)  # its chunk is still running
+        assert not slow.done()
+        assert ex.cancel() >= 1
+        assert cf.wait([slow], timeout=30).not_done == set()
+        assert slow.cancelled()
