@@ -452,7 +452,7 @@ class Executor(_BaseExecutor):
         sha = self._function(fn)
         submit = functools.partial(self._map_chunk, sha)
         if buffersize is not None:
-            return _feeding.lazy_map(submit, iterables, chunksize, buffersize, deadline)
+            return _feeding.lazy_map(self, submit, iterables, chunksize, buffersize, deadline)
         futures = collections.deque(submit(kind, batch)
                                     for kind, batch in _feeding.batches(iterables, chunksize))
         return _feeding.ordered_results(futures, deadline)

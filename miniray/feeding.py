@@ -51,6 +51,10 @@ def batches(iterables: tuple, chunksize: int):
         yield kind, batch
 
 
+class _Stopped(Exception):
+    """The executor refused the next chunk (its ``RuntimeError`` is the cause)."""
+
+
 def _stopped(why) -> RuntimeError:
     return RuntimeError(
         f"the input was not all submitted ({why}): the executor stopped taking work while a "
@@ -72,8 +76,8 @@ def ordered_results(futures: collections.deque, deadline: float | None, more=Non
             if more is not None:
                 try:
                     nxt = more()
-                except RuntimeError as e:  # shut down: what is buffered still comes out
-                    nxt, stopped = None, e
+                except _Stopped as e:  # shut down: what is buffered still comes out
+                    nxt, stopped = None, e.__cause__
                 if nxt is None:
                     more = None
                 else:
@@ -110,7 +114,18 @@ def ordered_results(futures: collections.deque, deadline: float | None, more=Non
             f.cancel()
 
 
-def lazy_map(submit_chunk, iterables: tuple, chunksize: int, buffersize: int,
+def _refuses(ex) -> str | None:
+    """Why ``ex`` takes no more of a map's input, if it does not."""
+    if ex._shutdown:
+        return "the executor was shut down"
+    if ex._sealed:
+        return f"job {ex.job_id} was sealed"
+    if ex._job_cancelled:
+        return f"job {ex.job_id} was cancelled"
+    return None
+
+
+def lazy_map(executor, submit_chunk, iterables: tuple, chunksize: int, buffersize: int,
              deadline: float | None):
     """``Executor.map(..., buffersize=N)``: the first ``N`` chunks are submitted now, the
     next one each time a chunk is taken (the input is read no further than that)."""
@@ -118,8 +133,16 @@ def lazy_map(submit_chunk, iterables: tuple, chunksize: int, buffersize: int,
     futures = collections.deque(submit_chunk(kind, batch)
                                 for kind, batch in itertools.islice(source, buffersize))
     def more():  # (a strong reference, unlike CPython's: our futures hold the executor)
-        step = next(source, None)
-        return None if step is None else submit_chunk(*step)
+        why = _refuses(executor)
+        if why:  # (before reading: no item is read that cannot be sent)
+            raise _Stopped() from RuntimeError(why)
+        step = next(source, None)  # (the input's own errors go to the caller as they are)
+        if step is None:
+            return None
+        try:
+            return submit_chunk(*step)
+        except RuntimeError as e:  # the executor takes no more work (shutdown, seal)
+            raise _Stopped() from e
 
     return ordered_results(futures, deadline, more)
 
@@ -156,21 +179,32 @@ class FutureStream:
     def _feed(self, submit_chunk, source) -> None:
         cond = self._cond
         try:
-            for kind, batch in source:
+            while True:
                 with cond:
                     while (len(self._chunks) >= self._bound or len(self._ready) >= self._bound
                            ) and not self._closed and self._stop is None:
                         cond.wait()
                     if self._closed or self._stop is not None:
                         return
-                chunk, items = submit_chunk(kind, batch)
+                step = next(source, None)  # (the input's own error is raised as it is)
+                if step is None:
+                    return
+                try:
+                    chunk, items = submit_chunk(*step)
+                except RuntimeError as e:  # the executor takes no more (shutdown, seal)
+                    raise _Stopped() from e
                 with cond:
-                    self._chunks.add(chunk)
-                    self._ready.append(collections.deque(items))
-                    cond.notify_all()
+                    closed = self._closed
+                    if not closed:
+                        self._chunks.add(chunk)
+                        self._ready.append(collections.deque(items))
+                        cond.notify_all()
+                if closed:  # closed while it was being sent: nobody will take it
+                    chunk.cancel()
+                    return
                 chunk.add_done_callback(self._chunk_done)
-        except BaseException as e:  # shut down (RuntimeError), server lost, the input's own
-            with cond:
+        except BaseException as e:  # refused, server lost, an item that cannot be pickled,
+            with cond:              # the input's own error: raised after the last future
                 if self._stop is None and not self._closed:
                     self._stop = e
         finally:
@@ -188,7 +222,8 @@ class FutureStream:
         after the chunk being submitted now."""
         with self._cond:
             if self._stop is None and not self._closed:
-                self._stop = RuntimeError(why)
+                self._stop = _Stopped()
+                self._stop.__cause__ = RuntimeError(why)
             self._cond.notify_all()
 
     def close(self) -> None:
@@ -216,6 +251,8 @@ class FutureStream:
     def __next__(self):
         with self._cond:
             while True:
+                if self._closed:
+                    raise StopIteration
                 if self._ready:
                     items = self._ready[0]
                     f = items.popleft()
@@ -223,14 +260,12 @@ class FutureStream:
                         self._ready.popleft()
                         self._cond.notify_all()
                     return f
-                if self._closed:
-                    raise StopIteration
                 if self._fed:
                     if self._stop is not None:
                         err, self._stop = self._stop, None
                         self._closed = True
-                        if isinstance(err, RuntimeError):
-                            raise _stopped(err) from err
+                        if isinstance(err, _Stopped):
+                            raise _stopped(err.__cause__) from err.__cause__
                         raise err
                     raise StopIteration
                 self._cond.wait()

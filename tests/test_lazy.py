@@ -70,14 +70,15 @@ def test_endless_input_closed_early_stops_feeding_and_leaves_nothing_queued(clus
     assert items.read == read
 
 
-@pytest.mark.parametrize("bad, error", [(0, ValueError), (-1, ValueError),
-                                        (1.5, TypeError), ("8", TypeError)])
-def test_invalid_buffersize_is_refused_before_anything_runs(cluster, bad, error):
+@pytest.mark.parametrize("bad, error, says", [
+    (0, ValueError, "must be None or > 0"), (-1, ValueError, "must be None or > 0"),
+    (1.5, TypeError, "must be an integer or None"), ("8", TypeError, "must be an integer")])
+def test_invalid_buffersize_is_refused_before_anything_runs(cluster, bad, error, says):
     items = Counted(10)
     with cluster.executor() as ex:
-        with pytest.raises(error, match="buffersize"):
+        with pytest.raises(error, match=f"buffersize {says}"):
             ex.map(tasks.identity, iter(items), buffersize=bad)
-        with pytest.raises(error, match="buffersize"):
+        with pytest.raises(error, match=f"buffersize {says}"):
             ex.map_futures(tasks.identity, iter(items), buffersize=bad)
         assert items.read == 0 and ex._n_items == 0
     # the same exception types as Python 3.14's Executor.map
@@ -183,3 +184,39 @@ def test_map_futures_items_keep_the_futures_contract(cluster):
         assert ex.cancel() >= 1
         assert cf.wait([slow], timeout=30).not_done == set()
         assert slow.cancelled()
+
+
+def test_shutdown_stops_a_bounded_map_after_what_it_buffered(cluster):
+    cluster.start_worker()
+    items = Counted()  # endless
+    ex = cluster.executor()
+    results = ex.map(tasks.identity, iter(items), chunksize=2, buffersize=3)
+    assert next(results) == 0
+    ex.shutdown(wait=True)  # no cancel: what was submitted runs and is yielded
+    read = items.read
+    got = [0]
+    with pytest.raises(RuntimeError, match="not all submitted"):
+        for v in results:
+            got.append(v)
+    assert got == list(range(read))  # everything read was submitted and is yielded
+    assert items.read == read  # nothing more was read after the shutdown
+
+
+def test_an_error_of_the_input_itself_comes_out_as_it_is(cluster):
+    cluster.start_worker()
+
+    def broken():
+        yield 1
+        yield 2
+        raise RuntimeError("the input broke")
+
+    with cluster.executor() as ex:
+        results = ex.map(tasks.identity, broken(), buffersize=1)
+        assert next(results) == 1
+        with pytest.raises(RuntimeError, match="the input broke"):
+            list(results)
+        futures = []
+        with pytest.raises(RuntimeError, match="the input broke"):
+            for f in ex.map_futures(tasks.identity, broken(), buffersize=1):
+                futures.append(f)
+        assert [f.result(timeout=30) for f in futures] == [1, 2]
