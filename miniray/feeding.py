@@ -170,6 +170,7 @@ class FutureStream:
         self._closed = False  # by the user: the iteration just ends
         self._stop: BaseException | None = None  # by the executor, or the input's error
         self._fed = False  # the feeder has ended
+        self._executor = executor
         self._thread = threading.Thread(
             target=self._feed, args=(submit_chunk, batches(iterables, chunksize)),
             daemon=True, name=f"miniray-feed-{executor.client_id}")
@@ -186,6 +187,9 @@ class FutureStream:
                         cond.wait()
                     if self._closed or self._stop is not None:
                         return
+                why = _refuses(self._executor)
+                if why:  # (before reading: no item is read that cannot be sent)
+                    raise _Stopped() from RuntimeError(why)
                 step = next(source, None)  # (the input's own error is raised as it is)
                 if step is None:
                     return

@@ -220,3 +220,22 @@ def test_an_error_of_the_input_itself_comes_out_as_it_is(cluster):
             for f in ex.map_futures(tasks.identity, broken(), buffersize=1):
                 futures.append(f)
         assert [f.result(timeout=30) for f in futures] == [1, 2]
+
+
+def test_shutdown_ends_a_waiting_feeder_at_once(cluster):
+    cluster.start_worker()
+    items = Counted()  # endless
+    ex = cluster.executor()
+    stream = ex.map_futures(tasks.identity, iter(items), chunksize=2, buffersize=2)
+    # both chunks ran; nobody takes their futures, so the feeder waits (before reading more)
+    wait_for(lambda: ex.progress()["done"] >= 4, what="the first chunks")
+    assert items.read == 4
+    ex.shutdown(wait=True)
+    stream._thread.join(10)
+    assert not stream._thread.is_alive()  # woken by the shutdown, not by a future
+    futures = []
+    with pytest.raises(RuntimeError, match="not all submitted"):
+        for f in stream:
+            futures.append(f)
+    assert [f.result(timeout=30) for f in futures] == [0, 1, 2, 3]
+    assert items.read == 4
