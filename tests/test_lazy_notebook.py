@@ -79,7 +79,7 @@ def test_the_magic_bounds_a_big_map_by_default_and_takes_buffersize(cluster):
                                 "x * 2")
         assert out == [2 * x for x in range(300)]
         run = sh.magics_manager.registry["MinirayMagics"].runs[-1]
-        assert run._feed is not None and run.model.total == 300
+        assert run._feed is not None and run.model.total == 300 and items.top == 299
         # a small map under the default bound goes at once, as before
         assert sh.run_cell_magic("miniray", "map x in range(5)", "x + 1") == [1, 2, 3, 4, 5]
         assert sh.magics_manager.registry["MinirayMagics"].runs[-1]._feed is None
