@@ -10,7 +10,8 @@ iterator: pickling, task ids, futures, queueing for the flusher) of ``map(fn, ra
 chunksize=c)`` and ``map_futures(fn, range(n), chunksize=c)`` for c = 1 and 100, against a
 private server with no workers (the tasks stay queued and are cancelled after each round).
 It prints the best of ``--repeat`` rounds and the ratio map_futures / map. With
-``--baseline`` the same measurement runs, alternating in the same run, on another checkout
+``--baseline`` the same measurement then runs, in the same run and against the same server,
+on another checkout
 (e.g. ``git worktree add /tmp/main main``), so that before/after are compared side by side.
 """
 
