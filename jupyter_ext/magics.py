@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Sequence
 import shlex
 
 from IPython.core.error import UsageError
@@ -18,6 +19,7 @@ import miniray
 from miniray.observe import ClusterView
 
 from .cell import cell_filename, check_items, check_sendable, compile_cell
+from .feed import DEFAULT_BUFFERSIZE
 from .logs import format_line
 from .run import MapRun
 from .target import ClusterTarget
@@ -27,7 +29,7 @@ __all__ = ["MinirayMagics", "split_map_line"]
 
 _MAP_USAGE = ("%%miniray map NAME in EXPR [-o VAR] [--chunksize N] [--priority P] "
               "[--job-name S] [--timeout S] [--memory GB] [--cpus N] [--gpus N] [--gpu-memory GB] "
-              "[--triton] [--keep-children] [--cache] [--bg]")
+              "[--triton] [--keep-children] [--cache] [--bg] [--buffersize N]")
 _LINE_USAGE = ("%miniray local [-n WORKERS] [--persist] | connect URL | status | jobs | "
                "attach JOB [-o VAR] | logs [JOB] [--tail N] | cancel [JOB] | debug [ITEM] | "
                "cache [clear] | up HOST ... (--help) | down")
@@ -59,6 +61,7 @@ def _map_parser() -> _Parser:
     p.add_argument("--keep-children", action="store_true")
     p.add_argument("--cache", action="store_true")
     p.add_argument("--bg", action="store_true")
+    p.add_argument("--buffersize", type=int, default=DEFAULT_BUFFERSIZE, metavar="N")
     return p
 
 
@@ -157,7 +160,7 @@ class MinirayMagics(Magics):
         %%miniray map NAME in EXPR [-o VAR] [--chunksize N] [--priority P] [--job-name S]
                                     [--timeout S] [--memory GB] [--cpus N] [--gpus N]
                                     [--gpu-memory GB] [--triton] [--keep-children]
-                                    [--cache] [--bg]
+                                    [--cache] [--bg] [--buffersize N]
         %miniray local [-n WORKERS] [--persist] | connect URL | status | jobs
                  | attach JOB [-o VAR] | logs [JOB] [--tail N] | cancel [JOB]
                  | debug [ITEM] | cache [clear] | down
@@ -166,7 +169,10 @@ class MinirayMagics(Magics):
 
         ``--bg`` jobs are kept: they run on if this kernel dies, and ``%miniray attach JOB``
         in any kernel connected to the cluster follows one (an interrupt detaches; the job
-        goes on).
+        goes on). ``--buffersize N`` (default 4096; 0: no bound): a map of more than N
+        chunks submits N and the next ones as they finish, so a huge EXPR (a range of 10
+        million) is not pickled and stored up front; EXPR with a ``len()`` is not copied.
+        ``--cache`` and ``--bg`` submit everything at once.
         """
         __tracebackhide__ = True
         if cell is None:
@@ -187,6 +193,9 @@ class MinirayMagics(Magics):
             raise UsageError(f"%%miniray map: --chunksize must be >= 1, not {args.chunksize}")
         if not expr:
             raise UsageError(f"%%miniray map: EXPR is missing\nusage: {_MAP_USAGE}")
+        if args.buffersize < 0:
+            raise UsageError(f"%%miniray map: --buffersize must be >= 0 (0: no bound), not "
+                             f"{args.buffersize}")
         try:
             limits = miniray.Limits(timeout_seconds=args.timeout, memory_gb=args.memory,
                                     cpus=args.cpus, gpus=args.gpus,
@@ -201,13 +210,14 @@ class MinirayMagics(Magics):
         except Exception as e:
             raise UsageError(f"%%miniray map: cannot evaluate EXPR {expr!r}: "
                              f"{type(e).__name__}: {e}") from None
-        try:
-            items = list(value)
+        try:  # (a range or a list is not copied: a huge one is fed --buffersize at a time)
+            items = value if isinstance(value, Sequence) else list(value)
         except TypeError:
             raise UsageError(f"%%miniray map: EXPR {expr!r} gives a {type(value).__name__}, "
                              "which is not iterable") from None
         check_sendable(fn)  # at once, naming the variable: not from the widget, later
-        check_items(items, expr)
+        first = (args.buffersize or len(items)) * args.chunksize  # (the rest as it is fed)
+        check_items(items if len(items) <= first else items[:first], expr)
         job_name = args.job_name or f"map {name} in {expr}"[:60]
         url = self.redis_url
         if args.bg and not self._told_bg and (url is None or (
@@ -219,7 +229,8 @@ class MinirayMagics(Magics):
         try:
             run = MapRun(fn, items, redis_url=url, job_name=job_name,
                          priority=args.priority, limits=limits, chunksize=args.chunksize,
-                         cancel_button=args.bg, start=False, cache=args.cache, keep=args.bg)
+                         cancel_button=args.bg, start=False, cache=args.cache, keep=args.bg,
+                         buffersize=args.buffersize or None)
         except miniray.SerializationError as e:
             raise UsageError(f"%%miniray map: the cell cannot be sent to workers: {e}") from None
         run.item_name = name  # (its errors say "item 3 of 10 (x = 7)")

@@ -120,6 +120,14 @@ class MapProgress:
             self.version += 1
             return self.done + self.failed + self.cancelled >= self.total
 
+    def items_unfed(self, n: int) -> bool:
+        """``n`` items were never submitted (a lazily fed map stopped): they count as
+        cancelled; True when that ends the map."""
+        with self._lock:
+            self.cancelled += n
+            self.version += 1
+            return self.done + self.failed + self.cancelled >= self.total
+
     def server_counts(self, counts: dict) -> None:
         with self._lock:
             if self.finished is None:

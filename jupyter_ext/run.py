@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FuturesTimeout
 from concurrent.futures import wait as wait_futures
@@ -20,6 +21,7 @@ import miniray
 
 from .busy import cell_parent, say_busy
 from .display import WidgetView, make_view
+from .feed import start_feed
 from .logs import LogBuffer
 from .progress import MapProgress
 from .tracebacks import item_error
@@ -80,11 +82,16 @@ class MapRun:
 
     def __init__(self, fn, items, *, redis_url=None, job_name=None, priority=1, limits=None,
                  chunksize=1, view=None, cancel_button=False, start=True, cache=False,
-                 keep=False, handle=None):
+                 keep=False, handle=None, buffersize=None):
         """``keep``: the job outlives this kernel (``Executor(keep=True)``; ``--bg`` uses
         it); ``handle``: follow that ``miniray.JobHandle`` instead of running anything (see
-        ``attach``)."""
-        items = list(items)
+        ``attach``); ``buffersize``: at most that many chunks submitted and unfinished at
+        once, the input read as they finish (see ``jupyter_ext.feed``; not with ``cache``
+        or ``keep``, which submit everything at once). ``items`` that are a ``Sequence``
+        (a range, a list) are not copied; other iterables are read into a list first."""
+        if not isinstance(items, Sequence):
+            items = list(items)
+        self._buffersize = None if cache or keep else buffersize
         self._keep = keep
         self.attached = handle is not None
         if handle is not None:
@@ -110,6 +117,7 @@ class MapRun:
         self._fn, self._items, self._chunksize = fn, items, chunksize
         self._cache = cache  # items the cluster's item cache has are not run (miniray.cache)
         self.futures: list = []
+        self._feed = None  # the thread taking a lazily fed map's futures (jupyter_ext.feed)
         self._started = False
         if start:
             self.start()
@@ -146,8 +154,14 @@ class MapRun:
             if self.attached:
                 self.futures = items
             else:
-                self.futures = self.executor.map_futures(fn, items, chunksize=self._chunksize,
-                                                         cache=self._cache)
+                total = len(items)
+                if self._buffersize and total > self._buffersize * self._chunksize:
+                    stream = self.executor.map_futures(fn, items, chunksize=self._chunksize,
+                                                       buffersize=self._buffersize)
+                    self._feed = start_feed(self, stream, total)  # fills self.futures
+                else:
+                    self.futures = self.executor.map_futures(
+                        fn, items, chunksize=self._chunksize, cache=self._cache)
                 if self._keep:  # no more items: the cluster ends the job even without us
                     self.executor.seal()
         except BaseException as e:
@@ -160,10 +174,11 @@ class MapRun:
             self.view.finish()
             self.leave_snapshot()  # no updater will: the cell leaves it
             raise
-        if not self.futures:
-            self._finish()
-        for i, f in enumerate(self.futures):
-            f.add_done_callback(lambda f, i=i: self._item_done(i, f))
+        if self._feed is None:
+            if not self.futures:
+                self._finish()
+            for i, f in enumerate(self.futures):
+                f.add_done_callback(lambda f, i=i: self._item_done(i, f))
         self._updater = threading.Thread(target=self._update_loop, daemon=True,
                                          name=f"miniray-view-{self.job}")
         self._updater.start()
@@ -287,14 +302,14 @@ class MapRun:
 
     def results(self, missing=MISSING) -> list:
         """The results in item order so far; ``missing`` for failed, cancelled or pending
-        items."""
+        items (and for those a lazily fed map has not submitted)."""
         out = []
-        for f in self.futures:
+        for f in list(self.futures):
             if f.done() and not f.cancelled() and f.exception() is None:
                 out.append(f.result())
             else:
                 out.append(missing)
-        return out
+        return out + [missing] * (self.model.total - len(out))
 
     @property
     def errors(self) -> dict:

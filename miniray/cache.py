@@ -323,15 +323,22 @@ def _plan(ex, fn, kind: str, items: list):
     return fkey, akeys, _item_cache(ex).lookup(fkey, akeys)
 
 
-def map_futures(ex, fn, iterable, chunksize: int) -> list:
+def map_futures(ex, fn, iterables: tuple, chunksize: int) -> list:
     """``Executor.map_futures(..., cache=True)``: a cached item's future is settled at once
     (its ``cached`` is True, ``task_id`` None); the others run as a plain ``map_futures``
     and are cached as they succeed."""
-    items = list(iterable)
-    fkey, akeys, hits = _plan(ex, fn, "m1", items)
+    if len(iterables) == 1:
+        kind, items = "m1", list(iterables[0])
+    else:
+        kind, items = "m", list(zip(*iterables))
+    fkey, akeys, hits = _plan(ex, fn, kind, items)
     misses = [i for i in range(len(items)) if i not in hits]
     first = ex._next_task  # (this map's first task id: where a kept job's record goes)
-    run = ex.map_futures(fn, [items[i] for i in misses], chunksize=chunksize) if misses else []
+    run = []
+    if misses:
+        columns = ([[items[i] for i in misses]] if kind == "m1"
+                   else [list(c) for c in zip(*(items[i] for i in misses))])
+        run = ex.map_futures(fn, *columns, chunksize=chunksize)
     if hits and ex._keep is not None:  # attachers place the cached items too (miniray.keep)
         _kept.note_cached(ex, first, len(items), {i: f"{fkey}:{akeys[i]}" for i in hits},
                           [f.task_id for f in run])

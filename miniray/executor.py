@@ -31,9 +31,9 @@ import uuid
 import weakref
 from concurrent.futures import Executor as _BaseExecutor
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FuturesTimeout
 
 from . import cache as _cache
+from . import feeding as _feeding
 from . import keep as _kept
 from . import observe
 from .broker import Broker, _redact, connect, job_ttl
@@ -212,6 +212,48 @@ class MinirayFuture(Future):
         return _rerun_locally(self)
 
 
+class _Lazy:
+    """An attribute made when first used (a non-data descriptor: once made it is the
+    instance's own). Most ``map_futures`` items are only ever settled, so submitting
+    100,000 of them makes no locks and no lists."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self
+        return obj.__dict__.setdefault(self.name, self.make())  # (atomic: one wins)
+
+
+class _ItemFuture(MinirayFuture):
+    """One ``map_futures`` item: settled by its chunk's future (see ``_split_chunk``), made
+    without running ``__init__`` (see ``_item_futures``): what every new future holds is a
+    class attribute until it is set, its lock and lists are made when first used, and it
+    has no executor to ask for deliveries (its chunk's future does), so a plain list holds
+    its waiters."""
+
+    _condition = _Lazy(threading.Condition)
+    _waiters = _Lazy(list)
+    _done_callbacks = _Lazy(list)
+    _state, _result, _exception = "PENDING", None, None
+    _executor = _ref = worker = host = slot = _times = None
+    _wanted = False
+
+
+def _item_futures(job: str, start: int, n: int) -> list:
+    """``n`` item futures for task ids ``start``..., as cheaply as Python allows."""
+    new, out = _ItemFuture.__new__, []
+    for task in range(start, start + n):
+        f = new(_ItemFuture)
+        f.task_id, f.job = task, job
+        out.append(f)
+    return out
+
+
 _MISSING = MISSING  # a map chunk's item not delivered yet
 
 
@@ -342,6 +384,7 @@ class Executor(_BaseExecutor):
         # cancel() or `miniray cancel`: the job stays "cancelled", and the next submission
         # starts a new job
         self._job_cancelled = False
+        self._feeds: "weakref.WeakSet" = weakref.WeakSet()  # map_futures' feeders (feeding)
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         self._init_sha = (self._function(functools.partial(initializer, *initargs))
@@ -396,68 +439,101 @@ class Executor(_BaseExecutor):
         return future
 
     def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = 1,
-            cache: bool = False):
+            buffersize: int | None = None, cache: bool = False):
         """Like ``Executor.map``: ordered, lazy results; ``chunksize`` items travel together.
+
+        ``buffersize`` (as in Python 3.14): the input is read lazily, at most that many
+        chunks (of ``chunksize`` items) submitted and not yet yielded; each chunk yielded
+        lets the next one be read and submitted. An endless generator then runs in flat
+        memory on the client and the server. None: the whole input is read and submitted at
+        once. Closing the iterator (or Ctrl-C) cancels what was submitted and not yielded.
 
         ``cache=True``: an item whose result the cluster's item cache has for this function
         and this argument is not run again (see ``miniray.cache``; only for functions without
-        side effects, randomness or a dependence on time or changing files)."""
-        if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
+        side effects, randomness or a dependence on time or changing files; it reads the
+        whole input at once, ``buffersize`` or not)."""
+        _check_chunksize(chunksize)
+        _feeding.check_buffersize(buffersize)
         self._check_open()
         if cache:
             return _cache.map(self, fn, iterables, timeout, chunksize)
         deadline = None if timeout is None else time.monotonic() + timeout
         sha = self._function(fn)
-        # one iterable: items travel bare ("m1"); several: as argument tuples ("m")
-        kind, items = ("m1", iter(iterables[0])) if len(iterables) == 1 else ("m", zip(*iterables))
-        futures = []
-        while True:
-            batch = list(itertools.islice(items, chunksize))
-            if not batch:
-                break
-            frames = dumps((kind, batch), what="arguments")
-            start = self._take_task_ids(len(batch))
-            future = MinirayFuture(self, start)
-            self._enqueue(sha, start, len(batch), frames, future, is_map=True)
-            futures.append(future)
-        return _ordered_results(futures, deadline)
+        submit = functools.partial(self._map_chunk, sha)
+        if buffersize is not None:
+            return _feeding.lazy_map(self, submit, iterables, chunksize, buffersize, deadline)
+        futures = collections.deque(submit(kind, batch)
+                                    for kind, batch in _feeding.batches(iterables, chunksize))
+        return _feeding.ordered_results(futures, deadline)
 
-    def map_futures(self, fn, iterable, chunksize: int = 1, cache: bool = False) -> list:
-        """Submit ``fn(item)`` for every item at once; return one future per item, in order.
+    def _map_chunk(self, sha: str, kind: str, batch: list) -> "MinirayFuture":
+        frames = dumps((kind, batch), what="arguments")
+        start = self._take_task_ids(len(batch))
+        future = MinirayFuture(self, start)
+        self._enqueue(sha, start, len(batch), frames, future, is_map=True)
+        return future
+
+    def map_futures(self, fn, *iterables, chunksize: int = 1, buffersize: int | None = None,
+                    cache: bool = False):
+        """Submit ``fn(*args)`` for every item of ``iterables`` (several: zipped, as ``map``);
+        return one future per item, in order.
 
         Unlike ``map`` nothing stops at the first error: each item's exception stays in its
         own future, so a caller can gather every outcome (the notebook face does). Items
         travel ``chunksize`` at a time; cancelling the job (``cancel()``) cancels the futures
         of unfinished items. A future's ``task_id`` is its item's position in this executor.
 
+        Without ``buffersize`` the whole input is submitted now and a list is returned. With
+        ``buffersize=N`` a feeder thread reads the input lazily and a ``FutureStream`` (an
+        iterator of the futures, in order, with ``close()``) is returned: at most ``N``
+        chunks are unfinished on the cluster, and at most ``N`` chunks' futures wait to be
+        taken from the iterator; ``shutdown``, ``cancel()`` and ``close()`` stop the
+        feeding at once (see ``miniray.feeding``).
+
         ``cache=True``: an item whose result is in the cluster's item cache is not run; its
-        future is done at once, with ``cached`` True (see ``miniray.cache``).
+        future is done at once, with ``cached`` True (see ``miniray.cache``; it reads the
+        whole input at once and returns a list, ``buffersize`` or not).
 
         >>> futures = ex.map_futures(square, range(100), chunksize=10)   # doctest: +SKIP
+        >>> for f in ex.map_futures(square, endless(), buffersize=8):    # doctest: +SKIP
+        ...     print(f.result())
         """
-        if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
+        _check_chunksize(chunksize)
+        _feeding.check_buffersize(buffersize)
+        if not iterables:
+            raise TypeError("map_futures() needs at least one iterable, e.g. "
+                            "map_futures(fn, items)")
         self._check_open()
         if cache:
-            return _cache.map_futures(self, fn, iterable, chunksize)
+            return _cache.map_futures(self, fn, iterables, chunksize)
         sha = self._function(fn)
-        items, out = iter(iterable), []
-        while True:
-            batch = list(itertools.islice(items, chunksize))
-            if not batch:
-                return out
-            # "t": its items' timings travel back (a plain map's chunks skip that cost)
-            frames = dumps(("m1t", batch), what="arguments")
-            start = self._take_task_ids(len(batch))
-            chunk = MinirayFuture(self, start)
-            mine = [MinirayFuture(None, start + i) for i in range(len(batch))]
-            for f in mine:
-                f.job = self.job_id
-            chunk._items = mine  # (they run when the chunk does: see _mark_running)
-            chunk.add_done_callback(lambda c, mine=mine: _split_chunk(c, mine))
-            self._enqueue(sha, start, len(batch), frames, chunk, is_map=True)
-            out += mine
+        submit = functools.partial(self._futures_chunk, sha)
+        if buffersize is not None:
+            return _feeding.FutureStream(self, submit, iterables, chunksize, buffersize)
+        out: list = []
+        for kind, batch in _feeding.batches(iterables, chunksize):
+            out += submit(kind, batch)[1]
+        return out
+
+    def _futures_chunk(self, sha: str, kind: str, batch: list) -> tuple:
+        """One ``map_futures`` chunk: its future, and its items' futures."""
+        # "t": its items' timings travel back (a plain map's chunks skip that cost)
+        frames = dumps((kind + "t", batch), what="arguments")
+        start = self._take_task_ids(len(batch))
+        chunk = MinirayFuture(self, start)
+        mine = _item_futures(self.job_id, start, len(batch))
+        chunk._items = mine  # (they run when the chunk does: see _mark_running)
+        # what add_done_callback does, without its lock and its _want per chunk: the chunk
+        # is new and unsent (nobody else can settle it), and _enqueue asks for deliveries
+        chunk._wanted = True
+        chunk._done_callbacks.append(_split_own)
+        self._enqueue(sha, start, len(batch), frames, chunk, is_map=True)
+        return chunk, mine
+
+    def _stop_feeding(self, why: str) -> None:
+        """Feeder threads of ``map_futures(..., buffersize=...)`` read no more input."""
+        for feed in list(self._feeds):
+            feed.stop(why)
 
     def _take_task_ids(self, n: int) -> int:
         with self._lock:
@@ -587,7 +663,7 @@ class Executor(_BaseExecutor):
             else:
                 self._outbox.append(ref)
                 self._wakeup.notify()
-        if wanted:
+        if wanted and not self._demand:  # (unlocked: with a ref pending, demand stays set)
             self._want_delivery()
         if inline:
             self._send_safely([ref])
@@ -1196,6 +1272,7 @@ class Executor(_BaseExecutor):
             first = not self._shutdown
             self._shutdown = True
             self._wakeup.notify_all()
+        self._stop_feeding("the executor was shut down")
         if wait:
             self._tell_server(first, cancel_futures)
         else:  # a server that hangs (SIGSTOP) must not hold a caller that does not wait, the
@@ -1276,6 +1353,7 @@ class Executor(_BaseExecutor):
         """Every future not settled yet ends cancelled (after the job was cancelled on the
         server: no outcome is counted there after that); then the job's counters are set to
         this client's tally, which every reader (``progress()``, ``miniray status``) shows."""
+        self._stop_feeding(f"job {self.job_id} was cancelled")
         with self._lock:
             self._job_cancelled = True
             refs = list(self._refs.values())
@@ -1407,6 +1485,15 @@ def _decorate(exc, tb: str, task: int, job: str, worker: str, host: str, pid) ->
     return exc
 
 
+def _check_chunksize(chunksize) -> None:
+    if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
+        raise ValueError("chunksize must be >= 1.")
+
+
+def _split_own(chunk: Future) -> None:
+    _split_chunk(chunk, chunk._items)
+
+
 def _split_chunk(chunk: Future, items: list) -> None:
     """Hand a finished map chunk's outcome to its items' futures (``map_futures``)."""
     if chunk.cancelled():
@@ -1429,45 +1516,6 @@ def _split_chunk(chunk: Future, items: list) -> None:
                 f.set_result(values[i])
         except Exception:  # the item's future was cancelled meanwhile
             pass
-
-
-def _ordered_results(futures: list, deadline: float | None):
-    """Yield map results in order; the first error raises when its element is reached.
-
-    Like ``concurrent.futures``, it keeps no reference to a result it has yielded: each
-    chunk's future is dropped once read, and its values are popped as they go out.
-    """
-    try:
-        futures.reverse()
-        while futures:
-            f = futures.pop()
-            try:
-                if deadline is None:
-                    values, errors = f.result()
-                else:
-                    values, errors = f.result(max(0.0, deadline - time.monotonic()))
-            except KeyboardInterrupt:
-                futures.append(f)
-                if f._executor is not None:
-                    f._executor._interrupt_map(futures)
-                raise
-            except BaseException:
-                futures.append(f)  # still pending (timeout): cancelled below
-                raise
-            f._result = f._ref = None
-            del f
-            values.reverse()
-            i = 0
-            while values:
-                if errors and i in errors:
-                    raise errors[i]
-                i += 1
-                yield values.pop()
-    except FuturesTimeout:
-        raise FuturesTimeout() from None
-    finally:
-        for f in futures:
-            f.cancel()
 
 
 @atexit.register

@@ -57,13 +57,15 @@ def dumps(obj, what: str = "value") -> list:
 def _culprit(obj, what: str) -> str:
     """What in ``obj`` cannot be pickled: for a call's or a map chunk's arguments (tagged as
     ``dumps_call`` and ``Executor.map`` tag them), the argument or item itself."""
-    if what == "arguments" and type(obj) is tuple and obj and obj[0] in ("s", "m", "m1"):
+    if what == "arguments" and type(obj) is tuple and obj and obj[0] in ("s", "m", "m1", "mt",
+                                                                         "m1t"):
         if obj[0] == "s":
             _, args, kwargs = obj
             named = [(f"argument {i}", a) for i, a in enumerate(args)] + [
                 (f"keyword argument {k}=", v) for k, v in kwargs.items()]
         else:
-            named = [("the item" if obj[0] == "m1" else "the arguments", v) for v in obj[1]]
+            named = [("the item" if obj[0] in ("m1", "m1t") else "the arguments", v)
+                     for v in obj[1]]
         for name, value in named:
             try:
                 _cloudpickle(value, buffer_callback=lambda b: False)

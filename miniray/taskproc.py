@@ -662,11 +662,11 @@ class Runner:
         if kind == "s" and len(payload) == 2 and type(payload[0]) in _SEQ \
                 and type(payload[1]) is dict and count == 1:
             return [payload[0]], payload[1], True, True
-        # "m": tuples of arguments; "m1": one argument each (map over one iterable); "m1t":
-        # the same, timed
-        if kind in ("m", "m1", "m1t") and len(payload) == 1 and type(payload[0]) in _SEQ \
-                and len(payload[0]) == count:
-            return payload[0], None, kind == "m", kind == "m1t"
+        # "m": tuples of arguments; "m1": one argument each (map over one iterable); "m1t",
+        # "mt": the same, timed (map_futures)
+        if kind in ("m", "m1", "m1t", "mt") and len(payload) == 1 \
+                and type(payload[0]) in _SEQ and len(payload[0]) == count:
+            return payload[0], None, kind in ("m", "mt"), kind in ("m1t", "mt")
         raise malformed(job, f"a chunk's arguments are {_short((kind, *payload))}, not the "
                         f"{count} item(s) its head announces")
 
