@@ -311,3 +311,12 @@ def test_a_kept_jobs_uncollected_results_keep_a_persistent_cluster_from_its_idle
         assert miniray.attach(job).result(timeout=10) == [0, 1, 4]  # (still there to read)
     finally:
         r.close()
+
+
+def test_miniray_attach_stays_the_function_whatever_is_looked_up_first():
+    """``miniray.attach`` is a function of the module that holds ``JobHandle``: looking up
+    ``miniray.JobHandle`` first must not turn ``miniray.attach`` into that module."""
+    code = ("import miniray; miniray.JobHandle; import inspect; "
+            "print(inspect.isfunction(miniray.attach))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr
