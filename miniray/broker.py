@@ -547,15 +547,15 @@ end
 return entries
 """
 
-# ARGV: ns worker info_json ttl stall job1 job2 ... -> {server_time, cancelled jobs...,
+# ARGV: ns worker info_json ttl stall rejoin job1 job2 ... -> {server_time, cancelled jobs...,
 #   "job/chunk" per chunk its client stopped (stop:{job}) of the open ones}
 _HEARTBEAT = _PRELUDE + r"""
 local wid = ARGV[2]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 tick(now, tonumber(ARGV[5]))
-if not redis.call('ZSCORE', K('workers'), wid) then
-  -- (re)registering: a worker taken for dead while it lived (paused, a lost link) had its
+if ARGV[6] == '1' and not redis.call('ZSCORE', K('workers'), wid) then
+  -- registering again: a worker taken for dead while it lived (paused, a lost link) had its
   -- slots' idle registrations dropped (forget_waiters), and they wait on in a long blocking
   -- pop that nothing would end: a wake-up each makes them look for work and register again
   local ok, info = pcall(cjson.decode, ARGV[3])
@@ -566,7 +566,7 @@ redis.call('ZADD', K('workers'), now, wid)
 redis.call('HSET', K('worker', wid), 'info', ARGV[3], 'seen', tostring(now))
 redis.call('EXPIRE', K('worker', wid), ARGV[4])
 local out = {tostring(now)}
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   local st = redis.call('HGET', K('job', ARGV[i]), 'state')
   if st ~= 'open' and st ~= 'closing' then
     out[#out + 1] = ARGV[i]
@@ -904,16 +904,18 @@ class Broker:
         self._run("complete", args, pipe)
 
     def heartbeat(self, worker: str, info: dict, ttl: int, jobs=(), pipe=None,
-                  stall: float | None = None):
+                  stall: float | None = None, rejoin: bool = False):
         """Record a worker's heartbeat (``info``, kept ``ttl`` s); returns the server's time,
         which of ``jobs`` are no longer open, then ``b"job/chunk"`` for each chunk of the others
         that its client stopped (see ``stop_chunks``). A gap over ``stall`` seconds since anyone's
         last heartbeat or reap is taken for a stopped server (see ``tick`` in the scripts):
-        by default half the dead timeout, which ``ttl`` is three times."""
+        by default half the dead timeout, which ``ttl`` is three times. ``rejoin``: the worker
+        has heartbeaten before, so if it is not registered it was reaped while it lived, and
+        its idle slots are woken to register again."""
         if stall is None:
             stall = ttl / 6
-        return self._run("heartbeat", [self.ns, worker, json.dumps(info), ttl, stall, *jobs],
-                         pipe)
+        return self._run("heartbeat", [self.ns, worker, json.dumps(info), ttl, stall,
+                                       "1" if rejoin else "0", *jobs], pipe)
 
     def reap(self, dead_after: float, max_retries: int, maxlen: int, ttl: int, pipe=None):
         return self._run("reap", [self.ns, dead_after, max_retries, maxlen, ttl], pipe)

@@ -674,6 +674,7 @@ class Worker:
             self.task_env.update(triton.task_env())
             self.task_env.update(MINIRAY_REDIS_URL=redis_url, MINIRAY_NAMESPACE=self.namespace)
         self.stopping = threading.Event()
+        self._beaten = False  # a heartbeat went out (see heartbeat: rejoin)
         self.fn_cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._fn_lock = threading.Lock()
         self.usage = ProcessUsage()  # this worker's own CPU and memory (see miniray.usage)
@@ -872,7 +873,9 @@ class Worker:
         for slot in self.slots:
             jobs |= slot.jobs()
         reply = self.broker.heartbeat(self.worker_id, self.info(),
-                                      int(3 * s.worker_dead_seconds) + 1, sorted(jobs))
+                                      int(3 * s.worker_dead_seconds) + 1, sorted(jobs),
+                                      rejoin=self._beaten)
+        self._beaten = True  # (a later beat that finds us reaped wakes our slots)
         flags = int(self.triton_ready())
         for slot in self.slots:  # what the task processes' own claims need to know
             proc = slot.proc
