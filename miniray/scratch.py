@@ -16,7 +16,7 @@ import stat
 import tempfile
 import threading
 
-__all__ = ["private_dir", "sweep"]
+__all__ = ["private_dir", "sweep", "remove_dead"]
 
 _NAME = re.compile(r"miniray-(?:server|inbox)-(\d+)-(\d+)-[^/]+$")
 _swept = False
@@ -53,19 +53,28 @@ def sweep() -> None:
         if _swept:
             return
         _swept = True
-    root, ns, uid = tempfile.gettempdir(), _pid_namespace(), os.getuid()
+    remove_dead(tempfile.gettempdir(), _NAME)
+
+
+def remove_dead(root: str, name: "re.Pattern") -> int:
+    """Remove the directories in ``root`` whose names match ``name`` (groups: pid namespace,
+    pid), are this user's, and whose process is gone (same pid namespace only); return how
+    many. One listing of ``root`` (``miniray.shm`` sweeps ``/dev/shm`` with it too)."""
+    ns, uid, n = _pid_namespace(), os.getuid(), 0
     try:
         names = os.listdir(root)
     except OSError:
-        return
-    for name in names:
-        m = _NAME.match(name)
+        return 0
+    for entry in names:
+        m = name.match(entry)
         if m is None or m.group(1) != ns or _alive(int(m.group(2))):
             continue
-        path = os.path.join(root, name)
+        path = os.path.join(root, entry)
         try:
             st = os.lstat(path)
         except OSError:
             continue
         if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
             shutil.rmtree(path, ignore_errors=True)
+            n += 1
+    return n

@@ -58,7 +58,7 @@ import tempfile
 import threading
 
 from .inbox import host_id
-from .scratch import _alive, _pid_namespace
+from .scratch import _pid_namespace, remove_dead
 
 __all__ = ["ROOT", "Segments", "Ref", "attach", "open_frames", "ResultPlacer", "sweep",
            "stats", "available", "sweep_pid"]
@@ -309,21 +309,4 @@ def sweep_pid(pid: int) -> None:
 def sweep() -> int:
     """Remove the shared-memory directories of this user's dead miniray processes (same pid
     namespace only); return how many. Cheap: one listing of ``/dev/shm``."""
-    ns, uid, n = _pid_namespace(), os.getuid(), 0
-    try:
-        names = os.listdir(ROOT)
-    except OSError:
-        return 0
-    for name in names:
-        m = _NAME.match(name)
-        if m is None or m.group(1) != ns or _alive(int(m.group(2))):
-            continue
-        path = os.path.join(ROOT, name)
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
-            shutil.rmtree(path, ignore_errors=True)
-            n += 1
-    return n
+    return remove_dead(ROOT, _NAME)
