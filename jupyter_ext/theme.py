@@ -11,7 +11,8 @@ __all__ = ["DONE", "FAILED", "CANCELLED", "RUNNING", "TRACK", "PANE", "TEXT", "M
            "STATE_COLOR", "MONO", "CACHED"]
 
 DONE = "var(--jp-success-color1, #388e3c)"
-CACHED = "var(--jp-info-color1, #0097a7)"  # done without running: the item cache had it
+# done without running (the item cache had it): a paler shade of done, not a blue by running's
+CACHED = "var(--jp-success-color2, #66bb6a)"
 FAILED = "var(--jp-error-color1, #d32f2f)"
 CANCELLED = "var(--jp-warn-color1, #f57c00)"
 RUNNING = "var(--jp-brand-color1, #1976d2)"

@@ -249,7 +249,7 @@ def test_the_live_widget_counts_cached_items_in_their_own_colour(cluster, tmp_pa
         assert run.wait(30)
         run.settle()
     head = run.view.widget.head
-    assert 'class="miniray-bar-cached"' in head and "--jp-info-color1" in head
+    assert 'class="miniray-bar-cached"' in head and "--jp-success-color2" in head
     assert 'class="miniray-bar-done"' not in head  # every item came from the cache
     assert "6 cached" in head and "100%" in head and len(runs(log)) == 6
     assert run.progress()["cached"] == 6 and run.results() == [0, 10, 20, 30, 40, 50]
