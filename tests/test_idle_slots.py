@@ -46,6 +46,16 @@ def _wakeups(pid: int) -> int:
     return n
 
 
+def _stop(w) -> None:
+    """SIGTERM the worker; SIGKILL it if it has not left within 20 s."""
+    w.terminate()
+    try:
+        w.wait(20)
+    except subprocess.TimeoutExpired:
+        w.kill()
+        w.wait()
+
+
 def test_idle_slots_do_not_wake_on_a_clock_and_still_take_work(tmp_path, monkeypatch):
     ns = "idlewake"
     with own_server(tmp_path, monkeypatch, ns, workers=0) as srv:
@@ -79,12 +89,7 @@ def test_idle_slots_do_not_wake_on_a_clock_and_still_take_work(tmp_path, monkeyp
                 assert sorted(ex.map(abs, range(-2 * SLOTS, 0))) == list(range(1, 2 * SLOTS + 1))
             assert w.poll() is None, (tmp_path / "w.log").read_text()[-3000:]
         finally:
-            w.terminate()
-            try:
-                w.wait(20)
-            except subprocess.TimeoutExpired:
-                w.kill()
-                w.wait()
+            _stop(w)
             r.close()
     assert w.returncode == 0, (tmp_path / "w.log").read_text()[-3000:]
 
@@ -121,11 +126,6 @@ def test_a_worker_taken_for_dead_while_it_lived_gets_work_again_at_once(tmp_path
                          "its slots to register idle again")
                 assert ex.submit(abs, -2).result(timeout=60) == 2
         finally:
-            w.terminate()
-            try:
-                w.wait(20)
-            except subprocess.TimeoutExpired:
-                w.kill()
-                w.wait()
+            _stop(w)
             r.close()
 
