@@ -242,10 +242,11 @@ class MinirayMagics(Magics):
             display(run)
             run.start()
             return None
-        display(run)  # before anything runs, so its text fallback is the same every time
         try:
+            display(run)  # before anything runs, so its text fallback is the same every time
             run.start()
-        except KeyboardInterrupt:  # while the items were being submitted
+        except KeyboardInterrupt:  # while it was shown or its items were being submitted
+            run.discard()  # (nothing, once it has started: start() cancelled what it sent)
             raise _interrupted(run, args.output, None) from None
         return self._block(run, args.output, name, items)
 

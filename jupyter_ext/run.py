@@ -204,6 +204,20 @@ class MapRun:
         except Exception:  # the server went away (e.g. %miniray down): the log simply ends
             pass
 
+    def discard(self) -> None:
+        """End a run that was never started (interrupted while it was being displayed):
+        nothing was submitted; its executor is closed and its view shows it cancelled."""
+        if self._started:
+            return
+        self._started = True
+        self._cancel_requested = True
+        self._fn = self._items = None
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self._finish()
+        self._render()
+        self.view.finish()
+        self.leave_snapshot()
+
     def _finish(self) -> None:
         self.model.finish(cancelled=self._cancel_requested)
         self._finished.set()

@@ -93,6 +93,30 @@ def test_an_interrupt_while_a_big_map_is_submitted_leaves_nothing_behind(kernel)
     kernel.run("%miniray cancel")
 
 
+def test_an_interrupt_while_the_view_is_being_shown_cancels_cleanly(kernel):
+    # the SIGINT that jupyter_client sends, delivered at the one moment a timed interrupt
+    # hits only now and then: right after the view went out, before any item was sent
+    kernel.run("import os, signal\n"
+               "from jupyter_ext.run import MapRun as _M\n"
+               "_shown = _M._ipython_display_\n"
+               "def _then_interrupt(self):\n"
+               "    _shown(self)\n"
+               "    os.kill(os.getpid(), signal.SIGINT)\n"
+               "_M._ipython_display_ = _then_interrupt")
+    try:
+        out = kernel.collect(kernel.send("%%miniray map x in range(50) -o early\nx"),
+                             timeout=60)
+    finally:
+        kernel.run("_M._ipython_display_ = _shown")
+    ename, tb = out["error"]
+    assert ename == "KeyboardInterrupt" and "still submitting" in tb, tb
+    assert "Traceback" not in tb and "run.py" not in tb, tb
+    status = kernel.run("%miniray status")["stream"]
+    line = [ln for ln in status.splitlines() if "map x in range(50)" in ln]
+    assert line and "running" not in line[0], status
+    assert kernel.run("%%miniray map x in range(3)\nx")["data"][-1]["text/plain"] == "[0, 1, 2]"
+
+
 # in a script: wait until both workers run one of the map's 60 s tasks, and say so
 _READY = """\
     deadline = time.monotonic() + 60
