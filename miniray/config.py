@@ -30,10 +30,10 @@ MINIRAY_DIRECT_RESULTS         1           0: results from task processes on the
                                            machine go through Redis too (see miniray.inbox)
 MINIRAY_SHM                    1           large values between a client and task processes on
                                            its machine go through shared memory (/dev/shm, see
-                                           miniray.shm): results always, arguments on the local
-                                           cluster; 2: arguments on any server too (only when
-                                           every worker runs on this machine); 0: neither (all
-                                           through the server)
+                                           miniray.shm): results always, arguments while the
+                                           server and every worker are on this machine; 2:
+                                           arguments always (only when every worker runs on
+                                           this machine); 0: neither (all through the server)
 MINIRAY_SHM_MIN_BYTES          1048576     an out-of-band buffer this big or bigger goes
                                            through shared memory (when MINIRAY_SHM is on)
 MINIRAY_LOG_STREAM_MAXLEN      10000       log lines kept per job (approximate, oldest dropped)

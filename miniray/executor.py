@@ -60,7 +60,7 @@ from .protocol import (Assembler, LostChunk, decode_batches, decode_message, enc
                        item_times)
 from .rerun import Kept, rerun_locally as _rerun_locally
 from .serialization import dumps, dumps_call, dumps_function
-from .shm import Segments
+from .shm import ArgumentsHere, Segments
 
 __all__ = ["Executor", "MinirayFuture"]
 
@@ -345,10 +345,12 @@ class Executor(_BaseExecutor):
         self._sealed = False
         self._inbox = Inbox.open() if s.direct_results and not keep else None
         # large values to and from task processes on this machine: shared memory (miniray.shm);
-        # arguments only on the local cluster (no worker elsewhere could read them), or where
-        # the user says every worker is on this machine (MINIRAY_SHM=2)
+        # arguments only while the server and every worker are on this machine (no worker
+        # elsewhere could read them), or where the user says so (MINIRAY_SHM=2)
         self._shm = Segments.open(s.shm_min_bytes) if s.shm and not keep else None
-        self._shm_args = self._shm is not None and (self._local is not None or s.shm == 2)
+        self._shm_args = None if self._shm is None else ArgumentsHere(
+            s.shm == 2, self._local is not None or url.startswith("unix:"),
+            lambda: [w.get("shm") for w in self.workers()])
         self._direct_last: dict = {}  # (worker, pid) -> its last chunk finished that way
         self._read_lock = threading.Lock()
         self._read_cond = threading.Condition(self._read_lock)
@@ -628,7 +630,7 @@ class Executor(_BaseExecutor):
 
     def _enqueue(self, sha, start, count, frames, future, is_map) -> None:
         mine, placed = frames, ()
-        if self._shm_args and len(frames) > 1:
+        if self._shm_args is not None and len(frames) > 1 and self._shm_args():
             frames, placed = self._shm.place(frames)
         size = len(frames[0]) if len(frames) == 1 else sum(map(len, frames))
         part = payloads.SMALL_PART

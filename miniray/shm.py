@@ -21,9 +21,11 @@ Ownership, exactly (the client: an ``Executor``; ``Segments`` is its directory):
 * Arguments (client -> task): the client writes ``a-*`` files in its directory; the task
   process maps them read-only (as arguments read from the server are: a re-run must see
   the original). The client unlinks them when its chunk has all its results (``free``), and
-  removes the whole directory when the job closes. Only executors on the local cluster
-  (embedded or persistent: every worker is on this machine) place arguments here; anywhere
-  else they travel through the server as before.
+  removes the whole directory when the job closes. A chunk's arguments go this way only
+  while every live worker sees this ``/dev/shm`` (``ArgumentsHere``: the server is on this
+  machine, and each worker's heartbeat names the same ``domain()``); a worker that joins
+  from elsewhere (``%miniray ssh`` adds hosts to a local cluster) turns it off within a
+  second, and the arguments travel through the server as before.
 * Results (task -> client): the task process writes into a directory of its own, then
   renames the finished file into the client's directory (the job spec's ``shm`` address,
   used only when the client is on this machine and its directory is visible here) and
@@ -56,12 +58,13 @@ import stat
 import struct
 import tempfile
 import threading
+import time
 
 from .inbox import host_id
 from .scratch import _pid_namespace, remove_dead
 
 __all__ = ["ROOT", "Segments", "Ref", "attach", "open_frames", "ResultPlacer", "sweep",
-           "stats", "available", "sweep_pid"]
+           "stats", "available", "sweep_pid", "domain", "ArgumentsHere"]
 
 ROOT = "/dev/shm"
 _NAME = re.compile(r"miniray-shm-(\d+)-(\d+)-[^/]+$")
@@ -81,6 +84,50 @@ _lock = threading.Lock()
 def available() -> bool:
     """True where this machine has a writable ``/dev/shm``."""
     return os.path.isdir(ROOT) and os.access(ROOT, os.W_OK | os.X_OK)
+
+
+_domain: str | None = None
+
+
+def domain() -> str:
+    """Which ``/dev/shm`` this process sees: the machine (its boot id) and the tmpfs mounted
+    there (its device; a container with a private ``/dev/shm`` on the same machine has
+    another). Processes with the same domain can open each other's files."""
+    global _domain
+    if _domain is None:
+        try:
+            dev = os.stat(ROOT).st_dev
+        except OSError:
+            dev = -1
+        _domain = f"{host_id()}/{dev}"
+    return _domain
+
+
+class ArgumentsHere:
+    """Whether a chunk's large arguments may go through shared memory now: always with
+    ``always`` (``MINIRAY_SHM=2``); else only when the server is on this machine
+    (``server_here``) and every live worker (``machines()``: their heartbeats' ``shm``
+    fields) shares this process's ``domain()``. Asked only for chunks with a large buffer;
+    the workers' answer is kept for ``every`` seconds."""
+
+    def __init__(self, always: bool, server_here: bool, machines, every: float = 1.0):
+        self.always, self.server_here, self.machines, self.every = always, server_here, machines, every
+        self._ok, self._until = False, 0.0
+
+    def __call__(self) -> bool:
+        if self.always:
+            return True
+        if not self.server_here:
+            return False
+        now = time.monotonic()
+        if now >= self._until:
+            here = domain()
+            try:
+                self._ok = all(m == here for m in self.machines())
+            except Exception:  # (the server is unreachable: the send will say so)
+                self._ok = False
+            self._until = now + self.every
+        return self._ok
 
 
 def _new_dir() -> str:
@@ -208,8 +255,10 @@ def open_frames(frames: list) -> tuple[list, bool]:
 
             raise MinirayError(
                 f"this task's argument was in shared memory at {path}, which is gone "
-                f"({type(e).__name__}: {e}): its client ended, or the task had finished "
-                "already; submit it again") from e
+                f"({type(e).__name__}: {e}): its client ended or the task had finished "
+                "already (submit it again), or this worker does not see the client's /dev/shm "
+                "(another machine or container: MINIRAY_SHM=2 on the client says every worker "
+                "does; use 1)") from e
         if out is None:
             out = list(frames)
         out[i] = view

@@ -57,6 +57,7 @@ from .jobspec import chunk_head, parse_spec
 from .resp import Connection, ConnectionLost, NoScriptError, RedisError
 from .keys import Keys
 from .protocol import ResultHeader, encode_batches, encode_result
+from . import shm
 from .taskslot import TaskProcess
 from .usage import ProcessUsage
 
@@ -766,7 +767,7 @@ class Worker:
             "cpu_percent": psutil.cpu_percent(None), "cpus": self.ncpus,
             "ram_used": mem.used, "ram_total": mem.total,
             "proc_cpu_percent": round(proc_cpu, 1), "proc_rss": proc_rss,
-            "isolation": self.isolation, "gpus": gpus,
+            "isolation": self.isolation, "gpus": gpus, "shm": shm.domain(),
             **({"triton": self.triton.describe()} if self.triton is not None else {}),
         }
 

@@ -178,7 +178,7 @@ def test_the_embedded_cluster_takes_arguments_through_shared_memory(monkeypatch)
     a = _big()
     try:
         with miniray.Executor(max_workers=1) as ex:
-            assert ex._shm_args
+            assert ex._shm_args()
             sent = _server_input(ex)
             doubled, total, mapped = ex.submit(shm_tasks.double, a).result(timeout=60)
             assert _server_input(ex) - sent < 1 << 20
@@ -194,7 +194,7 @@ def test_kept_jobs_do_not_use_shared_memory(cluster):
     """A kept job's results outlive its client: they must not live in its directory."""
     cluster.start_worker(name="solo")
     with cluster.executor(keep=True) as ex:
-        assert ex._shm is None and ex._shm_args is False
+        assert ex._shm is None and ex._shm_args is None
         doubled, _, mapped = ex.submit(shm_tasks.double, np.ones(1 << 18)).result(timeout=60)
         assert mapped == 0 and doubled.sum() == 2 * (1 << 18)
 
@@ -207,3 +207,55 @@ def test_a_cancelled_tasks_argument_is_freed_at_once(every_worker_here):
         wait_for(lambda: len(_files(ex._shm.dir)) == 1, timeout=10, what="the argument's file")
         assert fut.cancel()
         wait_for(lambda: _files(ex._shm.dir) == [], timeout=10, what="the files to go")
+
+
+def _private_shm_ok() -> bool:
+    """Root may give a process a /dev/shm of its own (as a container on this machine has)."""
+    if os.geteuid() != 0:
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            "mount -t tmpfs tmpfs /dev/shm"], capture_output=True)
+    return probe.returncode == 0
+
+
+def test_arguments_use_shared_memory_until_a_worker_that_cannot_see_it_joins(monkeypatch):
+    """A server on this machine reached by its URL (the persistent cluster, a `miniray up`)
+    takes arguments through /dev/shm while every worker sees it; a worker with a /dev/shm of
+    its own (a container here; `%miniray ssh` hosts alike) joins, and its task gets the
+    argument through the server instead of failing on a file it cannot open."""
+    import miniray
+    from miniray import Limits
+    from miniray.server import ServerProcess
+
+    from support import worker_env
+
+    monkeypatch.delenv("MINIRAY_SHM", raising=False)
+    monkeypatch.setenv("MINIRAY_NAMESPACE", "shmhere")
+    srv = ServerProcess()  # a unix socket: on this machine
+    env = worker_env(srv.url, "shmhere")
+    procs = [subprocess.Popen([sys.executable, "-m", "miniray.worker", "--name", "here"],
+                              env=env, stderr=subprocess.DEVNULL)]
+    try:
+        a = np.arange(4 << 20, dtype=np.float64)  # 32 MB
+        with miniray.Executor(redis_url=srv.url) as ex, \
+                miniray.Executor(redis_url=srv.url, limits=Limits(nodes=["away"])) as to_away:
+            wait_for(lambda: len(ex.workers()) == 1, timeout=30, what="the worker")
+            doubled, _, mapped = ex.submit(shm_tasks.double, a).result(timeout=60)
+            assert mapped >= a.nbytes and np.array_equal(doubled, a * 2)
+            if not _private_shm_ok():
+                pytest.skip("needs root and unshare for a worker with a /dev/shm of its own")
+            procs.append(subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                 "mount -t tmpfs tmpfs /dev/shm && exec \"$0\" -m miniray.worker --name away",
+                 sys.executable], env=env, stderr=subprocess.DEVNULL))
+            wait_for(lambda: len(ex.workers()) == 2, timeout=30, what="the worker away")
+            wait_for(lambda: not to_away._shm_args(), timeout=10, what="shm arguments to stop")
+            away = to_away.submit(shm_tasks.double, a)
+            doubled, _, mapped = away.result(timeout=60)
+            assert mapped == 0 and np.array_equal(doubled, a * 2)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+        srv.close()
