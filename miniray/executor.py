@@ -821,12 +821,13 @@ class Executor(_BaseExecutor):
             self._free_shm(ref)
         return removed
 
-    def _free_shm(self, ref: _Ref) -> None:
+    def _free_shm(self, ref: _Ref, reuse: bool = False) -> None:
         """Unlink a chunk's arguments in shared memory: it has ended, or never will run (a
-        task process that mapped them keeps its mapping)."""
+        task process that mapped them keeps its mapping); ``reuse``: it ended with all its
+        results, its files may be written again (``Segments.free``)."""
         if ref.shm:
             paths, ref.shm = ref.shm, ()
-            self._shm.free(paths)
+            self._shm.free(paths, reuse)
 
     # -- results -----------------------------------------------------------------------------
     # Results are read by one thread at a time (the "reader"): a caller waiting in
@@ -1221,7 +1222,7 @@ class Executor(_BaseExecutor):
                                              ref.future.job)
                 self._complete(ref, (OK, (vals, ref.errors)), worker, host)
         if ref.left <= 0:
-            self._free_shm(ref)
+            self._free_shm(ref, reuse=True)
             with self._lock:
                 self._refs.pop(ref.chunk, None)
             ref.future._ref = None  # nothing may keep a result alive but its future

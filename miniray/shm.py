@@ -26,6 +26,14 @@ Ownership, exactly (the client: an ``Executor``; ``Segments`` is its directory):
   machine, and each worker's heartbeat names the same ``domain()``); a worker that joins
   from elsewhere (``%miniray ssh`` adds hosts to a local cluster) turns it off within a
   second, and the arguments travel through the server as before.
+* Writing again: a fresh tmpfs file costs the kernel's zeroing of every page (about half
+  of a 100 MB argument's trip), so ``free`` keeps up to ``POOL_FILES`` argument files for
+  ``POOL_IDLE`` seconds and ``place`` writes the next argument into one of them. A task
+  process holds a shared ``flock`` on an argument's file for as long as it maps it (the lock
+  lives with the mapping's descriptor: it ends when the task drops the argument, or dies); the
+  client writes a kept file again only under an exclusive lock taken without waiting, so a
+  task that kept its argument (a global, a cache) never sees it change: its file is unlinked
+  instead, and its mapping keeps the old pages.
 * Results (task -> client): the task process writes into a directory of its own, then
   renames the finished file into the client's directory (the job spec's ``shm`` address,
   used only when the client is on this machine and its directory is visible here) and
@@ -48,6 +56,7 @@ are read from the server by ``attach``. ``MINIRAY_SHM=0`` turns all of it off.
 from __future__ import annotations
 
 import atexit
+import fcntl
 import mmap
 import os
 import pickle
@@ -59,6 +68,7 @@ import struct
 import tempfile
 import threading
 import time
+import weakref
 
 from .inbox import host_id
 from .scratch import _pid_namespace, remove_dead
@@ -74,10 +84,13 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _MAX_MARK = 4096  # a reference frame is shorter; a real out-of-band frame is far longer
 
 #: bytes this process placed in and attached from shared memory (tests and the bench read it)
-stats = {"placed": 0, "attached": 0, "mapped_args": 0}
+stats = {"placed": 0, "attached": 0, "mapped_args": 0, "reused": 0}
 _doomed: queue.SimpleQueue = queue.SimpleQueue()  # paths to unlink (see Segments.free)
 _unlinker: threading.Thread | None = None
 _own: set = set()  # this process's executor directories (only these may be attached from)
+_segments: "weakref.WeakSet" = weakref.WeakSet()  # live Segments (their pools are trimmed)
+POOL_FILES = 4  # freed argument files an executor keeps to write again (see Segments.free)
+POOL_IDLE = 5.0  # seconds a kept file waits to be written again before it is unlinked
 _lock = threading.Lock()
 
 
@@ -134,19 +147,23 @@ def _new_dir() -> str:
     return tempfile.mkdtemp(prefix=f"miniray-shm-{_pid_namespace()}-{os.getpid()}-", dir=ROOT)
 
 
-def _write(path: str, buf) -> None:
-    """``buf`` into a new file at ``path`` (mode 0600), once."""
+def _write(path: str, buf, fd: int | None = None) -> None:
+    """``buf`` into a new file at ``path`` (mode 0600), once; or, with ``fd`` (open for
+    writing, exclusively locked: see ``Segments._reusable``), over the file's old content."""
     view = memoryview(buf).cast("B")
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    if fd is None:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     try:
         at, n = 0, view.nbytes
+        if os.fstat(fd).st_size != n:
+            os.ftruncate(fd, n)
         while at < n:
-            at += os.write(fd, view[at:at + (1 << 30)])
+            at += os.pwrite(fd, view[at:at + (1 << 30)], at)
     except BaseException:
         os.close(fd)
         _unlink(path)
         raise
-    os.close(fd)
+    os.close(fd)  # (and with it the exclusive lock)
 
 
 def _unlink(path: str) -> None:
@@ -158,7 +175,11 @@ def _unlink(path: str) -> None:
 
 def _unlink_loop() -> None:
     while True:
-        _unlink(_doomed.get())
+        try:
+            _unlink(_doomed.get(timeout=POOL_IDLE / 2))
+        except queue.Empty:
+            for seg in list(_segments):
+                seg.trim()
 
 
 def _map(path: str, size: int, writable: bool) -> memoryview:
@@ -166,6 +187,8 @@ def _map(path: str, size: int, writable: bool) -> memoryview:
     instead of a fault per few pages: about 10% of a 100 MB argument's trip)."""
     fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
     try:
+        if not writable:  # an argument: not to be written again while mapped (see the top)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # (held by the mapping's copy of fd)
         if os.fstat(fd).st_size != size:
             raise ValueError(f"{path} holds {os.fstat(fd).st_size} bytes, not {size}")
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
@@ -183,8 +206,11 @@ class Segments:
         self.dir = _new_dir()
         self.address = f"{host_id()}:{self.dir}"
         self.min_bytes = max(1, min_bytes)
+        self._pool: list = []  # (monotonic time freed, path): argument files to write again
+        self._pool_lock = threading.Lock()
         with _lock:
             _own.add(self.dir)
+            _segments.add(self)
 
     @classmethod
     def open(cls, min_bytes: int) -> "Segments | None":
@@ -205,9 +231,9 @@ class Segments:
             size = memoryview(f).nbytes
             if size < self.min_bytes:
                 continue
-            path = os.path.join(self.dir, "a-" + os.urandom(8).hex())
+            path, fd = self._reusable()
             try:
-                _write(path, f)
+                _write(path, f, fd)
             except OSError:  # full (tmpfs size) or gone: this one through the server
                 continue
             if out is None:
@@ -217,21 +243,62 @@ class Segments:
             stats["placed"] += size
         return (frames if out is None else out), paths
 
-    def free(self, paths) -> None:
-        """Unlink ``paths``, off the caller's thread (freeing 100 MB of tmpfs pages takes
-        about 10 ms, and the caller is often a ``result()`` on its way back to the user)."""
+    def _reusable(self) -> tuple[str, int | None]:
+        """A kept argument file that no task maps any more, open and exclusively locked;
+        else a new name (and None). Kept files some task still maps are unlinked."""
+        while True:
+            with self._pool_lock:
+                if not self._pool:
+                    return os.path.join(self.dir, "a-" + os.urandom(8).hex()), None
+                _, path = self._pool.pop()
+            try:
+                fd = os.open(path, os.O_WRONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a task keeps its argument: its pages stay as they are
+                os.close(fd)
+                _doomed.put(path)
+                continue
+            stats["reused"] += 1
+            return path, fd
+
+    def free(self, paths, reuse: bool = False) -> None:
+        """Unlink ``paths`` (argument files), or with ``reuse`` (their chunk ended with its
+        results) keep up to ``POOL_FILES`` of them to be written again for ``POOL_IDLE``
+        seconds; unlinks happen off the caller's thread (freeing 100 MB of
+        tmpfs pages takes about 10 ms, and the caller is often a ``result()`` on its way back
+        to the user)."""
         global _unlinker
         with _lock:
             if _unlinker is None or not _unlinker.is_alive():
                 _unlinker = threading.Thread(target=_unlink_loop, daemon=True,
                                              name="miniray-shm-free")
                 _unlinker.start()
+        now = time.monotonic()
         for path in paths:
+            with self._pool_lock:
+                if reuse and len(self._pool) < POOL_FILES:
+                    self._pool.append((now, path))
+                    continue
+            _doomed.put(path)
+
+    def trim(self, idle: float = POOL_IDLE) -> None:
+        """Unlink the kept files that waited ``idle`` seconds or more."""
+        old = time.monotonic() - idle
+        with self._pool_lock:
+            stale = [p for t, p in self._pool if t <= old]
+            self._pool = [(t, p) for t, p in self._pool if t > old]
+        for path in stale:
             _doomed.put(path)
 
     def close(self) -> None:
         with _lock:
             _own.discard(self.dir)
+            _segments.discard(self)
+        with self._pool_lock:
+            self._pool = []
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -31,3 +31,25 @@ def die_once_holding(a, marker):
         f.write(str(os.getpid()))
     os.rename(marker + ".tmp", marker)
     time.sleep(60)
+
+
+
+def _kept() -> list:
+    """This process's kept arguments (on ``sys``: the functions may travel by value, each
+    with its own copy of this module's globals)."""
+    import sys
+
+    if not hasattr(sys, "_miniray_test_kept"):
+        sys._miniray_test_kept = []
+    return sys._miniray_test_kept
+
+
+def keep(a):
+    """Keeps its argument past its task (as a cache would); returns its sum."""
+    _kept().append(a)
+    return float(a.sum())
+
+
+def kept_sums():
+    """The sums of the arguments ``keep`` kept in this process, as they are now."""
+    return [float(a.sum()) for a in _kept()]

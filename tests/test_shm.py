@@ -62,13 +62,41 @@ def test_a_50mb_argument_and_result_go_through_shared_memory_and_are_freed(every
         assert shm.stats["placed"] - before["placed"] >= a.nbytes  # the client wrote it once
         assert shm.stats["attached"] - before["attached"] >= a.nbytes  # and mapped the result
         where = ex._shm.dir
-        # the result's file was unlinked when it was mapped, the argument's when the task ended
-        wait_for(lambda: _files(where) == [], timeout=10, what="the files to go")
+        # the result's file was unlinked when it was mapped; the argument's is kept for the
+        # next argument a while (see the next test), then unlinked
+        wait_for(lambda: _files(where) == [], timeout=shm.POOL_IDLE + 10,
+                 what="the files to go")
     assert not os.path.exists(where)  # the executor's directory goes with it
     # the value the user holds stays valid after every file is gone (and is writable)
     assert float(doubled.sum()) == 2 * total
     doubled[0] = 7.0
     assert doubled[0] == 7.0
+
+
+def test_an_argument_file_is_written_again_unless_a_task_still_maps_it(every_worker_here):
+    """A freed argument's file is written again for the next argument (no fresh tmpfs pages
+    to zero), but never while a task process still maps it: a task that kept its argument
+    sees it unchanged."""
+    cluster = every_worker_here
+    cluster.start_worker(name="solo")  # one task process runs everything below
+    ones, twos = np.ones(1 << 18), np.full(1 << 18, 2.0)  # 2 MB each
+    with cluster.executor() as ex:
+        assert ex.submit(shm_tasks.keep, ones).result(timeout=60) == ones.sum()
+        reused = shm.stats["reused"]
+        doubled, _, mapped = ex.submit(shm_tasks.double, twos).result(timeout=60)
+        assert np.array_equal(doubled, twos * 2) and mapped >= 2 * ones.nbytes
+        assert shm.stats["reused"] == reused  # the kept argument's file was not written again
+        assert ex.submit(shm_tasks.kept_sums).result(timeout=60) == [ones.sum()]
+        # double's argument was dropped by its task: its file is written again, exactly
+        for value in (3.0, 4.0):
+            arg = np.full(1 << 18, value)
+            doubled, _, _ = ex.submit(shm_tasks.double, arg).result(timeout=60)
+            assert np.array_equal(doubled, arg * 2)
+        assert shm.stats["reused"] >= reused + 2
+        assert 1 <= len(_files(ex._shm.dir)) <= shm.POOL_FILES
+        # kept files nobody writes again are unlinked after a while
+        wait_for(lambda: _files(ex._shm.dir) == [], timeout=shm.POOL_IDLE + 10,
+                 what="the kept files to go")
 
 
 def test_map_results_through_shared_memory_leave_nothing(cluster):
