@@ -188,7 +188,10 @@ def _map(path: str, size: int, writable: bool) -> memoryview:
     fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
     try:
         if not writable:  # an argument: not to be written again while mapped (see the top)
-            fcntl.flock(fd, fcntl.LOCK_SH)  # (held by the mapping's copy of fd)
+            try:  # (held by the mapping's copy of fd)
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # the client writes the next argument there
+                raise ValueError(f"{path} is being written again: its chunk had ended") from None
         if os.fstat(fd).st_size != size:
             raise ValueError(f"{path} holds {os.fstat(fd).st_size} bytes, not {size}")
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
