@@ -295,7 +295,8 @@ class Executor(_BaseExecutor):
     ``initializer(*initargs)`` runs once in each task process before the first task of this
     job there; if it raises, those tasks fail with ``InitializerError`` (a ``BrokenExecutor``).
     All tasks of one executor form one job: its ``priority`` (higher runs first), ``limits``
-    and ``env`` (extra environment variables) apply to every task.
+    (a ``Limits``, or a dict of its fields; comma's names too) and ``env`` (extra environment
+    variables) apply to every task.
 
     ``keep=True``: the job outlives this process. If it dies, the job runs on for
     ``MINIRAY_KEEP_GRACE_SECONDS`` and its results are stored on the cluster for
