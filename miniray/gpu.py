@@ -126,7 +126,8 @@ def _visible_tokens(cvd: str) -> tuple[list, str]:
 
 def _resolve(tokens, nv, strict: bool, origin: str) -> tuple[list, list]:
     """GPUs for ``tokens`` (indices, UUIDs or their prefixes, PCI bus ids), and notes on
-    the ones NVML does not know (kept with no telemetry; ``strict``: refused instead)."""
+    the ones NVML does not know (kept, with no telemetry); ``strict``: a token that is none
+    of those (a PCI bus id NVML does not list, a typo) is refused."""
     table = _table(nv) if nv is not None else None
     found: list = []
     unknown: list = []
@@ -153,13 +154,15 @@ def _resolve(tokens, nv, strict: bool, origin: str) -> tuple[list, list]:
             name = tok if (tok.isdigit() or _is_uuid(tok)) else (row[1] or str(row[0]))
             found.append(Gpu(row[0], name, row[1], row[2]))
             continue
-        if strict and (table is not None or not (tok.isdigit() or _is_uuid(tok))):
-            listed = ", ".join(f"{r[0]} ({r[1]})" for r in table or ())
+        if strict and not (tok.isdigit() or _is_uuid(tok)):
+            listed = ", ".join(f"{r[0]} ({r[1]}, {r[2]})" for r in table or ())
             raise ConfigurationError(
                 f"{origin} {tok!r}: no such GPU; "
                 + (f"NVML lists {listed or 'none'}" if table is not None else
                    "without NVML only indices (0,1) and UUIDs (GPU-...) can be given")
                 + "; give indices as nvidia-smi numbers them, UUIDs or PCI bus ids")
+        # an index or UUID NVML does not list is kept (a simulated GPU, a view NVML lacks),
+        # with no telemetry and a note in the worker's log
         if tok.isdigit():
             found.append(Gpu(int(tok), tok))
         else:
@@ -203,7 +206,7 @@ def own(spec=None, env=None) -> Owned:
         else:
             tokens = [str(int(x)) for x in spec]
         nv = _nvml()
-        gpus, _ = _resolve(tokens, nv, strict=True, origin="--gpus")
+        gpus, notes = _resolve(tokens, nv, strict=True, origin="--gpus")
         if cvd is not None:
             allowed, _ = _resolve(_visible_tokens(cvd)[0], nv, strict=False,
                                   origin="CUDA_VISIBLE_DEVICES")
@@ -215,7 +218,8 @@ def own(spec=None, env=None) -> Owned:
                     f"was started with (CUDA_VISIBLE_DEVICES={cvd}); --gpus names GPUs as "
                     "nvidia-smi does, never relative to CUDA_VISIBLE_DEVICES. Give some of "
                     "those, or leave --gpus out to own all of them")
-        return Owned(tuple(gpus), "--gpus", f"GPUs {_names(gpus)} (--gpus {spec})")
+        return Owned(tuple(gpus), "--gpus", f"GPUs {_names(gpus)} (--gpus {spec}"
+                                            f"{''.join('; ' + n for n in notes)})")
     nv = _nvml()
     if cvd is not None:
         tokens, ignored = _visible_tokens(cvd)

@@ -99,8 +99,12 @@ def test_gpus_flag_wins_but_stays_inside_the_allocation(nvml):
     with pytest.raises(ConfigurationError, match=r"--gpus 0: 0 is not among the GPUs .*"
                        r"CUDA_VISIBLE_DEVICES=2,3.*never relative"):
         gpu.own("0", env)
-    with pytest.raises(ConfigurationError, match=r"--gpus '7': no such GPU; NVML lists 0 \("):
-        gpu.own("7", {})
+    with pytest.raises(ConfigurationError, match=r"--gpus '0000:99:00.0': no such GPU; NVML "
+                       r"lists 0 \("):
+        gpu.own("0000:99:00.0", {})
+    o = gpu.own("7", {})  # not one NVML lists (a simulated GPU): kept, said, no telemetry
+    assert o.ids == [7] and "7 is not one NVML lists" in o.note
+    assert gpu.telemetry(o.gpus) == [{"index": 7}]
     assert gpu.own("0,1", {}).ids == [0, 1]  # no allocation: any GPU NVML lists
 
 
