@@ -15,8 +15,8 @@ import difflib
 
 from .errors import ConfigurationError
 
-__all__ = ["LIMIT_NAMES", "NO_EQUIVALENT", "EXCEPTION_TYPES", "FMAP_BUFFERSIZE",
-           "translate_limits"]
+__all__ = ["LIMIT_NAMES", "NO_EQUIVALENT", "EXCEPTION_TYPES", "EXECUTOR_ARGS",
+           "FMAP_BUFFERSIZE", "translate_limits", "refuse_executor_args"]
 
 # Executor.fmap's default bound, in chunks unfinished at once. comma's fmap writes 1000 tasks
 # at a time and never stops; here the input is read as results come back, so a generator
@@ -70,6 +70,31 @@ EXCEPTION_TYPES = {
     "VenvSyncError": (None, "none: miniray builds no environment per job; SSHCluster's "
                       "pre-flight raises SSHPreflightError when a host's packages differ"),
 }
+
+
+# comma's Executor keywords miniray has no use for, and what to do instead
+EXECUTOR_ARGS = {
+    "config": "pass its fields as keywords: Executor(job_name=..., priority=..., "
+              "limits=..., env=...)",
+    "codedir": "drop it: functions travel pickled by value (modules next to the notebook "
+               "too), so workers need no shared code directory",
+    "use_local_codedir": "drop it: functions travel pickled by value (modules next to the "
+                         "notebook too), so there is no code directory to sync",
+    "force_local": "Executor() with no address (and no MINIRAY_REDIS_URL) is local; to use "
+                   "the local cluster whatever is set, Executor(redis_url=miniray.init().url)",
+    "redis_host": "give a URL: Executor(redis_url='redis://:PASSWORD@HOST:6379'), or set "
+                  "MINIRAY_REDIS_URL",
+    "queue_name": "drop it: each executor is a job of its own; order jobs with priority=",
+}
+
+
+def refuse_executor_args(given: dict) -> None:
+    """``Executor(**given)`` for keywords it does not take: a TypeError saying what to do
+    (comma's keywords) or naming the keyword (anything else, as Python would)."""
+    name = next(iter(given))
+    if name in EXECUTOR_ARGS:
+        raise TypeError(f"Executor({name}=...) is comma's miniray; here: {EXECUTOR_ARGS[name]}")
+    raise TypeError(f"Executor() got an unexpected keyword argument {name!r}")
 
 
 def translate_limits(given: dict, fields) -> dict:

@@ -33,11 +33,11 @@ from concurrent.futures import Executor as _BaseExecutor
 from concurrent.futures import Future
 
 from . import cache as _cache
+from . import comma as _comma
 from . import feeding as _feeding
 from . import keep as _kept
 from . import observe
 from .broker import Broker, _redact, connect, job_ttl
-from .comma import FMAP_BUFFERSIZE
 from .config import settings
 from .inbox import Inbox
 from .errors import (
@@ -307,7 +307,9 @@ class Executor(_BaseExecutor):
     def __init__(self, redis_url: str | None = None, job_name: str | None = None,
                  priority: int = 1, limits: Limits | dict | None = None, env: dict | None = None,
                  max_workers: int | None = None, initializer=None, initargs: tuple = (),
-                 keep: bool = False):
+                 keep: bool = False, **unknown):
+        if unknown:  # comma's config=, codedir=, force_local=...: say what to do instead
+            _comma.refuse_executor_args(unknown)
         self._settings = s = settings()
         if max_workers is not None and (isinstance(max_workers, bool)
                                         or not isinstance(max_workers, int) or max_workers <= 0):
@@ -514,7 +516,7 @@ class Executor(_BaseExecutor):
             out += submit(kind, batch)[1]
         return out
 
-    def fmap(self, fn, *iterables, chunksize: int = 1, buffersize: int = FMAP_BUFFERSIZE):
+    def fmap(self, fn, *iterables, chunksize: int = 1, buffersize: int = _comma.FMAP_BUFFERSIZE):
         """comma's ``fmap``: one future per item, in order, submitted lazily from a feeder
         thread, at most ``buffersize`` chunks unfinished at a time: ``map_futures(...,
         buffersize=buffersize)`` (a ``FutureStream``; see there)."""

@@ -62,6 +62,17 @@ def test_executor_refuses_a_bad_limits_before_it_connects():
         miniray.Executor(redis_url="redis://127.0.0.1:1", limits=["memory", 4])
 
 
+@pytest.mark.parametrize("given, says", [
+    ({"use_local_codedir": True}, "drop it: functions travel pickled by value"),
+    ({"force_local": True}, r"redis_url=miniray.init\(\).url"),
+    ({"redis_host": "redis.comma.internal"}, "redis_url='redis://:PASSWORD@HOST:6379'"),
+    ({"jobname": "x"}, "unexpected keyword argument 'jobname'"),
+])
+def test_comma_executor_keywords_say_what_to_do_instead(given, says):
+    with pytest.raises(TypeError, match=says):
+        miniray.Executor(redis_url="redis://127.0.0.1:1", **given)
+
+
 def test_a_comma_limits_dict_reaches_the_tasks_and_any_failure_is_caught(cluster):
     cluster.start_worker("--slots", "2")
     with cluster.executor(limits={**COMMA_DEFAULTS, "timeout_seconds": 1}) as ex:
