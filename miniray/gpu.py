@@ -84,12 +84,23 @@ def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _table(nv) -> list:
-    """(index, uuid, bus id) of every GPU NVML lists, in its (PCI bus) order."""
+def _table(nv) -> list | None:
+    """(index, uuid, bus id) of every GPU NVML lists, in its (PCI bus) order; None when
+    NVML cannot count them (a GPU it cannot open is listed with no UUID or bus id)."""
+    if nv is None:
+        return None
+    try:
+        count = nv.nvmlDeviceGetCount()
+    except Exception:
+        return None
     rows = []
-    for i in range(nv.nvmlDeviceGetCount()):
-        h = nv.nvmlDeviceGetHandleByIndex(i)
+    for i in range(count):
         uuid = bus = None
+        try:
+            h = nv.nvmlDeviceGetHandleByIndex(i)
+        except Exception:  # fallen off the bus, or not ours to open
+            rows.append((i, None, None))
+            continue
         try:
             uuid = _text(nv.nvmlDeviceGetUUID(h))
         except Exception:
@@ -128,7 +139,7 @@ def _resolve(tokens, nv, strict: bool, origin: str) -> tuple[list, list]:
     """GPUs for ``tokens`` (indices, UUIDs or their prefixes, PCI bus ids), and notes on
     the ones NVML does not know (kept, with no telemetry); ``strict``: a token that is none
     of those (a PCI bus id NVML does not list, a typo) is refused."""
-    table = _table(nv) if nv is not None else None
+    table = _table(nv)
     found: list = []
     unknown: list = []
     notes: list = []
@@ -225,14 +236,15 @@ def own(spec=None, env=None) -> Owned:
         tokens, ignored = _visible_tokens(cvd)
         gpus, notes = _resolve(tokens, nv, strict=False, origin="CUDA_VISIBLE_DEVICES")
         why = f"CUDA_VISIBLE_DEVICES={cvd!r}{ignored}"
-        if not nv:
+        if nv is None:
             why += f"; NVML unavailable ({_nvml_state.get('why')}): no telemetry"
         return Owned(tuple(gpus), "CUDA_VISIBLE_DEVICES",
                      f"GPUs {_names(gpus) or 'none'} ({why}{''.join('; ' + n for n in notes)})")
-    if nv is None:
-        return Owned((), "none", f"no GPU: NVML unavailable ({_nvml_state.get('why')}); "
-                                 "running CPU-only")
-    gpus = [Gpu(i, str(i), uuid, bus) for i, uuid, bus in _table(nv)]
+    table = _table(nv)
+    if table is None:
+        why = _nvml_state.get("why") if nv is None else "it cannot count the GPUs"
+        return Owned((), "none", f"no GPU: NVML unavailable ({why}); running CPU-only")
+    gpus = [Gpu(i, str(i), uuid, bus) for i, uuid, bus in table]
     return Owned(tuple(gpus), "NVML", f"GPUs {_names(gpus) or 'none'} found with NVML "
                                       "(no --gpus, no CUDA_VISIBLE_DEVICES)")
 
