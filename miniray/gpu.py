@@ -57,7 +57,7 @@ class Gpu:
 
     ``id``: its key in the worker's pool and its ``index`` in telemetry: NVML's index (PCI
     bus order) when NVML knows the GPU, else the index it was given (or the next free number
-    for a UUID NVML cannot tell). ``name``: how a task's ``CUDA_VISIBLE_DEVICES`` names it.
+    past NVML's for a UUID NVML cannot tell, or a MIG instance). ``name``: how a task's ``CUDA_VISIBLE_DEVICES`` names it.
     """
 
     id: int
