@@ -6,7 +6,10 @@ heartbeats carried (with the job holding the GPU while the task ran).
 
 The task uses the first GPU library it can: torch, cupy, numba, else the CUDA driver itself
 (libcuda through ctypes), else NVML; it prints which. CUDA must see exactly one device, the one
-NVML knows by the index in ``CUDA_VISIBLE_DEVICES`` (same UUID). Without a GPU it prints
+NVML knows by the index or UUID in ``CUDA_VISIBLE_DEVICES`` (same UUID). It prints which GPUs
+the workers own and why (``--gpus``, the ``CUDA_VISIBLE_DEVICES`` they were started with, or
+NVML's list): run it as ``CUDA_VISIBLE_DEVICES=GPU-... python bench/gpu_check.py`` to check
+a worker inside an allocation. Without a GPU it prints
 "no GPU here: NVML unavailable (...)" after showing the CPU-only path (a ``Limits(gpus=0)`` task
 sees ``CUDA_VISIBLE_DEVICES=""``) and exits 0. Exit status 1 means a check failed.
 """
@@ -174,6 +177,8 @@ def print_gpus(ex, title):
     for w in ex.workers():
         gpus = w.get("gpus") or []
         print(f"  {w.get('name')}: {len(gpus) or 'no'} GPU(s)")
+        if w.get("gpu_note"):  # which GPUs it owns and why: --gpus, CUDA_VISIBLE_DEVICES, NVML
+            print(f"    owns: {w['gpu_note']}")
         for g in gpus:
             print(f"    {format_gpu(g)}")
 
@@ -215,13 +220,14 @@ def gpu_path(cluster, seconds, failures):
             seen = "?" if res.get("count") is None else res["count"]
             print(f"  {res['path']} sees {seen} device(s): {res.get('device')} "
                   f"{res.get('uuid') or ''}")
-        one = visible is not None and visible.isdigit()
-        check(one, "the task got exactly one GPU index", failures)
+        # an index, or the UUID the worker was given in its CUDA_VISIBLE_DEVICES
+        one = bool(visible) and "," not in visible
+        check(one, "the task got exactly one GPU", failures)
         check(res["path"] is not None, "a GPU library ran in the task", failures)
         if res.get("count") is not None:
             check(res["count"] == 1, "CUDA sees exactly one device", failures)
-        if one and res.get("uuid"):
-            want = nvml_uuid(int(visible))
+        if one and res.get("uuid") and (visible.isdigit() or visible.startswith("GPU-")):
+            want = nvml_uuid(int(visible)) if visible.isdigit() else visible
             check(res["uuid"].lower() == want.lower(),
                   f"it is NVML's GPU {visible} ({want}); if not, set CUDA_DEVICE_ORDER=PCI_BUS_ID",
                   failures)
@@ -234,7 +240,9 @@ def gpu_path(cluster, seconds, failures):
             if util or mem:
                 print(f"  while held: util max {max(util, default=0)}%, memory max "
                       f"{format_bytes(max(mem, default=0))}")
-        check(bool(held) and (not one or held[-1][1]["index"] == int(visible)),
+        mine = held[-1][1] if held else {}
+        check(bool(held) and (not one or str(mine.get("index")) == visible
+                              or (mine.get("uuid") or "").lower() == visible.lower()),
               "a heartbeat named this job on the task's GPU (raise --seconds if not)", failures)
         deadline = time.monotonic() + 5  # the next heartbeat shows the GPU free again
         while time.monotonic() < deadline and any(
@@ -250,7 +258,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     count, why = nvml_status()
-    print(f"NVML discovery: {gpu.discover()[1]}")
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    print(f"CUDA_VISIBLE_DEVICES here: {'(unset)' if cvd is None else repr(cvd)}")
+    print(f"GPUs a worker started here owns: {gpu.own().note}")
     cluster = miniray.init(workers=1)
     failures: list = []
     try:

@@ -29,6 +29,7 @@ _EXPORTS = {
     "PayloadTooLargeError": "errors",
     "ServerError": "errors",
     "ServerLostError": "errors",
+    "TaskError": "errors",
     "TaskTimeoutError": "errors",
     "MemoryLimitError": "errors",
     "TaskCrashedError": "errors",

@@ -12,18 +12,20 @@ itself has to report::
      │                                              server's memory (its maxmemory)
      ├── ServerError             (ConnectionError)  the Redis server cannot be started/reached
      │    └── ServerLostError                       the server went away while work was pending
-     ├── TaskTimeoutError        (TimeoutError)     over Limits.timeout_seconds; tree was killed
-     ├── MemoryLimitError        (MemoryError)      over Limits.memory_gb; tree was killed
-     ├── TaskCrashedError                           the task's process died (signal, os._exit)
-     ├── WorkerLostError                            its worker died, retries were used up
-     ├── JobAbandonedError                          the cluster gave the job up: it heard
-     │                                              nothing from the executor for its grace
+     ├── TaskError                                  a task did not finish, for a reason of
+     │    │                                         miniray's (not the task's own exception)
+     │    ├── TaskTimeoutError   (TimeoutError)     over Limits.timeout_seconds; tree was killed
+     │    ├── MemoryLimitError   (MemoryError)      over Limits.memory_gb; tree was killed
+     │    ├── TaskCrashedError                      the task's process died (signal, os._exit)
+     │    ├── WorkerLostError                       its worker died, retries were used up
+     │    ├── JobAbandonedError                     the cluster gave the job up: it heard
+     │    │                                         nothing from the executor for its grace
+     │    └── InitializerError   (BrokenExecutor)   the executor's initializer raised
      ├── JobNotFoundError        (LookupError)      no such job on the cluster, or it ended
      │                                              and was forgotten (miniray.attach)
      ├── JobNotKeptError                            the job was not kept: its results went to
      │                                              its owner only (miniray.attach)
      ├── JobCancelledError       (CancelledError)   the job was cancelled while the task ran
-     ├── InitializerError        (BrokenExecutor)   the executor's initializer raised
      ├── RerunError                                 future.rerun_locally() cannot re-run the
      │                                              task (it did not fail; what it needs is gone)
      ├── TritonError                                the node's Triton server is missing, not
@@ -45,6 +47,10 @@ itself has to report::
 
 ``RerunSucceededWarning`` (a ``UserWarning``): a failed task re-run here did not fail.
 
+Any failed task: ``future.exception()`` is not None, or ``except Exception`` around
+``future.result()`` (a task's own ``SystemExit``/``KeyboardInterrupt`` comes back as itself, as
+with ``ProcessPoolExecutor``); ``except TaskError`` keeps only miniray's own reasons.
+
 Builtin ``concurrent.futures.CancelledError`` and ``TimeoutError`` are what ``Future``
 raises for a cancelled future or an elapsed ``result(timeout=...)``, as with any executor.
 """
@@ -60,6 +66,7 @@ __all__ = [
     "PayloadTooLargeError",
     "ServerError",
     "ServerLostError",
+    "TaskError",
     "TaskTimeoutError",
     "MemoryLimitError",
     "TaskCrashedError",
@@ -115,23 +122,29 @@ class ServerLostError(ServerError):
     """The connection to the server was lost while futures were pending."""
 
 
-class TaskTimeoutError(MinirayError, TimeoutError):
+class TaskError(MinirayError):
+    """A task did not finish for a reason of miniray's: over a limit, its process or worker
+    died, its job was given up, its initializer raised. (A task's own exception comes back
+    as itself; ``except Exception`` catches both.)"""
+
+
+class TaskTimeoutError(TaskError, TimeoutError):
     """The task ran past ``Limits.timeout_seconds``; its process tree was killed."""
 
 
-class MemoryLimitError(MinirayError, MemoryError):
+class MemoryLimitError(TaskError, MemoryError):
     """The task went over ``Limits.memory_gb``; its process tree was killed."""
 
 
-class TaskCrashedError(MinirayError):
+class TaskCrashedError(TaskError):
     """The process running the task died (a signal such as SIGSEGV, or ``os._exit``)."""
 
 
-class WorkerLostError(MinirayError):
+class WorkerLostError(TaskError):
     """The worker holding the task stopped heartbeating and the retries were used up."""
 
 
-class JobAbandonedError(MinirayError):
+class JobAbandonedError(TaskError):
     """The cluster gave this executor's job up: it heard nothing from the executor for longer
     than ``MINIRAY_CLIENT_GRACE_SECONDS`` (a laptop asleep, a process stopped in a debugger),
     so it dropped the job's queued tasks and unread results. The executor stays usable."""
@@ -149,7 +162,7 @@ class JobCancelledError(MinirayError, CancelledError):
     """The task's job was cancelled while the task was running."""
 
 
-class InitializerError(MinirayError, BrokenExecutor):
+class InitializerError(TaskError, BrokenExecutor):
     """The executor's ``initializer`` raised in a task process; its tasks there cannot run."""
 
 

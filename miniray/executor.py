@@ -33,6 +33,7 @@ from concurrent.futures import Executor as _BaseExecutor
 from concurrent.futures import Future
 
 from . import cache as _cache
+from . import comma as _comma
 from . import feeding as _feeding
 from . import keep as _kept
 from . import observe
@@ -50,7 +51,7 @@ from .errors import (
     WorkerLostError,
 )
 from .keys import Keys
-from .limits import Limits
+from .limits import Limits, as_limits
 from .outcomes import MISSING, cancel_future as _cancel, cancel_ref as _cancel_ref
 from .outcomes import failures as _failures, force_cancel as _force_cancel, place as _place
 from .outcomes import stop_chunks as _stop_chunks
@@ -294,7 +295,8 @@ class Executor(_BaseExecutor):
     ``initializer(*initargs)`` runs once in each task process before the first task of this
     job there; if it raises, those tasks fail with ``InitializerError`` (a ``BrokenExecutor``).
     All tasks of one executor form one job: its ``priority`` (higher runs first), ``limits``
-    and ``env`` (extra environment variables) apply to every task.
+    (a ``Limits``, or a dict of its fields; comma's names too) and ``env`` (extra environment
+    variables) apply to every task.
 
     ``keep=True``: the job outlives this process. If it dies, the job runs on for
     ``MINIRAY_KEEP_GRACE_SECONDS`` and its results are stored on the cluster for
@@ -303,17 +305,16 @@ class Executor(_BaseExecutor):
     """
 
     def __init__(self, redis_url: str | None = None, job_name: str | None = None,
-                 priority: int = 1, limits: Limits | None = None, env: dict | None = None,
+                 priority: int = 1, limits: Limits | dict | None = None, env: dict | None = None,
                  max_workers: int | None = None, initializer=None, initargs: tuple = (),
-                 keep: bool = False):
+                 keep: bool = False, **unknown):
+        if unknown:  # comma's config=, codedir=, force_local=...: say what to do instead
+            _comma.refuse_executor_args(unknown)
         self._settings = s = settings()
         if max_workers is not None and (isinstance(max_workers, bool)
                                         or not isinstance(max_workers, int) or max_workers <= 0):
             raise ValueError("max_workers must be greater than 0")
-        if limits is None:
-            limits = Limits()
-        if not isinstance(limits, Limits):
-            raise ConfigurationError(f"limits must be a miniray.Limits, not {limits!r}")
+        limits = as_limits(limits)  # a Limits, None, or a dict (comma's names too)
         if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > 10**6:
             raise ConfigurationError(
                 f"priority must be a whole number between -1000000 and 1000000, not {priority!r}")
@@ -516,6 +517,12 @@ class Executor(_BaseExecutor):
         for kind, batch in _feeding.batches(iterables, chunksize):
             out += submit(kind, batch)[1]
         return out
+
+    def fmap(self, fn, *iterables, chunksize: int = 1, buffersize: int = _comma.FMAP_BUFFERSIZE):
+        """comma's ``fmap``: one future per item, in order, submitted lazily from a feeder
+        thread, at most ``buffersize`` chunks unfinished at a time: ``map_futures(...,
+        buffersize=buffersize)`` (a ``FutureStream``; see there)."""
+        return self.map_futures(fn, *iterables, chunksize=chunksize, buffersize=buffersize)
 
     def _futures_chunk(self, sha: str, kind: str, batch: list) -> tuple:
         """One ``map_futures`` chunk: its future, and its items' futures."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 
 from .errors import ConfigurationError
 
-__all__ = ["Limits"]
+__all__ = ["Limits", "as_limits"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,12 @@ class Limits:
     Limits(timeout_seconds=60, memory_gb=2, cpus=1, gpus=0, gpu_memory_gb=None, nodes=(), triton=False, keep_children=False)
     >>> Limits(gpu_memory_gb=4).gpus
     1
+
+    comma's miniray field names are read too where they mean the same (``memory`` GiB,
+    ``cpu_threads``, ``node_whitelist``; see ``miniray.comma``):
+
+    >>> Limits(memory=4, cpu_threads=2) == Limits(memory_gb=4, cpus=2)
+    True
     """
 
     timeout_seconds: float | None = None
@@ -101,3 +109,35 @@ class Limits:
             "req_gpu_mem": self.gpu_memory_mb,
             "req_triton": int(self.triton),
         }
+
+
+_FIELDS = tuple(f.name for f in fields(Limits))
+_dataclass_init = Limits.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init(self, *args, **kwargs):
+    if kwargs.keys() - set(_FIELDS):  # comma's names, or a mistake said plainly
+        from .comma import translate_limits
+
+        kwargs = translate_limits(kwargs, _FIELDS)
+    _dataclass_init(self, *args, **kwargs)
+
+
+Limits.__init__ = _init
+
+
+def as_limits(value) -> Limits:
+    """``Executor(limits=...)``: a ``Limits``, None (no limits), or a dict of field names
+    (miniray's or comma's; a comma ``Limits``' ``asdict()`` passes as it is)."""
+    if value is None:
+        return Limits()
+    if isinstance(value, Limits):
+        return value
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            raise ConfigurationError(f"limits={value!r}: its keys must be field names")
+        return Limits(**value)
+    raise ConfigurationError(
+        f"limits must be a miniray.Limits or a dict of its fields, not {value!r}; "
+        "e.g. limits=miniray.Limits(memory_gb=2) or limits={'memory': 2, 'cpu_threads': 1}")

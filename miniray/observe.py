@@ -16,7 +16,9 @@ A worker's heartbeat (``list_workers``) has: ``name``, ``host``, ``pid``, ``slot
 outcome is recorded), ``started`` (epoch seconds), ``cpus``; the machine's ``cpu_percent``,
 ``ram_used`` and ``ram_total``; the worker's own ``proc_cpu_percent`` (the worker process and
 its task processes, 100 = one core busy) and ``proc_rss`` (their resident memory, bytes);
-``isolation``; ``gpus`` (one dict per GPU, see ``format_gpu``), ``triton`` when it has one;
+``isolation``; ``gpus`` (one dict per GPU, see ``format_gpu``; ``uuid`` when known) and
+``gpu_note`` (which GPUs the worker owns and why: ``--gpus``, ``CUDA_VISIBLE_DEVICES`` or
+NVML, see ``miniray.gpu``), ``triton`` when it has one;
 and ``seen`` (the server's time of the heartbeat).
 """
 

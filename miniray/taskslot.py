@@ -16,6 +16,7 @@ import time
 from multiprocessing.connection import Connection
 
 from . import shm
+from .gpu import visible_devices
 from .isolation import MemoryCgroup, kill_tree
 from .taskproc import JOB_BYTES, PAGE_SIZE, PROGRESS
 
@@ -28,7 +29,7 @@ class TaskProcess:
     """A ``python -m miniray.taskproc`` child with its socket, progress page and cgroup."""
 
     def __init__(self, key: ProcKey, name: str, env: dict | None = None,
-                 hello: dict | None = None):
+                 hello: dict | None = None, gpu_names: dict | None = None):
         self.key = key
         memory_bytes, cpus, gpus = key
         parent_sock, child_sock = socket.socketpair()
@@ -48,8 +49,9 @@ class TaskProcess:
                 child_env["MINIRAY_TASK_RLIMIT_AS"] = str(memory_bytes)
         if cpus:
             child_env["MINIRAY_TASK_CPUS"] = ",".join(map(str, cpus))
-        # A task that asked for no GPU must not see one; one that did sees exactly its own.
-        child_env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus or ()))
+        # A task that asked for no GPU must not see one; one that did sees exactly its own,
+        # named as the worker was given them (UUIDs stay UUIDs: see miniray.gpu)
+        child_env["CUDA_VISIBLE_DEVICES"] = visible_devices(gpus, gpu_names)
         # ... numbered as NVML numbers them (CUDA's default order can differ on mixed nodes)
         child_env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         fd = child_sock.fileno()

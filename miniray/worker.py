@@ -128,7 +128,7 @@ class _Slot(threading.Thread):
 
     def new_proc(self, key, claiming: bool = True) -> TaskProcess:
         proc = TaskProcess(key, f"{self.w.name}-{self.index}", self.w.task_env,
-                           dict(self.hello(), claiming=claiming))
+                           dict(self.hello(), claiming=claiming), self.w.gpu_names)
         proc.set_flags(int(self.w.triton_ready()))
         return proc
 
@@ -658,14 +658,16 @@ class Worker:
         self.allowed_cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
             else list(range(os.cpu_count() or 1))
         self.ncpus = len(self.allowed_cpus)
-        self.gpu_ids, self.gpu_note = gpu_mod.discover(gpus)
+        owned = gpu_mod.own(gpus)  # --gpus, else CUDA_VISIBLE_DEVICES, else NVML's list
+        self.gpus_owned, self.gpu_note, self.gpu_ids = owned.gpus, owned.note, owned.ids
+        self.gpu_names = {g.id: g.name for g in owned.gpus}  # for tasks' CUDA_VISIBLE_DEVICES
         if gpu_memory_gb is not None:
             if gpu_memory_gb <= 0:
                 raise ConfigurationError(
                     f"--gpu-memory {gpu_memory_gb:g}: give each GPU's memory in GB, e.g. 80")
             capacity = {i: int(gpu_memory_gb * 1024) for i in self.gpu_ids}
         else:
-            capacity = gpu_mod.memory_totals(self.gpu_ids)
+            capacity = gpu_mod.memory_totals(self.gpus_owned)
         self.gpu_pool = gpu_mod.GpuPool(self.gpu_ids, capacity)
         self.gpu_claim_lock = threading.Lock()
         self.task_env = dict(os.environ)
@@ -744,7 +746,7 @@ class Worker:
 
         running = [job for job in (s.running_job() for s in self.slots) if job]
         busy = len(running)
-        gpus = gpu_mod.telemetry(self.gpu_ids)
+        gpus = gpu_mod.telemetry(self.gpus_owned)
         for slot in self.slots:  # which job holds each GPU (from its claim to its end)
             job, task = slot.running()
             job = job or next(iter(sorted(slot.jobs())), None)
@@ -767,7 +769,8 @@ class Worker:
             "cpu_percent": psutil.cpu_percent(None), "cpus": self.ncpus,
             "ram_used": mem.used, "ram_total": mem.total,
             "proc_cpu_percent": round(proc_cpu, 1), "proc_rss": proc_rss,
-            "isolation": self.isolation, "gpus": gpus, "shm": shm.domain(),
+            "isolation": self.isolation, "gpus": gpus, "gpu_note": self.gpu_note,
+            "shm": shm.domain(),
             **({"triton": self.triton.describe()} if self.triton is not None else {}),
         }
 
@@ -949,8 +952,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="miniray worker", description=__doc__.split("\n")[0])
     p.add_argument("--redis", default=None, help="server URL (default: MINIRAY_REDIS_URL)")
     p.add_argument("--slots", type=int, default=1, help="tasks run at once (default 1)")
-    p.add_argument("--gpus", default=None, help="GPU indices this worker owns, e.g. 0,1 "
-                   "(default: discovered with NVML; 'none' for none)")
+    p.add_argument("--gpus", default=None, help="GPUs this worker owns: indices as "
+                   "nvidia-smi numbers them, UUIDs or PCI bus ids, e.g. 0,1 (default: those in "
+                   "CUDA_VISIBLE_DEVICES, else every GPU NVML lists; 'none' for none)")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
                    help="memory of each GPU, for packing tasks with Limits(gpu_memory_gb=...) "
                    "(default: NVML's total; a GPU of unknown size takes one packed task)")

@@ -26,6 +26,9 @@ def wait_for(cond, timeout=20.0, what="condition"):
 
 def worker_env(url, namespace, extra=None):
     env = dict(os.environ)
+    # a worker owns the GPUs of the CUDA_VISIBLE_DEVICES it starts with: the tests say which
+    # (--gpus, extra), not the allocation the test run happens to be in
+    env.pop("CUDA_VISIBLE_DEVICES", None)
     env["MINIRAY_REDIS_URL"] = url
     env["MINIRAY_NAMESPACE"] = namespace
     # the tests' task module is importable by workers, as an installed module would be
