@@ -18,7 +18,8 @@ outcome is recorded), ``started`` (epoch seconds), ``cpus``; the machine's ``cpu
 its task processes, 100 = one core busy) and ``proc_rss`` (their resident memory, bytes);
 ``isolation``; ``gpus`` (one dict per GPU, see ``format_gpu``; ``uuid`` when known) and
 ``gpu_note`` (which GPUs the worker owns and why: ``--gpus``, ``CUDA_VISIBLE_DEVICES`` or
-NVML, see ``miniray.gpu``), ``triton`` when it has one;
+NVML, see ``miniray.gpu``), ``shm`` (which ``/dev/shm`` it sees: ``miniray.shm.domain``),
+``triton`` when it has one;
 and ``seen`` (the server's time of the heartbeat).
 """
 
