@@ -54,8 +54,8 @@ def header(p: dict, item: int | None = None, now: float | None = None) -> str:
     created, finished = p.get("created"), p.get("finished")
     ran = "" if not created else (
         f", started {observe._local_time(created, now)}, "
-        f"{'ran' if finished else 'running for'} "
-        f"{observe.format_duration((finished or now) - created)}")
+        + (f"ran {observe.format_duration(finished - created)}" if finished
+           else f"open for {observe.format_duration(now - created)}"))
     which = "" if item is None else f"; only item {item}"
     return (f"job {p['job']} {p['name']!r}: {describe(p)}{ran}{which}\n"
             "(each line: time worker[item] stream: text)")

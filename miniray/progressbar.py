@@ -296,6 +296,7 @@ class _Run:
         self.tally, self.desc, self.total, self.errors = tally, desc, total, errors
         self.file = sys.stderr if file is None else file
         self.kwargs = tqdm_kwargs
+        self.started = time.time()  # (the work started now: its rate counts from here)
 
     def _bar(self):
         from tqdm import tqdm
@@ -306,11 +307,13 @@ class _Run:
         if not tty:  # a line now and then, in plain characters, of a fixed width
             kw.update(mininterval=LINE_SECONDS, maxinterval=LINE_SECONDS, ascii=True, ncols=100)
         kw.update(self.kwargs)
-        return tqdm(**kw)
+        bar = tqdm(**kw)
+        bar.start_t = min(bar.start_t, self.started)  # (tqdm's clock is time.time too)
+        return bar
 
     def _sync(self, bar) -> None:
         done, failed, cancelled = self.tally.counts()
-        n = done + failed + cancelled
+        n = done + failed  # (cancelled items did not run: the bar does not fill for them)
         post = f"done={done}, failed={failed}" + (f", cancelled={cancelled}" if cancelled else "")
         if n != bar.n or post != bar.postfix:
             bar.set_postfix_str(post, refresh=False)
