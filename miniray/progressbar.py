@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Collection
 
 from .errors import ConfigurationError, JobCancelledError
 
@@ -69,6 +70,8 @@ def progress(items, desc: str | None = None, total: int | None = None, *,
     if timeout is not None and not (isinstance(timeout, (int, float)) and timeout >= 0):
         raise ConfigurationError(f"progress(timeout={timeout!r}): give seconds >= 0, or None "
                                  "to wait as long as the items take")
+    if isinstance(items, Collection) and not isinstance(items, (list, tuple)):
+        items = list(items)  # (a set of futures, say: wait()'s answer)
     if total is None:
         try:
             total = len(items)
@@ -93,7 +96,7 @@ def bar_map(ex, fn, iterables: tuple, label, timeout, chunksize: int, buffersize
     if desc == "<lambda>":
         desc = None
     total = None
-    if all(hasattr(it, "__len__") for it in iterables):
+    if iterables and all(hasattr(it, "__len__") for it in iterables):
         total = min(len(it) for it in iterables)
     tally = _Tally()
     if cache:  # (the cached map merges cached values into a plain map: count them as read)
