@@ -6,8 +6,8 @@ comma's ``miniray.log`` does.
 tqdm draws the bar (rate, ETA); a daemon thread of ours moves it every ``TICK`` seconds from
 counts that the futures' callbacks keep, so the caller can block on the next item in order.
 Outside a terminal (a CI log, ``| cat``) a redrawn bar would be one endless line of carriage
-returns: there the bar is printed as a plain line at most every ``LINE_SECONDS``, and once at
-the end.
+returns: there the bar is printed as a plain line when it starts, at most every
+``LINE_SECONDS``, and at the end.
 """
 
 from __future__ import annotations
