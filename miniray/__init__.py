@@ -22,6 +22,7 @@ _EXPORTS = {
     "shutdown": "local",
     "Worker": "worker",
     "LogLine": "observe",
+    "progress": "progressbar",
     "Event": "observe",
     "MinirayError": "errors",
     "ConfigurationError": "errors",

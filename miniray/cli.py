@@ -153,16 +153,29 @@ def _resolve_job(r, b, job):
 
 
 def cmd_logs(args) -> int:
-    from . import observe
+    """A job's lines for a terminal (see ``miniray.logview``); Ctrl-C ends a ``-f`` with
+    status 0, and a reader that goes away (``| head``) ends it quietly."""
+    from . import logview, observe
 
-    r, b = _client(args.redis)
-    job = _resolve_job(r, b, args.job)
     try:
-        for line in observe.iter_logs(r, b.keys, job, follow=args.follow):
-            task = "" if line.task is None else f"[{line.task}]"
-            print(f"{line.worker}{task} {line.stream}: {line.text}", flush=True)
-    except KeyboardInterrupt:
-        pass
+        r, b = _client(args.redis)
+        job = _resolve_job(r, b, args.job)
+        print(logview.header(observe.job_progress(r, b.keys, job), args.item), flush=True)
+        n = 0
+        for line in logview.follow_lines(r, b.keys, job, args.follow, args.item):
+            print(logview.format_line(line), flush=True)
+            n += 1
+        if not n:
+            print("(no log lines" + ("" if args.item is None else f" of item {args.item}")
+                  + (": it printed nothing, or they expired" if not args.follow else "") + ")")
+        if args.follow:
+            print(f"(job ended: {logview.describe(observe.job_progress(r, b.keys, job))})")
+    except KeyboardInterrupt:  # the way out of -f: no traceback, status 0
+        print(file=sys.stderr)
+    except BrokenPipeError:  # (`miniray logs | head`: the reader has all it wanted)
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
@@ -230,9 +243,13 @@ def main(argv=None) -> int:
         sp = sub.add_parser(name)
         sp.add_argument("--redis", default=None, help="server URL (default MINIRAY_REDIS_URL)")
         if name not in ("status", "jobs"):
-            sp.add_argument("job", nargs="?", default=None, help="job id or name (default: newest)")
+            sp.add_argument("job", nargs="?", default=None,
+                            help="job id or name (default: the newest job)")
         if name == "logs":
-            sp.add_argument("-f", "--follow", action="store_true")
+            sp.add_argument("-f", "--follow", action="store_true",
+                            help="print new lines as they come, until the job ends (or Ctrl-C)")
+            sp.add_argument("--item", type=int, default=None, metavar="N",
+                            help="only the lines of item N (the number in brackets)")
         sp.set_defaults(fn=fn)
     up.set_defaults(fn=cmd_up)
     cache = sub.add_parser("cache", help="the item cache of cache=True maps: size, or clear")

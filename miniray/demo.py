@@ -24,8 +24,9 @@ def main() -> None:
     t0 = time.perf_counter()
     with miniray.Executor(job_name="demo") as ex:
         first = ex.submit(abs, -1).result()
-        print(f"local cluster up, first result {first} after {time.perf_counter() - t0:.2f} s")
-        total = sum(ex.map(lambda x: x * x, range(10_000), chunksize=100))
+        print(f"local cluster up, first result {first} after {time.perf_counter() - t0:.2f} s",
+              flush=True)  # (before the bar, which goes to stderr)
+        total = sum(ex.map(lambda x: x * x, range(10_000), chunksize=100, progress="squares"))
         print(f"sum of squares below 10,000: {total}")
         futures = [ex.submit(slow_square, i) for i in range(8)]
         print("as completed:", sorted(f.result() for f in as_completed(futures)))

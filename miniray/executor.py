@@ -35,6 +35,7 @@ from concurrent.futures import Future
 from . import cache as _cache
 from . import comma as _comma
 from . import feeding as _feeding
+from . import progressbar as _progressbar
 from . import keep as _kept
 from . import observe
 from .broker import Broker, _redact, connect, job_ttl
@@ -442,7 +443,7 @@ class Executor(_BaseExecutor):
         return future
 
     def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = 1,
-            buffersize: int | None = None, cache: bool = False):
+            buffersize: int | None = None, cache: bool = False, progress=False):
         """Like ``Executor.map``: ordered, lazy results; ``chunksize`` items travel together.
 
         ``buffersize`` (as in Python 3.14): the input is read lazily, at most that many
@@ -454,25 +455,37 @@ class Executor(_BaseExecutor):
         ``cache=True``: an item whose result the cluster's item cache has for this function
         and this argument is not run again (see ``miniray.cache``; only for functions without
         side effects, randomness or a dependence on time or changing files; it reads the
-        whole input at once, ``buffersize`` or not)."""
+        whole input at once, ``buffersize`` or not).
+
+        ``progress=True`` (or a label: ``progress="resize"``): a tqdm bar on stderr moves as
+        items end, and the failed items are summed up at the end (see ``miniray.progress``)."""
         _check_chunksize(chunksize)
         _feeding.check_buffersize(buffersize)
         self._check_open()
+        if progress:
+            return _progressbar.bar_map(self, fn, iterables, progress, timeout, chunksize,
+                                        buffersize, cache)
+        return self._map(fn, iterables, timeout, chunksize, buffersize, cache)
+
+    def _map(self, fn, iterables, timeout, chunksize, buffersize, cache, on_chunk=None):
+        """``map``'s work; ``on_chunk(future, n)`` is told of each chunk of ``n`` items."""
         if cache:
             return _cache.map(self, fn, iterables, timeout, chunksize)
         deadline = None if timeout is None else time.monotonic() + timeout
         sha = self._function(fn)
-        submit = functools.partial(self._map_chunk, sha)
+        submit = functools.partial(self._map_chunk, sha, on_chunk)
         if buffersize is not None:
             return _feeding.lazy_map(self, submit, iterables, chunksize, buffersize, deadline)
         futures = collections.deque(submit(kind, batch)
                                     for kind, batch in _feeding.batches(iterables, chunksize))
         return _feeding.ordered_results(futures, deadline)
 
-    def _map_chunk(self, sha: str, kind: str, batch: list) -> "MinirayFuture":
+    def _map_chunk(self, sha: str, on_chunk, kind: str, batch: list) -> "MinirayFuture":
         frames = dumps((kind, batch), what="arguments")
         start = self._take_task_ids(len(batch))
         future = MinirayFuture(self, start)
+        if on_chunk is not None:
+            on_chunk(future, len(batch))
         self._enqueue(sha, start, len(batch), frames, future, is_map=True)
         return future
 

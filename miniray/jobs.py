@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from . import observe
+from .logview import describe
 from .keys import Keys
 
 __all__ = ["ALIVE_SECONDS", "list_jobs", "format_jobs"]
@@ -45,7 +46,7 @@ def format_jobs(jobs: list, now: float | None = None) -> str:
     now = time.time() if now is None else now
     rows = []
     for j in jobs:
-        status = j.get("status") or observe.job_status(j)
+        status = describe(j)  # (in words: "failed 3 of 10")
         total = sum(j.get(c, 0) for c in ("queued", "running", "done", "failed", "cancelled"))
         name = repr(j["name"])
         rows.append([j["job"], name if len(name) <= 40 else name[:38] + "…" + name[0], status,

@@ -114,14 +114,17 @@ def format_gpu(g: dict, job_names: dict | None = None) -> str:
 
 
 def format_duration(seconds) -> str:
-    """``75.3`` -> ``'1m15s'``: a job's duration, for people."""
+    """``75.3`` -> ``'1m 15s'``, ``4000`` -> ``'1h 06m'``: a job's duration, for people."""
     if seconds is None:
         return "-"
     seconds = max(0.0, float(seconds))
     if seconds < 60:
         return f"{seconds:.1f}s"
     m, s = divmod(int(seconds), 60)
-    return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
+    if m < 60:
+        return f"{m}m {s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m" if h < 24 else f"{h // 24}d {h % 24:02d}h"
 
 
 def _local_time(t, now: float) -> str:
