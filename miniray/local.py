@@ -6,6 +6,11 @@ this process even when it is killed (parent-death signal and a parent-pid check)
 their own sessions, so an interrupt of this process (Ctrl-C, the Jupyter kernel's interrupt,
 which signals the kernel's whole process group) reaches none of them.
 
+The machine's GPUs (those this process may use: ``CUDA_VISIBLE_DEVICES``, else every one
+NVML lists) belong to one worker, ``local-0``, with a slot per GPU at least; the others own
+none. Each worker keeps its own pool of GPUs, so several workers owning the same GPUs would
+hand one GPU to several tasks at once (and show it once per worker).
+
 ``init(persist=True)`` points this process at the persistent local cluster instead
 (``miniray.persistent``: a background service that outlives the process).
 """
@@ -46,6 +51,12 @@ class LocalCluster:
                 f"workers={n!r}: a local cluster needs at least one worker "
                 "(miniray.init(workers=N) or MINIRAY_LOCAL_WORKERS)")
         self.nworkers, self.slots = n, slots
+        from . import gpu
+
+        try:
+            self.gpus = len(gpu.own(None).gpus)  # (local-0 owns them: see the top)
+        except ConfigurationError:
+            self.gpus = 0  # (the workers will say what is wrong with the environment)
         # Workers start while the server does; they wait for it to accept connections.
         self.server = _from_lasting_thread(ServerProcess, server_bin, wait=False)
         self.url = self.server.url
@@ -70,9 +81,14 @@ class LocalCluster:
         env = dict(os.environ)
         env["MINIRAY_REDIS_URL"] = self.url  # in the environment, not on a visible command line
         env.setdefault("PYTHONUNBUFFERED", "1")
+        slots, gpus = self.slots, []
+        if self.gpus and i == 0:
+            slots = max(slots, self.gpus)
+        elif self.gpus:
+            gpus = ["--gpus", "none"]
         return _from_lasting_thread(
             subprocess.Popen,
-            [sys.executable, "-m", "miniray.worker", "--slots", str(self.slots),
+            [sys.executable, "-m", "miniray.worker", "--slots", str(slots), *gpus,
              "--name", f"local-{i}", "--cpu-offset", str(i), "--parent-pid", str(os.getpid())],
             env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
             close_fds=True,

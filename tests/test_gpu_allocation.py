@@ -6,6 +6,8 @@ the server and the tasks are real."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -151,3 +153,36 @@ def test_a_worker_given_indices_and_gpus_owns_their_overlap_or_refuses(cluster):
                                extra_env={"CUDA_VISIBLE_DEVICES": "2,3"})
     assert bad.wait(30) == 2
     wait_for(lambda: "not among the GPUs" in bad.log_path.read_text(), what="the reason")
+
+
+_LOCAL = """
+import json, os, time
+import miniray
+cluster = miniray.init(workers=3)
+ex = miniray.Executor(limits=miniray.Limits(gpus=1))
+deadline = time.monotonic() + 30
+while len(ex.workers()) < 3 and time.monotonic() < deadline:
+    time.sleep(0.1)
+owned = {w["name"]: ([g["index"] for g in w["gpus"]], w["slots"]) for w in ex.workers()}
+def hold():
+    time.sleep(1.5)
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+held = [f.result(timeout=60) for f in [ex.submit(hold) for _ in range(2)]]
+print(json.dumps({"owned": owned, "held": held}))
+ex.shutdown()
+"""
+
+
+def test_the_local_clusters_gpus_belong_to_one_worker_so_no_gpu_is_handed_out_twice():
+    """Three local workers on a machine with two GPUs: local-0 owns both (a slot each), the
+    others none, so two GPU tasks at once get one GPU each (every worker owning both would
+    give GPU 0 to both)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="0,1",  # no NVML here: taken as given
+               PYTHONPATH=os.pathsep.join([TESTS, ROOT]))
+    env.pop("MINIRAY_REDIS_URL", None)
+    out = subprocess.run([sys.executable, "-c", _LOCAL], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["owned"] == {"local-0": [[0, 1], 2], "local-1": [[], 1], "local-2": [[], 1]}
+    assert sorted(got["held"]) == ["0", "1"]
