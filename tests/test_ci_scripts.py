@@ -85,6 +85,7 @@ def test_readme_check_runs_each_command_in_a_fresh_venv_and_fails_loudly(tmp_pat
     assert "uncommitted changes are not checked" in out
 
 
+_ENV = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}  # this run's, not theirs
 _SKIPPING = {
     "tests/test_mod.py": "import pytest\npytest.importorskip('no_such_torch', reason='torch is "
                          "not installed')\ndef test_a(): pass\n",
@@ -105,7 +106,7 @@ def test_rerun_skipped_names_the_tests_that_skipped_for_the_reason(tmp_path, mon
     junit = tmp_path / "junit.xml"
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c",
                     os.devnull, "--rootdir", str(tmp_path), f"--junitxml={junit}", "tests"],
-                   cwd=tmp_path, capture_output=True, timeout=60)
+                   cwd=tmp_path, env=_ENV, capture_output=True, timeout=60)
     monkeypatch.chdir(tmp_path)
     ids = _script("rerun_skipped").skipped(str(junit), "torch")
     assert sorted(ids) == ["tests/sub/test_deep.py", "tests/sub/test_deep.py::TestK::test_k",
@@ -116,5 +117,5 @@ def test_rerun_skipped_names_the_tests_that_skipped_for_the_reason(tmp_path, mon
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--co", "-p", "no:cacheprovider",
                            "-c", os.devnull, "--rootdir", str(tmp_path), *ids,
                            "tests/sub/test_deep.py::TestK::test_gpu"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                          cwd=tmp_path, env=_ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr

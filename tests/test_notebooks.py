@@ -29,5 +29,6 @@ def test_notebook_runs_and_matches_its_outputs(notebook):
     # rules, display updates, this environment's kernel and the embedded local cluster
     cmd = [sys.executable, "-m", "pytest", "--nbval", "--nbval-cell-timeout", "60", "-q",
            os.path.relpath(notebook, ROOT)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=140)
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}  # this run's, not its
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=140)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
