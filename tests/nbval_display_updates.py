@@ -1,5 +1,5 @@
-"""A pytest plugin for nbval runs (tests/test_notebooks.py): apply ``update_display_data`` to
-the output it updates, as JupyterLab and nbclient do.
+"""For nbval runs (loaded by the root conftest.py when ``--nbval`` is given): apply
+``update_display_data`` to the output it updates, as JupyterLab and nbclient do.
 
 nbval 0.11 drops these messages ("unhandled iopub msg"), so it would compare a map's first
 display (the live widget) with the stored notebook, which keeps what the map left when it
@@ -33,4 +33,6 @@ def _get_kernel_message(self, timeout=None, stream="iopub"):
     return msg
 
 
-nbval.plugin.IPyNbFile.get_kernel_message = _get_kernel_message
+if not hasattr(_read, "_miniray_display_updates"):  # patched once, however it was imported
+    _get_kernel_message._miniray_display_updates = True
+    nbval.plugin.IPyNbFile.get_kernel_message = _get_kernel_message

@@ -1,5 +1,6 @@
 """Every notebook in notebooks/ runs top to bottom under ``pytest --nbval`` and its outputs
-match the stored ones (timings, hosts and workers sanitised by tests/nbval_sanitize.cfg)."""
+match the stored ones (timings, hosts and workers sanitised by tests/nbval_sanitize.cfg), run
+as a developer runs them by hand: ``python -m pytest --nbval notebooks/``."""
 
 import glob
 import os
@@ -23,20 +24,11 @@ def test_there_are_notebooks():
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_runs_and_matches_its_outputs(notebook, tmp_path):
-    env = dict(os.environ)
-    # the notebooks run on the embedded local cluster, as a new user's would
-    for var in ("MINIRAY_REDIS_URL", "MINIRAY_NAMESPACE"):
-        env.pop(var, None)
-    env.setdefault("MINIRAY_LOCAL_WORKERS", "2")
-    # nbval applies display updates (a map's snapshot replaces its widget) as JupyterLab does
-    here = os.path.join(ROOT, "tests")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "pytest", "-p", "nbval_display_updates",
-           "--nbval", "--nbval-current-env",
-           "--nbval-sanitize-with", os.path.join(ROOT, "tests", "nbval_sanitize.cfg"),
-           "--nbval-cell-timeout", "60", "-p", "no:cacheprovider", "-q",
-           "--rootdir", str(tmp_path), "-c", os.devnull, notebook]
-    proc = subprocess.run(cmd, cwd=os.path.dirname(notebook), env=env, capture_output=True,
-                          text=True, timeout=140)
+def test_notebook_runs_and_matches_its_outputs(notebook):
+    # the check by hand, as nbval's docs give it: the root conftest.py supplies the sanitising
+    # rules, display updates, this environment's kernel and the embedded local cluster
+    cmd = [sys.executable, "-m", "pytest", "--nbval", "--nbval-cell-timeout", "60", "-q",
+           os.path.relpath(notebook, ROOT)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}  # this run's, not its
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=140)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
