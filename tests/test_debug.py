@@ -50,7 +50,8 @@ def test_debug_stops_at_the_cells_failing_line_and_the_kernel_goes_on(kernel):
     assert "ipdb> p x\n3\n" in text, text
     assert "ipdb> up\n*** Oldest frame\n" in text, text
     assert out["prompts"] == ["ipdb> "] * 3, out["prompts"]
-    assert "miniray/" not in text and "IPython/" not in text, text
+    # (a module of the package, not "miniray/": a clone's folder is named miniray too)
+    assert not re.search(r"(miniray|jupyter_ext|IPython)/\w+\.py", text), text
     # %debug reopens it, at the same line
     again = kernel.converse("%debug", ["p x * 10", "q"], timeout=60)["transcript"]
     assert re.search(r"^> \S+\(2\)<module>\(\)\n", again, re.M), again
