@@ -55,7 +55,7 @@ from .outcomes import MISSING, cancel_future as _cancel, cancel_ref as _cancel_r
 from .outcomes import failures as _failures, force_cancel as _force_cancel, place as _place
 from .outcomes import stop_chunks as _stop_chunks
 from .resp import Connection, NoScriptError, RedisError
-from . import payloads
+from . import bigvalues, payloads
 from .protocol import (Assembler, LostChunk, decode_batches, decode_message, encode_chunk,
                        item_times)
 from .rerun import Kept, rerun_locally as _rerun_locally
@@ -415,6 +415,8 @@ class Executor(_BaseExecutor):
             spec["inbox"] = self._inbox.address
         if self._shm is not None:
             spec["shm"], spec["shm_min"] = self._shm.address, self._shm.min_bytes
+        if self._keep is None:  # big result buffers beside their message (miniray.bigvalues)
+            spec["big"] = 1
         own = pipe is None
         if own:
             pipe = self._r.pipeline()
@@ -1157,8 +1159,9 @@ class Executor(_BaseExecutor):
         if isinstance(blob, Exception):  # another protocol version: fail what it was for
             batches = [(None, [], {-1: (blob, "", header.pid)}, None)] * len(refs)
         else:  # a value that cannot be unpickled here fails only its own item
-            batches = decode_batches(blob, header.host,
-                                     [None if ref is None else ref.start for ref in refs])
+            with bigvalues.reading(self.redis_url):
+                batches = decode_batches(blob, header.host,
+                                         [None if ref is None else ref.start for ref in refs])
         for ref, (_, final), (indices, values, errors, times) in zip(refs, header.chunks,
                                                                      batches):
             if ref is not None:

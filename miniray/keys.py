@@ -64,6 +64,9 @@ clock                       string  none                heartbeat, reap   heartb
 client:{client}             string  client grace,       executor          claim (orphan jobs),
                                     renewed                               idle stop (SCAN, PTTL)
 res:{client}                list    client grace        complete, reaper  executor (BLMPOP)
+big:{job}:{id}              hash    client grace        task process      executor (HGET per
+                                                        (before the       part, then UNLINK)
+                                                        result message)
 logs:{job}                  stream  as job:{job}        worker            Executor.logs, CLI
 out:{job}                   stream  keep grace, renewed complete (a kept  attachers (XREAD),
                                     by its owner; 60 s  job's results)    its owner (XRANGE of
@@ -91,6 +94,10 @@ the function's cache key and ``{arg}`` its argument's (sha256 hex, see ``miniray
 ``cache:index`` scores each entry (``{fn}:{arg}``) by when it was stored, ``cache:sizes`` has
 its size in bytes and ``cache:bytes`` their total: the store script evicts the oldest entries
 while the total passes ``MINIRAY_CACHE_MAX_BYTES``, and drops those past their TTL.
+
+A ``big:{job}:{id}`` hash is one large out-of-band buffer of a result that goes through the
+server (``miniray.bigvalues``): fields ``0``..``n-1`` are its parts, each at most what the
+server takes in one value; the result message carries only the key, the size and the part size.
 
 An ``attempts:{job}`` field is a chunk id (its reruns after its worker was lost), or
 ``d``/``f`` + chunk id: the items of a chunk still running that its holder reported done/failed
@@ -237,6 +244,10 @@ class Keys:
     @property
     def cache_bytes(self) -> str:
         return f"{self.ns}:cache:bytes"
+
+    def big(self, job: str, name: str) -> str:
+        """A large out-of-band buffer of one of ``job``'s results, in parts (``miniray.bigvalues``)."""
+        return f"{self.ns}:big:{job}:{name}"
 
     @staticmethod
     def wip_field(job: str, chunk: int) -> str:

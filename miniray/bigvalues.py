@@ -1,0 +1,149 @@
+"""Large result buffers through the server: stored in parts beside the result message, read
+back straight into one buffer. Owns the ``big:{job}:{id}`` keys.
+
+A task process whose client is on another machine (or has no shared memory: ``MINIRAY_SHM=0``)
+puts each out-of-band pickle buffer of at least ``MIN_BYTES`` of a result into a hash of its
+own, one field per part (at most what the server takes in one value, ``payloads``), written
+from the buffer's memory as views (no copy, no ``bytes`` of it) in one pipeline; the result
+message carries a :class:`Ref` (key, size, part size) in its place, so it stays small and goes
+through ``res:{client}`` as any other. The client, unpickling the message, reads the parts
+(pipelined HGETs, a window of them at a time) with ``recv_into`` straight into one
+preallocated ``bytearray`` (``resp.Connection.fetch_into``), deletes the key, and the value
+(a numpy array, say) points into that buffer: its only copy. A client's peak memory for a
+result is then the result plus a socket buffer, and a value of several GB travels through a
+server that takes 512 MB (or 1 MB) per value.
+
+Ownership: the task process writes the key (with the client's grace as TTL) before it sends
+the message; the client that reads it deletes it. A message nobody reads (a duplicate after a
+retry, a client that died) leaves the key to its TTL. A key that is gone when read (expired,
+the server restarted) fails only its own item, with an error that says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+from .resp import Connection, RedisError
+
+__all__ = ["MIN_BYTES", "Ref", "ResultStore", "reading", "fetch", "read_parts", "stats"]
+
+MIN_BYTES = 1 << 20  # smaller buffers stay in the message (a key costs a round trip)
+_WINDOW = 64 << 20  # bytes asked for at a time: bounds the server's output buffer for us
+
+#: bytes this process stored and read this way (tests and the bench read it)
+stats = {"stored": 0, "read": 0}
+_local = threading.local()  # the server URL that the decode running in this thread reads from
+_conns: dict = {}  # server URL -> the connection this process reads big values on
+_lock = threading.Lock()
+
+
+class Ref:
+    """A result's buffer on the server, as it travels: unpickled, it is ``fetch``'s buffer."""
+
+    __slots__ = ("key", "size", "part")
+
+    def __init__(self, key: str, size: int, part: int):
+        self.key, self.size, self.part = key, size, part
+
+    def __reduce__(self):
+        return fetch, (self.key, self.size, self.part)
+
+
+class ResultStore:
+    """The task process's end: ``sink(buf)`` stores a big buffer under a key of ``job`` and
+    returns its ``Ref`` (else ``buf`` itself, which then travels in the message)."""
+
+    def __init__(self, conn: Connection, keys, job: str, part_size, ttl: int):
+        # (``part_size(conn)``: the server's limit, asked only when a buffer is big)
+        self.conn, self.keys, self.job, self.ttl = conn, keys, job, ttl
+        self.part_size = part_size
+
+    def sink(self, buf):
+        raw = buf.raw() if hasattr(buf, "raw") else memoryview(buf)
+        view = raw.cast("B") if raw.format != "B" or raw.ndim != 1 else raw
+        size = view.nbytes
+        if size < MIN_BYTES:
+            return buf
+        key = self.keys.big(self.job, os.urandom(8).hex())
+        part = self.part_size(self.conn)
+        pipe = self.conn.pipeline()
+        for i, at in enumerate(range(0, size, part)):
+            pipe.command("HSET", key, i, view[at:at + part])
+        pipe.command("EXPIRE", key, self.ttl)
+        try:
+            replies = pipe.execute(raise_on_error=False)
+        except RedisError:
+            return buf  # (the message then says what became of the server)
+        if any(isinstance(r, RedisError) for r in replies):  # refused (maxmemory): in the
+            try:  # message, where the size check fails its items with a clear error
+                self.conn.execute("UNLINK", key)
+            except RedisError:
+                pass
+            return buf
+        stats["stored"] += size
+        return Ref(key, size, part)
+
+
+@contextlib.contextmanager
+def reading(url: str):
+    """Decode result messages in this block reading big buffers from the server at ``url``."""
+    before, _local.url = getattr(_local, "url", None), url
+    try:
+        yield
+    finally:
+        _local.url = before
+
+
+def _conn(url: str) -> Connection:
+    with _lock:
+        conn = _conns.get(url)
+        if conn is None:
+            conn = _conns[url] = Connection(url)
+        return conn
+
+
+def read_parts(conn: Connection, key: str, size: int, part: int) -> bytearray:
+    """The buffer stored under ``key`` (``size`` bytes in parts of ``part``), read straight
+    into one ``bytearray``; raises ``LookupError`` when (a part of) it is gone, RedisError
+    when the server is."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    spans = [(i, at) for i, at in enumerate(range(0, size, part))]
+    step = max(1, _WINDOW // max(1, part))
+    for k in range(0, len(spans), step):
+        window = spans[k:k + step]
+        errors = conn.fetch_into([("HGET", key, i) for i, _ in window],
+                                 [view[at:at + part] for _, at in window])
+        bad = next((e for e in errors if e is not None), None)
+        if bad is not None:
+            raise LookupError(f"{bad}")
+    stats["read"] += size
+    return buf
+
+
+def fetch(key: str, size: int, part: int):
+    """A ``Ref`` unpickled: its buffer, read from the server and deleted there; where that
+    fails, the failure in its place (``protocol`` fails that item alone with it)."""
+    from .errors import MinirayError
+    from .protocol import _Failed
+
+    url = getattr(_local, "url", None)
+    if url is None:
+        return _Failed(MinirayError(
+            f"a result's buffer of {size} bytes is on the server ({key}), and this reader "
+            "has no server to read it from"))
+    conn = _conn(url)
+    try:
+        buf = read_parts(conn, key, size, part)
+    except (LookupError, RedisError, ValueError) as e:
+        return _Failed(MinirayError(
+            f"a result's buffer of {size} bytes was to be read from the server ({key}), and "
+            f"could not be ({type(e).__name__}: {e}): it expired (the client was away longer "
+            "than MINIRAY_CLIENT_GRACE_SECONDS) or the server lost it; run the task again"))
+    try:
+        conn.send_deferred([("UNLINK", key)])  # (its reply is read with the next read)
+    except RedisError:
+        pass  # (its TTL deletes it)
+    return buf
