@@ -1,5 +1,5 @@
-"""Large result buffers through the server: stored in parts beside the result message, read
-back straight into one buffer. Owns the ``big:{job}:{id}`` keys.
+"""Large buffers through the server: stored in parts beside the message (a result message, a
+chunk's payload), read back straight into one buffer. Owns the ``big:{job}:{id}`` keys.
 
 A task process whose client is on another machine (or has no shared memory: ``MINIRAY_SHM=0``)
 puts each out-of-band pickle buffer of at least ``MIN_BYTES`` of a result into a hash of its
@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import threading
 
 from .resp import Connection, RedisError
 
-__all__ = ["MIN_BYTES", "Ref", "ResultStore", "reading", "fetch", "read_parts", "stats"]
+__all__ = ["MIN_BYTES", "Ref", "ResultStore", "reading", "fetch", "read_parts", "mark",
+           "store", "open_frames", "stats"]
 
 MIN_BYTES = 1 << 20  # smaller buffers stay in the message (a key costs a round trip)
 _WINDOW = 64 << 20  # bytes asked for at a time: bounds the server's output buffer for us
@@ -147,3 +149,76 @@ def fetch(key: str, size: int, part: int):
     except RedisError:
         pass  # (its TTL deletes it)
     return buf
+
+
+# -- arguments (client -> task) ---------------------------------------------------------------
+# An argument frame (an out-of-band buffer, ``serialization.dumps``) of at least MIN_BYTES
+# bound for workers that cannot share memory with the client is stored the same way by the
+# client (``store``, before its chunk is queued) and replaced in the chunk by a short marker;
+# the task process reads it back into one buffer (``open_frames``). The key lives while its
+# chunk may still run (a retry reads it again): the client renews it and deletes it when the
+# chunk has ended (see ``Executor._upkeep``).
+_MARK = b"\x00miniray-big\x00"
+_SIZES = struct.Struct("!QQ")  # size, part size; the key follows
+_MAX_MARK = 1024
+
+
+def mark(frames: list, part: int, keys, job: str) -> tuple[list, list]:
+    """``frames`` with each out-of-band buffer of at least MIN_BYTES replaced by a marker
+    naming a new key; and ``[(key, buffer)]`` to ``store`` before the chunk is queued."""
+    out, bigs = None, []
+    for i in range(1, len(frames)):
+        view = memoryview(frames[i]).cast("B")
+        if view.nbytes < MIN_BYTES:
+            continue
+        key = keys.big(job, os.urandom(8).hex())
+        if out is None:
+            out = list(frames)
+        out[i] = _MARK + _SIZES.pack(view.nbytes, part) + key.encode()
+        bigs.append((key, view, part))
+    return (frames if out is None else out), bigs
+
+
+def store(conn: Connection, bigs: list, ttl: int):
+    """Store ``mark``'s buffers, each part a command of its own, in one pipeline (views: no
+    copy). None when all are stored; else the server's refusal (what was stored is deleted)."""
+    pipe = conn.pipeline()
+    for key, view, part in bigs:
+        for i, at in enumerate(range(0, view.nbytes, part)):
+            pipe.command("HSET", key, i, view[at:at + part])
+        pipe.command("EXPIRE", key, ttl)
+    replies = pipe.execute(raise_on_error=False)
+    refused = next((r for r in replies if isinstance(r, RedisError)), None)
+    if refused is None:
+        stats["stored"] += sum(view.nbytes for _, view, _ in bigs)
+        return None
+    try:
+        conn.execute("UNLINK", *[key for key, _, _ in bigs])
+    except RedisError:
+        pass  # (their TTL)
+    return refused
+
+
+def open_frames(frames: list, conn: Connection) -> list:
+    """A task's frames with ``mark``'s markers read back from the server, each into one
+    buffer; a buffer that is gone (its chunk ended, its client died) raises MinirayError."""
+    out = None
+    for i in range(1, len(frames)):
+        f = frames[i]
+        if len(f) > _MAX_MARK or bytes(f[:len(_MARK)]) != _MARK:
+            continue
+        size, part = _SIZES.unpack_from(f, len(_MARK))
+        key = bytes(f[len(_MARK) + _SIZES.size:]).decode()
+        try:
+            buf = read_parts(conn, key, size, part)
+        except (LookupError, RedisError, ValueError) as e:
+            from .errors import MinirayError
+
+            raise MinirayError(
+                f"this task's argument of {size} bytes was to be read from the server "
+                f"({key}), and could not be ({type(e).__name__}: {e}): its client ended, or "
+                "the task had finished already; submit it again") from e
+        if out is None:
+            out = list(frames)
+        out[i] = buf
+    return frames if out is None else out

@@ -266,7 +266,7 @@ class _Ref:
     ``(values, errors)``; a submit's future gets the value or the exception."""
 
     __slots__ = ("chunk", "entry", "start", "count", "future", "values", "errors", "left",
-                 "is_map", "frames", "sent", "sha", "big", "kept", "shm")
+                 "is_map", "frames", "sent", "sha", "big", "kept", "shm", "bigs")
 
     def __init__(self, chunk, start, count, future, is_map, frames, sha):
         self.chunk, self.start, self.count, self.sha = chunk, start, count, sha
@@ -279,6 +279,7 @@ class _Ref:
         self.big = False  # stored part by part, waiting for the replies (see _send_big)
         self.kept = None  # the payload, kept until it ends to re-run a failure (miniray.rerun)
         self.shm = ()  # its arguments' files in shared memory, freed when it ends (see shm)
+        self.bigs = ()  # its big arguments' keys on the server (bigvalues): (key, view, part)
 
 
 class Executor(_BaseExecutor):
@@ -369,6 +370,8 @@ class Executor(_BaseExecutor):
         self._flushing = False  # one sender at a time: the flusher thread or an inline submit
         self._last_submit = 0.0
         self._refs: dict[int, _Ref] = {}
+        self._big_keys: dict = {}  # chunk -> its big arguments' keys (renewed by upkeep)
+        self._big_doomed: list = []  # such keys of chunks that ended (deleted by upkeep)
         self._next_task = 0  # task ids: submit order, and a map item's position
         # this job's items that ended done and failed (the rest of its items, once all have
         # ended, were cancelled): the client settles every item, so its tally is the one
@@ -634,19 +637,22 @@ class Executor(_BaseExecutor):
             frames, placed = self._shm.place(frames)
         size = len(frames[0]) if len(frames) == 1 else sum(map(len, frames))
         part = payloads.SMALL_PART
+        bigs = ()
         if size >= payloads.BIG:  # (asks the server: only big payloads pay for it)
             payloads.check_room(self._r, size, "arguments")
             part = payloads.big_part_size(self._r)
+            if len(frames) > 1 and not placed:  # big buffers beside the chunk (bigvalues)
+                frames, bigs = bigvalues.mark(frames, part, self.keys, self.job_id)
         frames = encode_chunk(sha, start, count, frames, part)
         ref = _Ref(next(self._chunk_ids), start, count, future, is_map, frames, sha)
         ref.big = size >= payloads.BIG
-        ref.shm = placed
-        if placed:  # (a re-run here must not need the files: freed when the chunk ends)
+        ref.shm, ref.bigs = placed, bigs
+        if placed or bigs:  # (a re-run here must not need the files: freed when the chunk ends)
             size = sum(map(len, mine))
         if size <= self._settings.rerun_keep_bytes and (
                 not is_map or getattr(future, "_items", None) is not None):  # (not map's)
             # (a reference: no copy, no cost)
-            ref.kept = encode_chunk(sha, start, count, mine, part) if placed else frames
+            ref.kept = encode_chunk(sha, start, count, mine, part) if placed or bigs else frames
         future._ref = ref
         now = time.monotonic()
         with self._lock:
@@ -766,14 +772,22 @@ class Executor(_BaseExecutor):
         default); the chunk is queued once every part is stored, and a refused chunk's
         parts are deleted again."""
         s, k, job = self._settings, self.keys, self.job_id
-        size = sum(map(len, ref.frames))
+        size = sum(map(len, ref.frames)) + sum(view.nbytes for _, view, _ in ref.bigs)
         names = [Keys.payload_field(ref.chunk, i) for i in range(len(ref.frames))]
-        pipe = self._r.pipeline()
-        for name, frame in zip(names, ref.frames):
-            pipe.command("HSET", k.tasks(job), name, frame)
-        replies = pipe.execute(raise_on_error=False)
+        refused = None
+        if ref.bigs:  # its big buffers first, each beside the chunk (miniray.bigvalues)
+            refused = bigvalues.store(self._r, ref.bigs, job_ttl(s.client_grace_seconds))
+            keys = ref.bigs = [key for key, _, _ in ref.bigs]
+            with self._lock:
+                if refused is None:
+                    self._big_keys[ref.chunk] = keys
+        if refused is None:
+            pipe = self._r.pipeline()
+            for name, frame in zip(names, ref.frames):
+                pipe.command("HSET", k.tasks(job), name, frame)
+            replies = pipe.execute(raise_on_error=False)
+            refused = next((r for r in replies if isinstance(r, RedisError)), None)
         ref.frames = None
-        refused = next((r for r in replies if isinstance(r, RedisError)), None)
         if refused is None:
             pipe = self._r.pipeline()
             if self._keep is not None:
@@ -791,6 +805,7 @@ class Executor(_BaseExecutor):
             with self._lock:
                 self._refs.pop(ref.chunk, None)
                 self._tally[1] += ref.count
+            self._free_shm(ref)
             try:
                 ref.future.set_exception(payloads.refused(size, "task's arguments", refused))
             except Exception:  # cancelled meanwhile
@@ -827,6 +842,12 @@ class Executor(_BaseExecutor):
         if ref.shm:
             paths, ref.shm = ref.shm, ()
             self._shm.free(paths)
+        if ref.bigs:  # on the server: deleted by the next upkeep (no round trip here)
+            ref.bigs = ()
+            with self._lock:
+                keys = self._big_keys.pop(ref.chunk, None)
+                if keys:
+                    self._big_doomed += keys
 
     # -- results -----------------------------------------------------------------------------
     # Results are read by one thread at a time (the "reader"): a caller waiting in
@@ -949,6 +970,7 @@ class Executor(_BaseExecutor):
         ttl = job_ttl(grace if self._keep is None else self._keep)
         for live in (k.job(job), k.logs(job), k.events(job), k.attempts(job), k.stop(job)):
             pipe.command("EXPIRE", live, ttl)
+        self._big_upkeep(pipe, ttl)
         if self._keep is not None:
             _kept.renew(pipe, k, job, ttl)
         broker.reap(s.worker_dead_seconds, s.max_retries, s.event_stream_maxlen,
@@ -983,6 +1005,23 @@ class Executor(_BaseExecutor):
                 "fail. Start a new Executor."))
             return False
         return True
+
+    def _big_upkeep(self, pipe, ttl: int) -> None:
+        """Renew the big arguments of chunks that may still run; delete those of chunks that
+        ended (see ``miniray.bigvalues``)."""
+        live = []
+        with self._lock:
+            doomed, self._big_doomed = self._big_doomed, []
+            for chunk, keys in list(self._big_keys.items()):
+                if chunk in self._refs:
+                    live += keys
+                else:  # (ended on a path that did not free it: cancelled, abandoned)
+                    del self._big_keys[chunk]
+                    doomed += keys
+        if doomed:
+            pipe.command("UNLINK", *doomed)
+        for key in live:
+            pipe.command("EXPIRE", key, ttl)
 
     def _mark_running(self, events: list) -> None:
         """Futures of chunks a worker took are running (``Future.running()``, and ``cancel()``
@@ -1407,6 +1446,7 @@ class Executor(_BaseExecutor):
             pipe.command("DEL", k.queue(job), k.tasks(job), k.client(self.client_id),
                          k.results(self.client_id))
             pipe.command("ZREM", k.jobs, job)
+            self._big_upkeep(pipe, 1)  # (what is left: arguments of cancelled tasks)
             pipe.execute()
         except RedisError:
             pass

@@ -659,6 +659,7 @@ class Runner:
         its items' timings are wanted (a submit's, a ``map_futures`` chunk's)."""
         frames, used = shm.open_frames(frames)  # (a missing file: its own clear error)
         self.shm_read = self.shm_read or used
+        frames = bigvalues.open_frames(frames, self.r)  # (big ones beside it, on the server)
         try:
             kind, *payload = pickle.loads(frames[0], buffers=frames[1:])
         except ImportError:  # a module the worker lacks: the user's error, as it is
