@@ -26,6 +26,7 @@ import os
 import struct
 import threading
 
+from .payloads import _human
 from .resp import Connection, RedisError
 
 __all__ = ["MIN_BYTES", "Ref", "ResultStore", "reading", "fetch", "read_parts", "mark",
@@ -119,10 +120,16 @@ def read_parts(conn: Connection, key: str, size: int, part: int) -> bytearray:
         errors = conn.fetch_into([("HGET", key, i) for i, _ in window],
                                  [view[at:at + part] for _, at in window])
         bad = next((e for e in errors if e is not None), None)
-        if bad is not None:
-            raise LookupError(f"{bad}")
+        if bad is not None:  # (nil: gone; else the server's error reply)
+            raise bad if isinstance(bad, RedisError) else LookupError(str(bad))
     stats["read"] += size
     return buf
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, LookupError):
+        return "it is gone (deleted or expired)"
+    return f"{type(e).__name__}: {e}"
 
 
 def fetch(key: str, size: int, part: int):
@@ -141,9 +148,10 @@ def fetch(key: str, size: int, part: int):
         buf = read_parts(conn, key, size, part)
     except (LookupError, RedisError, ValueError) as e:
         return _Failed(MinirayError(
-            f"a result's buffer of {size} bytes was to be read from the server ({key}), and "
-            f"could not be ({type(e).__name__}: {e}): it expired (the client was away longer "
-            "than MINIRAY_CLIENT_GRACE_SECONDS) or the server lost it; run the task again"))
+            f"a result's buffer of {_human(size)} could not be read from the server "
+            f"({key}): {_why(e)}. It expires when the client is away longer than "
+            "MINIRAY_CLIENT_GRACE_SECONDS, and a server that restarts loses it; run the task "
+            "again"))
     try:
         conn.send_deferred([("UNLINK", key)])  # (its reply is read with the next read)
     except RedisError:
@@ -215,9 +223,9 @@ def open_frames(frames: list, conn: Connection) -> list:
             from .errors import MinirayError
 
             raise MinirayError(
-                f"this task's argument of {size} bytes was to be read from the server "
-                f"({key}), and could not be ({type(e).__name__}: {e}): its client ended, or "
-                "the task had finished already; submit it again") from e
+                f"this task's argument of {_human(size)} could not be read from the server "
+                f"({key}): {_why(e)}. Its client ended (or restarted the job), the task had "
+                "finished already, or the server lost it; submit it again") from e
         if out is None:
             out = list(frames)
         out[i] = buf
