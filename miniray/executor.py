@@ -641,7 +641,8 @@ class Executor(_BaseExecutor):
         if size >= payloads.BIG:  # (asks the server: only big payloads pay for it)
             payloads.check_room(self._r, size, "arguments")
             part = payloads.big_part_size(self._r)
-            if len(frames) > 1 and not placed:  # big buffers beside the chunk (bigvalues)
+            if len(frames) > 1 and not placed and self._keep is None:  # big buffers
+                # beside the chunk (bigvalues; a kept job's outlive this client: inline)
                 frames, bigs = bigvalues.mark(frames, part, self.keys, self.job_id)
         frames = encode_chunk(sha, start, count, frames, part)
         ref = _Ref(next(self._chunk_ids), start, count, future, is_map, frames, sha)
@@ -837,8 +838,9 @@ class Executor(_BaseExecutor):
         return removed
 
     def _free_shm(self, ref: _Ref) -> None:
-        """Unlink a chunk's arguments in shared memory: it has ended, or never will run (a
-        task process that mapped them keeps its mapping)."""
+        """Unlink a chunk's arguments in shared memory, and its big ones on the server (see
+        bigvalues): it has ended, or never will run (a task process that mapped them keeps
+        its mapping)."""
         if ref.shm:
             paths, ref.shm = ref.shm, ()
             self._shm.free(paths)
