@@ -322,7 +322,7 @@ class Connection:
             if isinstance(r, ReplyError) and self.on_deferred_error is not None:
                 self.on_deferred_error(r)
 
-    def fetch_into(self, commands: list, views: list, stall: float = 60.0) -> list:
+    def fetch_into(self, commands: list, views: list, stall: float = 20.0) -> list:
         """Run ``commands`` (one write), each answered by a bulk string of exactly its
         view's size, and read each reply's bytes off the socket straight into its view
         (``recv_into``: no copy through the parser, no ``bytes`` of it). Returns, per
