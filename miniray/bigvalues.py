@@ -1,22 +1,29 @@
-"""Large buffers through the server: stored in parts beside the message (a result message, a
+"""Large buffers through the server: stored in parts beside their message (a result message, a
 chunk's payload), read back straight into one buffer. Owns the ``big:{job}:{id}`` keys.
 
-A task process whose client is on another machine (or has no shared memory: ``MINIRAY_SHM=0``)
-puts each out-of-band pickle buffer of at least ``MIN_BYTES`` of a result into a hash of its
-own, one field per part (at most what the server takes in one value, ``payloads``), written
-from the buffer's memory as views (no copy, no ``bytes`` of it) in one pipeline; the result
-message carries a :class:`Ref` (key, size, part size) in its place, so it stays small and goes
-through ``res:{client}`` as any other. The client, unpickling the message, reads the parts
-(pipelined HGETs, a window of them at a time) with ``recv_into`` straight into one
-preallocated ``bytearray`` (``resp.Connection.fetch_into``), deletes the key, and the value
-(a numpy array, say) points into that buffer: its only copy. A client's peak memory for a
-result is then the result plus a socket buffer, and a value of several GB travels through a
-server that takes 512 MB (or 1 MB) per value.
+Where shared memory cannot carry them (the other side is on another machine, or
+``MINIRAY_SHM=0``), each out-of-band pickle buffer of at least ``MIN_BYTES`` goes into a hash
+of its own, one field per part (at most what the server takes in one value, see
+``payloads``), written from the buffer's memory as views (no copy, no ``bytes`` of it) in one
+pipeline. What travels in its place is small: a :class:`Ref` (key, size, part size) inside a
+result message, a marker frame in a chunk. The reader fetches the parts (pipelined HGETs, a
+window at a time) with ``recv_into`` straight into one preallocated ``bytearray``
+(``resp.Connection.fetch_into``), and the value unpickled (a numpy array, say) points into
+that buffer: its only copy. So a client's peak memory for a result is the result plus a
+socket buffer, a task's for an argument the argument, and a value of several GB travels
+through a server that takes 512 MB (or 1 MB) per value.
 
-Ownership: the task process writes the key (with the client's grace as TTL) before it sends
-the message; the client that reads it deletes it. A message nobody reads (a duplicate after a
-retry, a client that died) leaves the key to its TTL. A key that is gone when read (expired,
-the server restarted) fails only its own item, with an error that says so.
+Ownership:
+
+* Results (task process -> client): the task process writes the key (TTL: the client's grace
+  and a minute) before it sends the message; the client deletes it once read. A message
+  nobody reads (a duplicate after a retry, a client that died) leaves it to its TTL.
+* Arguments (client -> task process): the client writes the keys before it queues the chunk,
+  renews them while the chunk may run (a retry reads them again), and deletes them when it
+  has ended (``Executor._big_upkeep``); a client that died leaves them to their TTL. Kept
+  jobs (``keep=True``) outlive their client: their arguments stay inline.
+* A key gone when it is read (expired, the server restarted) fails only its own item or
+  task, with an error that says so.
 """
 
 from __future__ import annotations

@@ -141,3 +141,40 @@ def test_a_big_argument_gone_from_the_server_fails_its_task_clearly(tmp_path, mo
         assert type(gone) is _Failed, gone
         assert "buffer of 5.0 MiB could not be read" in str(gone.error), gone.error
         r.close()
+
+
+def test_reading_a_big_value_from_a_server_that_stops_is_bounded(tmp_path):
+    """A server that stops answering (SIGSTOP) while a big value is read: the read gives up
+    after its stall bound, losing the connection (never a hang), and the next read, the
+    server back, works; a part of another size than expected is refused, not written past."""
+    import os
+    import signal
+    import time
+
+    from miniray.resp import Connection, ConnectionLost
+    from miniray.server import ServerProcess
+
+    srv = ServerProcess(tcp=True)
+    try:
+        conn = Connection(srv.url)
+        data = os.urandom(3 * MB + 5)
+        conn.execute("HSET", "k", 0, data[:2 * MB], 1, data[2 * MB:])
+        buf = bytearray(len(data))
+        view = memoryview(buf)
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        try:
+            t = time.monotonic()
+            with pytest.raises(ConnectionLost, match="sent nothing for 2 s"):
+                conn.fetch_into([("HGET", "k", 0)], [view[:2 * MB]], stall=2.0)
+            assert time.monotonic() - t < 10
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        got = conn.fetch_into([("HGET", "k", 0), ("HGET", "k", 1), ("HGET", "k", 9)],
+                              [view[:2 * MB], view[2 * MB:], view[:5]])
+        assert got[:2] == [None, None] and isinstance(got[2], ValueError), got  # (9: nil)
+        assert bytes(buf) == data
+        with pytest.raises(ConnectionLost, match="where 5 were expected"):
+            conn.fetch_into([("HGET", "k", 1)], [view[:5]])
+        assert conn.execute("PING") == b"PONG"  # (connected afresh: the old one was out of step)
+    finally:
+        srv.close()
