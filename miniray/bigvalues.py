@@ -28,7 +28,6 @@ Ownership:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
 import threading
@@ -96,14 +95,11 @@ class ResultStore:
         return Ref(key, size, part)
 
 
-@contextlib.contextmanager
-def reading(url: str):
-    """Decode result messages in this block reading big buffers from the server at ``url``."""
-    before, _local.url = getattr(_local, "url", None), url
-    try:
-        yield
-    finally:
-        _local.url = before
+def reading(url: str) -> None:
+    """Result messages decoded in this thread from now on read their big buffers from the
+    server at ``url`` (set before each decode: one attribute, not a context manager, on the
+    path of every result message)."""
+    _local.url = url
 
 
 def _conn(url: str) -> Connection:

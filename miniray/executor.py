@@ -1187,6 +1187,7 @@ class Executor(_BaseExecutor):
                 self._settle(ref, None, [], {-1: (err, "", None)}, True, decoded.worker, "?", 0)
             return
         header, blob = decoded
+        bigvalues.reading(self.redis_url)  # (where its big buffers are, if it has any)
         if direct:  # its process's report follows: see _await_reports
             finals = [chunk for chunk, final in header.chunks if final]
             if finals:
@@ -1200,9 +1201,8 @@ class Executor(_BaseExecutor):
         if isinstance(blob, Exception):  # another protocol version: fail what it was for
             batches = [(None, [], {-1: (blob, "", header.pid)}, None)] * len(refs)
         else:  # a value that cannot be unpickled here fails only its own item
-            with bigvalues.reading(self.redis_url):
-                batches = decode_batches(blob, header.host,
-                                         [None if ref is None else ref.start for ref in refs])
+            batches = decode_batches(blob, header.host,
+                                     [None if ref is None else ref.start for ref in refs])
         for ref, (_, final), (indices, values, errors, times) in zip(refs, header.chunks,
                                                                      batches):
             if ref is not None:

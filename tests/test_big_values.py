@@ -136,8 +136,8 @@ def test_a_big_argument_gone_from_the_server_fails_its_task_clearly(tmp_path, mo
             finally:
                 worker.terminate()
                 worker.wait(15)
-        with bigvalues.reading(srv.url):
-            gone = bigvalues.fetch("biggone:big:nothing", 5 * MB, MB)
+        bigvalues.reading(srv.url)
+        gone = bigvalues.fetch("biggone:big:nothing", 5 * MB, MB)
         assert type(gone) is _Failed, gone
         assert "buffer of 5.0 MiB could not be read" in str(gone.error), gone.error
         r.close()
