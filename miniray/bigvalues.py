@@ -20,8 +20,8 @@ Ownership:
   nobody reads (a duplicate after a retry, a client that died) leaves it to its TTL.
 * Arguments (client -> task process): the client writes the keys before it queues the chunk,
   renews them while the chunk may run (a retry reads them again), and deletes them when it
-  has ended (``Executor._big_upkeep``); a client that died leaves them to their TTL. Kept
-  jobs (``keep=True``) outlive their client: their arguments stay inline.
+  has ended (its ``ArgumentKeys``); a client that died leaves them to their TTL. Kept jobs
+  (``keep=True``) outlive their client: their arguments stay inline.
 * A key gone when it is read (expired, the server restarted) fails only its own item or
   task, with an error that says so.
 """
@@ -36,7 +36,7 @@ from .payloads import _human
 from .resp import Connection, RedisError
 
 __all__ = ["MIN_BYTES", "Ref", "ResultStore", "reading", "fetch", "read_parts", "mark",
-           "store", "open_frames", "stats"]
+           "store", "open_frames", "ArgumentKeys", "stats"]
 
 MIN_BYTES = 1 << 20  # smaller buffers stay in the message (a key costs a round trip)
 _WINDOW = 64 << 20  # bytes asked for at a time: bounds the server's output buffer for us
@@ -233,3 +233,47 @@ def open_frames(frames: list, conn: Connection) -> list:
             out = list(frames)
         out[i] = buf
     return frames if out is None else out
+
+
+class ArgumentKeys:
+    """An executor's big arguments on the server, by chunk: renewed while their chunk may
+    still run, deleted once it has ended (both with the executor's upkeep: no round trip on
+    the caller's path)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._live: dict = {}  # chunk -> its keys
+        self._doomed: list = []  # keys of chunks that ended
+
+    def store(self, conn: Connection, chunk: int, bigs: list, ttl: int):
+        """``store`` a chunk's buffers (``mark``'s), then track them; the refusal, or None."""
+        refused = store(conn, bigs, ttl)
+        if refused is None:
+            with self._lock:
+                self._live[chunk] = [key for key, _, _ in bigs]
+        return refused
+
+    def end(self, chunk: int) -> None:
+        """The chunk has ended (or never will run): its keys go at the next ``upkeep``."""
+        with self._lock:
+            keys = self._live.pop(chunk, None)
+            if keys:
+                self._doomed += keys
+
+    def upkeep(self, pipe, ttl: int, pending) -> None:
+        """Add to ``pipe`` the renewal of the keys of chunks still ``pending`` (a container
+        of chunk ids), and the deletion of the rest (a chunk that ended on a path that did
+        not say so: cancelled, abandoned, or the executor closing)."""
+        live = []
+        with self._lock:
+            doomed, self._doomed = self._doomed, []
+            for chunk, keys in list(self._live.items()):
+                if chunk in pending:
+                    live += keys
+                else:
+                    del self._live[chunk]
+                    doomed += keys
+        if doomed:
+            pipe.command("UNLINK", *doomed)
+        for key in live:
+            pipe.command("EXPIRE", key, ttl)

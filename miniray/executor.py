@@ -370,8 +370,7 @@ class Executor(_BaseExecutor):
         self._flushing = False  # one sender at a time: the flusher thread or an inline submit
         self._last_submit = 0.0
         self._refs: dict[int, _Ref] = {}
-        self._big_keys: dict = {}  # chunk -> its big arguments' keys (renewed by upkeep)
-        self._big_doomed: list = []  # such keys of chunks that ended (deleted by upkeep)
+        self._big_args = bigvalues.ArgumentKeys()  # big arguments on the server, by chunk
         self._next_task = 0  # task ids: submit order, and a map item's position
         # this job's items that ended done and failed (the rest of its items, once all have
         # ended, were cancelled): the client settles every item, so its tally is the one
@@ -777,11 +776,8 @@ class Executor(_BaseExecutor):
         names = [Keys.payload_field(ref.chunk, i) for i in range(len(ref.frames))]
         refused = None
         if ref.bigs:  # its big buffers first, each beside the chunk (miniray.bigvalues)
-            refused = bigvalues.store(self._r, ref.bigs, job_ttl(s.client_grace_seconds))
-            keys = ref.bigs = [key for key, _, _ in ref.bigs]
-            with self._lock:
-                if refused is None:
-                    self._big_keys[ref.chunk] = keys
+            refused = self._big_args.store(self._r, ref.chunk, ref.bigs,
+                                           job_ttl(s.client_grace_seconds))
         if refused is None:
             pipe = self._r.pipeline()
             for name, frame in zip(names, ref.frames):
@@ -846,10 +842,7 @@ class Executor(_BaseExecutor):
             self._shm.free(paths)
         if ref.bigs:  # on the server: deleted by the next upkeep (no round trip here)
             ref.bigs = ()
-            with self._lock:
-                keys = self._big_keys.pop(ref.chunk, None)
-                if keys:
-                    self._big_doomed += keys
+            self._big_args.end(ref.chunk)
 
     # -- results -----------------------------------------------------------------------------
     # Results are read by one thread at a time (the "reader"): a caller waiting in
@@ -972,7 +965,7 @@ class Executor(_BaseExecutor):
         ttl = job_ttl(grace if self._keep is None else self._keep)
         for live in (k.job(job), k.logs(job), k.events(job), k.attempts(job), k.stop(job)):
             pipe.command("EXPIRE", live, ttl)
-        self._big_upkeep(pipe, ttl)
+        self._big_args.upkeep(pipe, ttl, self._refs)
         if self._keep is not None:
             _kept.renew(pipe, k, job, ttl)
         broker.reap(s.worker_dead_seconds, s.max_retries, s.event_stream_maxlen,
@@ -1007,23 +1000,6 @@ class Executor(_BaseExecutor):
                 "fail. Start a new Executor."))
             return False
         return True
-
-    def _big_upkeep(self, pipe, ttl: int) -> None:
-        """Renew the big arguments of chunks that may still run; delete those of chunks that
-        ended (see ``miniray.bigvalues``)."""
-        live = []
-        with self._lock:
-            doomed, self._big_doomed = self._big_doomed, []
-            for chunk, keys in list(self._big_keys.items()):
-                if chunk in self._refs:
-                    live += keys
-                else:  # (ended on a path that did not free it: cancelled, abandoned)
-                    del self._big_keys[chunk]
-                    doomed += keys
-        if doomed:
-            pipe.command("UNLINK", *doomed)
-        for key in live:
-            pipe.command("EXPIRE", key, ttl)
 
     def _mark_running(self, events: list) -> None:
         """Futures of chunks a worker took are running (``Future.running()``, and ``cancel()``
@@ -1448,7 +1424,7 @@ class Executor(_BaseExecutor):
             pipe.command("DEL", k.queue(job), k.tasks(job), k.client(self.client_id),
                          k.results(self.client_id))
             pipe.command("ZREM", k.jobs, job)
-            self._big_upkeep(pipe, 1)  # (what is left: arguments of cancelled tasks)
+            self._big_args.upkeep(pipe, 1, ())  # (what is left: arguments of cancelled tasks)
             pipe.execute()
         except RedisError:
             pass
