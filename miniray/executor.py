@@ -57,7 +57,7 @@ from .outcomes import MISSING, cancel_future as _cancel, cancel_ref as _cancel_r
 from .outcomes import failures as _failures, force_cancel as _force_cancel, place as _place
 from .outcomes import stop_chunks as _stop_chunks
 from .resp import Connection, NoScriptError, RedisError
-from . import payloads
+from . import bigvalues, payloads
 from .protocol import (Assembler, LostChunk, decode_batches, decode_message, encode_chunk,
                        item_times)
 from .rerun import Kept, rerun_locally as _rerun_locally
@@ -268,7 +268,7 @@ class _Ref:
     ``(values, errors)``; a submit's future gets the value or the exception."""
 
     __slots__ = ("chunk", "entry", "start", "count", "future", "values", "errors", "left",
-                 "is_map", "frames", "sent", "sha", "big", "kept", "shm")
+                 "is_map", "frames", "sent", "sha", "big", "kept", "shm", "bigs")
 
     def __init__(self, chunk, start, count, future, is_map, frames, sha):
         self.chunk, self.start, self.count, self.sha = chunk, start, count, sha
@@ -281,6 +281,7 @@ class _Ref:
         self.big = False  # stored part by part, waiting for the replies (see _send_big)
         self.kept = None  # the payload, kept until it ends to re-run a failure (miniray.rerun)
         self.shm = ()  # its arguments' files in shared memory, freed when it ends (see shm)
+        self.bigs = ()  # its big arguments' keys on the server (bigvalues): (key, view, part)
 
 
 class Executor(_BaseExecutor):
@@ -373,6 +374,7 @@ class Executor(_BaseExecutor):
         self._flushing = False  # one sender at a time: the flusher thread or an inline submit
         self._last_submit = 0.0
         self._refs: dict[int, _Ref] = {}
+        self._big_args = bigvalues.ArgumentKeys()  # big arguments on the server, by chunk
         self._next_task = 0  # task ids: submit order, and a map item's position
         # this job's items that ended done and failed (the rest of its items, once all have
         # ended, were cancelled): the client settles every item, so its tally is the one
@@ -419,6 +421,8 @@ class Executor(_BaseExecutor):
             spec["inbox"] = self._inbox.address
         if self._shm is not None:
             spec["shm"], spec["shm_min"] = self._shm.address, self._shm.min_bytes
+        if self._keep is None:  # big result buffers beside their message (miniray.bigvalues)
+            spec["big"] = 1
         own = pipe is None
         if own:
             pipe = self._r.pipeline()
@@ -654,19 +658,23 @@ class Executor(_BaseExecutor):
             frames, placed = self._shm.place(frames)
         size = len(frames[0]) if len(frames) == 1 else sum(map(len, frames))
         part = payloads.SMALL_PART
+        bigs = ()
         if size >= payloads.BIG:  # (asks the server: only big payloads pay for it)
             payloads.check_room(self._r, size, "arguments")
             part = payloads.big_part_size(self._r)
+            if len(frames) > 1 and not placed and self._keep is None:  # big buffers
+                # beside the chunk (bigvalues; a kept job's outlive this client: inline)
+                frames, bigs = bigvalues.mark(frames, part, self.keys, self.job_id)
         frames = encode_chunk(sha, start, count, frames, part)
         ref = _Ref(next(self._chunk_ids), start, count, future, is_map, frames, sha)
         ref.big = size >= payloads.BIG
-        ref.shm = placed
-        if placed:  # (a re-run here must not need the files: freed when the chunk ends)
+        ref.shm, ref.bigs = placed, bigs
+        if placed or bigs:  # (a re-run here must not need the files: freed when the chunk ends)
             size = sum(map(len, mine))
         if size <= self._settings.rerun_keep_bytes and (
                 not is_map or getattr(future, "_items", None) is not None):  # (not map's)
             # (a reference: no copy, no cost)
-            ref.kept = encode_chunk(sha, start, count, mine, part) if placed else frames
+            ref.kept = encode_chunk(sha, start, count, mine, part) if placed or bigs else frames
         future._ref = ref
         now = time.monotonic()
         with self._lock:
@@ -786,14 +794,19 @@ class Executor(_BaseExecutor):
         default); the chunk is queued once every part is stored, and a refused chunk's
         parts are deleted again."""
         s, k, job = self._settings, self.keys, self.job_id
-        size = sum(map(len, ref.frames))
+        size = sum(map(len, ref.frames)) + sum(view.nbytes for _, view, _ in ref.bigs)
         names = [Keys.payload_field(ref.chunk, i) for i in range(len(ref.frames))]
-        pipe = self._r.pipeline()
-        for name, frame in zip(names, ref.frames):
-            pipe.command("HSET", k.tasks(job), name, frame)
-        replies = pipe.execute(raise_on_error=False)
+        refused = None
+        if ref.bigs:  # its big buffers first, each beside the chunk (miniray.bigvalues)
+            refused = self._big_args.store(self._r, ref.chunk, ref.bigs,
+                                           job_ttl(s.client_grace_seconds))
+        if refused is None:
+            pipe = self._r.pipeline()
+            for name, frame in zip(names, ref.frames):
+                pipe.command("HSET", k.tasks(job), name, frame)
+            replies = pipe.execute(raise_on_error=False)
+            refused = next((r for r in replies if isinstance(r, RedisError)), None)
         ref.frames = None
-        refused = next((r for r in replies if isinstance(r, RedisError)), None)
         if refused is None:
             pipe = self._r.pipeline()
             if self._keep is not None:
@@ -811,6 +824,7 @@ class Executor(_BaseExecutor):
             with self._lock:
                 self._refs.pop(ref.chunk, None)
                 self._tally[1] += ref.count
+            self._free_shm(ref)
             try:
                 ref.future.set_exception(payloads.refused(size, "task's arguments", refused))
             except Exception:  # cancelled meanwhile
@@ -842,12 +856,16 @@ class Executor(_BaseExecutor):
         return removed
 
     def _free_shm(self, ref: _Ref, reuse: bool = False) -> None:
-        """Unlink a chunk's arguments in shared memory: it has ended, or never will run (a
-        task process that mapped them keeps its mapping); ``reuse``: it ended with all its
-        results, its files may be written again (``Segments.free``)."""
+        """Unlink a chunk's arguments in shared memory, and its big ones on the server (see
+        bigvalues): it has ended, or never will run (a task process that mapped them keeps
+        its mapping); ``reuse``: it ended with all its results, its shared-memory files may
+        be written again (``Segments.free``)."""
         if ref.shm:
             paths, ref.shm = ref.shm, ()
             self._shm.free(paths, reuse)
+        if ref.bigs:  # on the server: deleted by the next upkeep (no round trip here)
+            ref.bigs = ()
+            self._big_args.end(ref.chunk)
 
     # -- results -----------------------------------------------------------------------------
     # Results are read by one thread at a time (the "reader"): a caller waiting in
@@ -970,6 +988,7 @@ class Executor(_BaseExecutor):
         ttl = job_ttl(grace if self._keep is None else self._keep)
         for live in (k.job(job), k.logs(job), k.events(job), k.attempts(job), k.stop(job)):
             pipe.command("EXPIRE", live, ttl)
+        self._big_args.upkeep(pipe, ttl, self._refs)
         if self._keep is not None:
             _kept.renew(pipe, k, job, ttl)
         broker.reap(s.worker_dead_seconds, s.max_retries, s.event_stream_maxlen,
@@ -1167,6 +1186,7 @@ class Executor(_BaseExecutor):
                 self._settle(ref, None, [], {-1: (err, "", None)}, True, decoded.worker, "?", 0)
             return
         header, blob = decoded
+        bigvalues.reading(self.redis_url)  # (where its big buffers are, if it has any)
         if direct:  # its process's report follows: see _await_reports
             finals = [chunk for chunk, final in header.chunks if final]
             if finals:
@@ -1427,6 +1447,7 @@ class Executor(_BaseExecutor):
             pipe.command("DEL", k.queue(job), k.tasks(job), k.client(self.client_id),
                          k.results(self.client_id))
             pipe.command("ZREM", k.jobs, job)
+            self._big_args.upkeep(pipe, 1, ())  # (what is left: arguments of cancelled tasks)
             pipe.execute()
         except RedisError:
             pass

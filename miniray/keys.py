@@ -64,6 +64,11 @@ clock                       string  none                heartbeat, reap   heartb
 client:{client}             string  client grace,       executor          claim (orphan jobs),
                                     renewed                               idle stop (SCAN, PTTL)
 res:{client}                list    client grace        complete, reaper  executor (BLMPOP)
+big:{job}:{id}              hash    client grace (an    task process (a   executor (a result:
+                                    argument's renewed  result's, before  HGET per part, then
+                                    while its chunk     its message);     UNLINK); task process
+                                    may run; UNLINK     executor (an      (an argument, HGET
+                                    when it ends)       argument's)       per part)
 logs:{job}                  stream  as job:{job}        worker            Executor.logs, CLI
 out:{job}                   stream  keep grace, renewed complete (a kept  attachers (XREAD),
                                     by its owner; 60 s  job's results)    its owner (XRANGE of
@@ -91,6 +96,11 @@ the function's cache key and ``{arg}`` its argument's (sha256 hex, see ``miniray
 ``cache:index`` scores each entry (``{fn}:{arg}``) by when it was stored, ``cache:sizes`` has
 its size in bytes and ``cache:bytes`` their total: the store script evicts the oldest entries
 while the total passes ``MINIRAY_CACHE_MAX_BYTES``, and drops those past their TTL.
+
+A ``big:{job}:{id}`` hash is one large out-of-band buffer of an argument or a result that goes
+through the server (``miniray.bigvalues``): fields ``0``..``n-1`` are its parts, each at most
+what the server takes in one value; the chunk's payload or the result message carries only the
+key, the size and the part size.
 
 An ``attempts:{job}`` field is a chunk id (its reruns after its worker was lost), or
 ``d``/``f`` + chunk id: the items of a chunk still running that its holder reported done/failed
@@ -237,6 +247,11 @@ class Keys:
     @property
     def cache_bytes(self) -> str:
         return f"{self.ns}:cache:bytes"
+
+    def big(self, job: str, name: str) -> str:
+        """A large out-of-band buffer of one of ``job``'s arguments or results, in parts
+        (``miniray.bigvalues``)."""
+        return f"{self.ns}:big:{job}:{name}"
 
     @staticmethod
     def wip_field(job: str, chunk: int) -> str:

@@ -61,7 +61,9 @@ __all__ = [
 # 3: frames split into parts (a layout in the chunk head), result messages in parts, values
 #    pickled one by one, a version byte in result messages
 # 4: per-item timings in each batch of a result message, the slot in its header
-PROTOCOL_VERSION = 4
+# 5: big out-of-band buffers beside the chunk or the result message, on the server, a
+#    marker or a ``bigvalues.Ref`` in their place (see ``miniray.bigvalues``)
+PROTOCOL_VERSION = 5
 _HEAD = struct.Struct("!B32sQII")  # version, sha256 digest, first task index, item count,
 #                                    frames in the layout that follows (0: one field a frame)
 _U32 = struct.Struct("!I")

@@ -322,6 +322,86 @@ class Connection:
             if isinstance(r, ReplyError) and self.on_deferred_error is not None:
                 self.on_deferred_error(r)
 
+    def fetch_into(self, commands: list, views: list, stall: float = 20.0) -> list:
+        """Run ``commands`` (one write), each answered by a bulk string of exactly its
+        view's size, and read each reply's bytes off the socket straight into its view
+        (``recv_into``: no copy through the parser, no ``bytes`` of it). Returns, per
+        command, None (its view is filled) or why not: an error reply, or a ``ValueError``
+        for a missing value (nil). A reply of another size, or ``stall`` seconds without a
+        byte, loses the connection (ConnectionLost): the stream is out of step then."""
+        with self._lock:
+            if self._sock is None:
+                self._connect()
+            try:
+                if self._owed:
+                    self._read_owed()
+                self._send(commands)
+                return [self._bulk_into(v, stall) for v in views]
+            except ConnectionLost:
+                raise
+            except OSError as e:
+                self.close()
+                raise ConnectionLost(f"lost the connection to {redact(self.url)}: {e}") from None
+            except BaseException:
+                self.close()
+                raise
+
+    def _bulk_into(self, view, stall: float):
+        """One bulk reply read into ``view`` (see ``fetch_into``); hiredis has read nothing
+        of it (every reply before it was read whole)."""
+        line = self._raw_line(stall)
+        if line[:1] == b"-":
+            return _reply_error(line[1:])
+        if line[:1] != b"$":
+            self.close()
+            raise ConnectionLost(f"unexpected reply {line[:40]!r} from {redact(self.url)}")
+        n = int(line[1:])
+        if n < 0:
+            return ValueError("no such value (nil)")
+        if n != view.nbytes:
+            self.close()
+            raise ConnectionLost(f"a value of {n} bytes from {redact(self.url)} where "
+                                 f"{view.nbytes} were expected")
+        self._recv_exact(view, stall)
+        self._recv_exact(memoryview(bytearray(2)), stall)  # its \r\n
+        return None
+
+    def _wait_data(self, stall: float) -> None:
+        if not self._poller.poll(max(0, math.ceil(stall * 1000))):
+            self.close()
+            raise ConnectionLost(f"the server at {redact(self.url)} sent nothing for "
+                                 f"{stall:.0f} s in the middle of a value")
+
+    def _raw_line(self, stall: float) -> bytes:
+        """The next line on the socket (no more is read: what follows is a value's)."""
+        sock = self._sock
+        while True:
+            self._wait_data(stall)
+            peek = sock.recv(64, socket.MSG_PEEK)
+            if not peek:
+                self.close()
+                raise ConnectionLost(f"the server at {redact(self.url)} closed the connection")
+            end = peek.find(b"\r\n")
+            if end >= 0:
+                line = memoryview(bytearray(end + 2))
+                self._recv_exact(line, stall)
+                return bytes(line[:end])
+            if len(peek) >= 64:
+                self.close()
+                raise ConnectionLost(f"a reply line longer than 64 bytes from "
+                                     f"{redact(self.url)}")
+            time.sleep(0.0005)  # half a line came (it is short: the rest is on its way)
+
+    def _recv_exact(self, view, stall: float) -> None:
+        sock, at, n = self._sock, 0, view.nbytes
+        while at < n:
+            self._wait_data(stall)
+            got = sock.recv_into(view[at:], n - at)
+            if not got:
+                self.close()
+                raise ConnectionLost(f"the server at {redact(self.url)} closed the connection")
+            at += got
+
     def pipeline(self) -> "Pipeline":
         return Pipeline(self)
 

@@ -69,7 +69,7 @@ from miniray.broker import Broker, connect, parse_claim
 from miniray.config import settings
 from miniray.errors import MinirayError, PayloadTooLargeError
 from miniray.inbox import Sender
-from miniray import shm
+from miniray import bigvalues, shm
 from miniray.isolation import Leftovers, become_subreaper
 from miniray.jobspec import bad_payload, chunk_head, malformed, parse_spec
 from miniray.keys import Keys
@@ -449,17 +449,24 @@ class Runner:
         return (encode_batches(batches, _unpicklable),
                 [(entry, 0, n_ok + n_err, final) for entry, n_ok, n_err, final in chunks])
 
-    def placer(self, spec: dict):
-        """The sink that puts a job's big result buffers in shared memory, or None."""
+    def placer(self, spec: dict, job: str = ""):
+        """The sink that puts a job's big result buffers in shared memory, or else (a client
+        that reads them so, ``big`` in its spec) on the server beside the result message
+        (``miniray.bigvalues``), or None."""
         address = spec.get("shm")
-        if not address:
-            return None
-        p = self.placers.get(address)
-        if p is None:
-            if len(self.placers) > 100:  # (clients come and go: a bound, not a ledger)
-                self.placers.clear()
-            p = self.placers[address] = shm.ResultPlacer(address, spec.get("shm_min") or 1 << 20)
-        return p.sink if p.target is not None else None
+        if address:
+            p = self.placers.get(address)
+            if p is None:
+                if len(self.placers) > 100:  # (clients come and go: a bound, not a ledger)
+                    self.placers.clear()
+                p = self.placers[address] = shm.ResultPlacer(address,
+                                                             spec.get("shm_min") or 1 << 20)
+            if p.target is not None:
+                return p.sink
+        if spec.get("big") and job:
+            return bigvalues.ResultStore(self.r, self.broker.keys, job, big_part_size,
+                                         round(self.settings.client_grace_seconds) + 60).sink
+        return None
 
     def part_size(self, size: int) -> int:
         """The most bytes one element of a result message may carry: what any server takes
@@ -516,7 +523,7 @@ class Runner:
                 notes.append((seq, final, indices, n_ok, n_err))
                 if final:
                     del self.held[seq]
-            blob = encode_batches(batches, _unpicklable, self.placer(w.spec))
+            blob = encode_batches(batches, _unpicklable, self.placer(w.spec, job))
             if len(blob) >= BIG:
                 blob, chunks = self.fit(blob, batches, chunks)
             msg = encode_result(ResultHeader(h["worker_id"], h["host"], self.pid, header,
@@ -652,6 +659,7 @@ class Runner:
         its items' timings are wanted (a submit's, a ``map_futures`` chunk's)."""
         frames, used = shm.open_frames(frames)  # (a missing file: its own clear error)
         self.shm_read = self.shm_read or used
+        frames = bigvalues.open_frames(frames, self.r)  # (big ones beside it, on the server)
         try:
             kind, *payload = pickle.loads(frames[0], buffers=frames[1:])
         except ImportError:  # a module the worker lacks: the user's error, as it is
