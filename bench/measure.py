@@ -203,7 +203,11 @@ def main(argv):
 
     peak = PeakRSS()
 
+    only = params.get("only")
+
     def step(key, fn, *args):
+        if only is not None and key not in only:
+            return  # not asked for (run.py --only): left out of the table
         print("[%s] %s ..." % (name, key), file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         try:
