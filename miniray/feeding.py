@@ -22,10 +22,10 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FuturesTimeout
 
-__all__ = ["check_buffersize", "batches", "ordered_results", "FutureStream"]
+__all__ = ["check_buffersize", "batches", "ordered_results", "MapResults", "FutureStream"]
 
 # a map's values of these types are yielded straight from their chunk's list (see
-# ordered_results): none holds anything else, and their memory is a few words each
+# MapResults): none refers to another object, so none can keep anything alive
 _ATOMS = frozenset((int, float, bool, complex, type(None)))
 
 
@@ -67,13 +67,59 @@ def _stopped(why) -> RuntimeError:
 
 
 def ordered_results(futures: collections.deque, deadline: float | None, more=None):
-    """Yield map results in order; the first error raises when its element is reached.
+    """Map results in order (a ``MapResults``); the first error raises when its element is
+    reached.
 
     ``more()``, when given, submits the next chunk and returns its future (None when the
     input is exhausted): it is called once per chunk taken, before that chunk is waited for,
     as Python 3.14's ``Executor.map`` does with ``buffersize``. Like ``concurrent.futures``,
     it keeps no reference to a result it has yielded; on close, error or timeout the chunks
     not yielded are cancelled (queued ones are withdrawn from the server)."""
+    return MapResults(futures, deadline, more)
+
+
+class MapResults:
+    """The iterator ``Executor.map`` returns: its values, in order, with ``close()``.
+
+    Iterating it (``list(...)``, ``for``) runs at C speed through the values of each
+    chunk: ``iter()`` gives an ``itertools.chain`` over the chunks' values (one per
+    ``MapResults``: ``next()`` on either moves both). A chunk of numbers (no values that
+    could hold anything) is its own list; any other chunk comes out through a stack that
+    drops each value as it is yielded (CPython issue #14406), up to its first error, which
+    is raised when reached. ``close()`` (and dropping the iterator) cancels the chunks not
+    yielded and ends the iteration at once, the current chunk's values included.
+    """
+
+    __slots__ = ("_chunks", "_items", "_current", "__weakref__")
+
+    def __init__(self, futures: collections.deque, deadline: float | None, more=None):
+        self._current: list = [None]  # the list being iterated now (see close)
+        self._chunks = _chunk_values(futures, deadline, more, self._current)
+        self._items = itertools.chain.from_iterable(self._chunks)
+
+    def __iter__(self):
+        return self._items
+
+    def __next__(self):
+        return next(self._items)
+
+    def close(self) -> None:
+        """Cancel what was submitted and not yielded; the iteration ends here."""
+        now = self._current[0]
+        if now is not None:
+            self._current[0] = None
+            if now and now[0] is _END:  # a stack (see _chunk_values): leave its end
+                del now[1:]
+            else:
+                now.clear()
+        self._chunks.close()
+
+
+_END = object()  # the bottom of a chunk's stack of values (see _chunk_values)
+
+
+def _chunk_values(futures: collections.deque, deadline: float | None, more, current: list):
+    """Per chunk taken, in order, an iterable of its values (see ``MapResults``)."""
     stopped = None
     try:
         while futures:
@@ -103,22 +149,26 @@ def ordered_results(futures: collections.deque, deadline: float | None, more=Non
             f._result = f._ref = None
             del f
             if not errors and _ATOMS.issuperset(map(type, values)):
-                # (numbers: nobody can tell whether we still hold one, so they come out at C
-                # speed; the loop below drops each other value as it is yielded)
-                yield from values
+                # numbers: nobody can tell whether we still hold one, so the list itself
+                current[0] = values
+                yield values
                 continue
-            values.reverse()
-            i = 0
-            while values:
-                if errors and i in errors:
-                    raise errors[i]
-                i += 1
-                yield values.pop()
+            hit = [i for i in errors if 0 <= i < len(values)] if errors else ()
+            upto = min(hit) if hit else len(values)
+            stack = [_END]  # popped from the end: each value leaves it as it is yielded
+            stack += reversed(values[:upto]) if upto < len(values) else reversed(values)
+            values = None
+            current[0] = stack
+            yield iter(stack.pop, _END)
+            current[0] = stack = None
+            if hit:
+                raise errors[upto]
         if stopped is not None:
             raise _stopped(stopped) from stopped
     except FuturesTimeout:
         raise FuturesTimeout() from None
     finally:
+        current[0] = None
         for f in futures:
             f.cancel()
 

@@ -314,3 +314,9 @@ def burn(seconds, megabytes=0):
     while time.monotonic() < deadline:
         n += 1
     return len(block)
+
+
+def print_item(x):
+    """``x``, after printing ``item x`` (one log line per item)."""
+    print(f"item {x}")
+    return x
