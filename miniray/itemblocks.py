@@ -12,7 +12,9 @@ more than it would anyway.
 What stays exact:
 
 - an item's exception is its own: ``list.extend`` keeps what the block made before the item
-  that raised, so that item's index is known, and the block goes on after it;
+  that raised, so that item's index is known, and the block goes on after it (a
+  ``StopIteration`` ends ``map`` quietly: a block that comes up short names the item, whose
+  error is rebuilt without its traceback);
 - a log line is attributed to its item (``item()``: the block's values grow one per item);
 - a death of the process: while a block runs the page says ``BLOCK_MARK - start`` rather
   than an item index, so the worker blames no item; it runs the chunk again with ``exact``
@@ -89,7 +91,13 @@ def run(runner, fn, items, star: bool, group: str, seq: int, flush_seconds: floa
             at, end = i, min(n, i + size)
             try:
                 values.extend(apply(fn, items[i:end]))
-                i = end
+                i = first + len(values)
+                if i < end:  # the item raised StopIteration, which ends a map: its own
+                    values.append(None)  # error, rebuilt (that one's traceback is lost)
+                    errors[i] = fail(StopIteration(
+                        "the task raised StopIteration (its traceback is lost: it ended the "
+                        "block of items it ran in)"), items[i])
+                    i += 1
             except BaseException as e:  # the item that raised is the one after those made
                 j = first + len(values)
                 values.append(None)

@@ -81,3 +81,17 @@ def test_closing_a_map_ends_it_inside_a_chunk_of_objects(one_worker):
         assert [next(results) for _ in range(2)] == [[0], [1]]
         results.close()
         assert list(results) == []
+
+
+def test_stop_iteration_in_a_block_fails_its_item_and_shifts_nothing(one_worker):
+    """StopIteration ends a C-level ``map`` quietly: the block must still see which item
+    raised it, fail that one, and run the rest, each value in its place."""
+    with one_worker.executor() as ex:
+        results = ex.map(tasks.stop_on, range(60), chunksize=60)
+        assert [next(results) for _ in range(5)] == [0, 1, 2, 3, 4]
+        with pytest.raises(RuntimeError) as info:  # (a generator turns it into this, as
+            next(results)                          # CPython's map does)
+        assert isinstance(info.value.__cause__, StopIteration)
+        wait_for(lambda: ex.progress()["done"] == 59, what="the items after it")
+        assert ex.progress()["failed"] == 1
+        assert list(ex.map(tasks.stop_on, range(6, 60), chunksize=60)) == list(range(6, 60))
