@@ -20,8 +20,9 @@ Workloads (task functions live in ``bench/workloads.py`` so every engine pickles
 reference; ``bench/`` reaches the workers through PYTHONPATH):
 
 - W1  10,000 no-op ``submit``s, then all results              tasks/s, higher is better
-- W2  ``map(inc, range(200_000), chunksize)`` for chunksize in 1000/5000/20000; the best is
-      reported with its chunksize (Dask and Ray: one task per chunk)   items/s, higher is better
+- W2  ``map(inc, range(200_000), chunksize)`` for chunksize in 1000/5000/20000, each the best
+      of 3 (one map is a few tens of ms: noise on a shared machine); the best is reported
+      with its chunksize (Dask and Ray: one task per chunk)           items/s, higher is better
 - W3  200 sequential submit -> result round trips after 20 warm-ups   p50/p99 us, lower is better
 - W4  fresh ``python -c`` to first result, local cluster start included; best of 3
       (time from just before spawn to the child printing; its teardown is checked, not timed)
@@ -65,9 +66,11 @@ ALL_ENGINES = ["ppe", "miniray", "loky", "dask", "ray"]
 ERR_WIDTH = 48  # an error is cut to this in the table; it is printed in full below it
 
 FULL = {"w1_n": 10_000, "w1_reps": 2, "w2_n": 200_000, "w2_chunksizes": [1000, 5000, 20000],
+        "w2_reps": 3,
         "w3_n": 200, "w3_warmup": 20, "w4_reps": 3, "w4_timeout": 120, "w5_mb": 100,
         "w5_reps": 3, "w6_mb": 100, "w6_n": 10}
 QUICK = {"w1_n": 1000, "w1_reps": 1, "w2_n": 20_000, "w2_chunksizes": [1000, 5000],
+         "w2_reps": 1,
          "w3_n": 50, "w3_warmup": 5, "w4_reps": 1, "w4_timeout": 60, "w5_mb": 20,
          "w5_reps": 1, "w6_mb": 20, "w6_n": 3}
 
