@@ -24,6 +24,9 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 
 __all__ = ["check_buffersize", "batches", "ordered_results", "MapResults", "FutureStream"]
 
+# a map over one of these is cut into chunks by slicing (no item passes through Python code)
+_SLICED = (list, tuple, range)
+
 # a map's values of these types are yielded straight from their chunk's list (see
 # MapResults): none refers to another object, so none can keep anything alive
 _ATOMS = frozenset((int, float, bool, complex, type(None)))
@@ -44,6 +47,13 @@ def check_buffersize(buffersize) -> None:
 def batches(iterables: tuple, chunksize: int):
     """``(kind, items)`` per chunk: one iterable's items travel bare ("m1"), several
     iterables' as argument tuples ("m")."""
+    if len(iterables) == 1 and type(iterables[0]) in _SLICED:
+        src, at = iterables[0], 0
+        while at < len(src):  # (read as it goes, as an iterator would: it may grow)
+            batch = src[at : at + chunksize]
+            yield "m1", batch if type(batch) is list else list(batch)
+            at += chunksize
+        return
     if len(iterables) == 1:
         kind, items = "m1", iter(iterables[0])
     else:
@@ -106,16 +116,10 @@ class MapResults:
     def close(self) -> None:
         """Cancel what was submitted and not yielded; the iteration ends here."""
         now = self._current[0]
-        if now is not None:
+        if now is not None:  # the chunk's list, or its stack: either ends when empty
             self._current[0] = None
-            if now and now[0] is _END:  # a stack (see _chunk_values): leave its end
-                del now[1:]
-            else:
-                now.clear()
+            now.clear()
         self._chunks.close()
-
-
-_END = object()  # the bottom of a chunk's stack of values (see _chunk_values)
 
 
 def _chunk_values(futures: collections.deque, deadline: float | None, more, current: list):
@@ -155,11 +159,12 @@ def _chunk_values(futures: collections.deque, deadline: float | None, more, curr
                 continue
             hit = [i for i in errors if 0 <= i < len(values)] if errors else ()
             upto = min(hit) if hit else len(values)
-            stack = [_END]  # popped from the end: each value leaves it as it is yielded
-            stack += reversed(values[:upto]) if upto < len(values) else reversed(values)
+            stack = values[:upto] if upto < len(values) else values
+            stack.reverse()  # popped from its end: each value leaves it as it is yielded
             values = None
             current[0] = stack
-            yield iter(stack.pop, _END)
+            # (no sentinel: comparing a value with one may raise, as a numpy array's does)
+            yield map(list.pop, itertools.takewhile(len, itertools.repeat(stack)))
             current[0] = stack = None
             if hit:
                 raise errors[upto]

@@ -95,3 +95,12 @@ def test_stop_iteration_in_a_block_fails_its_item_and_shifts_nothing(one_worker)
         wait_for(lambda: ex.progress()["done"] == 59, what="the items after it")
         assert ex.progress()["failed"] == 1
         assert list(ex.map(tasks.stop_on, range(6, 60), chunksize=60)) == list(range(6, 60))
+
+
+def test_map_yields_values_that_cannot_be_compared(one_worker):
+    """numpy arrays (whose ``==`` is elementwise, and whose truth value raises) come out of
+    ``map`` whole and in order, through a chunk's stack as any other object."""
+    np = pytest.importorskip("numpy")
+    with one_worker.executor() as ex:
+        got = list(ex.map(np.full, [3] * 5, range(5), chunksize=5))
+    assert [a.tolist() for a in got] == [[i] * 3 for i in range(5)]
