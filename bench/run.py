@@ -9,14 +9,20 @@ Usage::
 Options: ``--engines`` comma-separated subset of ppe,miniray,loky,dask,ray (default: all; an
 engine that is not installed is reported as skipped with the reason); ``--quick`` smaller
 sizes; ``--json PATH`` also write every figure (with per-run details) as JSON;
-``--timeout S`` per-engine limit; ``-v`` stream each engine's own output.
+``--timeout S`` per-engine limit; ``-v`` stream each engine's own output; ``--only W2,W3``
+measures only those workloads (the others are left out of the table); ``--python
+ENGINE=PATH`` (repeatable) runs that engine's process with another interpreter, e.g.
+``--python ray=/tmp/rayvenv/bin/python`` so Ray from its own virtual environment is measured
+beside miniray in the same run (the checkout's ``miniray`` and ``bench/`` come first on that
+interpreter's path).
 
 Workloads (task functions live in ``bench/workloads.py`` so every engine pickles them by
 reference; ``bench/`` reaches the workers through PYTHONPATH):
 
 - W1  10,000 no-op ``submit``s, then all results              tasks/s, higher is better
-- W2  ``map(inc, range(200_000), chunksize)`` for chunksize in 1000/5000/20000; the best is
-      reported with its chunksize (Dask and Ray: one task per chunk)   items/s, higher is better
+- W2  ``map(inc, range(200_000), chunksize)`` for chunksize in 1000/5000/20000, each the best
+      of 3 (one map is a few tens of ms: noise on a shared machine); the best is reported
+      with its chunksize (Dask and Ray: one task per chunk)           items/s, higher is better
 - W3  200 sequential submit -> result round trips after 20 warm-ups   p50/p99 us, lower is better
 - W4  fresh ``python -c`` to first result, local cluster start included; best of 3
       (time from just before spawn to the child printing; its teardown is checked, not timed)
@@ -60,9 +66,11 @@ ALL_ENGINES = ["ppe", "miniray", "loky", "dask", "ray"]
 ERR_WIDTH = 48  # an error is cut to this in the table; it is printed in full below it
 
 FULL = {"w1_n": 10_000, "w1_reps": 2, "w2_n": 200_000, "w2_chunksizes": [1000, 5000, 20000],
+        "w2_reps": 3,
         "w3_n": 200, "w3_warmup": 20, "w4_reps": 3, "w4_timeout": 120, "w5_mb": 100,
         "w5_reps": 3, "w6_mb": 100, "w6_n": 10}
 QUICK = {"w1_n": 1000, "w1_reps": 1, "w2_n": 20_000, "w2_chunksizes": [1000, 5000],
+         "w2_reps": 1,
          "w3_n": 50, "w3_warmup": 5, "w4_reps": 1, "w4_timeout": 60, "w5_mb": 20,
          "w5_reps": 1, "w6_mb": 20, "w6_n": 3}
 
@@ -84,15 +92,20 @@ METRICS = [
 ]
 
 
-def engine_available(name):
-    """None if ``name`` can be imported, else the reason it cannot (checked in a subprocess so
-    this process stays free of every engine's imports)."""
+WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6"]
+
+
+def engine_available(name, python=None):
+    """None if ``name`` can be imported (by ``python``, default this interpreter), else the
+    reason it cannot (checked in a subprocess so this process stays free of every engine's
+    imports)."""
     mod = {"ppe": "concurrent.futures", "miniray": "miniray", "loky": "loky",
            "dask": "distributed", "ray": "ray"}[name]
     env = dict(os.environ)
     repo = os.path.dirname(BENCH_DIR)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH", "")]))
-    rc, _, err, _ = run_child([sys.executable, "-c", "import " + mod], timeout=120, env=env,
+    rc, _, err, _ = run_child([python or sys.executable, "-c", "import " + mod], timeout=120,
+                              env=env,
                               grace=0)
     if rc == 0:
         return None
@@ -100,11 +113,13 @@ def engine_available(name):
     return "import %s failed: %s" % (mod, lines[-1] if lines else "rc=%s" % rc)
 
 
-def run_engine(name, params, timeout, verbose):
-    """Measure one engine in a fresh subprocess; always returns a result dict."""
+def run_engine(name, params, timeout, verbose, python=None):
+    """Measure one engine in a fresh subprocess (of ``python``, default this interpreter);
+    always returns a result dict."""
     fd, out_path = tempfile.mkstemp(prefix="miniray-bench-%s-" % name, suffix=".json")
     os.close(fd)
-    cmd = [sys.executable, os.path.join(BENCH_DIR, "measure.py"), name, json.dumps(params),
+    cmd = [python or sys.executable, os.path.join(BENCH_DIR, "measure.py"), name,
+           json.dumps(params),
            out_path]
     stream = None if verbose else -1  # -1 == subprocess.PIPE
     t0 = time.perf_counter()
@@ -159,6 +174,8 @@ def build_table(results, engines, params):
     rows = []
     base = results.get("ppe")
     for key, title, unit, higher, target in METRICS:
+        if params.get("only") and key.partition(".")[0] not in params["only"]:
+            continue
         base_v = metric_value(base, key)[0] if base else None
         for i, name in enumerate(engines):
             res = results[name]
@@ -241,6 +258,12 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, help="per-engine limit in seconds "
                     "(default 900, or 180 with --quick)")
     ap.add_argument("-v", "--verbose", action="store_true", help="show engines' own output")
+    ap.add_argument("--only", metavar="W2,W3",
+                    help="comma-separated subset of %s to measure (default: all)"
+                    % ",".join(WORKLOADS))
+    ap.add_argument("--python", metavar="ENGINE=PATH", action="append", default=[],
+                    help="run ENGINE's process with the interpreter at PATH (repeatable), "
+                    "e.g. ray=/tmp/rayvenv/bin/python")
     args = ap.parse_args(argv)
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -248,19 +271,36 @@ def main(argv=None):
     if unknown or not engines:
         ap.error("unknown engine(s) %s; choose from %s" % (unknown, ",".join(ALL_ENGINES)))
     params = dict(QUICK if args.quick else FULL)
+    if args.only:
+        only = [w.strip().upper() for w in args.only.split(",") if w.strip()]
+        bad = [w for w in only if w not in WORKLOADS]
+        if bad or not only:
+            ap.error("unknown workload(s) %s in --only; choose from %s"
+                     % (bad, ",".join(WORKLOADS)))
+        params["only"] = only
+    pythons = {}
+    for spec in args.python:
+        eng, sep, path = spec.partition("=")
+        if not sep or eng.strip() not in ALL_ENGINES or not path:
+            ap.error("--python wants ENGINE=PATH with ENGINE one of %s, got %r"
+                     % (",".join(ALL_ENGINES), spec))
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            ap.error("--python %s: %s is not an executable file" % (spec, path))
+        pythons[eng.strip()] = path
     timeout = args.timeout or (180 if args.quick else 900)
 
     load_before = os.getloadavg()[0]
     t_start = time.perf_counter()
     results = {}
     for name in engines:
-        reason = engine_available(name)
+        reason = engine_available(name, pythons.get(name))
         if reason:
             print("[%s] skipped: %s" % (name, reason), file=sys.stderr, flush=True)
             results[name] = {"engine": name, "skipped": reason, "workloads": {}, "errors": {}}
             continue
         print("[%s] measuring in a fresh process ..." % name, file=sys.stderr, flush=True)
-        results[name] = res = run_engine(name, params, timeout, args.verbose)
+        results[name] = res = run_engine(name, params, timeout, args.verbose,
+                                         pythons.get(name))
         status = ("FAILED: " + res["fatal"]) if res.get("fatal") else "ok"
         print("[%s] %s (%.1fs)" % (name, status, res["elapsed_seconds"]), file=sys.stderr,
               flush=True)
@@ -276,6 +316,8 @@ def main(argv=None):
         extra = ""
         if res.get("start_seconds") is not None:
             extra = ", in-process start %.2fs" % res["start_seconds"]
+        if name in pythons:
+            extra += ", python " + pythons[name]
         print("  %-8s %s%s" % (name, res.get("version") or res.get("skipped") or "?", extra))
     if load_before > 0.5:
         print("  note: 1-min load average was %.2f before the run (other work on this host); "

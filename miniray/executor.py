@@ -455,6 +455,8 @@ class Executor(_BaseExecutor):
         lets the next one be read and submitted. An endless generator then runs in flat
         memory on the client and the server. None: the whole input is read and submitted at
         once. Closing the iterator (or Ctrl-C) cancels what was submitted and not yielded.
+        The iterator (``feeding.MapResults``) runs through each chunk at C speed when taken
+        whole (``list``, ``for``).
 
         ``cache=True``: an item whose result the cluster's item cache has for this function
         and this argument is not run again (see ``miniray.cache``; only for functions without

@@ -22,7 +22,14 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FuturesTimeout
 
-__all__ = ["check_buffersize", "batches", "ordered_results", "FutureStream"]
+__all__ = ["check_buffersize", "batches", "ordered_results", "MapResults", "FutureStream"]
+
+# a map over one of these is cut into chunks by slicing (no item passes through Python code)
+_SLICED = (list, tuple, range)
+
+# a map's values of these types are yielded straight from their chunk's list (see
+# MapResults): none refers to another object, so none can keep anything alive
+_ATOMS = frozenset((int, float, bool, complex, type(None)))
 
 
 def check_buffersize(buffersize) -> None:
@@ -40,6 +47,13 @@ def check_buffersize(buffersize) -> None:
 def batches(iterables: tuple, chunksize: int):
     """``(kind, items)`` per chunk: one iterable's items travel bare ("m1"), several
     iterables' as argument tuples ("m")."""
+    if len(iterables) == 1 and type(iterables[0]) in _SLICED:
+        src, at = iterables[0], 0
+        while at < len(src):  # (read as it goes, as an iterator would: it may grow)
+            batch = src[at : at + chunksize]
+            yield "m1", batch if type(batch) is list else list(batch)
+            at += chunksize
+        return
     if len(iterables) == 1:
         kind, items = "m1", iter(iterables[0])
     else:
@@ -63,13 +77,53 @@ def _stopped(why) -> RuntimeError:
 
 
 def ordered_results(futures: collections.deque, deadline: float | None, more=None):
-    """Yield map results in order; the first error raises when its element is reached.
+    """Map results in order (a ``MapResults``); the first error raises when its element is
+    reached.
 
     ``more()``, when given, submits the next chunk and returns its future (None when the
     input is exhausted): it is called once per chunk taken, before that chunk is waited for,
     as Python 3.14's ``Executor.map`` does with ``buffersize``. Like ``concurrent.futures``,
     it keeps no reference to a result it has yielded; on close, error or timeout the chunks
     not yielded are cancelled (queued ones are withdrawn from the server)."""
+    return MapResults(futures, deadline, more)
+
+
+class MapResults:
+    """The iterator ``Executor.map`` returns: its values, in order, with ``close()``.
+
+    Iterating it (``list(...)``, ``for``) runs at C speed through the values of each
+    chunk: ``iter()`` gives an ``itertools.chain`` over the chunks' values (one per
+    ``MapResults``: ``next()`` on either moves both). A chunk of numbers (no values that
+    could hold anything) is its own list; any other chunk comes out through a stack that
+    drops each value as it is yielded (CPython issue #14406), up to its first error, which
+    is raised when reached. ``close()`` (and dropping the iterator) cancels the chunks not
+    yielded and ends the iteration at once, the current chunk's values included.
+    """
+
+    __slots__ = ("_chunks", "_items", "_current", "__weakref__")
+
+    def __init__(self, futures: collections.deque, deadline: float | None, more=None):
+        self._current: list = [None]  # the list being iterated now (see close)
+        self._chunks = _chunk_values(futures, deadline, more, self._current)
+        self._items = itertools.chain.from_iterable(self._chunks)
+
+    def __iter__(self):
+        return self._items
+
+    def __next__(self):
+        return next(self._items)
+
+    def close(self) -> None:
+        """Cancel what was submitted and not yielded; the iteration ends here."""
+        now = self._current[0]
+        if now is not None:  # the chunk's list, or its stack: either ends when empty
+            self._current[0] = None
+            now.clear()
+        self._chunks.close()
+
+
+def _chunk_values(futures: collections.deque, deadline: float | None, more, current: list):
+    """Per chunk taken, in order, an iterable of its values (see ``MapResults``)."""
     stopped = None
     try:
         while futures:
@@ -98,18 +152,28 @@ def ordered_results(futures: collections.deque, deadline: float | None, more=Non
                 raise
             f._result = f._ref = None
             del f
-            values.reverse()
-            i = 0
-            while values:
-                if errors and i in errors:
-                    raise errors[i]
-                i += 1
-                yield values.pop()
+            if not errors and _ATOMS.issuperset(map(type, values)):
+                # numbers: nobody can tell whether we still hold one, so the list itself
+                current[0] = values
+                yield values
+                continue
+            hit = [i for i in errors if 0 <= i < len(values)] if errors else ()
+            upto = min(hit) if hit else len(values)
+            stack = values[:upto] if upto < len(values) else values
+            stack.reverse()  # popped from its end: each value leaves it as it is yielded
+            values = None
+            current[0] = stack
+            # (no sentinel: comparing a value with one may raise, as a numpy array's does)
+            yield map(list.pop, itertools.takewhile(len, itertools.repeat(stack)))
+            current[0] = stack = None
+            if hit:
+                raise errors[upto]
         if stopped is not None:
             raise _stopped(stopped) from stopped
     except FuturesTimeout:
         raise FuturesTimeout() from None
     finally:
+        current[0] = None
         for f in futures:
             f.cancel()
 

@@ -64,7 +64,7 @@ import threading
 import time
 import types
 
-from miniray import idlewait
+from miniray import idlewait, itemblocks
 from miniray.broker import Broker, connect, parse_claim
 from miniray.config import settings
 from miniray.errors import MinirayError, PayloadTooLargeError
@@ -125,6 +125,7 @@ class Runner:
         self.loaded: dict = {}  # sha (or (job, sha), see function) -> function
         self.init_names: dict = {}  # job -> globals its initializer set
         self.seq, self.idx = -1, -1
+        self.block = None  # the items' block running now (see miniray.itemblocks), or None
         self.pending: dict = {}  # job -> ([header], [batch]) not yet completed
         self.initialized: dict = {}  # job -> None, or the initializer's failure
         self.last_flush = time.monotonic()
@@ -180,7 +181,9 @@ class Runner:
         w = self.held.get(self.seq)
         if w is None:
             return  # printed outside any task (a thread the task left behind)
-        task = w.start + self.idx if self.idx >= 0 else ""
+        block = self.block
+        idx = block.item() if block is not None else self.idx
+        task = w.start + idx if idx >= 0 else ""
         self.ship([(w.job, task, stream, t) for t in lines])
 
     def ship(self, entries) -> None:
@@ -618,7 +621,7 @@ class Runner:
             if keep:
                 self.leftovers.settle()
             self.run_chunk(w.seq, w.job, w.sha, w.skip, w.spec.get("env"), w.frames,
-                           w.spec.get("init"))
+                           w.spec.get("init"), w.spec)
             self.leftovers.after_chunk(keep)
         w.frames = None
         # time since it was taken, waiting here included: a queue that makes chunks wait
@@ -708,7 +711,7 @@ class Runner:
                 "again (its traceback is chained below)")
             self.initialized[group] = _portable_exc(err, task_traceback(e))
 
-    def run_chunk(self, seq, group, sha, skip, env, frames, init=None) -> None:
+    def run_chunk(self, seq, group, sha, skip, env, frames, init=None, spec=None) -> None:
         self.seq = seq
         self.in_task = True
         saved = _apply_env(env)
@@ -726,6 +729,14 @@ class Runner:
             except BaseException as e:  # the whole chunk fails the same way
                 err = _portable_exc(e, task_traceback(e))
                 self.add(group, seq, True, None, [], {-1: err}, 0, -1)
+                return
+            if itemblocks.usable(spec or {}, timed, skip, kwargs):  # many small items, fast
+                first, values, errors = itemblocks.run(
+                    self, fn, items, star, group, seq, FLUSH_SECONDS,
+                    lambda e, args: _portable_exc(e, task_traceback(e, args, not star)))
+                end_lines((sys.stdout, sys.stderr))
+                self.add(group, seq, True, range(first, len(items)), values, errors,
+                         len(values) - len(errors), len(errors))
                 return
             values, errors, done = [], {}, []
             append, prog_i, prog_t = values.append, self.prog_i, self.prog_t

@@ -40,6 +40,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from . import gpu as gpu_mod
+from . import itemblocks
 from .backoff import Backoff
 from .broker import HAND_LEN, Broker, _redact, connect, parse_claim
 from .config import settings
@@ -527,11 +528,14 @@ class _Slot(threading.Thread):
         self.unregister()
         extra = self.unannounced() if self.direct else []
         c = self.inflight.get(seq)
-        if c is None and seq >= 0 and idx >= 0:  # one it claimed and had not told us of
+        in_block = idx <= itemblocks.BLOCK_MARK  # in a block of items: nobody to blame
+        if c is None and seq >= 0 and (idx >= 0 or in_block):  # claimed, not told us of
             c = next((x for x in extra if (x.job, x.chunk) == (page_job, page_chunk)), None)
             if c is not None and not self.load_frames(c):
                 c = None  # the job is gone (cancelled or closed): nothing to report to
-        if c is not None and idx >= 0 and idx not in c.delivered:
+        if c is not None and in_block:  # no item blamed: it runs again item by item, where
+            c.spec = {**c.spec, itemblocks.EXACT: True}  # a second death names its item
+        elif c is not None and idx >= 0 and idx not in c.delivered:
             exc = self._death_error(c, reason, oom, how)
             blob = encode_batches([([idx], [None], {idx: (exc, "", proc.pid)})])
             c.delivered.add(idx)

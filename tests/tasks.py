@@ -314,3 +314,16 @@ def burn(seconds, megabytes=0):
     while time.monotonic() < deadline:
         n += 1
     return len(block)
+
+
+def print_item(x):
+    """``x``, after printing ``item x`` (one log line per item)."""
+    print(f"item {x}")
+    return x
+
+
+def stop_on(x, bad=5):
+    """``x``, but raises StopIteration on ``bad`` (which ends a plain ``map(fn, ...)``)."""
+    if x == bad:
+        raise StopIteration(f"stop at {x}")
+    return x
