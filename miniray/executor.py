@@ -742,7 +742,11 @@ class Executor(_BaseExecutor):
                     return  # shut down and nothing left to send
                 batch, self._outbox = self._outbox, []
                 self._flushing = True
-            if not self._send_safely(batch):
+            sent = self._send_safely(batch)
+            # (not held while this thread waits: its refs hold their futures, and so the
+            # results, which the user may have dropped long since)
+            batch = None
+            if not sent:
                 return
 
     def _send(self, batch: list) -> None:

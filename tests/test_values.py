@@ -201,3 +201,19 @@ def test_an_argument_over_a_gigabyte_works_on_a_default_server(tmp_path, monkeyp
             assert ex.submit(tasks.array_sum, arr).result(timeout=240) == arr.size
             del arr
             assert ex.submit(tasks.square, 3).result(timeout=60) == 9
+
+
+def test_results_the_user_dropped_are_freed_although_nothing_was_submitted_since(cluster):
+    """The executor keeps nothing of a result once its future is dropped: not even for the
+    last batch of submits (the thread that sent them held that batch, and with it the
+    futures and their values, until the next submit)."""
+    import gc
+    import weakref
+
+    cluster.start_worker("--slots", "2", name="w0")
+    with cluster.executor() as ex:
+        futures = [ex.submit(tasks.make_array, 1000) for _ in range(20)]
+        alive = [weakref.ref(f.result(timeout=60)) for f in futures]
+        del futures
+        gc.collect()
+        assert [r for r in alive if r() is not None] == []
