@@ -37,6 +37,7 @@ from miniray.broker import HAND_LEN, Broker, connect  # noqa: E402
 from miniray.config import settings  # noqa: E402
 from miniray.keys import Keys  # noqa: E402
 from miniray.server import ServerProcess  # noqa: E402
+from proctree import tree  # noqa: E402  (bench/ is this script's folder: on sys.path)
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -57,24 +58,6 @@ def server_pid(srv: ServerProcess) -> int:
     for line in open(f"/proc/{pid}/task/{pid}/children").read().split():
         return int(line)
     raise RuntimeError("cannot find the server process")
-
-
-def tree(root: int) -> list:
-    kids: dict = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(
-                        int(name))
-            except (OSError, ValueError, IndexError):
-                pass
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += kids.get(pid, [])
-    return out
 
 
 def cpu_of(pids) -> float:

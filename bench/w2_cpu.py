@@ -13,53 +13,12 @@ a process do less per item. Linux only (``schedstat``).
 """
 
 import argparse
-import glob
 import os
 import sys
 import time
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH_DIR)
-
-
-def _tree(root):
-    kids = {}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            text = open(stat).read()
-            pid, ppid = int(text.split()[0]), int(text.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        kids.setdefault(ppid, []).append(pid)
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += kids.get(pid, [])
-    return out
-
-
-def _kind(pid):
-    if pid == os.getpid():
-        return "client"
-    if open(f"/proc/{pid}/comm").read().strip().endswith("-server"):
-        return "server"  # valkey-server, redis-server
-    argv = open(f"/proc/{pid}/cmdline").read().split("\0")
-    return "taskproc" if argv[1:3] == ["-m", "miniray.taskproc"] else "worker"
-
-
-def _cpu(pids):
-    """Per kind, CPU seconds so far of ``pids`` (every thread)."""
-    out = {}
-    for pid in pids:
-        try:
-            k = _kind(pid)
-            ns = sum(int(open(p).read().split()[0])
-                     for p in glob.glob(f"/proc/{pid}/task/*/schedstat"))
-        except (OSError, ValueError, IndexError):
-            continue  # gone
-        out[k] = out.get(k, 0.0) + ns / 1e9
-    return out
 
 
 def main(argv=None):
@@ -73,20 +32,21 @@ def main(argv=None):
     sys.path[:0] = [BENCH_DIR, REPO]
     import miniray
     import workloads
+    from proctree import cpu_by_kind, tree
 
     miniray.init(workers=2)
     ex = miniray.Executor()
     try:
         for _ in range(3):
             list(ex.map(workloads.inc, range(args.n), chunksize=args.chunksize))
-        pids = _tree(os.getpid())
-        before = _cpu(pids)
+        pids = tree(os.getpid())
+        before = cpu_by_kind(pids)
         t0 = time.perf_counter()
         for _ in range(args.maps):
             out = list(ex.map(workloads.inc, range(args.n), chunksize=args.chunksize))
             assert out[-1] == args.n
         wall = (time.perf_counter() - t0) / args.maps
-        after = _cpu(pids)
+        after = cpu_by_kind(pids)
     finally:
         ex.shutdown()
         miniray.shutdown()

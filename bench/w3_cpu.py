@@ -24,44 +24,11 @@ import sys
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 
 _CHILD = r"""
-import glob, json, os, sys, time
+import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 import workloads
 
-def tree(root):
-    kids = {}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            text = open(stat).read()
-            pid, ppid = int(text.split()[0]), int(text.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        kids.setdefault(ppid, []).append(pid)
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += kids.get(pid, [])
-    return out
-
-def kind(pid):
-    if pid == os.getpid():
-        return "client"
-    if open(f"/proc/{pid}/comm").read().strip().endswith("-server"):
-        return "server"  # valkey-server, redis-server
-    argv = open(f"/proc/{pid}/cmdline").read().split("\0")
-    return "taskproc" if argv[1:3] == ["-m", "miniray.taskproc"] else "worker"
-
-def cpu(pids):
-    out = {}
-    for pid in pids:
-        try:
-            k = kind(pid)
-            for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-                out[k] = out.get(k, 0) + int(open(path).read().split()[0])
-        except OSError:
-            pass
-    return out
+from proctree import cpu_by_kind as cpu, tree
 
 engine, n = sys.argv[2], int(sys.argv[3])
 if engine == "ppe":
@@ -82,7 +49,7 @@ for _ in range(n):
 after = cpu(pids)
 lat.sort()
 res = {"p50": lat[n // 2] * 1e6}
-res.update({k: (after[k] - before.get(k, 0)) / n / 1e3 for k in after})
+res.update({k: (after[k] - before.get(k, 0)) / n * 1e6 for k in after})
 print(json.dumps(res))
 ex.shutdown()
 """
