@@ -32,7 +32,8 @@ import os
 import struct
 import threading
 
-from .payloads import _human
+from .errors import PayloadTooLargeError
+from .payloads import _human, check_room
 from .resp import Connection, RedisError
 
 __all__ = ["MIN_BYTES", "Ref", "ResultStore", "reading", "fetch", "read_parts", "mark",
@@ -75,6 +76,10 @@ class ResultStore:
         size = view.nbytes
         if size < MIN_BYTES:
             return buf
+        try:  # (a write that starts under maxmemory is let through, however big: ask first)
+            check_room(self.conn, size, "results of these tasks")
+        except PayloadTooLargeError:
+            return buf  # in the message, whose own size check fails its items clearly
         key = self.keys.big(self.job, os.urandom(8).hex())
         part = self.part_size(self.conn)
         pipe = self.conn.pipeline()
