@@ -82,21 +82,12 @@ class ResultStore:
             return buf  # in the message, whose own size check fails its items clearly
         key = self.keys.big(self.job, os.urandom(8).hex())
         part = self.part_size(self.conn)
-        pipe = self.conn.pipeline()
-        for i, at in enumerate(range(0, size, part)):
-            pipe.command("HSET", key, i, view[at:at + part])
-        pipe.command("EXPIRE", key, self.ttl)
         try:
-            replies = pipe.execute(raise_on_error=False)
+            refused = store(self.conn, [(key, view, part)], self.ttl)
         except RedisError:
             return buf  # (the message then says what became of the server)
-        if any(isinstance(r, RedisError) for r in replies):  # refused (maxmemory): in the
-            try:  # message, where the size check fails its items with a clear error
-                self.conn.execute("UNLINK", key)
-            except RedisError:
-                pass
-            return buf
-        stats["stored"] += size
+        if refused is not None:  # (maxmemory) in the message, whose size check fails its
+            return buf           # items with a clear error
         return Ref(key, size, part)
 
 
