@@ -374,7 +374,7 @@ class Connection:
 
     def _raw_line(self, stall: float) -> bytes:
         """The next line on the socket (no more is read: what follows is a value's)."""
-        sock = self._sock
+        sock, deadline = self._sock, time.monotonic() + stall
         while True:
             self._wait_data(stall)
             peek = sock.recv(64, socket.MSG_PEEK)
@@ -390,6 +390,10 @@ class Connection:
                 self.close()
                 raise ConnectionLost(f"a reply line longer than 64 bytes from "
                                      f"{redact(self.url)}")
+            if time.monotonic() > deadline:  # (the poll sees the half line: bound it here)
+                self.close()
+                raise ConnectionLost(f"the server at {redact(self.url)} sent half a reply "
+                                     f"line and nothing more for {stall:.0f} s")
             time.sleep(0.0005)  # half a line came (it is short: the rest is on its way)
 
     def _recv_exact(self, view, stall: float) -> None:
