@@ -37,7 +37,8 @@ from miniray.broker import HAND_LEN, Broker, connect  # noqa: E402
 from miniray.config import settings  # noqa: E402
 from miniray.keys import Keys  # noqa: E402
 from miniray.server import ServerProcess  # noqa: E402
-from proctree import tree  # noqa: E402  (bench/ is this script's folder: on sys.path)
+from procs import stop_all  # noqa: E402  (bench/ is this script's folder: on sys.path)
+from proctree import tree  # noqa: E402
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -127,13 +128,7 @@ def real(workers: int, slots: int, seconds: float) -> None:
         print(f"          the workers and their task processes meanwhile: {wpct:.2f}% of a "
               f"core -> {wpct * per:.2f}% per 1,000 slots")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs, 20)
         srv.close()
 
 

@@ -24,6 +24,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from idle_slots import cpu_of, cpu_seconds, server_pid, tree, wait_idle  # noqa: E402
+from procs import stop_all  # noqa: E402
 
 from miniray.broker import connect  # noqa: E402
 from miniray.keys import Keys  # noqa: E402
@@ -74,13 +75,7 @@ def main() -> None:
               f"workers {w1 - w0:.2f}, task processes {k1 - k0:.2f} ({os.cpu_count()} cores x "
               f"{wall:.1f} s = {os.cpu_count() * wall:.1f} available)")
     finally:
-        for w in procs:
-            w.terminate()
-        for w in procs:
-            try:
-                w.wait(30)
-            except subprocess.TimeoutExpired:
-                w.kill()
+        stop_all(procs, 30)
         srv.close()
 
 

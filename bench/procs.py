@@ -75,3 +75,16 @@ def run_child(cmd, timeout, env=None, stdout=subprocess.PIPE, stderr=subprocess.
         rc = None
     leaked = reap_token(token, grace=grace)
     return rc, out, err, leaked
+
+
+def stop_all(procs, grace: float = 20.0) -> None:
+    """Terminate ``procs`` (``subprocess.Popen``), then wait up to ``grace`` seconds for each,
+    killing one that is still there."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
