@@ -33,6 +33,13 @@ def cluster(server, monkeypatch, tmp_path):
 
 
 @pytest.fixture
+def one_worker(cluster):
+    """The cluster with one worker, "solo", of one slot."""
+    cluster.start_worker(name="solo")
+    return cluster
+
+
+@pytest.fixture
 def two_workers(cluster):
     cluster.start_worker(name="w0", wait=False)
     cluster.start_worker(name="w1", wait=False)

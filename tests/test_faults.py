@@ -37,12 +37,6 @@ def _gone(pid):
         return True
 
 
-@pytest.fixture
-def one_worker(cluster):
-    cluster.start_worker(name="solo")
-    return cluster
-
-
 # -- a task's own exception --------------------------------------------------------------------
 def test_task_exception_comes_back_as_itself(one_worker):
     with one_worker.executor() as ex:

@@ -15,12 +15,6 @@ from miniray.errors import TaskCrashedError
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def one_worker(cluster):
-    cluster.start_worker(name="solo")
-    return cluster
-
-
 def test_a_crash_inside_a_block_fails_its_own_item_and_the_rest_run(one_worker, tmp_path):
     """The process dies while a block of items runs: the page says which block, not which
     item, so no item is blamed and the chunk runs again item by item; there the culprit dies

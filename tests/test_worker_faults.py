@@ -27,12 +27,6 @@ from support import wait_for, worker_env
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def solo(cluster):
-    cluster.start_worker(name="solo")
-    return cluster
-
-
 def _alive_and_serving(cluster, worker_id):
     """The worker did not die or restart, and it runs another executor's job."""
     assert cluster.procs[0].poll() is None, cluster.procs[0].log_path.read_text()[-3000:]
@@ -68,10 +62,10 @@ class _Gate:
     (json.dumps({"keep_children": "yes"}).encode(), "'keep_children'"),
 ], ids=["not-json", "not-utf8", "list", "timeout-str", "cpus-negative", "env-list", "memory",
         "keep-children-str"])
-def test_a_malformed_spec_fails_its_job_and_the_worker_goes_on(solo, spec, what):
-    worker_id = solo.workers()[0]["id"]
-    r = connect(solo.url)
-    with solo.executor() as ex:
+def test_a_malformed_spec_fails_its_job_and_the_worker_goes_on(one_worker, spec, what):
+    worker_id = one_worker.workers()[0]["id"]
+    r = connect(one_worker.url)
+    with one_worker.executor() as ex:
         r.execute("HSET", ex.keys.job(ex.job_id), "spec", spec)
         lone = ex.submit(tasks.square, 3)  # handed to the idle slot whole
         many = ex.map_futures(tasks.square, range(5), chunksize=2)  # claimed
@@ -82,18 +76,18 @@ def test_a_malformed_spec_fails_its_job_and_the_worker_goes_on(solo, spec, what)
             assert "another miniray version" in str(exc)
         assert ex.progress()["failed"] == 6
     r.close()
-    _alive_and_serving(solo, worker_id)
+    _alive_and_serving(one_worker, worker_id)
 
 
-def test_a_malformed_spec_fails_chunks_the_worker_sends_itself(solo, tmp_path):
+def test_a_malformed_spec_fails_chunks_the_worker_sends_itself(one_worker, tmp_path):
     """A process with limits hands chunks of a job without them to its worker, which starts a
     process for them: the worker reads the spec too, and fails them."""
     import miniray
 
-    worker_id = solo.workers()[0]["id"]
-    r = connect(solo.url)
-    with solo.executor() as ex:
-        gate = _Gate(solo, tmp_path, limits=miniray.Limits(memory_gb=1))
+    worker_id = one_worker.workers()[0]["id"]
+    r = connect(one_worker.url)
+    with one_worker.executor() as ex:
+        gate = _Gate(one_worker, tmp_path, limits=miniray.Limits(memory_gb=1))
         futures = ex.map_futures(tasks.square, range(4), chunksize=2)
         _queued(r, ex, 2)
         r.execute("HSET", ex.keys.job(ex.job_id), "spec", b'{"memory_bytes": true}')
@@ -102,12 +96,12 @@ def test_a_malformed_spec_fails_chunks_the_worker_sends_itself(solo, tmp_path):
             exc = f.exception(timeout=30)
             assert isinstance(exc, MinirayError) and "'memory_bytes'" in str(exc), exc
     r.close()
-    _alive_and_serving(solo, worker_id)
+    _alive_and_serving(one_worker, worker_id)
 
 
-def test_a_spec_field_from_a_newer_client_is_ignored(solo):
-    r = connect(solo.url)
-    with solo.executor() as ex:
+def test_a_spec_field_from_a_newer_client_is_ignored(one_worker):
+    r = connect(one_worker.url)
+    with one_worker.executor() as ex:
         key = ex.keys.job(ex.job_id)
         spec = json.loads(r.execute("HGET", key, "spec"))
         spec["priority_class"] = {"from": "the future"}
@@ -133,12 +127,12 @@ def _garble_payload(r, ex, frame0, n):
 
 
 @pytest.mark.parametrize("kind", ["short", "version", "count", "pickle", "shape"])
-def test_a_malformed_payload_fails_its_chunk_and_the_worker_goes_on(solo, tmp_path, kind):
-    worker_id = solo.workers()[0]["id"]
+def test_a_malformed_payload_fails_its_chunk_and_the_worker_goes_on(one_worker, tmp_path, kind):
+    worker_id = one_worker.workers()[0]["id"]
     sha = dumps_function(tasks.square)[0]
-    r = connect(solo.url)
-    with solo.executor() as ex:
-        gate = _Gate(solo, tmp_path)
+    r = connect(one_worker.url)
+    with one_worker.executor() as ex:
+        gate = _Gate(one_worker, tmp_path)
         futures = ex.map_futures(tasks.square, range(4), chunksize=2)
         futures.append(ex.submit(tasks.square, 5))
         def head(n):
@@ -161,16 +155,16 @@ def test_a_malformed_payload_fails_its_chunk_and_the_worker_goes_on(solo, tmp_pa
                                                                    in text), text
         assert ex.progress()["failed"] == 5
     r.close()
-    _alive_and_serving(solo, worker_id)
+    _alive_and_serving(one_worker, worker_id)
 
 
-def test_a_malformed_function_fails_its_tasks_and_the_worker_goes_on(solo, tmp_path):
-    worker_id = solo.workers()[0]["id"]
+def test_a_malformed_function_fails_its_tasks_and_the_worker_goes_on(one_worker, tmp_path):
+    worker_id = one_worker.workers()[0]["id"]
     fn = functools.partial(tasks.add, 1000, c=int(time.time()))  # one no process has seen
     sha = dumps_function(fn)[0]
-    r = connect(solo.url)
-    with solo.executor() as ex:
-        gate = _Gate(solo, tmp_path)
+    r = connect(one_worker.url)
+    with one_worker.executor() as ex:
+        gate = _Gate(one_worker, tmp_path)
         futures = [ex.submit(fn, 1), *ex.map_futures(fn, range(3), chunksize=2)]
         _queued(r, ex, 3)
         r.execute("SET", ex.keys.fn(sha), b"\x80\x05garbage")
@@ -180,7 +174,7 @@ def test_a_malformed_function_fails_its_tasks_and_the_worker_goes_on(solo, tmp_p
             assert isinstance(exc, SerializationError), exc
             assert "function" in str(exc) and "another miniray version" in str(exc), exc
     r.close()
-    _alive_and_serving(solo, worker_id)
+    _alive_and_serving(one_worker, worker_id)
 
 
 # -- clean deaths ------------------------------------------------------------------------------
