@@ -15,9 +15,9 @@ Measures, in one run on this machine, sequential submit -> result round trips (p
 
 It prints both and ``floor / ppe``. A design whose results also pass through the broker
 cannot beat this floor: the two broker hops cost what PPE's whole round trip does. miniray's
-results from a task process on the client's machine skip the second hop (``miniray.inbox``),
+results from a task process on the client's machine skip the second hop (``miniray.values.inbox``),
 which is how its W3, bookkeeping and all, comes out about level with this floor. The server is the one miniray's local cluster uses
-(``miniray.server``).
+(``miniray.cluster.server``).
 """
 
 import argparse
@@ -29,7 +29,7 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 
 from miniray.resp import Connection
-from miniray.server import ServerProcess
+from miniray.cluster.server import ServerProcess
 
 PUBLISH = ("redis.call('HSET', KEYS[3], ARGV[1], ARGV[2]) redis.call('RPUSH', KEYS[1], ARGV[1]) "
            "redis.call('RPUSH', KEYS[2], '1') return 1")

@@ -22,8 +22,8 @@ import sys
 import time
 
 import miniray
-from miniray import gpu
-from miniray.observe import format_bytes, format_gpu, gpu_jobs
+from miniray.worker import gpu
+from miniray.client.observe import format_bytes, format_gpu, gpu_jobs
 
 
 # -- what runs in the task (pickled by value: this file is __main__) -----------------------------

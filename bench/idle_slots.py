@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 from miniray.broker import HAND_LEN, Broker, connect  # noqa: E402
 from miniray.config import settings  # noqa: E402
 from miniray.keys import Keys  # noqa: E402
-from miniray.server import ServerProcess  # noqa: E402
+from miniray.cluster.server import ServerProcess  # noqa: E402
 from procs import stop_all  # noqa: E402  (bench/ is this script's folder: on sys.path)
 from proctree import tree  # noqa: E402
 

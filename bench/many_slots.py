@@ -28,7 +28,7 @@ from procs import stop_all  # noqa: E402
 
 from miniray.broker import connect  # noqa: E402
 from miniray.keys import Keys  # noqa: E402
-from miniray.server import ServerProcess  # noqa: E402
+from miniray.cluster.server import ServerProcess  # noqa: E402
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Large values on one machine: shared memory (``miniray.shm``) against the way through the
+"""Large values on one machine: shared memory (``miniray.values.shm``) against the way through the
 server, and ProcessPoolExecutor (and Ray, when installed), in one run.
 
 Usage::

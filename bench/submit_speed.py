@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--baseline", help="another checkout to measure in the same run")
     args = p.parse_args()
-    from miniray.server import ServerProcess
+    from miniray.cluster.server import ServerProcess
 
     srv = ServerProcess(tcp=True)
     try:

@@ -1,7 +1,7 @@
 """``%miniray debug [ITEM]``: re-run a failed item of this kernel's last map here, in the
 notebook's own process, and open IPython's post-mortem debugger at the user's failing line.
 
-The item's function and argument are the ones that travelled (``miniray.rerun``: the pickled
+The item's function and argument are the ones that travelled (``miniray.client.rerun``: the pickled
 cell function fetched back from the cluster, the argument unpickled from the payload the
 client kept); the debugger's stack starts at the cell's frame, so ``up`` never walks into
 miniray or IPython.
@@ -16,7 +16,7 @@ import traceback
 from IPython.core.error import StdinNotImplementedError, UsageError
 
 import miniray
-from miniray.rerun import prepare_rerun
+from miniray.client.rerun import prepare_rerun
 from miniray.tracebacks import short_item
 
 __all__ = ["DEBUG_USAGE", "debug_item"]

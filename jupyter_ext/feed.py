@@ -1,5 +1,5 @@
 """A notebook map fed lazily: ``%%miniray map`` submits a huge input ``--buffersize`` chunks
-at a time (``Executor.map_futures(..., buffersize=N)``, see ``miniray.feeding``) and this
+at a time (``Executor.map_futures(..., buffersize=N)``, see ``miniray.client.feeding``) and this
 module takes the futures into the ``MapRun`` as the engine makes them, so that a 10-million
 item ``range`` is never pickled up front while the widget still counts against its total.
 """

@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 from collections import deque
 
-from miniray.observe import format_bytes, format_gpu, gpu_jobs
+from miniray.client.observe import format_bytes, format_gpu, gpu_jobs
 
 from .theme import MUTED, PANE, RUNNING, TRACK
 

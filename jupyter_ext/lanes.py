@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 
-from miniray.observe import format_bytes
+from miniray.client.observe import format_bytes
 
 from .gpus import gpu_row_html, meter, worker_key
 from .theme import MUTED, RUNNING, TRACK

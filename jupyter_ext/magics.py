@@ -16,7 +16,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import display
 
 import miniray
-from miniray.observe import ClusterView
+from miniray.client.observe import ClusterView
 
 from .cell import cell_filename, check_items, check_sendable, compile_cell
 from .feed import DEFAULT_BUFFERSIZE
@@ -378,7 +378,7 @@ class MinirayMagics(Magics):
     def _cmd_jobs(self, rest):
         if rest:
             raise UsageError("usage: %miniray jobs")
-        from miniray.jobs import format_jobs, list_jobs
+        from miniray.client.jobs import format_jobs, list_jobs
 
         view = self._cluster()
         print(format_jobs(list_jobs(view._r, view.keys)))
@@ -427,7 +427,7 @@ class MinirayMagics(Magics):
 
     def _cmd_cache(self, rest):
         """``%miniray cache``: the item cache's size; ``%miniray cache clear`` empties it."""
-        from miniray import cache
+        from miniray.client import cache
 
         if rest == ["clear"]:
             n = cache.clear(self.redis_url)

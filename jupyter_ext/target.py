@@ -12,8 +12,8 @@ from __future__ import annotations
 import time
 
 import miniray
-from miniray import persistent
-from miniray.local import get_local_cluster
+from miniray.cluster import persistent
+from miniray.cluster.local import get_local_cluster
 from miniray.resp import redact
 
 __all__ = ["ClusterTarget", "start_persistent", "stop_persistent"]

@@ -14,16 +14,16 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Executor": "executor",
-    "MinirayFuture": "executor",
-    "Limits": "limits",
-    "LocalCluster": "local",
-    "init": "local",
-    "shutdown": "local",
-    "Worker": "worker",
-    "LogLine": "observe",
-    "progress": "progressbar",
-    "Event": "observe",
+    "Executor": "client.executor",
+    "MinirayFuture": "client.futures",
+    "Limits": "client.limits",
+    "LocalCluster": "cluster.local",
+    "init": "cluster.local",
+    "shutdown": "cluster.local",
+    "Worker": "worker.supervisor",
+    "LogLine": "client.observe",
+    "progress": "client.progressbar",
+    "Event": "client.observe",
     "MinirayError": "errors",
     "ConfigurationError": "errors",
     "SerializationError": "errors",
@@ -39,8 +39,8 @@ _EXPORTS = {
     "JobCancelledError": "errors",
     "JobNotFoundError": "errors",
     "JobNotKeptError": "errors",
-    "attach": "jobhandle",
-    "JobHandle": "jobhandle",
+    "attach": "client.jobhandle",
+    "JobHandle": "client.jobhandle",
     "InitializerError": "errors",
     "RerunError": "errors",
     "RerunSucceededWarning": "errors",
@@ -52,21 +52,24 @@ _EXPORTS = {
     "SSHUnreachableError": "errors",
     "SSHPreflightError": "errors",
     "SSHClusterError": "errors",
-    "SSHCluster": "sshcluster",
-    "NodeConfig": "sshcluster",
-    "parse_hosts": "sshhosts",
+    "SSHCluster": "cluster.ssh.cluster",
+    "NodeConfig": "cluster.ssh.cluster",
+    "parse_hosts": "cluster.ssh.hosts",
     "ChannelError": "errors",
     "ActorDiedError": "errors",
-    "actor": "actors",
-    "ActorPool": "actors",
+    "actor": "channels.actors",
+    "ActorPool": "channels.actors",
 }
+
+# modules the README names as ``miniray.NAME``: reached as attributes, without an import
+_MODULES = {"triton": "triton", "cache": "client.cache", "persistent": "cluster.persistent"}
 
 __all__ = sorted(_EXPORTS) + ["__version__", "load_ipython_extension"]
 
 
 def __getattr__(name: str):
-    if name in ("triton", "cache"):  # ``miniray.triton.client()``, ``miniray.cache.clear()``
-        return importlib.import_module(f".{name}", __name__)  # (without importing it first)
+    if name in _MODULES:  # ``miniray.triton.client()``, ``miniray.cache.clear()`` (no import first)
+        return importlib.import_module(f".{_MODULES[name]}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'miniray' has no attribute {name!r}")

@@ -133,7 +133,7 @@ local function tick(now, stall)
   end
 end
 local function finish_kept(job, maxlen)
-  -- a kept job (see miniray.keep) whose client sealed it ends here once every item has
+  -- a kept job (see miniray.client.keep) whose client sealed it ends here once every item has
   -- ended: its client may be dead, and nobody else would say so
   local jk = K('job', job)
   local m = redis.call('HMGET', jk, 'keep', 'sealed', 'state', 'total', 'queued', 'running',
@@ -453,7 +453,7 @@ if client then
     redis.call('EXPIRE', K('out', job), meta[4])
     redis.call('RPUSH', K('res', client), 'P' .. job .. '|' .. id)
     redis.call('EXPIRE', K('res', client), ttl)
-  elseif nparts > 0 then  -- 0: the message went to the client directly (miniray.inbox)
+  elseif nparts > 0 then  -- 0: the message went to the client directly (miniray.values.inbox)
     -- one push: a message's parts stay together in the list
     redis.call('RPUSH', K('res', client), unpack(ARGV, 9, 8 + nparts))
     redis.call('EXPIRE', K('res', client), ttl)
@@ -806,7 +806,7 @@ class Broker:
                    keep: float | None = None) -> None:
         """A new open job. ``grace``: how long the cluster keeps it, and its client's unread
         results, while it hears nothing from the client (see ``client:{client}``); ``keep``:
-        a kept job's grace instead (it is not given up, see ``miniray.keep``)."""
+        a kept job's grace instead (it is not given up, see ``miniray.client.keep``)."""
         k = self.keys
         fields = {
             "client": client, "name": name, "priority": priority, "state": "open",
@@ -895,7 +895,7 @@ class Broker:
                  msg: list, idle: str = "") -> None:
         """Report finished items: ``chunks`` is [(entry, n_done, n_failed, final)]; ``msg``
         (the elements of one result message, see ``protocol.encode_result``) goes to the
-        client's results ([]: it went there past the server, see ``miniray.inbox``). With
+        client's results ([]: it went there past the server, see ``miniray.values.inbox``). With
         ``idle`` (a waiter) that slot then goes idle, as ``idle`` would have it."""
         args = [self.ns, worker, job, ttl, maxlen, len(msg), idle,
                 repr(time.time()) if idle else "", *msg]

@@ -18,7 +18,7 @@ def _client(url):
     s = settings()
     url = url or s.redis_url
     if not url:
-        from .persistent import find
+        from miniray.cluster.persistent import find
 
         running = find()  # the persistent local cluster, when one runs
         url = running.url if running is not None else None
@@ -31,7 +31,7 @@ def _client(url):
 
 
 def cmd_up(args) -> int:
-    from .local import LocalCluster
+    from miniray.cluster.local import LocalCluster
 
     if args.detach:
         return _up_detached(args)
@@ -54,7 +54,8 @@ def cmd_up(args) -> int:
 
 
 def _up_detached(args) -> int:
-    from . import observe, persistent
+    from .client import observe
+    from .cluster import persistent
     from .broker import Broker, connect
     from .config import settings
     from .errors import MinirayError
@@ -96,7 +97,7 @@ def _up_detached(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from . import persistent
+    from .cluster import persistent
     from .errors import MinirayError
 
     try:
@@ -114,12 +115,12 @@ def cmd_down(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from . import observe
+    from .client import observe
     from .config import settings
 
     r, b = _client(args.redis)
     if not (args.redis or settings().redis_url):
-        from .persistent import find
+        from miniray.cluster.persistent import find
 
         info = find()
         if info is not None:
@@ -131,7 +132,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from .jobs import format_jobs, list_jobs
+    from miniray.client.jobs import format_jobs, list_jobs
 
     r, b = _client(args.redis)
     print(format_jobs(list_jobs(r, b.keys)))
@@ -139,7 +140,7 @@ def cmd_jobs(args) -> int:
 
 
 def _resolve_job(r, b, job):
-    from . import observe
+    from .client import observe
 
     if job is None:
         jobs = observe.list_jobs(r, b.keys, limit=1)
@@ -153,9 +154,10 @@ def _resolve_job(r, b, job):
 
 
 def cmd_logs(args) -> int:
-    """A job's lines for a terminal (see ``miniray.logview``); Ctrl-C ends a ``-f`` with
+    """A job's lines for a terminal (see ``miniray.client.logview``); Ctrl-C ends a ``-f`` with
     status 0, and a reader that goes away (``| head``) ends it quietly."""
-    from . import logview, observe
+    from .client import logview
+    from .client import observe
 
     try:
         r, b = _client(args.redis)
@@ -189,7 +191,7 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from . import cache
+    from .client import cache
     from .config import settings
 
     url = args.redis or settings().redis_url
@@ -206,16 +208,16 @@ def cmd_cache(args) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
-        from .worker import main as worker_main
+        from miniray.worker.supervisor import main as worker_main
 
         return worker_main(argv[1:])
     if argv[:1] == ["ssh-up"]:
-        from .sshcluster import main as ssh_up_main
+        from miniray.cluster.ssh.cluster import main as ssh_up_main
 
         return ssh_up_main(argv[1:])
     if argv[:1] == ["serve"]:
         try:
-            from .channels.server import main as serve_main
+            from miniray.channels.server import main as serve_main
         except ImportError:
             raise SystemExit("miniray serve: the channels layer is not installed") from None
         return serve_main(argv[1:])

@@ -27,10 +27,10 @@ MINIRAY_FUNCTION_TTL_SECONDS   86400       how long a pickled function stays in 
 MINIRAY_RESULT_TTL_SECONDS     86400       how long a finished job's counters, logs and events
                                            stay in Redis (unread results: the client's grace)
 MINIRAY_DIRECT_RESULTS         1           0: results from task processes on the client's
-                                           machine go through Redis too (see miniray.inbox)
+                                           machine go through Redis too (see miniray.values.inbox)
 MINIRAY_SHM                    1           large values between a client and task processes on
                                            its machine go through shared memory (/dev/shm, see
-                                           miniray.shm): results always, arguments while the
+                                           miniray.values.shm): results always, arguments while the
                                            server and every worker are on this machine; 2:
                                            arguments always (only when every worker runs on
                                            this machine); 0: neither (all through the server)
@@ -38,13 +38,13 @@ MINIRAY_SHM_MIN_BYTES          1048576     an out-of-band buffer this big or big
                                            through shared memory (when MINIRAY_SHM is on)
 MINIRAY_LOG_STREAM_MAXLEN      10000       log lines kept per job (approximate, oldest dropped)
 MINIRAY_LOG_LINE_MAX_BYTES     65536       a longer log line is cut, with a marker saying how
-                                           many bytes were cut (see miniray.taskoutput)
+                                           many bytes were cut (see miniray.worker.taskoutput)
 MINIRAY_EVENT_STREAM_MAXLEN    10000       task events kept per job (approximate)
 MINIRAY_RERUN_KEEP_BYTES       1048576     a submit's or map_futures chunk's pickled arguments
                                            up to this size stay in the client until the task
                                            ends, and with its future if it fails, so that
                                            ``future.rerun_locally()`` / ``%miniray debug`` can
-                                           re-run it here; 0 keeps none (see miniray.rerun)
+                                           re-run it here; 0 keeps none (see miniray.client.rerun)
 MINIRAY_IDLE_WAIT_SECONDS      30.0        how long an idle slot's blocking wait for work lasts
                                            before it looks for work once more on its own (work
                                            wakes it at once; so do its worker's messages). A

@@ -10,16 +10,16 @@ that holds it, ``<entry>@<slot>`` (so a worker can tell what a dead task process
 A slot that waits for work registers in ``idle`` as ``{worker}/{slot}``, scored by when it went
 idle, and blocks on its own ``wake:{worker}/{slot}`` (for up to MINIRAY_IDLE_WAIT_SECONDS: it
 does not wake on a clock; its worker's messages end the wait by a push there, see
-``miniray.idlewait``). New work wakes the slots that went idle
+``miniray.worker.idlewait``). New work wakes the slots that went idle
 last (ZPOPMAX): the process that just finished a task takes the next one while its caches are
 warm, instead of every idle process taking turns. Work with requirements (GPUs, CPUs, nodes,
 Triton) skips the slots of workers whose heartbeat says they can never run it. A lone small
 chunk of a job without requirements is handed over whole: its publish does what the slot's
 claim would (``wip``, counters, "started") and leaves the claim's reply in
 ``hand:{worker}/{slot}``, which the slot's wait pops ahead of its wake-ups. A task process on
-the client's machine sends a small result message to the client directly (``miniray.inbox``),
+the client's machine sends a small result message to the client directly (``miniray.values.inbox``),
 then completes without it: ``res:{client}`` carries the rest. Large buffers between the client
-and task processes on its machine live in ``/dev/shm`` (``miniray.shm``): ``tasks:{job}`` and
+and task processes on its machine live in ``/dev/shm`` (``miniray.values.shm``): ``tasks:{job}`` and
 result messages then carry only their paths (no key of their own; the job spec's ``shm``
 names the client's directory).
 
@@ -98,7 +98,7 @@ its size in bytes and ``cache:bytes`` their total: the store script evicts the o
 while the total passes ``MINIRAY_CACHE_MAX_BYTES``, and drops those past their TTL.
 
 A ``big:{job}:{id}`` hash is one large out-of-band buffer of an argument or a result that goes
-through the server (``miniray.bigvalues``): fields ``0``..``n-1`` are its parts, each at most
+through the server (``miniray.values.bigvalues``): fields ``0``..``n-1`` are its parts, each at most
 what the server takes in one value; the chunk's payload or the result message carries only the
 key, the size and the part size.
 
@@ -110,7 +110,7 @@ A ``stop:{job}`` member is a chunk id: a chunk of an open job that its client st
 worker held it (Ctrl-C in a ``map`` while other futures of the executor were pending). Its
 items were counted as cancelled then; workers learn of it from their heartbeat's reply and
 interrupt it (or drop it unstarted), and what it reports is neither counted nor run again.
-A kept job (``Executor(keep=True)``, see ``miniray.keep``) has ``keep`` (its grace in seconds)
+A kept job (``Executor(keep=True)``, see ``miniray.client.keep``) has ``keep`` (its grace in seconds)
 in ``job:{job}``: the claim does not give it up when its client goes silent; the job's keys live
 that long after its client's last renewal. Its results are entries of ``out:{job}`` (field
 ``p`` per element of the result message) and its client gets ``b"P" job "|" entry id`` in
@@ -123,13 +123,13 @@ by position, the task ids of the others).
 A ``worker:{worker}`` hash has ``info`` (the heartbeat's JSON), ``seen`` and ``tasks_done``
 (items the worker finished, counted by the complete script). A ``job:{job}`` hash has its
 spec, ``state``, ``created``/``finished`` (epoch seconds) and the item counters ``queued``,
-``running``, ``done``, ``failed``, ``cancelled`` (see ``miniray.observe``).
+``running``, ``done``, ``failed``, ``cancelled`` (see ``miniray.client.observe``).
 
 ``{server}`` names one Triton server (``HOST:PORT`` of its HTTP endpoint, the worker's host for
 a loopback one); a ``used`` field is a model name, its value ``"<last use> <stale after>"`` in
 seconds (Unix time; stale after 0: never unloaded for disuse).
 
-The persistent cluster's idle stop (``miniray.persistent_service.busy_reasons``) reads
+The persistent cluster's idle stop (``miniray.cluster.service.busy_reasons``) reads
 ``jobs:all`` and each ``job:{job}``'s ``state``, ``keep`` and ``collected`` (and whether its
 ``out:{job}`` exists), ``workers`` and each ``wip:{worker}``'s
 length, and the PTTL of every ``client:{client}`` (SCAN): a key whose PTTL grew since its
@@ -250,7 +250,7 @@ class Keys:
 
     def big(self, job: str, name: str) -> str:
         """A large out-of-band buffer of one of ``job``'s arguments or results, in parts
-        (``miniray.bigvalues``)."""
+        (``miniray.values.bigvalues``)."""
         return f"{self.ns}:big:{job}:{name}"
 
     @staticmethod

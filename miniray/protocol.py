@@ -62,7 +62,7 @@ __all__ = [
 #    pickled one by one, a version byte in result messages
 # 4: per-item timings in each batch of a result message, the slot in its header
 # 5: big out-of-band buffers beside the chunk or the result message, on the server, a
-#    marker or a ``bigvalues.Ref`` in their place (see ``miniray.bigvalues``)
+#    marker or a ``bigvalues.Ref`` in their place (see ``miniray.values.bigvalues``)
 PROTOCOL_VERSION = 5
 _HEAD = struct.Struct("!B32sQII")  # version, sha256 digest, first task index, item count,
 #                                    frames in the layout that follows (0: one field a frame)

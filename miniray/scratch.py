@@ -59,7 +59,7 @@ def sweep() -> None:
 def remove_dead(root: str, name: "re.Pattern") -> int:
     """Remove the directories in ``root`` whose names match ``name`` (groups: pid namespace,
     pid), are this user's, and whose process is gone (same pid namespace only); return how
-    many. One listing of ``root`` (``miniray.shm`` sweeps ``/dev/shm`` with it too)."""
+    many. One listing of ``root`` (``miniray.values.shm`` sweeps ``/dev/shm`` with it too)."""
     ns, uid, n = _pid_namespace(), os.getuid(), 0
     try:
         names = os.listdir(root)

@@ -18,7 +18,7 @@ atexit.register(shutil.rmtree, os.environ["MINIRAY_CLUSTER_DIR"], True)
 @pytest.fixture(scope="session")
 def server():
     """A private Redis-compatible server on 127.0.0.1 with a password, for the session."""
-    from miniray.server import ServerProcess
+    from miniray.cluster.server import ServerProcess
 
     srv = ServerProcess(tcp=True)
     yield srv

@@ -4,7 +4,7 @@ process saw of shared memory."""
 import os
 import time
 
-from miniray import shm
+from miniray.values import shm
 
 
 def double(a):

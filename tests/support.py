@@ -64,7 +64,7 @@ class Cluster:
         return p
 
     def workers(self):
-        from miniray import observe
+        from miniray.client import observe
         from miniray.broker import connect
         from miniray.keys import Keys
 
@@ -107,7 +107,7 @@ def own_server(tmp_path, monkeypatch, ns, workers=1, **config):
     SET on it, ``proto_max_bulk_len="1mb"`` say) and ``workers`` workers on it, in namespace
     ``ns``; yields the ``ServerProcess``."""
     from miniray.broker import connect
-    from miniray.server import ServerProcess
+    from miniray.cluster.server import ServerProcess
 
     srv = ServerProcess(tcp=True)
     if config:

@@ -15,7 +15,7 @@ import pytest
 
 import miniray
 from miniray.broker import connect
-from miniray.jobs import list_jobs
+from miniray.client.jobs import list_jobs
 from miniray.keys import Keys
 from support import wait_for, worker_env
 
@@ -294,7 +294,7 @@ def test_an_attacher_places_the_cached_items_of_a_kept_map(cluster, tmp_path):
 def test_a_kept_jobs_uncollected_results_keep_a_persistent_cluster_from_its_idle_stop(cluster):
     """Results of a kept job whose owner died wait on the cluster for someone to attach: the
     idle stop of a persistent cluster counts them as work until an attacher collected them."""
-    from miniray.persistent_service import busy_reasons
+    from miniray.cluster.service import busy_reasons
 
     cluster.start_worker(name="w0")
     owner, job = _owner(cluster, 3, 0.05)

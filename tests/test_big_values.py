@@ -1,4 +1,4 @@
-"""Large values through the server (``miniray.bigvalues``): out-of-band buffers travel beside
+"""Large values through the server (``miniray.values.bigvalues``): out-of-band buffers travel beside
 their message, in parts no bigger than the server takes, and are read straight into one
 buffer. They round-trip exactly in both directions, whatever their sizes against the part
 size; the client's and the task's peak memory stay near the values they hold; a buffer gone
@@ -13,9 +13,9 @@ import pytest
 import big_tasks
 import miniray
 import tasks
-from miniray import bigvalues
+from miniray.values import bigvalues
 from miniray.errors import MinirayError
-from miniray.payloads import big_part_size
+from miniray.values.payloads import big_part_size
 from miniray.protocol import _Failed
 from support import own_server, wait_for, worker_env
 
@@ -152,7 +152,7 @@ def test_reading_a_big_value_from_a_server_that_stops_is_bounded(tmp_path):
     import time
 
     from miniray.resp import Connection, ConnectionLost
-    from miniray.server import ServerProcess
+    from miniray.cluster.server import ServerProcess
 
     srv = ServerProcess(tcp=True)
     try:

@@ -7,7 +7,7 @@ import pytest
 
 from miniray.broker import Broker, connect
 from miniray.keys import Keys
-from miniray.limits import Limits
+from miniray.client.limits import Limits
 
 
 def _idle_slots(server):

@@ -8,7 +8,7 @@ from contextlib import redirect_stdout
 import pytest
 
 import miniray
-from miniray import cache
+from miniray.client import cache
 from miniray.cli import main as cli_main
 
 pytestmark = pytest.mark.timeout(60)

@@ -8,7 +8,8 @@ import pytest
 
 import miniray
 import tasks
-from miniray import comma, errors
+from miniray import errors
+from miniray.client import comma
 from support import wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -24,7 +25,7 @@ def test_comma_names_as_keywords_and_as_a_dict_mean_miniray_fields():
                           triton=True)
     assert miniray.Limits(memory=4, cpu_threads=2, timeout_seconds=30,
                           node_whitelist=["gpu1"], triton=True) == want
-    from miniray.limits import as_limits
+    from miniray.client.limits import as_limits
 
     assert as_limits({"memory": 4, "cpu_threads": 2, "timeout_seconds": 30,
                       "node_whitelist": ["gpu1"], "triton": True}) == want
@@ -48,7 +49,7 @@ def test_comma_names_as_keywords_and_as_a_dict_mean_miniray_fields():
 def test_what_does_not_map_is_refused_saying_what_to_write(given, says):
     with pytest.raises(errors.ConfigurationError, match=says):
         miniray.Limits(**given)
-    from miniray.limits import as_limits
+    from miniray.client.limits import as_limits
 
     with pytest.raises(errors.ConfigurationError, match=says):
         as_limits(given)

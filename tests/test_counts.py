@@ -16,7 +16,7 @@ from support import wait_for
 pytest.importorskip("IPython")
 
 from jupyter_ext.run import MapRun  # noqa: E402
-from miniray.observe import ClusterView  # noqa: E402
+from miniray.client.observe import ClusterView  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 

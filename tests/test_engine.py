@@ -9,7 +9,7 @@ import pytest
 
 import miniray
 import tasks
-from miniray.observe import LogLine
+from miniray.client.observe import LogLine
 from support import wait_for as _wait_for
 
 pytestmark = pytest.mark.timeout(60)

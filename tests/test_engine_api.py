@@ -221,7 +221,7 @@ assert ex.submit(abs, -1).result(timeout=30) == 1
 deadline = time.monotonic() + 20
 while len(ex.workers()) < 3 and time.monotonic() < deadline:
     time.sleep(0.05)
-c = miniray.local._cluster
+c = miniray.cluster.local._cluster
 srv = psutil.Process(c.server.proc.pid)
 procs = [srv] + srv.children(recursive=True)
 listening = [conn.laddr for p in procs for conn in p.net_connections(kind="inet")
@@ -246,7 +246,7 @@ def test_local_cluster_dies_with_its_process_even_on_sigkill():
 import os, sys, time, miniray
 ex = miniray.Executor()
 assert ex.submit(abs, -1).result(timeout=30) == 1
-c = miniray.local._cluster
+c = miniray.cluster.local._cluster
 print(" ".join(str(p) for p in [c.server.proc.pid, *c.worker_pids()]), flush=True)
 print(c.server.dir, os.path.dirname(ex._inbox.path), flush=True)
 time.sleep(60)

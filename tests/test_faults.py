@@ -349,11 +349,11 @@ def test_unpicklable_result_and_exception_fail_their_futures(one_worker):
 # -- clean exit --------------------------------------------------------------------------------
 def test_local_cluster_leaves_no_process_behind():
     script = textwrap.dedent("""
-        import miniray, miniray.local, tasks
+        import miniray, miniray.cluster.local, tasks
         miniray.init(workers=2)
         with miniray.Executor() as ex:
             assert ex.submit(tasks.square, 7).result(timeout=60) == 49
-        c = miniray.local._cluster
+        c = miniray.cluster.local._cluster
         print("PIDS", c.server.proc.pid, *c.worker_pids(), flush=True)
     """)
     env = dict(os.environ)
@@ -372,7 +372,7 @@ def test_local_cluster_leaves_no_process_behind():
 def test_server_restart_fails_old_jobs_and_workers_carry_on(tmp_path, monkeypatch):
     """A restarted (empty) server: the old executor fails cleanly, the worker reconnects,
     reloads its scripts and serves a new executor."""
-    from miniray.server import ServerProcess
+    from miniray.cluster.server import ServerProcess
 
     srv = ServerProcess(tcp=True)
     ns = "restart"

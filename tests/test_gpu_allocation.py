@@ -1,7 +1,7 @@
 """GPU workers inside allocations: a worker started with ``CUDA_VISIBLE_DEVICES`` (indices,
 UUIDs, MIG instances) and/or ``--gpus`` owns exactly those GPUs, maps them to NVML's, reports
 their telemetry field by field and gives tasks the right names. There is no GPU here: NVML is
-a small device table (tests/fakenvml) put where ``miniray.gpu`` reaches pynvml; the workers,
+a small device table (tests/fakenvml) put where ``miniray.worker.gpu`` reaches pynvml; the workers,
 the server and the tasks are real."""
 
 import json
@@ -13,7 +13,7 @@ import pytest
 
 import miniray
 import tasks
-from miniray import gpu
+from miniray.worker import gpu
 from miniray.errors import ConfigurationError
 from support import ROOT, TESTS, wait_for
 

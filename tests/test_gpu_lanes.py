@@ -20,7 +20,7 @@ from jupyter_ext.gpus import GpuHistory, gpu_row_html, sparkline_svg
 from jupyter_ext.logs import LogBuffer
 from jupyter_ext.progress import MapProgress
 from jupyter_ext.run import MapRun
-from miniray.observe import format_gpu
+from miniray.client.observe import format_gpu
 
 pytest.importorskip("ipywidgets")  # the views import it when they are built
 

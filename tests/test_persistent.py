@@ -1,4 +1,4 @@
-"""The persistent local cluster (``miniray.persistent``): a real background service, its real
+"""The persistent local cluster (``miniray.cluster.persistent``): a real background service, its real
 server and workers, the CLI, plain Python processes and real Jupyter kernels; psutil checks
 that nothing of it is left running."""
 
@@ -64,7 +64,8 @@ def cdir(tmp_path, monkeypatch):
             seen.update(_tree(json.loads(path.read_text())["pid"]))
 
     yield _Dir(d, track)
-    from miniray import local, persistent
+    from miniray.cluster import local
+    from miniray.cluster import persistent
 
     local._persist = None
     track()
@@ -129,7 +130,7 @@ def test_init_persist_is_shared_by_later_processes_and_scripts_keep_their_own(cd
 
     # a script that did not ask for it runs on an embedded cluster of its own, gone after it
     plain = subprocess.run(
-        [sys.executable, "-c", "import miniray, miniray.persistent as p\n"
+        [sys.executable, "-c", "import miniray, miniray.cluster.persistent as p\n"
          "ex = miniray.Executor()\nprint(ex.redis_url == p.find().url, ex.submit(abs, -3)"
          ".result(timeout=30))\nex.shutdown()"], capture_output=True, text=True, timeout=60)
     assert plain.returncode == 0, plain.stderr
@@ -137,7 +138,7 @@ def test_init_persist_is_shared_by_later_processes_and_scripts_keep_their_own(cd
 
 
 def test_processes_starting_at_once_get_one_cluster(cdir):
-    code = "import miniray.persistent as p; print(p.start(workers=1).pid)"
+    code = "import miniray.cluster.persistent as p; print(p.start(workers=1).pid)"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
              for _ in range(3)]
     outs = [p.communicate(timeout=60)[0].split() for p in procs]
@@ -165,7 +166,7 @@ def _environ_of(p):
 
 def test_idle_stop_waits_for_running_work_then_stops(cdir, monkeypatch):
     import miniray
-    from miniray import persistent
+    from miniray.cluster import persistent
 
     monkeypatch.setenv("MINIRAY_IDLE_STOP_SECONDS", "3")
     info = persistent.start(workers=1)
@@ -187,7 +188,8 @@ def test_idle_stop_waits_for_running_work_then_stops(cdir, monkeypatch):
 
 def test_busy_reasons_name_jobs_held_tasks_and_live_executors(cdir):
     import miniray
-    from miniray import persistent, persistent_service
+    from miniray.cluster import persistent
+    from miniray.cluster import service as persistent_service
     from miniray.broker import Broker, connect
 
     info = persistent.start(workers=1, idle_seconds=0)
@@ -218,7 +220,7 @@ def test_busy_reasons_name_jobs_held_tasks_and_live_executors(cdir):
 
 
 def test_sigkill_of_the_service_takes_its_cluster_and_find_drops_the_stale_file(cdir):
-    from miniray import persistent
+    from miniray.cluster import persistent
 
     info = persistent.start(workers=1)
     cdir.track()
@@ -236,7 +238,8 @@ def test_sigkill_of_the_service_takes_its_cluster_and_find_drops_the_stale_file(
 
 
 def test_a_private_file_only(cdir):
-    from miniray import ConfigurationError, persistent
+    from miniray import ConfigurationError
+    from miniray.cluster import persistent
 
     cdir.path.mkdir(mode=0o700)
     (cdir.path / "cluster.json").write_text("{}")
@@ -315,7 +318,7 @@ def _status_line(sh, capsys):
 
 def test_a_cluster_that_stopped_for_idleness_never_breaks_the_next_map(cdir, shell, capsys,
                                                                         monkeypatch):
-    from miniray import persistent
+    from miniray.cluster import persistent
 
     monkeypatch.setenv("MINIRAY_IDLE_STOP_SECONDS", "2")
     # the default: a running persistent cluster (another kernel's, a shell's) is used ...
@@ -349,7 +352,7 @@ def test_a_bg_map_on_the_persistent_cluster_outlives_its_killed_kernel(cdir):
     from kernels import Kernel
 
     from miniray.broker import connect
-    from miniray.jobs import list_jobs
+    from miniray.client.jobs import list_jobs
     from miniray.keys import Keys
 
     def job_row(job):

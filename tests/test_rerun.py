@@ -154,10 +154,10 @@ def test_a_paused_server_does_not_hang_the_rerun(tmp_path, monkeypatch):
     import signal
     import time
 
-    import miniray.rerun
+    import miniray.client.rerun
     from support import own_server
 
-    monkeypatch.setattr(miniray.rerun, "_FETCH_SECONDS", 1.0)
+    monkeypatch.setattr(miniray.client.rerun, "_FETCH_SECONDS", 1.0)
     with own_server(tmp_path, monkeypatch, "rerunpause") as srv:
         ex = miniray.Executor(redis_url=srv.url)
         try:

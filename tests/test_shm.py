@@ -1,5 +1,5 @@
 """Large values through shared memory between a client and task processes on its machine
-(``miniray.shm``): they arrive intact and without passing through the server, the files are
+(``miniray.values.shm``): they arrive intact and without passing through the server, the files are
 freed as soon as their receiver has them, and nothing is left in /dev/shm when either side
 is SIGKILLed (the worker, a task process or the next executor sweeps)."""
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import shm_tasks
-from miniray import shm
+from miniray.values import shm
 from miniray.errors import TaskCrashedError
 from support import ROOT, TESTS, wait_for
 
@@ -253,7 +253,7 @@ def test_arguments_use_shared_memory_until_a_worker_that_cannot_see_it_joins(mon
     argument through the server instead of failing on a file it cannot open."""
     import miniray
     from miniray import Limits
-    from miniray.server import ServerProcess
+    from miniray.cluster.server import ServerProcess
 
     from support import worker_env
 

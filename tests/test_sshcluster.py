@@ -11,12 +11,12 @@ import psutil
 import pytest
 
 import miniray
-from miniray import sshprep
+from miniray.cluster.ssh import preflight as sshprep
 from miniray.broker import connect
 from miniray.errors import (SSHAuthError, SSHClusterError, SSHHostKeyError, SSHPreflightError,
                             SSHUnreachableError)
-from miniray.sshcluster import parse_hosts
-from miniray.sshstatus import Checklist
+from miniray.cluster.ssh.cluster import parse_hosts
+from miniray.cluster.ssh.checklist import Checklist
 from support import wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -49,7 +49,7 @@ def nodes(*aliases, python=sys.executable, **kw):
 
 
 def job_event_kinds(ex):
-    from miniray import observe
+    from miniray.client import observe
 
     r = connect(ex.redis_url)  # (ex.events() leaves its connection open: a ResourceWarning)
     try:
@@ -205,7 +205,7 @@ def test_install_puts_this_miniray_in_a_venv_on_the_host(lab, home, tmp_path):
 
 
 def test_a_dropped_host_has_its_tasks_requeued(lab, home, monkeypatch):
-    from miniray.server import ServerProcess
+    from miniray.cluster.server import ServerProcess
 
     monkeypatch.setenv("MINIRAY_WORKER_DEAD_SECONDS", "1")
     monkeypatch.setenv("MINIRAY_HEARTBEAT_SECONDS", "0.2")
@@ -220,7 +220,7 @@ def test_a_dropped_host_has_its_tasks_requeued(lab, home, monkeypatch):
                     if f.result()[1] == "h1":
                         break
                 # h1's result can come before its next claim (straight to this client, see
-                # miniray.inbox): drop it once it holds a task again
+                # miniray.values.inbox): drop it once it holds a task again
                 r = connect(ex.redis_url)
                 try:
                     wait_for(lambda: r.execute("HLEN", ex.keys.wip(f.worker)) > 0,

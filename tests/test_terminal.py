@@ -19,7 +19,7 @@ import terminal_tasks as tt
 from support import ROOT, TESTS, wait_for
 
 import miniray
-from miniray import observe
+from miniray.client import observe
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -141,7 +141,7 @@ def test_progress_timeout_bounds_the_loop(cluster):
 def test_format_errors_groups_by_type_and_host():
     errors = [("ValueError", "gpu1", 17, "bad header\nmore"), ("ValueError", "gpu1", 3, "x"),
               ("ValueError", "gpu2", 5, "y"), ("TaskTimeoutError", "gpu2", 40, "ran over")]
-    from miniray.progressbar import format_errors
+    from miniray.client.progressbar import format_errors
 
     assert format_errors(errors, 100) == (
         "4 of 100 items failed:\n"

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.timeout(900)
 VENV = Path(ROOT) / ".venv-triton"
 PYTHON = VENV / "bin" / "python"
 _CHECK = ("import numpy, pytriton, tritonclient.http, tritonclient.grpc, cloudpickle, hiredis, "
-          "psutil; from miniray.tritonserver import find_binary; print(find_binary())")
+          "psutil; from miniray.triton.server import find_binary; print(find_binary())")
 
 
 def _venv_works() -> bool:
@@ -221,7 +221,7 @@ def test_outside_a_task_is_a_clear_error(monkeypatch):
 
 
 def test_bad_triton_options_are_clear_errors(tmp_path, monkeypatch):
-    from miniray.tritonserver import TritonServer
+    from miniray.triton.server import TritonServer
 
     with pytest.raises(miniray.ConfigurationError, match="--triton-models DIR .* --triton-url"):
         TritonServer()
@@ -237,7 +237,7 @@ def test_bad_triton_options_are_clear_errors(tmp_path, monkeypatch):
 
 
 def test_triton_tasks_wait_for_a_triton_worker(cluster, triton_python, models):
-    from miniray import observe
+    from miniray.client import observe
     from miniray.broker import connect
     from miniray.keys import Keys
 
@@ -265,7 +265,7 @@ def test_triton_tasks_wait_for_a_triton_worker(cluster, triton_python, models):
         cluster.procs[-1].wait(30)
         wait_for(lambda: gone(state["pid"]), 30, "tw2's tritonserver to stop")
         # what it left in /tmp goes when the next --triton worker on this host starts
-        from miniray.tritonserver import _remove_orphan_workdirs
+        from miniray.triton.server import _remove_orphan_workdirs
 
         left = glob.glob(os.path.join(tempfile.gettempdir(),
                                       f"miniray-triton-{cluster.procs[-1].pid}-*"))

@@ -79,7 +79,7 @@ def test_a_value_the_client_cannot_unpickle_fails_only_its_item(worker_only):
 def test_a_bad_value_spares_the_chunks_that_share_its_message(worker_only, monkeypatch):
     """A task process sends the outcomes of the chunks it finished in one message; a bad
     value in one chunk leaves the others in that message delivered."""
-    import miniray.executor as executor_module
+    import miniray.client.executor as executor_module
 
     shared = []  # chunk ids of messages that carried more than one chunk
     real = executor_module.decode_message
@@ -177,7 +177,7 @@ def test_values_the_server_cannot_hold_fail_clearly(tmp_path, monkeypatch):
             exc = ex.submit(tasks.make_bytes, 5 * MB).exception(timeout=60)
             assert isinstance(exc, PayloadTooLargeError), repr(exc)
             assert "5.0 MiB" in str(exc) and "maxmemory" in str(exc), str(exc)
-            # so does an array that would travel beside its message (miniray.bigvalues): it
+            # so does an array that would travel beside its message (miniray.values.bigvalues): it
             # is not stored first (a write that starts under maxmemory goes through, however
             # big, and would leave the server too full for the next submit)
             exc = ex.submit(tasks.make_array, 5 * MB // 8).exception(timeout=60)

@@ -124,7 +124,7 @@ def test_the_engine_never_imports_the_notebook_face():
             "ex = miniray.Executor()\n"
             "assert list(ex.map(abs, [-1, -2])) == [1, 2]\n"
             "ex.shutdown()\n"
-            "import miniray.cli, miniray.observe, miniray.worker\n"
+            "import miniray.cli, miniray.client.observe, miniray.worker.supervisor\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in "
             "('IPython', 'ipywidgets', 'jupyter_ext', 'ipykernel')]\n"
             "assert not bad, bad\n")
@@ -153,7 +153,7 @@ def test_engine_map_futures_keeps_every_outcome_and_cluster_view_sees_the_job():
     """The two engine additions the notebook face relies on."""
     from concurrent.futures import wait
 
-    from miniray.observe import ClusterView
+    from miniray.client.observe import ClusterView
     from tasks import raise_value_error
 
     miniray.init(workers=2)

@@ -250,7 +250,7 @@ class _OwnServer:
     """A server of the test's own (it kills, restarts or pauses it) and one worker on it."""
 
     def __init__(self, tmp_path, monkeypatch, env=None):
-        from miniray.server import ServerProcess
+        from miniray.cluster.server import ServerProcess
 
         self.srv = ServerProcess(tcp=True)
         self.ns = "own"
@@ -289,7 +289,7 @@ def own(tmp_path, monkeypatch):
 
 
 def _wait_registered(o):
-    from miniray import observe
+    from miniray.client import observe
     from miniray.keys import Keys as K
 
     def registered():
@@ -309,7 +309,7 @@ def test_a_server_down_for_a_while_gets_the_same_worker_back(own):
 
     o = own()
     _wait_registered(o)
-    from miniray.server import ServerProcess
+    from miniray.cluster.server import ServerProcess
 
     port, password = o.srv.port, o.srv.password
     o.srv.close()

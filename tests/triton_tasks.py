@@ -54,7 +54,7 @@ def add_one(values, protocol="http"):
 
 
 def model_ready(name):
-    from miniray.tritonserver import ENV_HTTP, model_ready
+    from miniray.triton.server import ENV_HTTP, model_ready
 
     return model_ready(os.environ[ENV_HTTP], name)
 

@@ -1,11 +1,11 @@
 """Direct channels: forked and TCP workers with send/recv, SSH clusters, shared memory, NCCL env.
 
 The research-MiniRay layer of miniray: long-lived stateful processes you talk to directly,
-without the Redis broker. ``miniray.actors`` builds Ray-style actors on it.
+without the Redis broker. ``miniray.channels.actors`` builds Ray-style actors on it.
 """
 
 from .cluster import Cluster, NodeConfig
-from ..errors import (ActorDiedError, AuthenticationError, ChannelClosedError, ChannelError,
+from miniray.errors import (ActorDiedError, AuthenticationError, ChannelClosedError, ChannelError,
                      ClusterError, FrameTooLargeError, ProtocolError, RemoteTraceback,
                      WorkerDiedError)
 from .framing import DEFAULT_MAX_SIZE, PROTOCOL_VERSION, Channel

@@ -10,31 +10,13 @@ import secrets
 import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-from .. import ssh
-from ..errors import ClusterError
+from miniray.cluster.ssh import connect as ssh
+from miniray.cluster.ssh.hosts import NodeConfig
+from miniray.errors import ClusterError
 from .framing import DEFAULT_MAX_SIZE
 from .remote import RemoteWorker
 from .handshake import LISTENING, SECRET_PROMPT
-
-
-@dataclass
-class NodeConfig:
-    """One machine of a Cluster or an SSHCluster. ``python`` defaults to ``python3`` on the
-    node's PATH; ``env`` is set for the processes started there. For a ``Cluster``,
-    ``num_workers`` RemoteWorkers are started and ``gpus`` dealt round-robin to them; for an
-    ``SSHCluster``, one ``miniray worker`` runs ``slots`` tasks at once (default: the host's
-    cores) and owns ``gpus`` (default: what NVML finds there)."""
-
-    host: str
-    user: str = None
-    port: int = 22
-    num_workers: int = 1
-    python: str = None
-    gpus: list = None
-    env: dict = None
-    slots: int = None
 
 
 class _Node:
@@ -50,7 +32,7 @@ class Cluster:
     >>> workers = cluster.start("mypkg.serve.model_loop")                   # doctest: +SKIP
     >>> cluster.stop()                                                      # doctest: +SKIP
 
-    ``ssh_options`` go to ``miniray.ssh.connect`` (e.g. ``known_hosts=``, ``key_filename=``).
+    ``ssh_options`` go to ``miniray.cluster.ssh.connect.connect`` (e.g. ``known_hosts=``, ``key_filename=``).
     """
 
     def __init__(self, nodes, *, codec="pickle", max_size=DEFAULT_MAX_SIZE, ssh_options=None,

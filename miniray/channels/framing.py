@@ -22,7 +22,7 @@ from collections import deque
 
 import cloudpickle
 
-from ..errors import ChannelClosedError, FrameTooLargeError, ProtocolError
+from miniray.errors import ChannelClosedError, FrameTooLargeError, ProtocolError
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_SIZE = 256 * 1024 * 1024

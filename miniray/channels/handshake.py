@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import os
 
-from ..errors import AuthenticationError, ProtocolError
+from miniray.errors import AuthenticationError, ProtocolError
 from .framing import PROTOCOL_VERSION, Channel
 
 _HANDSHAKE_MAX = 64 * 1024

@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 
-from ..errors import ChannelError
+from miniray.errors import ChannelError
 from .framing import DEFAULT_MAX_SIZE, Channel
 from .handshake import LISTENING, SECRET_PROMPT, server_handshake
 from .worker import run_child

@@ -14,7 +14,7 @@ import time
 import traceback
 import weakref
 
-from ..errors import ChannelClosedError, WorkerDiedError
+from miniray.errors import ChannelClosedError, WorkerDiedError
 from .framing import DEFAULT_MAX_SIZE, Channel, get_codec, set_pdeathsig, wait_readable
 
 # Parent ends of live workers. A later fork inherits them; the child closes its copies so that

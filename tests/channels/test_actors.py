@@ -8,7 +8,7 @@ import pytest
 from chanhelpers import wait_gone
 from workfns import BrokenInit, Counter
 
-from miniray.actors import ActorPool, actor
+from miniray.channels.actors import ActorPool, actor
 from miniray.channels import ActorDiedError, RemoteTraceback, RemoteWorker
 
 pytestmark = pytest.mark.timeout(60)
@@ -105,7 +105,7 @@ def test_actor_pool_map_spreads_and_orders():
 
 
 def test_actor_on_a_remote_worker_server(start_server):
-    server = start_server("miniray.actors.actor_main")
+    server = start_server("miniray.channels.actors.actor_main")
     for where in (f"{server.host}:{server.port}",
                   RemoteWorker(server.host, server.port, codec="pickle")):
         handle = actor(Counter, 1, where=where)

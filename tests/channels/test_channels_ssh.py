@@ -1,11 +1,11 @@
-"""miniray.ssh and Cluster against a real sshd on 127.0.0.1."""
+"""miniray.cluster.ssh.connect and Cluster against a real sshd on 127.0.0.1."""
 
 import sys
 
 import pytest
 from chanhelpers import PYTHONPATH, wait_gone
 
-from miniray import ssh
+from miniray.cluster.ssh import connect as ssh
 from miniray.channels import Cluster, NodeConfig
 
 pytestmark = pytest.mark.timeout(90)
@@ -79,10 +79,10 @@ def test_cluster_starts_workers_and_stop_leaves_nothing(ssh_home):
 def test_actors_on_cluster_workers(ssh_home):
     from workfns import Counter
 
-    from miniray.actors import ActorPool, actor
+    from miniray.channels.actors import ActorPool, actor
 
     with Cluster(_nodes(num_workers=2)) as cluster:
-        handles = [actor(Counter, where=w) for w in cluster.start("miniray.actors.actor_main")]
+        handles = [actor(Counter, where=w) for w in cluster.start("miniray.channels.actors.actor_main")]
         pool = ActorPool(handles)
         assert sum(pool.map(lambda a, x: a.add(x), range(10))) > 0
         assert len({h.pid().result(timeout=10) for h in handles}) == 2

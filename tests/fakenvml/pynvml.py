@@ -1,8 +1,8 @@
-"""A stand-in for ``pynvml`` over a small device table, for testing how ``miniray.gpu`` maps
+"""A stand-in for ``pynvml`` over a small device table, for testing how ``miniray.worker.gpu`` maps
 ``CUDA_VISIBLE_DEVICES`` and ``--gpus`` to NVML's GPUs on a machine without one. The thing
-under test is that mapping, not NVML: this answers only the calls ``miniray.gpu`` makes.
+under test is that mapping, not NVML: this answers only the calls ``miniray.worker.gpu`` makes.
 
-In a test process: ``DeviceTable([...])`` given to ``miniray.gpu._use_nvml``. In a worker
+In a test process: ``DeviceTable([...])`` given to ``miniray.worker.gpu._use_nvml``. In a worker
 process: this directory first on ``PYTHONPATH`` and the table as JSON in ``FAKE_NVML_DEVICES``
 (a list of {"uuid", "bus_id", "name", "util", "mem_used", "mem_total", "temp"}; a field
 given as "error" raises NVMLError, as a board that does not report it would).

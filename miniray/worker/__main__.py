@@ -1,0 +1,7 @@
+"""``python -m miniray.worker``: the same as ``miniray worker`` (how clusters start workers)."""
+
+import sys
+
+from miniray.worker.supervisor import main
+
+sys.exit(main())
