@@ -10,6 +10,7 @@ Whoever can write to the Redis server can run code on its workers: keep it priva
 """
 
 import importlib
+import sys
 
 __version__ = "0.1.0"
 
@@ -63,6 +64,34 @@ _EXPORTS = {
 
 # modules the README names as ``miniray.NAME``: reached as attributes, without an import
 _MODULES = {"triton": "triton", "cache": "client.cache", "persistent": "cluster.persistent"}
+
+# modules users import by their old paths (comma's ``miniray.executor``; ours before the parts
+# had folders): ``import miniray.executor`` is ``miniray.client.executor``, the same module
+_MOVED = {"miniray.executor": "client.executor", "miniray.local": "cluster.local",
+          "miniray.persistent": "cluster.persistent"}
+
+
+class _MovedFinder:
+    """Imports a module of ``_MOVED`` under its old name (one module object, two names)."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name not in _MOVED:
+            return None
+        from importlib.util import spec_from_loader
+
+        return spec_from_loader(name, _MovedFinder)
+
+    @staticmethod
+    def create_module(spec):
+        return importlib.import_module(f".{_MOVED[spec.name]}", __name__)
+
+    @staticmethod
+    def exec_module(module):
+        pass
+
+
+sys.meta_path.insert(0, _MovedFinder)
 
 __all__ = sorted(_EXPORTS) + ["__version__", "load_ipython_extension"]
 

@@ -8,6 +8,8 @@ too: a lazy import is still a dependency), except those only a type checker runs
 import ast
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -171,3 +173,14 @@ def test_readme_says_where_things_are():
     for part in PARTS:
         folder = "miniray/" + part.replace(".", "/") + "/"
         assert folder in section.group(1), f"README's 'Where things are' does not list {folder}"
+
+
+def test_old_module_paths_still_import():
+    # comma's miniray and our own earlier layout had these at the top of the package
+    code = ("import miniray.executor, miniray.local, miniray.persistent, miniray.client.executor\n"
+            "from miniray.executor import Executor\n"
+            "assert miniray.executor is miniray.client.executor\n"
+            "assert Executor is miniray.Executor\n"
+            "assert miniray.local.LocalCluster is miniray.LocalCluster\n"
+            "assert miniray.persistent.find is miniray.cluster.persistent.find\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=ROOT)
