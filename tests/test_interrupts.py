@@ -29,7 +29,7 @@ def kernel():
 
 
 def _cluster_pids(kernel) -> tuple:
-    out = kernel.run("from miniray import local as _l\n"
+    out = kernel.run("from miniray.cluster import local as _l\n"
                      "print(_l._cluster.server.proc.pid, _l._cluster.server_alive(), "
                      "sorted(_l._cluster.worker_pids()))")
     return out["stream"].strip()
@@ -231,7 +231,7 @@ def test_the_local_cluster_still_dies_with_a_killed_kernel():
     try:
         k.run("%load_ext miniray\n%miniray local -n 2")
         pids = [int(p) for p in k.run(
-            "from miniray import local as _l\n"
+            "from miniray.cluster import local as _l\n"
             "print(_l._cluster.server.proc.pid, *_l._cluster.worker_pids())")["stream"].split()]
         server = psutil.Process(pids[0]).children()  # the shim exec'd into the server itself
         procs = [psutil.Process(p) for p in pids] + server
