@@ -135,7 +135,7 @@ The persistent cluster's idle stop (``miniray.cluster.service.busy_reasons``) re
 length, and the PTTL of every ``client:{client}`` (SCAN): a key whose PTTL grew since its
 last look was renewed.
 
-Lua scripts (``broker.py``) build these names from the namespace with the same spelling; the
+Lua scripts (``broker/``) build these names from the namespace with the same spelling; the
 functions here are the Python side. Cluster-mode Redis is not supported (scripts touch keys
 they compute).
 """

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.timeout(900)
 VENV = Path(ROOT) / ".venv-triton"
 PYTHON = VENV / "bin" / "python"
 _CHECK = ("import numpy, pytriton, tritonclient.http, tritonclient.grpc, cloudpickle, hiredis, "
-          "psutil; from miniray.triton.server import find_binary; print(find_binary())")
+          "psutil; from miniray.triton.binary import find_binary; print(find_binary())")
 
 
 def _venv_works() -> bool:

@@ -54,7 +54,8 @@ def add_one(values, protocol="http"):
 
 
 def model_ready(name):
-    from miniray.triton.server import ENV_HTTP, model_ready
+    from miniray.triton.httpapi import model_ready
+    from miniray.triton.server import ENV_HTTP
 
     return model_ready(os.environ[ENV_HTTP], name)
 

@@ -22,6 +22,17 @@ Run the task on a worker that keeps a Triton server (``miniray worker --triton-m
 ``unload_model`` speak Triton's HTTP API themselves. An ``InferenceServerException`` that a
 task lets escape (once ``client`` was called in its process) comes back to the caller as
 :class:`~miniray.errors.TritonError` with its text.
+
+This folder holds both ends. This module is the task-side client (what a task process calls);
+the node's server is the worker's: ``server.py`` (``TritonServer``: start, health-check,
+restart, unload stale models), ``binary.py`` (finding ``tritonserver`` and what the
+``nvidia-pytriton`` wheel's needs), ``httpapi.py`` (Triton's HTTP API, which both ends speak).
+The worker tells its task processes where the server is (``server.ENV_*``); the per-server
+load lock and last-use records live in Redis (``keys.py``)::
+
+    task process                          worker (miniray worker --triton)
+    miniray.triton.load_model ---HTTP---> tritonserver <--- TritonServer (server.py)
+      (redis_lock, last use) --> Redis <----------------------- unloads stale models
 """
 
 from __future__ import annotations
@@ -31,15 +42,8 @@ import threading
 import time
 
 from miniray.errors import ConfigurationError, TritonError
-from .server import (
-    ENV_GRPC,
-    ENV_HTTP,
-    ENV_SERVER,
-    model_ready,
-    redis_lock,
-    repository_call,
-    server_ready,
-)
+from .httpapi import model_ready, repository_call, server_ready
+from .server import ENV_GRPC, ENV_HTTP, ENV_SERVER, redis_lock
 
 __all__ = ["client", "load_model", "unload_model", "url"]
 

@@ -1,40 +1,40 @@
 """The node's Triton Inference Server, kept by a ``miniray worker --triton``.
 
 A managed server (``--triton-models DIR``) is found (``MINIRAY_TRITON_BIN``, PATH, or the
-binary in the ``nvidia-pytriton`` wheel), started on free loopback ports with explicit model
-control, health-checked, restarted with backoff when it dies, and stopped with the worker. An
-attached server (``--triton-url URL``) is only health-checked. Either way a monitor thread
-unloads models that tasks stopped using (``miniray.triton.load_model(stale_after_seconds=)``).
+binary in the ``nvidia-pytriton`` wheel: ``binary.py``), started on free loopback ports with
+explicit model control, health-checked, restarted with backoff when it dies, and stopped with
+the worker. An attached server (``--triton-url URL``) is only health-checked. Either way a
+monitor thread unloads models that tasks stopped using
+(``miniray.triton.load_model(stale_after_seconds=)``).
 
 Tasks reach the server through the ``ENV_*`` variables the worker puts in its task processes'
-environment; the per-server load lock and last-use records live in Redis (``keys.py``).
+environment; the per-server load lock and last-use records live in Redis (``keys.py``). The
+health checks and model loads speak Triton's HTTP API (``httpapi.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
-import http.client
-import importlib.util
-import json
 import logging
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
 import uuid
 import weakref
 from pathlib import Path
-from urllib.parse import quote, urlparse
+from urllib.parse import urlparse
 
 from miniray.errors import ConfigurationError, TritonError
+from miniray.triton.binary import find_binary, wheel_setup
+from miniray.triton.httpapi import loaded_models, repository_call, server_ready
 
-__all__ = ["ENV_GRPC", "ENV_HTTP", "ENV_SERVER", "TritonServer", "find_binary"]
+__all__ = ["ENV_GRPC", "ENV_HTTP", "ENV_SERVER", "TritonServer"]
 
 log = logging.getLogger("miniray.triton")
 
@@ -56,69 +56,6 @@ _EXEC_WITH_PDEATHSIG = (
     "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
     "os.getppid() == int(sys.argv[1]) or sys.exit(0); os.execv(sys.argv[2], sys.argv[2:])"
 )
-
-
-# -- Triton's HTTP API (the worker needs no tritonclient) ----------------------------------
-def http_request(hostport: str, method: str, path: str, body: dict | None = None,
-                 timeout: float = 5.0) -> tuple[int, bytes]:
-    """One request to Triton's HTTP endpoint; raises OSError/HTTPException when unreachable."""
-    conn = http.client.HTTPConnection(hostport, timeout=timeout)
-    try:
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        conn.request(method, path, body=data, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-def server_ready(hostport: str, timeout: float = 2.0) -> bool:
-    try:
-        return http_request(hostport, "GET", "/v2/health/ready", timeout=timeout)[0] == 200
-    except (OSError, http.client.HTTPException):
-        return False
-
-
-def model_ready(hostport: str, model: str, timeout: float = 5.0) -> bool:
-    try:
-        status, _ = http_request(hostport, "GET", f"/v2/models/{quote(model, safe='')}/ready",
-                                 timeout=timeout)
-    except (OSError, http.client.HTTPException):
-        return False
-    return status == 200
-
-
-def loaded_models(hostport: str, timeout: float = 5.0) -> list[str]:
-    """Names of the models the server has READY (its repository index)."""
-    status, body = http_request(hostport, "POST", "/v2/repository/index", {}, timeout=timeout)
-    if status != 200:
-        return []
-    return sorted({m["name"] for m in json.loads(body) if m.get("state") == "READY"})
-
-
-def repository_call(hostport: str, model: str, action: str, timeout: float) -> None:
-    """``action`` ("load" or "unload") ``model``; TritonError with the server's reason."""
-    where = f"the Triton server at http://{hostport}"
-    try:
-        status, body = http_request(
-            hostport, "POST", f"/v2/repository/models/{quote(model, safe='')}/{action}", {},
-            timeout=timeout)
-    except (OSError, http.client.HTTPException) as e:
-        raise TritonError(
-            f"could not {action} model {model!r}: {where} did not answer ({e}). It may be "
-            "restarting (the worker restarts a server that died); try again, and see "
-            "`miniray status` for its state") from None
-    if status != 200:
-        try:
-            reason = json.loads(body).get("error") or body.decode(errors="replace")
-        except ValueError:
-            reason = body.decode(errors="replace")
-        hint = (" Check that the model repository (--triton-models) has a folder "
-                f"{model}/ with config.pbtxt and a version folder such as 1/, and that the "
-                "server runs with --model-control-mode=explicit (a managed one does)."
-                if action == "load" else "")
-        raise TritonError(f"{where} could not {action} model {model!r}: {reason}.{hint}")
 
 
 # -- the per-server lock in Redis (shared with miniray.triton) ------------------------------
@@ -151,64 +88,7 @@ def parse_used(value) -> tuple[float, float]:
     return float(last), float(after)
 
 
-# -- finding and preparing the binary ---------------------------------------------------------
-def find_binary(setting: str | None = None) -> str:
-    """``setting`` (MINIRAY_TRITON_BIN), else ``tritonserver`` on PATH, else the wheel's."""
-    if setting:
-        if not (os.path.isfile(setting) and os.access(setting, os.X_OK)):
-            raise ConfigurationError(
-                f"MINIRAY_TRITON_BIN={setting!r} is not an executable file; point it at a "
-                "tritonserver binary, or unset it to search PATH and the nvidia-pytriton wheel")
-        return setting
-    found = shutil.which("tritonserver")
-    if found:
-        return found
-    spec = importlib.util.find_spec("pytriton")
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        candidate = os.path.join(loc, "tritonserver", "bin", "tritonserver")
-        if os.path.isfile(candidate):
-            return candidate
-    raise ConfigurationError(
-        "`miniray worker --triton` found no tritonserver binary: none on PATH, "
-        f"MINIRAY_TRITON_BIN unset, and no nvidia-pytriton wheel in this Python "
-        f"({sys.executable}). Install it next to miniray (pip install nvidia-pytriton, in a "
-        "virtual environment of its own: it pins numpy<2), set MINIRAY_TRITON_BIN, or attach "
-        "to a running server with --triton-url URL")
-
-
-def _wheel_setup(binary: str, workdir: Path) -> tuple[list, list]:
-    """Flags and library folders for the nvidia-pytriton wheel's server (as pytriton does it).
-
-    The wheel keeps one Python backend stub per Python version; the backend looks for its
-    stub next to itself, so the backends folder is copied to ``workdir`` with the stub of the
-    Python running this worker (whose environment the models' ``model.py`` then use). Other
-    binaries (a Triton container's) keep their own backend directory.
-    """
-    root = Path(binary).resolve().parent.parent  # .../site-packages/pytriton/tritonserver
-    stubs = root / "python_backend_stubs"
-    if not stubs.is_dir():
-        return [], []
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = stubs / version / "triton_python_backend_stub"
-    if not stub.is_file():
-        have = sorted(p.name for p in stubs.iterdir())
-        raise ConfigurationError(
-            f"the tritonserver of the nvidia-pytriton wheel at {root} has no Python backend "
-            f"stub for Python {version} (it has {', '.join(have)}); run the worker with one "
-            "of those Python versions")
-    backends = workdir / "backends"
-    shutil.copytree(root / "backends", backends)
-    shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
-    libs = [str(p) for p in (root.parent.parent / "nvidia_pytriton.libs", root / "external_libs")
-            if p.is_dir()]
-    # the stub embeds libpython3.X: prefer this Python's own (a pyenv or conda Python), which
-    # matches its standard library, over whatever the system has (or lacks)
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if libdir and os.path.exists(os.path.join(libdir, f"libpython{version}.so.1.0")):
-        libs.insert(0, libdir)
-    return [f"--backend-directory={backends}", f"--cache-directory={root / 'caches'}"], libs
-
-
+# -- the managed server's ports, work folders and exit codes ---------------------------------
 def _free_ports(n: int) -> list[int]:
     socks = []
     try:
@@ -319,7 +199,7 @@ class TritonServer:
             _remove_orphan_workdirs()
             self.workdir = Path(tempfile.mkdtemp(prefix=f"miniray-triton-{os.getpid()}-"))
             weakref.finalize(self, shutil.rmtree, str(self.workdir), True)
-            self._args, self._libs = _wheel_setup(self.binary, self.workdir)
+            self._args, self._libs = wheel_setup(self.binary, self.workdir)
         host, _, port = self.http.rpartition(":")
         self.server_id = f"{socket.gethostname()}:{port}" if host in _LOOPBACK else self.http
 
