@@ -79,10 +79,10 @@ def test_a_value_the_client_cannot_unpickle_fails_only_its_item(worker_only):
 def test_a_bad_value_spares_the_chunks_that_share_its_message(worker_only, monkeypatch):
     """A task process sends the outcomes of the chunks it finished in one message; a bad
     value in one chunk leaves the others in that message delivered."""
-    import miniray.client.executor as executor_module
+    import miniray.client.delivery as delivery_module
 
     shared = []  # chunk ids of messages that carried more than one chunk
-    real = executor_module.decode_message
+    real = delivery_module.decode_message
 
     def recording(msg):
         decoded = real(msg)
@@ -90,7 +90,7 @@ def test_a_bad_value_spares_the_chunks_that_share_its_message(worker_only, monke
             shared.extend(chunk for chunk, _ in decoded[0].chunks)
         return decoded
 
-    monkeypatch.setattr(executor_module, "decode_message", recording)
+    monkeypatch.setattr(delivery_module, "decode_message", recording)
     bad = set(range(1, 1200, 40))  # the second item of every 20th chunk
     with worker_only.executor() as ex:
         futures = ex.map_futures(lambda x: tasks.mixed_values(x, bad_reduce_at=bad),

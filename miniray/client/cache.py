@@ -315,7 +315,7 @@ def _cached_future(ex, value):
 
 def _plan(ex, fn, kind: str, items: list):
     """(function key, argument keys, cached values by index) for a map over ``items``."""
-    ex._function(fn, fresh=True)  # what travels is pickled now, as the key is
+    ex._outbox.function(fn, fresh=True)  # what travels is pickled now, as the key is
     fkey = function_key(fn)
     if fkey is None or not items or settings().cache_max_bytes <= 0:
         return fkey, [None] * len(items), {}

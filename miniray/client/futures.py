@@ -2,7 +2,7 @@
 chunk) and the light item futures of ``map_futures``.
 
 A ``MinirayFuture`` settles as ``concurrent.futures`` says; what it adds is where its result
-comes from: a thread waiting in ``result()`` reads results itself (``Executor._read_until``)
+comes from: a thread waiting in ``result()`` reads results itself (``Results.read_until``)
 while nobody else does, and anything that waits without reading (``wait``, ``as_completed``,
 callbacks, ``done()`` polls) asks the executor's results thread to deliver (``_want``).
 """
@@ -99,16 +99,16 @@ class MinirayFuture(Future):
         thread delivers them."""
         self._wanted = True
         if self._executor is not None and self._state in _WAITING:
-            self._executor._want_delivery()
+            self._executor._results.want_delivery()
 
     def result(self, timeout: float | None = None):
         if self._state in _WAITING and self._executor is not None:
-            timeout = self._executor._read_until(self, timeout)
+            timeout = self._executor._results.read_until(self, timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None):
         if self._state in _WAITING and self._executor is not None:
-            timeout = self._executor._read_until(self, timeout)
+            timeout = self._executor._results.read_until(self, timeout)
         return super().exception(timeout)
 
     def done(self) -> bool:
@@ -128,13 +128,13 @@ class MinirayFuture(Future):
             if self._state != "PENDING":
                 return self._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED")
         ex, ref = self._executor, self._ref
-        if ex is not None and ref is not None and not ex._withdraw(ref):
+        if ex is not None and ref is not None and not ex._outbox.withdraw(ref):
             # a worker holds it: it is running now, as far as the contract goes
             self.set_running_or_notify_cancel_safe()
             return False
         cancelled = _cancel(self)
         if cancelled and ex is not None:
-            ex._wake_reader()  # a thread reading for this future stops waiting
+            ex._results.wake()  # a thread reading for this future stops waiting
         return cancelled
 
     def set_running_or_notify_cancel_safe(self) -> None:
@@ -181,7 +181,7 @@ class _Lazy:
 
 
 class _ItemFuture(MinirayFuture):
-    """One ``map_futures`` item: settled by its chunk's future (see ``_split_chunk``), made
+    """One ``map_futures`` item: settled by its chunk's future (see ``outcomes.split_chunk``), made
     without running ``__init__`` (see ``_item_futures``): what every new future holds is a
     class attribute until it is set, its lock and lists are made when first used, and it
     has no executor to ask for deliveries (its chunk's future does), so a plain list holds

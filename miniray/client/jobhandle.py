@@ -368,7 +368,7 @@ class JobHandle:
             self._records.setdefault(first, (int(record["n"]), futures, list(record["tasks"])))
 
     def _deliver(self, conn, parts: list) -> None:
-        from .executor import _decorate  # (the executor's own decoration of remote errors)
+        from .delivery import _decorate  # (the executor's own decoration of remote errors)
 
         msg = assemble(parts)
         if msg is None:

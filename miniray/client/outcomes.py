@@ -1,7 +1,7 @@
 """How outcomes reach the executor's futures where a plain ``set_result`` is not enough: a
 cancelled job (running futures end cancelled too, what a chunk delivered stays with its
 items), a map's chunks stopped by Ctrl-C (``stop_chunks``), and where and when each
-``map_futures`` item ran."""
+``map_futures`` item ran and what it ended with (``place``, ``split_chunk``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from miniray.errors import JobCancelledError
 from miniray.resp import RedisError
 
 __all__ = ["MISSING", "cancel_future", "force_cancel", "failures", "cancel_ref", "place",
-           "stop_chunks"]
+           "split_chunk", "split_own", "stop_chunks"]
 
 MISSING = object()  # a map chunk's value not delivered yet
 
@@ -42,7 +42,7 @@ def failures(errors) -> int:
 
 
 def cancel_ref(ref) -> None:
-    """Cancel a chunk's future (an executor's ``_Ref``); the items of a ``map_futures``
+    """Cancel a chunk's future (an executor's ``outbox._Ref``); the items of a ``map_futures``
     chunk that had delivered keep their outcome."""
     items = getattr(ref.future, "_items", None)
     values = ref.values
@@ -77,7 +77,7 @@ def stop_chunks(ex, futures: list) -> None:
         ref = getattr(f, "_ref", None)
         if ref is None or Future.done(f):  # (settled: its outcome stays)
             continue
-        if not ref.sent and ex._withdraw(ref):  # (only local: it never reached the server)
+        if not ref.sent and ex._outbox.withdraw(ref):  # (only local: it never reached the server)
             refs.append(ref)
         elif ref.sent:
             sent.append(ref)
@@ -94,7 +94,7 @@ def stop_chunks(ex, futures: list) -> None:
     for r in refs:
         cancel_ref(r)
     if refs:
-        ex._wake_reader()
+        ex._results.wake()
 
 
 def place(items: list, indices, worker, host, slot, times) -> None:
@@ -106,3 +106,32 @@ def place(items: list, indices, worker, host, slot, times) -> None:
             f.worker, f.host, f.slot = worker, host, slot
             if times is not None:
                 f._times = times[k]  # (start, end): see MinirayFuture.started_at
+
+
+def split_own(chunk: Future) -> None:
+    """A ``map_futures`` chunk's done-callback: ``split_chunk`` to its own items."""
+    split_chunk(chunk, chunk._items)
+
+
+def split_chunk(chunk: Future, items: list) -> None:
+    """Hand a finished map chunk's outcome to its items' futures (``map_futures``)."""
+    if chunk.cancelled():
+        for f in items:
+            force_cancel(f)  # (running ones too: the job was cancelled)
+        return
+    exc = chunk.exception()
+    values, errors = (None, None) if exc is not None else chunk.result()
+    for i, f in enumerate(items):
+        if f.worker is None:
+            f.worker, f.host = chunk.worker, chunk.host
+        try:
+            err = exc if exc is not None else errors.get(i) if errors else None
+            if isinstance(err, JobCancelledError):  # interrupted by the job's cancel
+                force_cancel(f)
+            elif err is not None:
+                f._rerun = chunk._rerun  # (its own argument: the item's task_id picks it)
+                f.set_exception(err)
+            else:
+                f.set_result(values[i])
+        except Exception:  # the item's future was cancelled meanwhile
+            pass

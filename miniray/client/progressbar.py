@@ -28,7 +28,7 @@ ERRORS = ("raise", "skip", "return")  # what progress() does with a failed item
 TICK = 0.1  # seconds between two looks at the counts (the bar is redrawn only on a change)
 LINE_SECONDS = 10.0  # outside a terminal: at most one line this often
 _MAX_ROWS = 8  # rows of the error summary; the rest are counted in one line
-_WHERE = re.compile(r"\[miniray\] raised by .* on (\S+) \(worker ")  # executor._decorate's note
+_WHERE = re.compile(r"\[miniray\] raised by .* on (\S+) \(worker ")  # delivery._decorate's note
 
 
 def progress(items, desc: str | None = None, total: int | None = None, *,

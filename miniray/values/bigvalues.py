@@ -164,7 +164,7 @@ def fetch(key: str, size: int, part: int):
 # client (``store``, before its chunk is queued) and replaced in the chunk by a short marker;
 # the task process reads it back into one buffer (``open_frames``). The key lives while its
 # chunk may still run (a retry reads it again): the client renews it and deletes it when the
-# chunk has ended (see ``Executor._upkeep``).
+# chunk has ended (see ``miniray.client.results.Results.upkeep``).
 _MARK = b"\x00miniray-big\x00"
 _SIZES = struct.Struct("!QQ")  # size, part size; the key follows
 _MAX_MARK = 1024
