@@ -208,7 +208,7 @@ def cmd_cache(args) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
-        from miniray.worker.supervisor import main as worker_main
+        from miniray.worker.cli import main as worker_main
 
         return worker_main(argv[1:])
     if argv[:1] == ["ssh-up"]:

@@ -1,1 +1,28 @@
-"""TODO worker"""
+"""The worker side: ``miniray worker``, its slot threads and their task processes.
+
+::
+
+    cli.main --> supervisor.Worker --+-- heartbeat thread: worker:{id}, workers; reaps dead
+                                     |   workers; cancels (stop:{job}) --> the slots
+                                     +-- slot.Slot threads (one per slot), each owning a
+                                         taskslot.TaskProcess:
+
+    Redis                                   task process (taskproc)            slot thread
+    -----                                   -----------------------            -----------
+    hand:, wake:{slot} --claim (BLMPOP)---> Runner: runs chunks (taskrun) ---> claimed/done
+    res:{client}, logs:{job} <--complete--  outcomes, log lines (tasklogs)     timeouts, cancels
+    wip:{worker} (tagged with the slot)                                        deaths (slotdeath)
+                                                                               resends
+
+A task process claims, runs and completes by itself (``taskclaims``: claim from Redis, run,
+complete, wait idle), so a task's round trip has no hop through the worker process; on a GPU
+worker the slot thread claims instead, under the GPU lock (``gpu``), and sends chunks to its
+process. The slot thread supervises: it hears what the process holds and delivered, kills it
+past a timeout or a cancel's grace, explains its death to the futures and resends what it
+held. A task process applies its limits before it unpickles anything (``isolation``: memory
+cgroup or RLIMIT_AS, CPUs; ``gpu``: CUDA_VISIBLE_DEVICES) and keeps what its tasks leave
+running in check. Small results go straight to a client on the same machine
+(``miniray.values``). ``python -m miniray.worker`` is ``miniray worker``.
+
+This package imports nothing: every task process imports it.
+"""

@@ -2,6 +2,6 @@
 
 import sys
 
-from miniray.worker.supervisor import main
+from miniray.worker.cli import main
 
 sys.exit(main())

@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection
 from miniray.values import shm
 from .gpu import visible_devices
 from .isolation import MemoryCgroup, kill_tree
-from .taskproc import JOB_BYTES, PAGE_SIZE, PROGRESS
+from .taskpage import JOB_BYTES, PAGE_SIZE, PROGRESS
 
 __all__ = ["TaskProcess", "ProcKey"]
 

@@ -109,6 +109,6 @@ def remote_main():
         pass
     print(_URL_PROMPT, os.getpid(), flush=True)
     os.environ["MINIRAY_REDIS_URL"] = sys.stdin.readline().strip()
-    from miniray.worker.supervisor import main
+    from miniray.worker.cli import main
 
     sys.exit(main(sys.argv[1:]))
