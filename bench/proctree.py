@@ -33,7 +33,7 @@ def kind(pid: int) -> str:
             return "server"  # valkey-server, redis-server
     with open(f"/proc/{pid}/cmdline") as f:
         argv = f.read().split("\0")
-    return "taskproc" if argv[1:3] == ["-m", "miniray.worker.taskproc"] else "worker"
+    return "taskproc" if argv[1:3] == ["-m", "miniray.worker.task"] else "worker"
 
 
 def cpu_by_kind(pids) -> dict:

@@ -38,7 +38,7 @@ MINIRAY_SHM_MIN_BYTES          1048576     an out-of-band buffer this big or big
                                            through shared memory (when MINIRAY_SHM is on)
 MINIRAY_LOG_STREAM_MAXLEN      10000       log lines kept per job (approximate, oldest dropped)
 MINIRAY_LOG_LINE_MAX_BYTES     65536       a longer log line is cut, with a marker saying how
-                                           many bytes were cut (see miniray.worker.taskoutput)
+                                           many bytes were cut (see miniray.worker.task.output)
 MINIRAY_EVENT_STREAM_MAXLEN    10000       task events kept per job (approximate)
 MINIRAY_RERUN_KEEP_BYTES       1048576     a submit's or map_futures chunk's pickled arguments
                                            up to this size stay in the client until the task

@@ -10,7 +10,7 @@ that holds it, ``<entry>@<slot>`` (so a worker can tell what a dead task process
 A slot that waits for work registers in ``idle`` as ``{worker}/{slot}``, scored by when it went
 idle, and blocks on its own ``wake:{worker}/{slot}`` (for up to MINIRAY_IDLE_WAIT_SECONDS: it
 does not wake on a clock; its worker's messages end the wait by a push there, see
-``miniray.worker.idlewait``). New work wakes the slots that went idle
+``miniray.worker.task.idlewait``). New work wakes the slots that went idle
 last (ZPOPMAX): the process that just finished a task takes the next one while its caches are
 warm, instead of every idle process taking turns. Work with requirements (GPUs, CPUs, nodes,
 Triton) skips the slots of workers whose heartbeat says they can never run it. A lone small

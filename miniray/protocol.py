@@ -16,7 +16,7 @@ joins each frame's fields back (``decode_chunk``).
 A *result message* (list ``res:{client}``) is ``b"R"`` + version + u32 header length +
 pickled :class:`ResultHeader` + a blob written by ``encode_batches``: a plain pickle of
 ``(indices, values, errors, times)`` batches, one per chunk in the header (``indices``:
-None, a list, or ``(start, stop)``; see ``taskproc``). ``times`` (None when unknown) are the
+None, a list, or ``(start, stop)``; see ``miniray.worker.task``). ``times`` (None when unknown) are the
 items' timings on the worker, as the bytes of an ``array('d')``: the worker's wall-clock
 offset (epoch seconds minus its monotonic clock), then each value's monotonic start, then
 the last one's end (an item ends where the next starts); ``item_times`` reads them. Values of plain builtin types travel

@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
 
-from miniray.respwrite import hold_ctrl_c, pack_commands, release_ctrl_c
+from .respwrite import hold_ctrl_c, pack_commands, release_ctrl_c
 
 __all__ = ["RedisError", "ReplyError", "ConnectionLost", "ReplyTimeout", "NoScriptError",
            "Connection", "Pipeline", "parse_url", "redact"]

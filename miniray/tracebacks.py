@@ -1,7 +1,7 @@
 """A task's traceback as it travels back: the user's frames only, as text and as data.
 
 The task process runs the user's function from inside miniray's own loop, so a raw traceback
-starts with frames of ``taskrun.py`` (and of cloudpickle, when a function is rebuilt). Those
+starts with frames of ``worker/task/run.py`` (and of cloudpickle, when a function is rebuilt). Those
 leading frames are plumbing: :func:`task_traceback` drops them and keeps the frames from the
 user's first one on. Its result is the text (a ``str``, as before) that also carries the frames
 as data, and the exceptions the task's exception was chained to, so a client can show them as

@@ -16,8 +16,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "miniray")
 MAX_LINES = 500
-PARTS = ("client", "worker", "values", "cluster", "cluster.ssh", "triton", "channels")
-FOUNDATIONS = ("errors", "config", "keys", "protocol", "serialization", "resp", "broker",
+PARTS = ("client", "worker", "worker.task", "values", "cluster", "cluster.ssh", "triton", "channels")
+FOUNDATIONS = ("errors", "config", "keys", "protocol", "serialization", "resp", "respwrite", "broker",
                "backoff", "tracebacks", "scratch")
 NOTEBOOK = ("IPython", "ipywidgets", "ipykernel", "anywidget", "jupyter_ext")
 
@@ -161,8 +161,8 @@ def test_the_engine_never_imports_the_notebook_face():
 
 
 def test_what_task_processes_import_first_is_light():
-    # ``python -m miniray.worker.taskproc`` imports these packages before its own code runs
-    for package in ("miniray.worker",):
+    # ``python -m miniray.worker.task`` imports these packages before its own code runs
+    for package in ("miniray.worker", "miniray.worker.task"):
         assert not _imports(package), f"{package}/__init__.py must import nothing"
 
 

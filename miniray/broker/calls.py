@@ -9,8 +9,8 @@ import hashlib
 import json
 import time
 
-from miniray.broker.lua_cache import CACHE_CLEAR, CACHE_STORE
-from miniray.broker.lua_client import (
+from .lua_cache import CACHE_CLEAR, CACHE_STORE
+from .lua_client import (
     CANCEL_CHUNK,
     CANCEL_JOB,
     PUBLISH,
@@ -18,8 +18,8 @@ from miniray.broker.lua_client import (
     SEAL,
     STOP_CHUNKS,
 )
-from miniray.broker.lua_liveness import HEARTBEAT, REAP, RELEASE
-from miniray.broker.lua_worker import CLAIM, COMPLETE, IDLE
+from .lua_liveness import HEARTBEAT, REAP, RELEASE
+from .lua_worker import CLAIM, COMPLETE, IDLE
 from miniray.errors import ConfigurationError, ServerError
 from miniray.keys import Keys
 from miniray.resp import Connection, NoScriptError, RedisError, ReplyError, redact

@@ -4,7 +4,7 @@ size bound (``cache_store``), and emptying it (``cache_clear``).
 Each is ``PRELUDE`` (``lua_prelude``) and its body; the comment above it names its ARGV.
 """
 
-from miniray.broker.lua_prelude import PRELUDE
+from .lua_prelude import PRELUDE
 
 __all__ = ["CACHE_STORE", "CACHE_CLEAR"]
 

@@ -5,7 +5,7 @@ worker that leaves cleanly.
 Each is ``PRELUDE`` (``lua_prelude``) and its body; the comment above it names its ARGV.
 """
 
-from miniray.broker.lua_prelude import PRELUDE
+from .lua_prelude import PRELUDE
 
 __all__ = ["HEARTBEAT", "REAP", "RELEASE"]
 

@@ -4,7 +4,7 @@ and reporting what was done (``complete``, which also sends the result message o
 Each is ``PRELUDE`` (``lua_prelude``) and its body; the comment above it names its ARGV.
 """
 
-from miniray.broker.lua_prelude import PRELUDE
+from .lua_prelude import PRELUDE
 
 __all__ = ["CLAIM", "IDLE", "COMPLETE"]
 

@@ -31,8 +31,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from miniray.errors import ConfigurationError, TritonError
-from miniray.triton.binary import find_binary, wheel_setup
-from miniray.triton.httpapi import loaded_models, repository_call, server_ready
+from .binary import find_binary, wheel_setup
+from .httpapi import loaded_models, repository_call, server_ready
 
 __all__ = ["ENV_GRPC", "ENV_HTTP", "ENV_SERVER", "TritonServer"]
 

@@ -17,7 +17,7 @@ holds (``inflight``, ``pending``, ``seq``) and report failures through ``slot.re
 
 from __future__ import annotations
 
-from . import itemblocks
+from .task import itemblocks
 from miniray.errors import MemoryLimitError, MinirayError, TaskCrashedError, TaskTimeoutError
 from miniray.keys import Keys
 from miniray.protocol import encode_batches

@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection
 from miniray.values import shm
 from .gpu import visible_devices
 from .isolation import MemoryCgroup, kill_tree
-from .taskpage import JOB_BYTES, PAGE_SIZE, PROGRESS
+from miniray.worker.task.page import JOB_BYTES, PAGE_SIZE, PROGRESS
 
 __all__ = ["TaskProcess", "ProcKey"]
 
@@ -26,7 +26,7 @@ ProcKey = tuple  # (memory_bytes | None, cpus tuple, gpus tuple | None)
 
 
 class TaskProcess:
-    """A ``python -m miniray.worker.taskproc`` child with its socket, progress page and cgroup."""
+    """A ``python -m miniray.worker.task`` child with its socket, progress page and cgroup."""
 
     def __init__(self, key: ProcKey, name: str, env: dict | None = None,
                  hello: dict | None = None, gpu_names: dict | None = None):
@@ -60,7 +60,7 @@ class TaskProcess:
         os.set_blocking(self.urgent_fd, False)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "miniray.worker.taskproc", str(fd), str(self._progress_fd),
+                [sys.executable, "-m", "miniray.worker.task", str(fd), str(self._progress_fd),
                  str(urgent_w)],
                 pass_fds=(fd, self._progress_fd, urgent_w), start_new_session=True,
                 env=child_env, stdin=subprocess.DEVNULL, close_fds=True,
@@ -110,7 +110,7 @@ class TaskProcess:
         return self.proc.pid
 
     def send_run(self, specs: list, fns: list, frames: list) -> None:
-        """Send chunks (see ``taskproc``): one control message, then every frame.
+        """Send chunks (see ``task/process.py``): one control message, then every frame.
 
         Writes never block while the task process has something to say: when the socket is
         full, what it sent is read into an inbox first. (It may be blocked writing its

@@ -2,13 +2,13 @@
 
 ::
 
-    run_chunk --> the job's initializer (once, see taskfunctions) --> the function
+    run_chunk --> the job's initializer (once, see functions.py) --> the function
               --> arguments(): the payload (shm, big values) unpickled into items
               --> items one by one (the exact loop: page written before each item), or in
                   blocks (itemblocks: many small items, fast)
               --> runner.add(outcomes); every FLUSH_SECONDS runner.flush() streams them
 
-The functions take the task process's ``Runner`` (``taskproc``), as ``itemblocks.run`` does:
+The functions take the task process's ``Runner`` (``process.py``), as ``itemblocks.run`` does:
 they write the page (``prog_i``/``prog_t``), what runs now (``seq``, ``idx``, ``in_task``,
 for log lines and the SIGINT of a cancel) and ``shm_read``, and hand outcomes to
 ``runner.add``/``runner.flush``. A task's exception travels back as ``portable_exc`` makes
@@ -25,8 +25,8 @@ import time
 from . import itemblocks
 from miniray.values import bigvalues
 from miniray.values import shm
-from .jobspec import bad_payload, malformed
-from .taskoutput import end_lines
+from miniray.worker.jobspec import bad_payload, malformed
+from .output import end_lines
 from miniray.tracebacks import task_traceback
 
 __all__ = ["FLUSH_SECONDS", "CancelInterrupt", "run_chunk", "portable_exc", "short"]

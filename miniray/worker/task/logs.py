@@ -2,7 +2,7 @@
 
 ::
 
-    Capture / LogHandler (taskoutput) --Runner.log--> ship() --> lines --> the shipping thread:
+    Capture / LogHandler (output.py) --Runner.log--> ship() --> lines --> the shipping thread:
                                                                    |      XADD every 20 ms, on
                                                                    |      a connection of its own
                                                                    +--> take(): the rest go in

@@ -15,9 +15,9 @@ import sys
 import time
 import types
 
-from .jobspec import bad_payload
+from miniray.worker.jobspec import bad_payload
 from miniray.tracebacks import task_traceback
-from .taskrun import portable_exc, short
+from .run import portable_exc, short
 
 __all__ = ["Functions"]
 

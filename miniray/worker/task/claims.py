@@ -14,7 +14,7 @@
                                                         when it finds nothing)
 
 ``Claims`` owns the two connections, the replies not read yet and the idle wait's state. It
-reads a few things of its ``Runner`` (``taskproc``): ``drain_worker``/``stopped`` (the worker
+reads a few things of its ``Runner`` (``process.py``): ``drain_worker``/``stopped`` (the worker
 may speak while the server is away or during a wait), ``claiming`` and ``queue`` (when a wait
 ends), ``conn`` (the worker's socket, watched during a wait), ``prog_i`` (the worker's flags on
 the page). It sizes the claims too (``learn``): about 50 ms of each job's work held here.
@@ -79,7 +79,7 @@ class Claims:
 
     def report_and_wait(self, report, want: int, streaming: bool) -> tuple:
         """``report(pipe)``'s commands (which register the slot as idle unless work is
-        queued), then a wait (``miniray.worker.idlewait``: up to MINIRAY_IDLE_WAIT_SECONDS, or until
+        queued), then a wait (``miniray.worker.task.idlewait``: up to MINIRAY_IDLE_WAIT_SECONDS, or until
         the worker needs this process) for a chunk handed to the slot or a wake-up, and a
         claim. Returns ``(a chunk handed over, the claim's reply, whether the slot is registered
         as idle)``, each reply as the claim script gives it (or None).
@@ -134,7 +134,7 @@ class Claims:
             return None, got[0] if got else None, bool(got) and not got[0]
 
     def attend(self) -> int:
-        """The worker spoke during an idle wait (see ``miniray.worker.idlewait``): read it; the wait
+        """The worker spoke during an idle wait (see ``miniray.worker.task.idlewait``): read it; the wait
         ends when the process must stop, stop claiming or run what it was sent."""
         self.runner.drain_worker()
         if self.runner.stopped:

@@ -1,13 +1,13 @@
 """The task process: a worker's child that claims chunks, runs them and completes them.
 
-Started as ``python -m miniray.worker.taskproc FD PROGRESS_FD URGENT_FD`` with a socket to its worker
+Started as ``python -m miniray.worker.task FD PROGRESS_FD URGENT_FD`` with a socket to its worker
 (read on a clock) and a pipe to hurry it. It joins its memory cgroup, pins its CPUs and
 applies its environment before it unpickles anything, then reads the worker's hello (server
 URL, worker id, slot, limits) and loops. It talks to Redis itself, so a task's round trip has
 no hop through the worker process:
 
 - idle, it registers its slot as idle (with its outcomes), then waits (long, see
-  ``miniray.worker.idlewait``: it does not wake on a clock) on a second connection
+  ``miniray.worker.task.idlewait``: it does not wake on a clock) on a second connection
   for a chunk handed to the slot (a lone submit's, whole: nothing to claim) or a wake-up,
   after which it claims (a claim that finds nothing registers the slot again). New work goes
   to the slot that went idle last. Busy, it claims more alongside its completions, keeping
@@ -26,7 +26,7 @@ when this process dies it knows what was held and what was delivered (chunks it 
 of yet are in the ``wip`` hash, tagged with the slot). Before each item the process writes
 (chunk seq, item index, start time) to a shared page, and before each chunk of its own claim
 the chunk id and job: the worker enforces timeouts from it and knows which item was running.
-stdout, stderr and ``logging`` are captured line by line (``miniray.worker.taskoutput``) into the job's
+stdout, stderr and ``logging`` are captured line by line (``miniray.worker.task.output``) into the job's
 log stream: a thread streams them while tasks run, and the rest go ahead of the outcomes they
 belong to.
 
@@ -45,9 +45,9 @@ an item index to ``(exception, traceback, pid)``; each batch of outcomes carries
 start times (one ``list.append`` per item; see ``protocol.item_times``). The result message that goes to the client
 is ``protocol.encode_result``'s (values one by one, in parts when big).
 
-Its parts: ``taskrun`` runs a chunk, ``taskfunctions`` keeps functions and initializers,
-``taskclaims`` makes the round trips with Redis, ``taskresults`` places results, ``tasklogs``
-ships log lines, ``taskpage`` lays out the page; ``Runner`` holds the loop, the chunks held,
+Its parts: ``run`` runs a chunk, ``functions`` keeps functions and initializers,
+``claims`` makes the round trips with Redis, ``results`` places results, ``logs``
+ships log lines, ``page`` lays out the page; ``Runner`` holds the loop, the chunks held,
 the worker's messages and the outcomes not sent yet.
 """
 
@@ -70,16 +70,16 @@ from miniray.broker import parse_claim
 from miniray.config import settings
 from miniray.errors import MinirayError
 from miniray.values import shm
-from .isolation import Leftovers, become_subreaper
-from .jobspec import chunk_head, parse_spec
+from miniray.worker.isolation import Leftovers, become_subreaper
+from miniray.worker.jobspec import chunk_head, parse_spec
 from miniray.keys import Keys
-from .taskclaims import Claims
-from .taskfunctions import Functions
-from .tasklogs import LogShipper
-from .taskoutput import Capture, LogHandler
-from .taskpage import JOB_BYTES, PAGE_SIZE, PROGRESS
-from .taskresults import ResultPacker
-from .taskrun import FLUSH_SECONDS, CancelInterrupt, run_chunk
+from .claims import Claims
+from .functions import Functions
+from .logs import LogShipper
+from .output import Capture, LogHandler
+from .page import JOB_BYTES, PAGE_SIZE, PROGRESS
+from .results import ResultPacker
+from .run import FLUSH_SECONDS, CancelInterrupt, run_chunk
 
 
 def _send(conn, lock, obj) -> None:
@@ -114,9 +114,9 @@ class Runner:
         self.prog_t = memoryview(progress).cast("d")
         self.page_job = b""  # the job written on the page now
         self.lock = threading.Lock()
-        self.functions = Functions()  # the jobs' functions and initializers (see taskfunctions)
+        self.functions = Functions()  # the jobs' functions and initializers (see functions.py)
         self.seq, self.idx = -1, -1
-        self.block = None  # the items' block running now (see miniray.worker.itemblocks), or None
+        self.block = None  # the items' block running now (see miniray.worker.task.itemblocks), or None
         self.pending: dict = {}  # job -> ([header], [batch]) not yet completed
         self.last_flush = time.monotonic()
         self.hello = hello
@@ -135,10 +135,10 @@ class Runner:
         self.stopped = False
         self.in_task = False  # SIGINT interrupts user code only, never a Redis round trip
         self.settings = s = settings()
-        self.claims = Claims(self, hello, s)  # its connections to Redis (see taskclaims)
+        self.claims = Claims(self, hello, s)  # its connections to Redis (see claims.py)
         keys = self.claims.broker.keys
-        self.logs = LogShipper(hello, keys, s)  # captured lines' way out (see tasklogs)
-        self.results = ResultPacker(self.claims.r, keys, hello, s)  # (see taskresults)
+        self.logs = LogShipper(hello, keys, s)  # captured lines' way out (see logs.py)
+        self.results = ResultPacker(self.claims.r, keys, hello, s)  # (see results.py)
         self.registered = False  # in the idle zset, as far as we know
         self.expect_more = False  # the last claim took all it asked for (see report_and_wait)
         self.fn_key = keys.fn
@@ -281,7 +281,7 @@ class Runner:
                 notes.append((seq, final, indices, n_ok, n_err))
                 if final:
                     del self.held[seq]
-            # (sent straight to a client on this machine: no message, see taskresults)
+            # (sent straight to a client on this machine: no message, see results.py)
             chunks, msg = self.results.message(job, w.spec, header, batches, chunks)
             calls.append((job, chunks, msg))
         want = (self.claims.target - len(self.queue)) if claim and self.claiming else 0
@@ -413,15 +413,15 @@ def main(argv=None) -> None:
     rlimit = os.environ.pop("MINIRAY_TASK_RLIMIT_AS", "")
     cpus = os.environ.pop("MINIRAY_TASK_CPUS", "")
     if cgroup:
-        from .isolation import MemoryCgroup
+        from miniray.worker.isolation import MemoryCgroup
 
         MemoryCgroup.join(cgroup)
     if rlimit:
-        from .isolation import apply_rlimit_as
+        from miniray.worker.isolation import apply_rlimit_as
 
         apply_rlimit_as(int(rlimit))
     if cpus:
-        from .isolation import pin_cpus
+        from miniray.worker.isolation import pin_cpus
 
         pin_cpus([int(c) for c in cpus.split(",")])
     from multiprocessing.connection import Connection
@@ -451,6 +451,3 @@ def main(argv=None) -> None:
     runner.serve()
     runner.leftovers.kill_all()  # kept children live as long as this process, no longer
 
-
-if __name__ == "__main__":
-    main()

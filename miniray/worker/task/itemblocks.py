@@ -1,6 +1,6 @@
 """Running a map chunk's items in blocks: the task process's fast path for many small items.
 
-The exact loop (``taskrun.run_chunk``) does its bookkeeping before every item: the
+The exact loop (``run.run_chunk``) does its bookkeeping before every item: the
 item's index and start on the shared page (for the worker's timeout and its blame when the
 process dies), a look at the clock (to stream partial results). That costs several times what
 a small function like ``x + 1`` does. Here a block of items runs in one C-level

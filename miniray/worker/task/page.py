@@ -1,6 +1,6 @@
 """The page a task process shares with its worker: what runs now, and the worker's flags.
 
-The task process (``taskproc``) writes, before each item, the chunk seq and item index running
+The task process (``process.py``) writes, before each item, the chunk seq and item index running
 now (-1: none) and its monotonic start time; before each chunk of its own claim, the chunk id
 and job (UTF-8, NUL-padded, after the struct): a chunk the process claimed itself may run
 before the worker has heard of it. The worker (``taskslot.TaskProcess``) reads it to enforce
