@@ -14,8 +14,8 @@ pytestmark = pytest.mark.timeout(30)
 
 def test_all_matches_public_surface():
     public = {n for n in dir(miniray.channels) if not n.startswith("_")}
-    modules = {"cluster", "errors", "framing", "handshake", "nccl", "remote", "server", "shared",
-               "worker"}
+    modules = {"actors", "cluster", "errors", "framing", "handshake", "nccl", "remote", "server",
+               "shared", "worker"}
     assert set(miniray.channels.__all__) == (public - modules) | {"WorkerServer"}
     for name in miniray.channels.__all__:
         assert getattr(miniray.channels, name) is not None
