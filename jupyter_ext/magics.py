@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Sequence
 import shlex
+from collections.abc import Sequence
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class

@@ -54,9 +54,9 @@ def cmd_up(args) -> int:
 
 
 def _up_detached(args) -> int:
+    from .broker import Broker, connect
     from .client import observe
     from .cluster import persistent
-    from .broker import Broker, connect
     from .config import settings
     from .errors import MinirayError
 
@@ -156,8 +156,7 @@ def _resolve_job(r, b, job):
 def cmd_logs(args) -> int:
     """A job's lines for a terminal (see ``miniray.client.logview``); Ctrl-C ends a ``-f`` with
     status 0, and a reader that goes away (``| head``) ends it quietly."""
-    from .client import logview
-    from .client import observe
+    from .client import logview, observe
 
     try:
         r, b = _client(args.redis)

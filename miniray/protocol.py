@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import io
 import pickle
-from array import array
 import struct
 import threading
+from array import array
 from dataclasses import dataclass
 from typing import NamedTuple
 

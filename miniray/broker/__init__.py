@@ -29,8 +29,9 @@ Scripts build key names with the same spelling as ``keys.py`` (see its table).
 - ``lua_cache``: cache_store, cache_clear (``miniray.client.cache``).
 """
 
-from .calls import HAND_LEN, Broker, connect, job_ttl, parse_claim
 from miniray.resp import redact
+
+from .calls import HAND_LEN, Broker, connect, job_ttl, parse_claim
 
 __all__ = ["HAND_LEN", "Broker", "connect", "job_ttl", "parse_claim"]
 

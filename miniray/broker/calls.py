@@ -9,6 +9,10 @@ import hashlib
 import json
 import time
 
+from miniray.errors import ConfigurationError, ServerError
+from miniray.keys import Keys
+from miniray.resp import Connection, NoScriptError, RedisError, ReplyError, redact
+
 from .lua_cache import CACHE_CLEAR, CACHE_STORE
 from .lua_client import (
     CANCEL_CHUNK,
@@ -20,9 +24,6 @@ from .lua_client import (
 )
 from .lua_liveness import HEARTBEAT, REAP, RELEASE
 from .lua_worker import CLAIM, COMPLETE, IDLE
-from miniray.errors import ConfigurationError, ServerError
-from miniray.keys import Keys
-from miniray.resp import Connection, NoScriptError, RedisError, ReplyError, redact
 
 __all__ = ["HAND_LEN", "Broker", "connect", "job_ttl", "parse_claim"]
 

@@ -4,16 +4,24 @@ The research-MiniRay layer of miniray: long-lived stateful processes you talk to
 without the Redis broker. ``miniray.channels.actors`` builds Ray-style actors on it.
 """
 
+from miniray.errors import (
+    ActorDiedError,
+    AuthenticationError,
+    ChannelClosedError,
+    ChannelError,
+    ClusterError,
+    FrameTooLargeError,
+    ProtocolError,
+    RemoteTraceback,
+    WorkerDiedError,
+)
+
 from .cluster import Cluster, NodeConfig
-from miniray.errors import (ActorDiedError, AuthenticationError, ChannelClosedError, ChannelError,
-                     ClusterError, FrameTooLargeError, ProtocolError, RemoteTraceback,
-                     WorkerDiedError)
 from .framing import DEFAULT_MAX_SIZE, PROTOCOL_VERSION, Channel
 from .nccl import NCCLConfig, nccl_configs, restore_nccl_env, setup_nccl_env
 from .remote import RemoteWorker
 from .shared import SharedBuffer
 from .worker import Worker, wait_any
-
 
 
 def __getattr__(name):

@@ -20,6 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 import cloudpickle
 
 from miniray.errors import ActorDiedError, ChannelError, RemoteTraceback
+
 from .remote import RemoteWorker
 from .worker import Worker
 

@@ -14,9 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from miniray.cluster.ssh import connect as ssh
 from miniray.cluster.ssh.hosts import NodeConfig
 from miniray.errors import ClusterError
+
 from .framing import DEFAULT_MAX_SIZE
-from .remote import RemoteWorker
 from .handshake import LISTENING, SECRET_PROMPT
+from .remote import RemoteWorker
 
 
 class _Node:

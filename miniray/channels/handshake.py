@@ -17,6 +17,7 @@ import hmac
 import os
 
 from miniray.errors import AuthenticationError, ProtocolError
+
 from .framing import PROTOCOL_VERSION, Channel
 
 _HANDSHAKE_MAX = 64 * 1024

@@ -4,6 +4,7 @@ import socket
 import time
 
 from miniray.errors import WorkerDiedError
+
 from .framing import DATA, DEFAULT_MAX_SIZE, Channel, get_codec
 from .handshake import client_handshake
 

@@ -17,6 +17,7 @@ import socket
 import sys
 
 from miniray.errors import ChannelError
+
 from .framing import DEFAULT_MAX_SIZE, Channel
 from .handshake import LISTENING, SECRET_PROMPT, server_handshake
 from .worker import run_child

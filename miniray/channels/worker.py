@@ -15,6 +15,7 @@ import traceback
 import weakref
 
 from miniray.errors import ChannelClosedError, WorkerDiedError
+
 from .framing import DEFAULT_MAX_SIZE, Channel, get_codec, set_pdeathsig, wait_readable
 
 # Parent ends of live workers. A later fork inherits them; the child closes its copies so that

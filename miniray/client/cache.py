@@ -38,13 +38,14 @@ import time
 
 import cloudpickle
 
-from . import keep as _kept
 from miniray.broker import Broker, connect
 from miniray.config import settings
 from miniray.errors import ServerError
 from miniray.keys import Keys
 from miniray.resp import RedisError
 from miniray.serialization import _is_plain
+
+from . import keep as _kept
 
 __all__ = ["function_key", "argument_key", "ItemCache", "map", "map_futures", "clear", "stats"]
 

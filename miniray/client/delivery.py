@@ -22,14 +22,17 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from . import keep as _kept
-from .outcomes import MISSING, cancel_future as _cancel
-from .outcomes import failures as _failures, place as _place
-from .rerun import Kept
 from miniray.errors import JobCancelledError, MinirayError, RemoteTraceback, WorkerLostError
 from miniray.keys import Keys
 from miniray.protocol import Assembler, LostChunk, decode_batches, decode_message, item_times
 from miniray.values import bigvalues
+
+from . import keep as _kept
+from .outcomes import MISSING
+from .outcomes import cancel_future as _cancel
+from .outcomes import failures as _failures
+from .outcomes import place as _place
+from .rerun import Kept
 
 if TYPE_CHECKING:
     from .executor import Executor

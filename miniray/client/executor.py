@@ -37,25 +37,27 @@ import uuid
 import weakref
 from concurrent.futures import Executor as _BaseExecutor
 
-from . import cache as _cache
-from . import comma as _comma
-from . import feeding as _feeding
-from . import progressbar as _progressbar
-from . import observe
 from miniray.broker import Broker, _redact, connect
 from miniray.cluster import local as _embedded
 from miniray.config import settings
-from miniray.values.inbox import Inbox
 from miniray.errors import ConfigurationError, ServerLostError
+from miniray.serialization import dumps, dumps_call
+from miniray.values.inbox import Inbox
+from miniray.values.shm import ArgumentsHere, Segments
+
+from . import cache as _cache
+from . import comma as _comma
+from . import feeding as _feeding
+from . import observe
+from . import progressbar as _progressbar
 from .delivery import Delivery
 from .futures import MinirayFuture, _item_futures
 from .lifecycle import JobLifecycle
 from .limits import Limits, as_limits
 from .outbox import Outbox
-from .outcomes import split_own as _split_own, stop_chunks as _stop_chunks
+from .outcomes import split_own as _split_own
+from .outcomes import stop_chunks as _stop_chunks
 from .results import Results
-from miniray.serialization import dumps, dumps_call
-from miniray.values.shm import ArgumentsHere, Segments
 
 __all__ = ["Executor", "MinirayFuture"]
 

@@ -18,15 +18,23 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 
-from . import observe
 from miniray.broker import Broker, _redact, connect
 from miniray.config import settings
-from miniray.errors import (JobAbandonedError, JobCancelledError, JobNotFoundError, JobNotKeptError,
-                     MinirayError, ServerLostError, WorkerLostError)
-from .keep import CACHED_PREFIX, assemble, parts_of
-from .outcomes import force_cancel
+from miniray.errors import (
+    JobAbandonedError,
+    JobCancelledError,
+    JobNotFoundError,
+    JobNotKeptError,
+    MinirayError,
+    ServerLostError,
+    WorkerLostError,
+)
 from miniray.protocol import LostChunk, decode_batches, decode_message
 from miniray.resp import Connection, RedisError
+
+from . import observe
+from .keep import CACHED_PREFIX, assemble, parts_of
+from .outcomes import force_cancel
 
 __all__ = ["JobHandle", "attach"]
 

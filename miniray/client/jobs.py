@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 
+from miniray.keys import Keys
+
 from . import observe
 from .logview import describe
-from miniray.keys import Keys
 
 __all__ = ["ALIVE_SECONDS", "list_jobs", "format_jobs"]
 

@@ -24,11 +24,13 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from . import keep as _kept
-from .outcomes import cancel_future as _cancel, cancel_ref as _cancel_ref
 from miniray.errors import JobAbandonedError
 from miniray.protocol import Assembler
 from miniray.resp import RedisError
+
+from . import keep as _kept
+from .outcomes import cancel_future as _cancel
+from .outcomes import cancel_ref as _cancel_ref
 
 if TYPE_CHECKING:
     from miniray.broker import Broker

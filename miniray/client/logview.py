@@ -8,8 +8,9 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterator
 
-from . import observe
 from miniray.keys import Keys
+
+from . import observe
 
 __all__ = ["describe", "format_line", "header", "follow_lines"]
 

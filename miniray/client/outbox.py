@@ -26,16 +26,17 @@ import time
 import weakref
 from typing import TYPE_CHECKING
 
-from . import keep as _kept
-from .outcomes import MISSING, cancel_future as _cancel
 from miniray.broker import _redact, job_ttl
 from miniray.errors import ServerLostError
 from miniray.keys import Keys
 from miniray.protocol import encode_chunk
 from miniray.resp import NoScriptError, RedisError
 from miniray.serialization import dumps_function
-from miniray.values import bigvalues
-from miniray.values import payloads
+from miniray.values import bigvalues, payloads
+
+from . import keep as _kept
+from .outcomes import MISSING
+from .outcomes import cancel_future as _cancel
 
 if TYPE_CHECKING:
     from .executor import Executor

@@ -30,11 +30,12 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from . import keep as _kept
-from .futures import _WAITING, MinirayFuture
 from miniray.broker import Broker, _redact, connect, job_ttl
 from miniray.errors import ServerError, ServerLostError
 from miniray.resp import Connection, NoScriptError, RedisError
+
+from . import keep as _kept
+from .futures import _WAITING, MinirayFuture
 
 if TYPE_CHECKING:
     from .executor import Executor

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from miniray.config import settings
 from miniray.errors import ConfigurationError
+
 from .server import ServerProcess
 
 if TYPE_CHECKING:

@@ -16,6 +16,7 @@ import threading
 import time
 
 from miniray.config import settings
+
 from .persistent import _FILE, _LOG, _locked, _remove_if, _write, cluster_dir
 
 __all__ = ["busy_reasons"]
@@ -95,6 +96,7 @@ def _serve(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from miniray.broker import connect
     from miniray.keys import Keys
+
     from .local import LocalCluster
 
     s = settings()

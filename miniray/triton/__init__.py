@@ -42,6 +42,7 @@ import threading
 import time
 
 from miniray.errors import ConfigurationError, TritonError
+
 from .httpapi import model_ready, repository_call, server_ready
 from .server import ENV_GRPC, ENV_HTTP, ENV_SERVER, redis_lock
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from miniray.errors import ConfigurationError, TritonError
+
 from .binary import find_binary, wheel_setup
 from .httpapi import loaded_models, repository_call, server_ready
 

@@ -33,8 +33,9 @@ import struct
 import threading
 
 from miniray.errors import PayloadTooLargeError
-from .payloads import _human, check_room
 from miniray.resp import Connection, RedisError
+
+from .payloads import _human, check_room
 
 __all__ = ["MIN_BYTES", "Ref", "ResultStore", "reading", "fetch", "read_parts", "mark",
            "store", "open_frames", "ArgumentKeys", "stats"]

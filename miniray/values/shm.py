@@ -70,8 +70,9 @@ import threading
 import time
 import weakref
 
-from .inbox import host_id
 from miniray.scratch import _pid_namespace, remove_dead
+
+from .inbox import host_id
 
 __all__ = ["ROOT", "Segments", "Ref", "attach", "open_frames", "ResultPlacer", "sweep",
            "stats", "available", "sweep_pid", "domain", "ArgumentsHere"]

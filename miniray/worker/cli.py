@@ -17,6 +17,7 @@ import traceback
 
 from miniray.config import settings
 from miniray.errors import MinirayError
+
 from .supervisor import Worker
 
 __all__ = ["main"]

@@ -26,13 +26,14 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from . import slotdeath
 from miniray.backoff import Backoff
 from miniray.broker import HAND_LEN, Broker, parse_claim
 from miniray.errors import MinirayError
 from miniray.keys import Keys
 from miniray.protocol import encode_batches
 from miniray.resp import ConnectionLost, NoScriptError, RedisError
+
+from . import slotdeath
 from .slotchunk import Chunk, cancelled_error, decode_head, spec_of
 from .slotreports import SlotReports
 from .taskslot import TaskProcess

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from miniray.errors import JobCancelledError, MinirayError
+
 from .jobspec import chunk_head, parse_spec
 
 __all__ = ["Chunk", "spec_of", "decode_head", "cancelled_error"]

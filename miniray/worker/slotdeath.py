@@ -17,11 +17,12 @@ holds (``inflight``, ``pending``, ``seq``) and report failures through ``slot.re
 
 from __future__ import annotations
 
-from .task import itemblocks
 from miniray.errors import MemoryLimitError, MinirayError, TaskCrashedError, TaskTimeoutError
 from miniray.keys import Keys
 from miniray.protocol import encode_batches
+
 from .slotchunk import Chunk, cancelled_error, decode_head, spec_of
+from .task import itemblocks
 from .taskslot import TaskProcess
 
 __all__ = ["handle_death"]

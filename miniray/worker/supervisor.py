@@ -28,14 +28,15 @@ import threading
 import time
 import uuid
 
-from . import gpu as gpu_mod
 from miniray.backoff import Backoff
 from miniray.broker import Broker, _redact, connect
 from miniray.config import settings
 from miniray.errors import ConfigurationError, ServerError
-from .isolation import memory_cgroup_support
 from miniray.resp import Connection, ConnectionLost, RedisError
 from miniray.values import shm
+
+from . import gpu as gpu_mod
+from .isolation import memory_cgroup_support
 from .slot import Slot
 from .taskslot import TaskProcess
 from .usage import ProcessUsage

@@ -16,9 +16,10 @@ import time
 from multiprocessing.connection import Connection
 
 from miniray.values import shm
+from miniray.worker.task.page import JOB_BYTES, PAGE_SIZE, PROGRESS
+
 from .gpu import visible_devices
 from .isolation import MemoryCgroup, kill_tree
-from miniray.worker.task.page import JOB_BYTES, PAGE_SIZE, PROGRESS
 
 __all__ = ["TaskProcess", "ProcKey"]
 

@@ -30,11 +30,12 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs, quote, unquote, urlparse
 
+from miniray.errors import ConfigurationError, SSHClusterError, SSHError, SSHUnreachableError
+
 from . import connect as ssh
 from . import preflight as sshprep
-from miniray.errors import ConfigurationError, SSHClusterError, SSHError, SSHUnreachableError
-from .hosts import _URL_PROMPT, HOST_FORMS, NodeConfig, parse_hosts
 from .checklist import Checklist
+from .hosts import _URL_PROMPT, HOST_FORMS, NodeConfig, parse_hosts
 
 __all__ = ["SSHCluster", "NodeConfig", "parse_hosts"]
 
@@ -265,9 +266,9 @@ class SSHCluster:
         self.status.done(h.label, "started", f"pid {h.pid}, {slots} slot(s)")
         self.status.begin(h.label, "first heartbeat")
         from miniray.broker import connect
+        from miniray.client.observe import list_workers
         from miniray.config import settings
         from miniray.keys import Keys
-        from miniray.client.observe import list_workers
 
         r = connect(self.url)
         try:
@@ -319,9 +320,9 @@ class SSHCluster:
     def workers(self):
         """The cluster's live workers as heartbeats (dicts: name, host, pid, slots, ...)."""
         from miniray.broker import connect
+        from miniray.client.observe import list_workers
         from miniray.config import settings
         from miniray.keys import Keys
-        from miniray.client.observe import list_workers
 
         names = {h.name for h in self._hosts.values()}
         r = connect(self.url)

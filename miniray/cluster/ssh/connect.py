@@ -15,8 +15,13 @@ import socket
 import threading
 from collections import deque
 
-from miniray.errors import (ConfigurationError, SSHAuthError, SSHError, SSHHostKeyError,
-                     SSHUnreachableError)
+from miniray.errors import (
+    ConfigurationError,
+    SSHAuthError,
+    SSHError,
+    SSHHostKeyError,
+    SSHUnreachableError,
+)
 
 log = logging.getLogger("miniray.ssh")
 

@@ -30,8 +30,9 @@ import threading
 
 import miniray
 from miniray import __version__
-from . import connect as ssh
 from miniray.errors import SSHPreflightError
+
+from . import connect as ssh
 
 __all__ = ["local_versions", "probe", "mismatches", "preflight_error", "build_wheel", "install"]
 

@@ -25,10 +25,11 @@ from __future__ import annotations
 import collections
 import time
 
-from . import idlewait
 from miniray.broker import Broker, connect
 from miniray.keys import Keys
 from miniray.resp import ConnectionLost, NoScriptError
+
+from . import idlewait
 
 __all__ = ["Claims"]
 

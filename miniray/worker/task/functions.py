@@ -15,8 +15,9 @@ import sys
 import time
 import types
 
-from miniray.worker.jobspec import bad_payload
 from miniray.tracebacks import task_traceback
+from miniray.worker.jobspec import bad_payload
+
 from .run import portable_exc, short
 
 __all__ = ["Functions"]

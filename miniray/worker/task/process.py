@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-from array import array
 import logging
 import mmap
 import os
@@ -65,14 +64,16 @@ import signal
 import sys
 import threading
 import time
+from array import array
 
 from miniray.broker import parse_claim
 from miniray.config import settings
 from miniray.errors import MinirayError
+from miniray.keys import Keys
 from miniray.values import shm
 from miniray.worker.isolation import Leftovers, become_subreaper
 from miniray.worker.jobspec import chunk_head, parse_spec
-from miniray.keys import Keys
+
 from .claims import Claims
 from .functions import Functions
 from .logs import LogShipper

@@ -21,6 +21,7 @@ from miniray.protocol import ResultHeader, encode_batches, encode_result
 from miniray.values import bigvalues, shm
 from miniray.values.inbox import Sender
 from miniray.values.payloads import BIG, SMALL_PART, big_part_size, check_room
+
 from .run import short
 
 __all__ = ["ResultPacker", "unpicklable"]

@@ -22,12 +22,12 @@ import pickle
 import sys
 import time
 
-from . import itemblocks
-from miniray.values import bigvalues
-from miniray.values import shm
-from miniray.worker.jobspec import bad_payload, malformed
-from .output import end_lines
 from miniray.tracebacks import task_traceback
+from miniray.values import bigvalues, shm
+from miniray.worker.jobspec import bad_payload, malformed
+
+from . import itemblocks
+from .output import end_lines
 
 __all__ = ["FLUSH_SECONDS", "CancelInterrupt", "run_chunk", "portable_exc", "short"]
 
