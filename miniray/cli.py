@@ -18,7 +18,7 @@ def _client(url):
     s = settings()
     url = url or s.redis_url
     if not url:
-        from miniray.cluster.persistent import find
+        from .cluster.persistent import find
 
         running = find()  # the persistent local cluster, when one runs
         url = running.url if running is not None else None
@@ -31,7 +31,7 @@ def _client(url):
 
 
 def cmd_up(args) -> int:
-    from miniray.cluster.local import LocalCluster
+    from .cluster.local import LocalCluster
 
     if args.detach:
         return _up_detached(args)
@@ -120,7 +120,7 @@ def cmd_status(args) -> int:
 
     r, b = _client(args.redis)
     if not (args.redis or settings().redis_url):
-        from miniray.cluster.persistent import find
+        from .cluster.persistent import find
 
         info = find()
         if info is not None:
@@ -132,7 +132,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from miniray.client.jobs import format_jobs, list_jobs
+    from .client.jobs import format_jobs, list_jobs
 
     r, b = _client(args.redis)
     print(format_jobs(list_jobs(r, b.keys)))
@@ -207,16 +207,16 @@ def cmd_cache(args) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
-        from miniray.worker.cli import main as worker_main
+        from .worker.cli import main as worker_main
 
         return worker_main(argv[1:])
     if argv[:1] == ["ssh-up"]:
-        from miniray.cluster.ssh.cluster import main as ssh_up_main
+        from .cluster.ssh.cluster import main as ssh_up_main
 
         return ssh_up_main(argv[1:])
     if argv[:1] == ["serve"]:
         try:
-            from miniray.channels.server import main as serve_main
+            from .channels.server import main as serve_main
         except ImportError:
             raise SystemExit("miniray serve: the channels layer is not installed") from None
         return serve_main(argv[1:])

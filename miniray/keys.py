@@ -110,9 +110,9 @@ A ``stop:{job}`` member is a chunk id: a chunk of an open job that its client st
 worker held it (Ctrl-C in a ``map`` while other futures of the executor were pending). Its
 items were counted as cancelled then; workers learn of it from their heartbeat's reply and
 interrupt it (or drop it unstarted), and what it reports is neither counted nor run again.
-A kept job (``Executor(keep=True)``, see ``miniray.client.keep``) has ``keep`` (its grace in seconds)
-in ``job:{job}``: the claim does not give it up when its client goes silent; the job's keys live
-that long after its client's last renewal. Its results are entries of ``out:{job}`` (field
+A kept job (``Executor(keep=True)``, see ``miniray.client.keep``) has ``keep`` (its grace in
+seconds) in ``job:{job}``: the claim does not give it up when its client goes silent; the job's
+keys live that long after its client's last renewal. Its results are entries of ``out:{job}`` (field
 ``p`` per element of the result message) and its client gets ``b"P" job "|" entry id`` in
 ``res:{client}`` instead; once its client has ``sealed`` it (the field, with ``total`` items),
 the scripts set it ``done`` when every item has ended, client or none. An attacher that got

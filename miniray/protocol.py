@@ -13,20 +13,19 @@ default), so a frame bigger than ``part_size`` travels as several fields: the he
 says how many fields make each frame (its *layout*), is a field of its own, and the worker
 joins each frame's fields back (``decode_chunk``).
 
-A *result message* (list ``res:{client}``) is ``b"R"`` + version + u32 header length +
-pickled :class:`ResultHeader` + a blob written by ``encode_batches``: a plain pickle of
-``(indices, values, errors, times)`` batches, one per chunk in the header (``indices``:
-None, a list, or ``(start, stop)``; see ``miniray.worker.task``). ``times`` (None when unknown) are the
-items' timings on the worker, as the bytes of an ``array('d')``: the worker's wall-clock
-offset (epoch seconds minus its monotonic clock), then each value's monotonic start, then
-the last one's end (an item ends where the next starts); ``item_times`` reads them. Values of plain builtin types travel
-inline; any other value (its position in ``packed``), and every exception, is pickled on its
-own inside the blob (``(stream, buffers)``, protocol 5), so the client unpickles it alone and
-a value it cannot unpickle (a class missing here) fails only its own item
-(``decode_batches``). A message bigger than a part goes as several list elements, pushed by
-one script call: ``b"M"`` + u32 count of the parts that follow + the message's first bytes,
-then the parts (``Assembler`` puts them back together). The reaper's Lua writes ``b"L" job
-"|" chunk "|" worker`` for a chunk lost with its worker.
+A *result message* (list ``res:{client}``) is ``b"R"`` + version + u32 header length + pickled
+:class:`ResultHeader` + a blob written by ``encode_batches``: a plain pickle of ``(indices, values,
+errors, times)`` batches, one per chunk in the header (``indices``: None, a list, or ``(start,
+stop)``; see ``miniray.worker.task``). ``times`` (None when unknown) are the items' timings on the
+worker, as the bytes of an ``array('d')``: the worker's wall-clock offset (epoch seconds minus its
+monotonic clock), then each value's monotonic start, then the last one's end (an item ends where the
+next starts); ``item_times`` reads them. Values of plain builtin types travel inline; any other
+value (its position in ``packed``), and every exception, is pickled on its own inside the blob
+(``(stream, buffers)``, protocol 5), so the client unpickles it alone and a value it cannot unpickle
+(a class missing here) fails only its own item (``decode_batches``). A message bigger than a part
+goes as several list elements, pushed by one script call: ``b"M"`` + u32 count of the parts that
+follow + the message's first bytes, then the parts (``Assembler`` puts them back together). The
+reaper's Lua writes ``b"L" job "|" chunk "|" worker`` for a chunk lost with its worker.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Results straight from a task process to its client on the same machine (``miniray.values.inbox``):
-they arrive when the way past the server is closed too, and what the client reads right after
-a result (progress, events, logs) counts that task even when the task's report is late."""
+"""Results straight from a task process to its client on the same machine
+(``miniray.values.inbox``): they arrive when the way past the server is closed too, and what the
+client reads right after a result (progress, events, logs) counts that task even when the task's
+report is late."""
 
 import os
 

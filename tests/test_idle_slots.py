@@ -1,5 +1,5 @@
-"""Idle slots cost the server and their worker nothing on a clock (see miniray.worker.task.idlewait and
-the worker's collect), and still get work.
+"""Idle slots cost the server and their worker nothing on a clock (see miniray.worker.task.idlewait
+and the worker's collect), and still get work.
 
 A private server, a real worker with several slots; what the server did is read from its own
 ``INFO commandstats`` (counts, never times).

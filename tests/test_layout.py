@@ -16,9 +16,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "miniray")
 MAX_LINES = 500
-PARTS = ("client", "worker", "worker.task", "values", "cluster", "cluster.ssh", "triton", "channels")
-FOUNDATIONS = ("errors", "config", "keys", "protocol", "serialization", "resp", "respwrite", "broker",
-               "backoff", "tracebacks", "scratch")
+PARTS = ("client", "worker", "worker.task", "values", "cluster", "cluster.ssh", "triton",
+         "channels")
+FOUNDATIONS = ("errors", "config", "keys", "protocol", "serialization", "resp", "respwrite",
+               "broker", "backoff", "tracebacks", "scratch")
 NOTEBOOK = ("IPython", "ipywidgets", "ipykernel", "anywidget", "jupyter_ext")
 
 

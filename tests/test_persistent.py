@@ -1,5 +1,5 @@
-"""The persistent local cluster (``miniray.cluster.persistent``): a real background service, its real
-server and workers, the CLI, plain Python processes and real Jupyter kernels; psutil checks
+"""The persistent local cluster (``miniray.cluster.persistent``): a real background service, its
+real server and workers, the CLI, plain Python processes and real Jupyter kernels; psutil checks
 that nothing of it is left running."""
 
 import json

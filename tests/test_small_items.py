@@ -1,8 +1,8 @@
-"""Many small items: a map's chunk runs in blocks in the task process (``miniray.worker.task.itemblocks``)
-and its results come out of ``map`` at C speed (``miniray.client.feeding.MapResults``). What stays
-exact: each item's error, its log lines' task id, the blame when the process dies, and what
-``close()`` ends. Real workers and real crashes (``os._exit``); speed itself is measured in
-``bench/run.py`` (W2), not here."""
+"""Many small items: a map's chunk runs in blocks in the task process
+(``miniray.worker.task.itemblocks``) and its results come out of ``map`` at C speed
+(``miniray.client.feeding.MapResults``). What stays exact: each item's error, its log lines' task
+id, the blame when the process dies, and what ``close()`` ends. Real workers and real crashes
+(``os._exit``); speed itself is measured in ``bench/run.py`` (W2), not here."""
 
 import functools
 

@@ -161,7 +161,8 @@ class _ActorMethod:
 
 
 def actor_main(channel):
-    """The actor process's loop (also a WorkerServer ``work_fn``: ``miniray.channels.actors.actor_main``)."""
+    """The actor process's loop (also a WorkerServer ``work_fn``:
+    ``miniray.channels.actors.actor_main``)."""
     instance = None
     while True:
         method, call_id, payload = channel.recv()

@@ -33,7 +33,8 @@ class Cluster:
     >>> workers = cluster.start("mypkg.serve.model_loop")                   # doctest: +SKIP
     >>> cluster.stop()                                                      # doctest: +SKIP
 
-    ``ssh_options`` go to ``miniray.cluster.ssh.connect.connect`` (e.g. ``known_hosts=``, ``key_filename=``).
+    ``ssh_options`` go to ``miniray.cluster.ssh.connect.connect`` (e.g. ``known_hosts=``,
+    ``key_filename=``).
     """
 
     def __init__(self, nodes, *, codec="pickle", max_size=DEFAULT_MAX_SIZE, ssh_options=None,

@@ -128,7 +128,7 @@ class Executor(_BaseExecutor):
         self._keep = max(1, round(s.keep_grace_seconds)) if keep else None
         self._sealed = False
         self._inbox = Inbox.open() if s.direct_results and not keep else None
-        # large values to and from task processes on this machine: shared memory (miniray.values.shm);
+        # large values to and from task processes on this machine: shared memory (values.shm);
         # arguments only while the server and every worker are on this machine (no worker
         # elsewhere could read them), or where the user says so (MINIRAY_SHM=2)
         self._shm = Segments.open(s.shm_min_bytes) if s.shm and not keep else None

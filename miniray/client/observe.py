@@ -11,16 +11,15 @@ counters, so ``Executor.progress()``, ``miniray status`` and the notebook's widg
 ``status`` says where the job is in words: queued, running, done, failed (some items failed,
 or the job was given up: ``orphaned``, its client went silent) or cancelled.
 
-A worker's heartbeat (``list_workers``) has: ``name``, ``host``, ``pid``, ``slots``, ``busy``
-(slots running a task now), ``jobs`` (the job of each busy slot), ``tasks_done`` (items this worker finished, counted as each
-outcome is recorded), ``started`` (epoch seconds), ``cpus``; the machine's ``cpu_percent``,
-``ram_used`` and ``ram_total``; the worker's own ``proc_cpu_percent`` (the worker process and
-its task processes, 100 = one core busy) and ``proc_rss`` (their resident memory, bytes);
-``isolation``; ``gpus`` (one dict per GPU, see ``format_gpu``; ``uuid`` when known) and
-``gpu_note`` (which GPUs the worker owns and why: ``--gpus``, ``CUDA_VISIBLE_DEVICES`` or
-NVML, see ``miniray.worker.gpu``), ``shm`` (which ``/dev/shm`` it sees: ``miniray.values.shm.domain``),
-``triton`` when it has one;
-and ``seen`` (the server's time of the heartbeat).
+A worker's heartbeat (``list_workers``) has: ``name``, ``host``, ``pid``, ``slots``, ``busy`` (slots
+running a task now), ``jobs`` (the job of each busy slot), ``tasks_done`` (items this worker
+finished, counted as each outcome is recorded), ``started`` (epoch seconds), ``cpus``; the machine's
+``cpu_percent``, ``ram_used`` and ``ram_total``; the worker's own ``proc_cpu_percent`` (the worker
+process and its task processes, 100 = one core busy) and ``proc_rss`` (their resident memory,
+bytes); ``isolation``; ``gpus`` (one dict per GPU, see ``format_gpu``; ``uuid`` when known) and
+``gpu_note`` (which GPUs the worker owns and why: ``--gpus``, ``CUDA_VISIBLE_DEVICES`` or NVML, see
+``miniray.worker.gpu``), ``shm`` (which ``/dev/shm`` it sees: ``miniray.values.shm.domain``),
+``triton`` when it has one; and ``seen`` (the server's time of the heartbeat).
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ class _Ref:
         self.left = count
         self.sent = False
         self.big = False  # stored part by part, waiting for the replies (see _send_big)
-        self.kept = None  # the payload, kept until it ends to re-run a failure (miniray.client.rerun)
+        self.kept = None  # the payload, kept until it ends to re-run a failure (see rerun.py)
         self.shm = ()  # its arguments' files in shared memory, freed when it ends (see shm)
         self.bigs = ()  # its big arguments' keys on the server (bigvalues): (key, view, part)
 

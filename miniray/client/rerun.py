@@ -42,8 +42,8 @@ class Kept:
 
 def task_call(kept: Kept, task_id: int) -> tuple:
     """``(args, kwargs)`` of task ``task_id`` unpickled from its chunk's payload, as a worker
-    unpickles it (see ``miniray.worker.task.run.arguments``); out-of-band buffers are copied first, as the
-    worker gets copies, so the rerun cannot change the caller's own arrays."""
+    unpickles it (see ``miniray.worker.task.run.arguments``); out-of-band buffers are copied first,
+    as the worker gets copies, so the rerun cannot change the caller's own arrays."""
     head, frames = decode_chunk([bytes(f) for f in kept.fields])
     kind, *payload = pickle.loads(frames[0], buffers=[bytes(b) for b in frames[1:]])
     if kind == "s":

@@ -82,7 +82,8 @@ def test_actors_on_cluster_workers(ssh_home):
     from miniray.channels.actors import ActorPool, actor
 
     with Cluster(_nodes(num_workers=2)) as cluster:
-        handles = [actor(Counter, where=w) for w in cluster.start("miniray.channels.actors.actor_main")]
+        workers = cluster.start("miniray.channels.actors.actor_main")
+        handles = [actor(Counter, where=w) for w in workers]
         pool = ActorPool(handles)
         assert sum(pool.map(lambda a, x: a.add(x), range(10))) > 0
         assert len({h.pid().result(timeout=10) for h in handles}) == 2

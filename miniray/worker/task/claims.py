@@ -79,11 +79,11 @@ class Claims:
                     return []
 
     def report_and_wait(self, report, want: int, streaming: bool) -> tuple:
-        """``report(pipe)``'s commands (which register the slot as idle unless work is
-        queued), then a wait (``miniray.worker.task.idlewait``: up to MINIRAY_IDLE_WAIT_SECONDS, or until
-        the worker needs this process) for a chunk handed to the slot or a wake-up, and a
-        claim. Returns ``(a chunk handed over, the claim's reply, whether the slot is registered
-        as idle)``, each reply as the claim script gives it (or None).
+        """``report(pipe)``'s commands (which register the slot as idle unless work is queued), then
+        a wait (``miniray.worker.task.idlewait``: up to MINIRAY_IDLE_WAIT_SECONDS, or until the
+        worker needs this process) for a chunk handed to the slot or a wake-up, and a claim. Returns
+        ``(a chunk handed over, the claim's reply, whether the slot is registered as idle)``, each
+        reply as the claim script gives it (or None).
 
         A handed chunk comes whole, as its claim's reply (see ``Broker.publish_one``): a lone
         submit's round trip has no claim script in it. After a claim that took all it asked
@@ -135,8 +135,8 @@ class Claims:
             return None, got[0] if got else None, bool(got) and not got[0]
 
     def attend(self) -> int:
-        """The worker spoke during an idle wait (see ``miniray.worker.task.idlewait``): read it; the wait
-        ends when the process must stop, stop claiming or run what it was sent."""
+        """The worker spoke during an idle wait (see ``miniray.worker.task.idlewait``): read it; the
+        wait ends when the process must stop, stop claiming or run what it was sent."""
         self.runner.drain_worker()
         if self.runner.stopped:
             return idlewait.STOP

@@ -20,15 +20,14 @@ no hop through the worker process:
   straight from here first, and the script then counts the outcomes without it
   (``miniray.values.inbox``).
 
-The worker supervises: it is told of every chunk (``claimed``: at once for a chunk with a
-timeout, else with the next message) and of every outcome once Redis has it (``done``), so
-when this process dies it knows what was held and what was delivered (chunks it has not heard
-of yet are in the ``wip`` hash, tagged with the slot). Before each item the process writes
-(chunk seq, item index, start time) to a shared page, and before each chunk of its own claim
-the chunk id and job: the worker enforces timeouts from it and knows which item was running.
-stdout, stderr and ``logging`` are captured line by line (``miniray.worker.task.output``) into the job's
-log stream: a thread streams them while tasks run, and the rest go ahead of the outcomes they
-belong to.
+The worker supervises: it is told of every chunk (``claimed``: at once for a chunk with a timeout,
+else with the next message) and of every outcome once Redis has it (``done``), so when this process
+dies it knows what was held and what was delivered (chunks it has not heard of yet are in the
+``wip`` hash, tagged with the slot). Before each item the process writes (chunk seq, item index,
+start time) to a shared page, and before each chunk of its own claim the chunk id and job: the
+worker enforces timeouts from it and knows which item was running. stdout, stderr and ``logging``
+are captured line by line (``miniray.worker.task.output``) into the job's log stream: a thread
+streams them while tasks run, and the rest go ahead of the outcomes they belong to.
 
 Worker -> task process::
     ("hello", {url, namespace, worker_id, name, host, ncpus, slot, direct, sig})  (first)
@@ -117,7 +116,7 @@ class Runner:
         self.lock = threading.Lock()
         self.functions = Functions()  # the jobs' functions and initializers (see functions.py)
         self.seq, self.idx = -1, -1
-        self.block = None  # the items' block running now (see miniray.worker.task.itemblocks), or None
+        self.block = None  # the items' block running now (see itemblocks.py), or None
         self.pending: dict = {}  # job -> ([header], [batch]) not yet completed
         self.last_flush = time.monotonic()
         self.hello = hello

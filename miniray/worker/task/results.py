@@ -34,7 +34,7 @@ class ResultPacker:
         self.r, self.keys, self.hello, self.settings = r, keys, hello, settings
         self.pid = os.getpid()  # (a system call each time: once per outcome adds up)
         self.sender = Sender()  # results to clients on this machine (see miniray.values.inbox)
-        self.placers: dict = {}  # a job spec's shm address -> its ResultPlacer (see miniray.values.shm)
+        self.placers: dict = {}  # a job spec's shm address -> its shm.ResultPlacer
 
     def message(self, job: str, spec: dict, header: list, batches: list, chunks: list) -> tuple:
         """``(chunks, the result message's parts)``: no parts when the message went straight to
