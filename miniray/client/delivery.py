@@ -42,8 +42,6 @@ __all__ = ["Delivery"]
 
 OK = 0
 
-_MISSING = MISSING  # a map chunk's item not delivered yet
-
 
 class Delivery:
     """Settles the futures of one ``Executor`` (``ex``): see the module's docstring."""
@@ -134,7 +132,7 @@ class Delivery:
         if -1 in errors:  # one error for every item not delivered yet
             err = errors.pop(-1)
             if ref.is_map:
-                indices = [i for i, v in enumerate(ref.values) if v is _MISSING]
+                indices = [i for i, v in enumerate(ref.values) if v is MISSING]
             else:
                 indices = [0] if ref.left else []
             values = [None] * len(indices)
@@ -166,7 +164,7 @@ class Delivery:
                     tally[1] += _failures(errors.values())
             else:
                 for k, i in enumerate(indices):
-                    if vals[i] is _MISSING:
+                    if vals[i] is MISSING:
                         vals[i] = values[k]
                         ref.left -= 1
                         if i in errors:

@@ -45,8 +45,6 @@ __all__ = ["Outbox"]
 
 _HAND_MAX = 64 * 1024  # bytes: a lone chunk up to this size goes to a waiting slot directly
 
-_MISSING = MISSING  # a map chunk's item not delivered yet
-
 
 def _deref(held):
     return held() if isinstance(held, weakref.ref) else held
@@ -63,7 +61,7 @@ class _Ref:
         self.chunk, self.start, self.count, self.sha = chunk, start, count, sha
         self.future, self.is_map, self.frames = future, is_map, frames
         self.entry = Keys.queue_entry(chunk, len(frames), count)
-        self.values = [_MISSING] * count if is_map else None
+        self.values = [MISSING] * count if is_map else None
         self.errors: dict = {}
         self.left = count
         self.sent = False
